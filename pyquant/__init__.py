@@ -1,0 +1,37 @@
+"""pyquant: make Transformers ternary (1.58-bit) and 2-bit.
+
+QAT (``prepare_qat``), distillation (``pyquant.distill``), deployment at 2 bits/weight (``convert``, ``quantize``).
+Importing pyquant is cheap and never initializes CUDA: submodules load on first use.
+"""
+from __future__ import annotations
+
+import importlib
+
+from .formats import ActivationQuantConfig, WeightQuantConfig
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it (imported on first access)
+_LAZY = {
+    "ops": "pyquant.ops",
+    "reference": "pyquant.reference",
+    "nn": "pyquant.nn",
+    "distill": "pyquant.distill",
+    "PackedLinear": "pyquant.nn",
+    "QATLinear": "pyquant.nn",
+    "QATConfig": "pyquant.convert",
+    "prepare_qat": "pyquant.convert",
+    "convert": "pyquant.convert",
+    "quantize": "pyquant.convert",
+    "Distiller": "pyquant.distill",
+}
+
+__all__ = ["ActivationQuantConfig", "WeightQuantConfig", "__version__", *_LAZY]
+
+
+def __getattr__(name):
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'pyquant' has no attribute {name!r}")
+    m = importlib.import_module(mod)
+    return m if mod.endswith("." + name) else getattr(m, name)

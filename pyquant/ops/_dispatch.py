@@ -1,0 +1,180 @@
+"""Backend registry and selection for pyquant ops.
+
+Each op (defined once with ``torch.library.custom_op`` in ``pyquant/ops/<op>.py``) has implementations per backend:
+
+* ``cuda``      the C++ extension ``pyquant._C`` (CUDA tensors only; built by setup.py or JIT on request);
+* ``triton``    kernels in ``pyquant.kernels`` (CUDA tensors; on CPU tensors only through the Triton interpreter,
+                ``TRITON_INTERPRET=1``, and only when selected explicitly: the interpreter is a test tool);
+* ``reference`` ``pyquant.reference``, pure PyTorch, always available.
+
+The default order is ``cuda, triton, reference``: the first backend that is available *and* whose ``supports``
+predicate accepts the call's arguments runs it.  Override the order with the environment variable
+``PYQUANT_BACKEND`` (comma list, read at call time, e.g. ``PYQUANT_BACKEND=reference``) or the context manager
+``use_backend("triton")``.  A selected backend that cannot run the call falls through to the next one in the list;
+if none can, a RuntimeError explains why for each.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+
+log = logging.getLogger("pyquant")
+
+BACKENDS = ("cuda", "triton", "reference")
+ENV_VAR = "PYQUANT_BACKEND"
+
+_local = threading.local()
+
+
+@dataclass
+class _Impl:
+    fn: Callable
+    supports: Optional[Callable[..., Tuple[bool, str]]]
+
+
+_REGISTRY: Dict[str, Dict[str, _Impl]] = {}
+
+
+def register(op: str, backend: str, supports: Optional[Callable[..., Tuple[bool, str]]] = None):
+    """Decorator: register ``fn`` as ``backend``'s implementation of ``op``.
+
+    ``supports(*args, **kwargs) -> (ok, reason)`` may reject calls (shapes, dtypes) the kernel does not handle.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is invalid: expected one of {BACKENDS}")
+
+    def deco(fn):
+        _REGISTRY.setdefault(op, {})[backend] = _Impl(fn, supports)
+        return fn
+
+    return deco
+
+
+def _parse(names: Sequence[str], where: str) -> Tuple[str, ...]:
+    out = []
+    for n in names:
+        n = n.strip().lower()
+        if not n:
+            continue
+        if n not in BACKENDS:
+            raise ValueError(f"{where}: unknown backend {n!r}; expected some of {BACKENDS}")
+        out.append(n)
+    if not out:
+        raise ValueError(f"{where}: no backend named; expected some of {BACKENDS}")
+    return tuple(out)
+
+
+@contextlib.contextmanager
+def use_backend(*names: str) -> Iterator[None]:
+    """Run the block with this backend order, e.g. ``with use_backend("triton", "reference"):``."""
+    order = _parse(names, "use_backend")
+    prev = getattr(_local, "order", None)
+    _local.order = order
+    try:
+        yield
+    finally:
+        _local.order = prev
+
+
+def backend_order() -> Tuple[Tuple[str, ...], bool]:
+    """(order, explicit): the context manager's order, else the env var's, else the default."""
+    order = getattr(_local, "order", None)
+    if order is not None:
+        return order, True
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return _parse(env.split(","), f"environment variable {ENV_VAR}={env!r}"), True
+    return BACKENDS, False
+
+
+# ---- availability (cheap, cached, never initializes CUDA at import) ---------------------------------------------
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_importable() -> Tuple[bool, str]:
+    if importlib.util.find_spec("triton") is None:
+        return False, "triton is not installed"
+    try:
+        import triton  # noqa: F401
+    except Exception as e:  # pragma: no cover
+        return False, f"import triton failed: {e}"
+    return True, "installed"
+
+
+def backend_status(backend: str, device: Optional[torch.device] = None, explicit: bool = False) -> Tuple[bool, str]:
+    """Whether ``backend`` can run on ``device`` (None: say in general) and why not."""
+    if backend == "reference":
+        return True, "pure PyTorch (always available)"
+    if backend == "triton":
+        ok, why = _triton_importable()
+        if not ok:
+            return False, why
+        if device is None:
+            if triton_interpret():
+                return True, "interpreter (TRITON_INTERPRET=1): CPU tensors, only when selected explicitly"
+            if torch.cuda.is_available():
+                return True, "compiled for CUDA tensors"
+            return False, "no CUDA GPU (set TRITON_INTERPRET=1 to run kernels on CPU for testing)"
+        if device.type == "cuda":
+            return (False, "TRITON_INTERPRET=1 is set, which cannot run on CUDA tensors") if triton_interpret() \
+                else (True, "compiled")
+        if device.type == "cpu" and triton_interpret():
+            return (True, "interpreter") if explicit else \
+                (False, "interpreter runs only when selected (use_backend('triton') or PYQUANT_BACKEND=triton)")
+        return False, f"needs CUDA tensors (got {device.type}); TRITON_INTERPRET=1 runs it on CPU for tests"
+    if backend == "cuda":
+        if device is not None and device.type != "cuda":
+            return False, f"needs CUDA tensors (got {device.type})"
+        from .. import _cuda_ext
+
+        return _cuda_ext.status()
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+def _device_of(args, kwargs) -> torch.device:
+    for a in list(args) + list(kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            return a.device
+    return torch.device("cpu")
+
+
+def call(op: str, *args, **kwargs):
+    """Run ``op`` on the first backend (in the current order) that is available and supports these arguments."""
+    impls = _REGISTRY.get(op)
+    if not impls:
+        raise KeyError(f"no implementation registered for op {op!r}")
+    order, explicit = backend_order()
+    dev = _device_of(args, kwargs)
+    reasons: List[str] = []
+    for b in order:
+        impl = impls.get(b)
+        if impl is None:
+            reasons.append(f"{b}: no implementation of {op}")
+            continue
+        ok, why = backend_status(b, dev, explicit)
+        if ok and impl.supports is not None:
+            ok, why = impl.supports(*args, **kwargs)
+        if ok:
+            _local.last = (op, b)
+            return impl.fn(*args, **kwargs)
+        reasons.append(f"{b}: {why}")
+    raise RuntimeError(f"pyquant op {op!r}: no backend in {order} can run this call: " + "; ".join(reasons))
+
+
+def last_backend() -> Optional[Tuple[str, str]]:
+    """(op, backend) of the most recent dispatch in this thread (for tests and ``pyquant env``)."""
+    return getattr(_local, "last", None)
+
+
+def registered(op: str) -> Tuple[str, ...]:
+    return tuple(b for b in BACKENDS if b in _REGISTRY.get(op, {}))
