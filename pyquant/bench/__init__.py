@@ -1,0 +1,1 @@
+"""GPU microbenchmarks, runnable as ``pyquant bench <name>`` or ``python benchmarks/bench_<op>.py``."""
