@@ -1,0 +1,316 @@
+"""``Distiller``: a frozen FP teacher + a (QAT) student + weighted losses, each reported separately.
+
+Losses (weight 0 disables one; it is then not computed):
+
+* ``ce``      ground-truth cross-entropy (causal LM: next token; classification: label; regression: MSE)
+* ``kd``      logit KD, soft cross-entropy or KL at temperature T (times T^2), see ``pyquant.reference.distill``
+* ``tsld``    TSLD token-scaled logit distillation (causal LM only); with ``ce`` this is the TSLD objective
+* ``hidden``  hidden-state MSE over the embedding output and every layer (``layer_map`` when depths differ)
+* ``attn_map`` / ``attn_output``  attention-map KL and attention-output MSE from ``pyquant.distill.capture``;
+  with ``attn_gamma`` set they enter as the unified mix ``attn_kd`` (gamma * map + (1 - gamma) * output) instead.
+
+Causal-LM logit losses are computed in token chunks (``pyquant.distill.losses``); when the student's head is a
+plain ``nn.Linear`` the Distiller runs the base model and feeds its final hidden states and the lm_head weight to
+the chunked loss, so neither a full fp32 nor even a full model-dtype student ``[B, L, V]`` logits tensor exists.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..reference.distill import KD_KINDS, hidden_mse, logit_kd_loss, resolve_layer_map
+from .losses import LogitLossWeights, chunked_logit_losses
+
+__all__ = ["DistillConfig", "DistillOutput", "Distiller", "TASKS"]
+
+TASKS = ("causal_lm", "classification", "regression")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Loss weights and options.  ``layer_map``: teacher hidden-state index for each student hidden state."""
+
+    task: str = "causal_lm"
+    ce: float = 1.0
+    kd: float = 0.0
+    tsld: float = 0.0
+    hidden: float = 0.0
+    attn_map: float = 0.0
+    attn_output: float = 0.0
+    attn_gamma: Optional[float] = None
+    temperature: float = 1.0
+    kd_kind: str = "soft_ce"
+    tsld_tau: float = 10.0
+    layer_map: Optional[tuple] = None
+    attn_layer_map: Optional[tuple] = None
+    chunk_size: int = 1024
+    teacher_dtype: Optional[str] = None
+
+    def __post_init__(self):
+        n = "DistillConfig"
+        if self.task not in TASKS:
+            raise ValueError(f"{n}.task={self.task!r} is invalid: expected one of {TASKS}")
+        for name in ("ce", "kd", "tsld", "hidden", "attn_map", "attn_output"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
+                raise ValueError(f"{n}.{name}={v!r} is invalid: expected a float >= 0")
+        if self.attn_gamma is not None and not (isinstance(self.attn_gamma, (int, float))
+                                                and 0.0 <= self.attn_gamma <= 1.0):
+            raise ValueError(f"{n}.attn_gamma={self.attn_gamma!r} is invalid: expected None or a float in [0, 1]")
+        if self.tsld and self.task != "causal_lm":
+            raise ValueError(f"{n}.tsld={self.tsld} needs task='causal_lm' (TSLD weights tokens), got {self.task!r}")
+        if self.kd_kind not in KD_KINDS:
+            raise ValueError(f"{n}.kd_kind={self.kd_kind!r} is invalid: expected one of {KD_KINDS}")
+        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
+            raise ValueError(f"{n}.temperature={self.temperature!r} is invalid: expected a float > 0")
+        if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size <= 0:
+            raise ValueError(f"{n}.chunk_size={self.chunk_size!r} is invalid: expected a positive int")
+        if self.teacher_dtype is not None and self.teacher_dtype not in _DTYPES:
+            raise ValueError(f"{n}.teacher_dtype={self.teacher_dtype!r} is invalid: expected None or one of "
+                             f"{tuple(_DTYPES)}")
+        for name in ("layer_map", "attn_layer_map"):
+            v = getattr(self, name)
+            if v is not None:
+                object.__setattr__(self, name, tuple(v))
+        if not (self.ce or self.kd or self.tsld or self.hidden or self.attn_map or self.attn_output):
+            raise ValueError(f"{n}: every loss weight is 0; enable at least one of ce/kd/tsld/hidden/attn_*")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        for k in ("layer_map", "attn_layer_map"):
+            if d[k] is not None:
+                d[k] = list(d[k])
+        return d
+
+    @property
+    def needs_teacher(self) -> bool:
+        return bool(self.kd or self.tsld or self.hidden or self.attn_map or self.attn_output)
+
+    @property
+    def needs_attention(self) -> bool:
+        return bool(self.attn_map or self.attn_output)
+
+
+@dataclass
+class DistillOutput:
+    loss: torch.Tensor  # weighted total, differentiable
+    losses: Dict[str, torch.Tensor]  # each term, detached, unweighted
+
+
+def _n_layers(model: nn.Module) -> Optional[int]:
+    cfg = getattr(model, "config", None)
+    for k in ("num_hidden_layers", "n_layer", "num_layers"):
+        v = getattr(cfg, k, None)
+        if isinstance(v, int):
+            return v
+    return None
+
+
+class Distiller(nn.Module):
+    """``Distiller(student, teacher, config)``; ``forward(batch) -> DistillOutput``.
+
+    batch: dict with ``input_ids``, ``attention_mask`` (optional, also ``token_type_ids``) and ``labels``
+    (causal LM: token ids with -100 on padding, unshifted; classification: class ids [B]; regression: floats [B]).
+    The teacher is frozen (eval mode, ``requires_grad=False``, run under ``no_grad``, optionally cast to
+    ``teacher_dtype``); it is a submodule so ``.to(device)`` moves it, but it never appears in ``parameters()`` of
+    the student optimizer (use ``distiller.student.parameters()``).
+    """
+
+    def __init__(self, student: nn.Module, teacher: Optional[nn.Module], config: DistillConfig = DistillConfig()):
+        super().__init__()
+        if not isinstance(student, nn.Module):
+            raise TypeError(f"student must be an nn.Module, got {type(student).__name__}")
+        if not isinstance(config, DistillConfig):
+            raise TypeError(f"config must be a DistillConfig, got {type(config).__name__}")
+        if config.needs_teacher and teacher is None:
+            raise ValueError("teacher is None but the config uses teacher losses (kd/tsld/hidden/attn_*)")
+        if teacher is not None and not isinstance(teacher, nn.Module):
+            raise TypeError(f"teacher must be an nn.Module or None, got {type(teacher).__name__}")
+        self.student = student
+        self.config = config
+        self._teacher = [teacher]  # not registered: keeps it out of parameters()/state_dict()/DDP
+        if teacher is not None:
+            teacher.eval()
+            teacher.requires_grad_(False)
+            if config.teacher_dtype is not None:
+                teacher.to(_DTYPES[config.teacher_dtype])
+            self._check_compatible(student, teacher)
+        if config.needs_attention:
+            try:
+                from . import capture  # noqa: F401
+            except ImportError as e:
+                raise ValueError("attn_map/attn_output losses need pyquant.distill.capture, which is not available "
+                                 f"in this build ({e})") from e
+        self.logit_weights = LogitLossWeights(ce=config.ce if config.task == "causal_lm" else 0.0,
+                                              kd=config.kd if config.task == "causal_lm" else 0.0,
+                                              tsld=config.tsld, temperature=config.temperature,
+                                              kd_kind=config.kd_kind, tsld_tau=config.tsld_tau) \
+            if (config.ce or config.kd or config.tsld) and config.task == "causal_lm" else None
+
+    @property
+    def teacher(self) -> Optional[nn.Module]:
+        return self._teacher[0]
+
+    def _apply(self, fn, *args, **kwargs):  # .to()/.cuda() move the (unregistered) teacher as well
+        super()._apply(fn, *args, **kwargs)
+        if self.teacher is not None:
+            self.teacher._apply(fn, *args, **kwargs)
+            if self.config.teacher_dtype is not None:
+                self.teacher.to(_DTYPES[self.config.teacher_dtype])
+        return self
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    # ---- checks before any training -----------------------------------------------------------------------------
+    def _check_compatible(self, student: nn.Module, teacher: nn.Module) -> None:
+        c = self.config
+        scfg, tcfg = getattr(student, "config", None), getattr(teacher, "config", None)
+        if c.task == "causal_lm" and (c.kd or c.tsld):
+            sv, tv = getattr(scfg, "vocab_size", None), getattr(tcfg, "vocab_size", None)
+            if sv is not None and tv is not None and sv != tv:
+                raise ValueError(f"teacher vocab_size={tv} != student vocab_size={sv}: logit distillation needs the "
+                                 "same vocabulary (tokenizer)")
+        if c.task != "causal_lm" and c.kd:
+            sl, tl = getattr(scfg, "num_labels", None), getattr(tcfg, "num_labels", None)
+            if sl is not None and tl is not None and sl != tl:
+                raise ValueError(f"teacher num_labels={tl} != student num_labels={sl}")
+        ns, nt = _n_layers(student), _n_layers(teacher)
+        if c.hidden and ns is not None and nt is not None:
+            resolve_layer_map(ns + 1, nt + 1, c.layer_map)  # raises a clear ValueError
+            sh, th = getattr(scfg, "hidden_size", None), getattr(tcfg, "hidden_size", None)
+            if sh is not None and th is not None and sh != th:
+                raise ValueError(f"hidden MSE needs equal widths: student hidden_size={sh}, teacher hidden_size={th}")
+        if c.needs_attention and ns is not None and nt is not None:
+            resolve_layer_map(ns, nt, c.attn_layer_map)
+
+    # ---- forward --------------------------------------------------------------------------------------------------
+    def forward(self, batch: Dict[str, torch.Tensor]) -> DistillOutput:
+        c = self.config
+        if not isinstance(batch, dict) or "input_ids" not in batch or "labels" not in batch:
+            raise ValueError("batch must be a dict with 'input_ids' and 'labels' (and optionally 'attention_mask')")
+        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        labels = batch["labels"]
+        want_hidden = bool(c.hidden)
+        fused = c.task == "causal_lm" and self._fused_head_ok(self.student)
+        s_rec = t_rec = None
+        t_out = None
+        teacher = self.teacher
+        if teacher is not None and c.needs_teacher:
+            with torch.no_grad():
+                cm = self._capture(teacher) if c.needs_attention else contextlib.nullcontext()
+                with cm as t_rec:
+                    t_out = self._run(teacher, inputs, want_hidden, fused and self._fused_head_ok(teacher))
+        cm = self._capture(self.student) if c.needs_attention else contextlib.nullcontext()
+        with cm as s_rec:
+            s_out = self._run(self.student, inputs, want_hidden, fused)
+
+        losses: Dict[str, torch.Tensor] = {}
+        total = None
+
+        def add(name, value, weight):
+            nonlocal total
+            losses[name] = value.detach()
+            term = value * weight
+            total = term if total is None else total + term
+
+        if c.task == "causal_lm":
+            if self.logit_weights is not None:
+                lab = labels[:, 1:]
+                if "attention_mask" in inputs and inputs["attention_mask"] is not None:
+                    lab = lab.masked_fill(inputs["attention_mask"][:, 1:] == 0, -100)
+                s_x, s_w, s_b = s_out["head_input"]
+                kw = {}
+                if t_out is not None and (c.kd or c.tsld):
+                    t_x, t_w, t_b = t_out["head_input"]
+                    kw = dict(teacher=t_x[:, :-1], teacher_weight=t_w, teacher_bias=t_b)
+                lt, parts = chunked_logit_losses(s_x[:, :-1], lab.contiguous(), weight=s_w, bias=s_b,
+                                                 loss_weights=self.logit_weights, chunk_size=c.chunk_size, **kw)
+                total = lt
+                losses.update({k: v.detach() for k, v in parts.items()})
+        else:
+            s_logits = s_out["logits"].float()
+            if c.task == "regression":
+                s_logits = s_logits.squeeze(-1)
+            if c.ce:
+                ce = F.mse_loss(s_logits, labels.float()) if c.task == "regression" else F.cross_entropy(s_logits, labels)
+                add("ce", ce, c.ce)
+            if c.kd:
+                t_logits = t_out["logits"].float()
+                if c.task == "regression":
+                    kd = F.mse_loss(s_logits, t_logits.squeeze(-1))
+                else:
+                    kd = logit_kd_loss(s_logits, t_logits, c.temperature, c.kd_kind)
+                add("kd", kd, c.kd)
+        if c.hidden:
+            hm = hidden_mse(list(s_out["hidden_states"]), list(t_out["hidden_states"]), c.layer_map,
+                            inputs.get("attention_mask"))
+            add("hidden", hm, c.hidden)
+        if c.needs_attention:
+            from .capture import attention_kd_losses
+
+            ad = attention_kd_losses(s_rec, t_rec, gamma=c.attn_gamma, map_weight=c.attn_map or 1.0,
+                                     output_weight=c.attn_output or 1.0,
+                                     layer_map=None if c.attn_layer_map is None else list(c.attn_layer_map),
+                                     temperature=1.0)
+            if c.attn_gamma is not None:
+                add("attn_kd", ad["attn_kd"], 1.0)
+                for k in ("attn_map", "attn_output"):
+                    if k in ad:
+                        losses[k] = ad[k].detach()
+            else:
+                if c.attn_map:
+                    add("attn_map", ad["attn_map"], c.attn_map)
+                if c.attn_output:
+                    add("attn_output", ad["attn_output"], c.attn_output)
+        losses["total"] = total.detach()
+        return DistillOutput(loss=total, losses=losses)
+
+    # ---- helpers --------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _capture(model):
+        from .capture import capture_attention
+
+        return capture_attention(model)
+
+    @staticmethod
+    def _fused_head_ok(model: nn.Module) -> bool:
+        """True when logits = lm_head(base(x).last_hidden_state) exactly (plain Linear head, no soft-capping)."""
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        cfg = getattr(model, "config", None)
+        if type(head) is not nn.Linear or cfg is None:
+            return False
+        if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None) not in (None, 1, 1.0):
+            return False
+        prefix = getattr(model, "base_model_prefix", "")
+        return bool(prefix) and isinstance(getattr(model, prefix, None), nn.Module)
+
+    @staticmethod
+    def _run(model: nn.Module, inputs, want_hidden: bool, fused: bool) -> dict:
+        if fused:
+            base = getattr(model, model.base_model_prefix)
+            out = base(**inputs, output_hidden_states=want_hidden, use_cache=False, return_dict=True)
+            head = model.get_output_embeddings()
+            res = {"head_input": (out.last_hidden_state, head.weight, head.bias)}
+        else:
+            kw = {"use_cache": False} if _is_causal(model) else {}
+            out = model(**inputs, output_hidden_states=want_hidden, return_dict=True, **kw)
+            res = {"logits": out.logits, "head_input": (out.logits, None, None)}
+        if want_hidden:
+            res["hidden_states"] = out.hidden_states
+        return res
+
+
+def _is_causal(model) -> bool:
+    cfg = getattr(model, "config", None)
+    return bool(getattr(cfg, "is_decoder", False)) or type(model).__name__.endswith("ForCausalLM")
