@@ -5,6 +5,7 @@ ops; it imports no kernel module and never initializes CUDA (kernels load on the
 """
 from ._dispatch import BACKENDS, backend_order, backend_status, last_backend, register, registered, use_backend
 from .packed_matmul import packed_matmul
+from .fake_quant import fake_quant_activation, fake_quant_weight, fake_quant_weight_backward, quantize_weight
 
 __all__ = [
     "BACKENDS",
@@ -15,4 +16,8 @@ __all__ = [
     "registered",
     "use_backend",
     "packed_matmul",
+    "quantize_weight",
+    "fake_quant_weight",
+    "fake_quant_weight_backward",
+    "fake_quant_activation",
 ]

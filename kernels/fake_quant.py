@@ -1,0 +1,381 @@
+"""Triton fake-quant kernels: weight quantize -> dequantize (statistics fused), its straight-through backward with the
+learnable-scale gradient reduced in-kernel, and 8-bit dynamic activation fake-quant.
+
+The math is ``pyquant/reference/quant.py`` exactly: fp32 arithmetic, divisions whose result is rounded to codes use
+``tl.math.div_rn`` (IEEE round-to-nearest, like the reference's torch division), rounding is ``floor(v + 0.5)``, and
+scales are rounded through the spec's ``scale_dtype`` before use.  Codes therefore agree bit for bit whenever the
+scales agree; scales computed from sums (TWN, absmean) can differ from torch's in the last fp32 bit because the
+summation order differs (max/min-based scales are exact).
+
+Work decomposition: the weight [N, K] is contiguous, and the elements sharing one scale (a "segment": one group of
+a row, one row, or the whole tensor) are a contiguous range ``[pid * L, (pid + 1) * L)`` of the flat weight, because
+``row * K + g * group_size == (row * G + g) * group_size``.  One program handles one segment, looping over it in
+BLOCK-sized chunks: pass 1 reduces the statistics (sum|w|, max|w|, min, max), TWN's pass 2 reduces the mean of |w|
+above Delta, and the last pass writes codes and/or w_hat.  The re-reads hit L1/L2 (a segment is at most K elements
+for per-channel/group).  The backward is one pass per segment: grad_w is written and the scale/zero-point gradient
+is accumulated in registers and stored once per segment -- no full-size fp32 temporaries, no atomics.
+
+Per-tensor specs make one program walk the whole weight (correct, but serial: per-channel/group is the fast path).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["fake_quant_weight_fwd", "fake_quant_weight_bwd", "fake_quant_activation"]
+
+# method ids (constexpr)
+_TWN, _ABSMEAN, _UNIFORM, _SEQ = 0, 1, 2, 3
+_METHOD_ID = {"twn": _TWN, "absmean": _ABSMEAN, "uniform": _UNIFORM, "seq": _SEQ}
+_TL_SCALE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+_W_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+TWN_DELTA_RATIO = 0.7
+UNIFORM_SYM_DIVISOR = 1.5
+
+
+@triton.jit
+def _to_sdt(s, SDT: tl.constexpr):
+    """Round fp32 through the storage dtype (round-to-nearest-even, like torch's .to()) and back to fp32.
+
+    bfloat16 is rounded with integer arithmetic on the fp32 bits (add 0x7FFF plus the kept LSB, clear the low half):
+    the same on every Triton backend, whereas the interpreter's float->bf16 cast truncates.  Scales are finite."""
+    if SDT == tl.bfloat16:
+        b = s.to(tl.int32, bitcast=True)
+        b = (b + 0x7FFF + ((b >> 16) & 1)) & -65536
+        return b.to(tl.float32, bitcast=True)
+    else:
+        return s.to(SDT).to(tl.float32)
+
+
+@triton.jit
+def _round_scale(s, TINY: tl.constexpr, SDT: tl.constexpr):
+    # clamp to the storage dtype's smallest normal, round through it, back to fp32
+    s = tl.maximum(s, TINY)
+    return _to_sdt(s, SDT)
+
+
+@triton.jit
+def _fake_quant_weight_kernel(
+    W, OUT, CODES, S_IN, Z_IN, S_OUT, Z_OUT,
+    L, L_f, clip,
+    METHOD: tl.constexpr, LEARNABLE: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_CLIP: tl.constexpr,
+    TERNARY: tl.constexpr, MAX_CODE: tl.constexpr, CODE_OFFSET: tl.constexpr,
+    SDT: tl.constexpr, TINY: tl.constexpr, PER_TENSOR_IN: tl.constexpr,
+    WRITE_OUT: tl.constexpr, WRITE_CODES: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    base = pid.to(tl.int64) * L
+    offs0 = tl.arange(0, BLOCK)
+
+    delta = 0.0
+    if LEARNABLE:
+        sidx = 0 if PER_TENSOR_IN else pid
+        s = _round_scale(tl.load(S_IN + sidx).to(tl.float32), TINY, SDT)
+        if SYMMETRIC:
+            z = CODE_OFFSET
+        else:
+            z = _to_sdt(tl.load(Z_IN + sidx).to(tl.float32), SDT)
+    else:
+        # pass 1: statistics of the (clipped) segment
+        acc_sum = tl.zeros([BLOCK], dtype=tl.float32)
+        acc_amax = tl.zeros([BLOCK], dtype=tl.float32)
+        acc_min = tl.full([BLOCK], float("inf"), dtype=tl.float32)
+        acc_max = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+        for start in range(0, L, BLOCK):
+            offs = start + offs0
+            m = offs < L
+            w = tl.load(W + base + offs, mask=m, other=0.0).to(tl.float32)
+            if HAS_CLIP:
+                w = tl.minimum(tl.maximum(w, -clip), clip)
+            a = tl.abs(w)
+            acc_sum += a
+            acc_amax = tl.maximum(acc_amax, a)
+            acc_min = tl.minimum(acc_min, tl.where(m, w, float("inf")))
+            acc_max = tl.maximum(acc_max, tl.where(m, w, float("-inf")))
+        mean_abs = tl.math.div_rn(tl.sum(acc_sum, axis=0), L_f)
+        amax = tl.max(acc_amax, axis=0)
+        z = CODE_OFFSET
+        if METHOD == 0:  # twn: alpha = mean(|w| where |w| > Delta), Delta = 0.7 * mean|w|
+            delta = 0.7 * mean_abs
+            acc_s = tl.zeros([BLOCK], dtype=tl.float32)
+            acc_n = tl.zeros([BLOCK], dtype=tl.int32)
+            for start in range(0, L, BLOCK):
+                offs = start + offs0
+                m = offs < L
+                w = tl.load(W + base + offs, mask=m, other=0.0).to(tl.float32)
+                if HAS_CLIP:
+                    w = tl.minimum(tl.maximum(w, -clip), clip)
+                a = tl.abs(w)
+                keep = (a > delta) & m
+                acc_s += tl.where(keep, a, 0.0)
+                acc_n += keep.to(tl.int32)
+            cnt = tl.sum(acc_n, axis=0)
+            tot = tl.sum(acc_s, axis=0)
+            s = tl.where(cnt > 0, tl.math.div_rn(tot, tl.maximum(cnt, 1).to(tl.float32)), 0.0)
+            s = _round_scale(s, TINY, SDT)
+        elif METHOD == 1:  # absmean
+            s = _round_scale(mean_abs, TINY, SDT)
+        elif METHOD == 3:  # seq: alpha = max|w|
+            if TERNARY:
+                s = _round_scale(amax * (2.0 / 3.0), TINY, SDT)
+            else:
+                s = _round_scale(amax * 0.5, TINY, SDT)
+        else:  # uniform
+            if SYMMETRIC:
+                s = _round_scale(tl.math.div_rn(amax, 1.5), TINY, SDT)
+            else:
+                mn = tl.min(acc_min, axis=0)
+                mx = tl.max(acc_max, axis=0)
+                s = _round_scale(tl.math.div_rn(mx - mn, MAX_CODE * 1.0), TINY, SDT)
+                z = _to_sdt(tl.math.div_rn(-mn, s), SDT)
+        tl.store(S_OUT + pid, s)
+        if not SYMMETRIC:
+            tl.store(Z_OUT + pid, z)
+
+    # last pass: codes and w_hat = (c - z) * s
+    for start in range(0, L, BLOCK):
+        offs = start + offs0
+        m = offs < L
+        w = tl.load(W + base + offs, mask=m, other=0.0).to(tl.float32)
+        if HAS_CLIP:
+            w = tl.minimum(tl.maximum(w, -clip), clip)
+        if METHOD == 0 and not LEARNABLE:
+            sgn = tl.where(w > 0, 1.0, tl.where(w < 0, -1.0, 0.0))
+            c = 1.0 + tl.where(tl.abs(w) > delta, sgn, 0.0)
+        else:
+            v = tl.math.div_rn(w, s)
+            c = tl.floor((v + z) + 0.5)
+            c = tl.minimum(tl.maximum(c, 0.0), MAX_CODE * 1.0)
+        if WRITE_CODES:
+            tl.store(CODES + base + offs, c.to(tl.uint8), mask=m)
+        if WRITE_OUT:
+            tl.store(OUT + base + offs, ((c - z) * s).to(OUT.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _fake_quant_weight_bwd_kernel(
+    G, W, GW, S_IN, Z_IN, GS, GZ,
+    L, clip, gscale,
+    LEARNABLE: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_CLIP: tl.constexpr, LSQ: tl.constexpr,
+    MAX_CODE: tl.constexpr, CODE_OFFSET: tl.constexpr, SDT: tl.constexpr, TINY: tl.constexpr,
+    PER_TENSOR_IN: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    base = pid.to(tl.int64) * L
+    offs0 = tl.arange(0, BLOCK)
+    if LEARNABLE:
+        sidx = 0 if PER_TENSOR_IN else pid
+        s = _round_scale(tl.load(S_IN + sidx).to(tl.float32), TINY, SDT)
+        if SYMMETRIC:
+            z = CODE_OFFSET
+        else:
+            z = _to_sdt(tl.load(Z_IN + sidx).to(tl.float32), SDT)
+        acc_s = tl.zeros([BLOCK], dtype=tl.float32)
+        acc_z = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, L, BLOCK):
+        offs = start + offs0
+        m = offs < L
+        g = tl.load(G + base + offs, mask=m, other=0.0).to(tl.float32)
+        w = tl.load(W + base + offs, mask=m, other=0.0).to(tl.float32)
+        keep = m
+        if HAS_CLIP:
+            keep = keep & (tl.abs(w) <= clip)
+            w = tl.minimum(tl.maximum(w, -clip), clip)
+        if LEARNABLE:
+            v = tl.math.div_rn(w, s)
+            vz = v + z
+            inside = (vz >= 0.0) & (vz <= MAX_CODE * 1.0)
+            c = tl.minimum(tl.maximum(tl.floor(vz + 0.5), 0.0), MAX_CODE * 1.0)
+            q = c - z
+            if LSQ:
+                ds = q - tl.where(inside, v, 0.0)
+            else:
+                ds = tl.where(inside, 0.0, q)
+            acc_s += tl.where(m, g * ds, 0.0)
+            if not SYMMETRIC:
+                acc_z += tl.where(m & (~inside), g * (-s), 0.0)
+            keep = keep & inside
+        tl.store(GW + base + offs, tl.where(keep, g, 0.0).to(GW.dtype.element_ty), mask=m)
+    if LEARNABLE:
+        tl.store(GS + pid, tl.sum(acc_s, axis=0) * gscale)
+        if not SYMMETRIC:
+            tl.store(GZ + pid, tl.sum(acc_z, axis=0) * gscale)
+
+
+@triton.jit
+def _fake_quant_activation_stats_kernel(X, AMAX, MN, MX, D, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    base = row.to(tl.int64) * D
+    offs0 = tl.arange(0, BLOCK)
+    acc_amax = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_min = tl.full([BLOCK], float("inf"), dtype=tl.float32)
+    acc_max = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    for start in range(0, D, BLOCK):
+        offs = start + offs0
+        m = offs < D
+        x = tl.load(X + base + offs, mask=m, other=0.0).to(tl.float32)
+        acc_amax = tl.maximum(acc_amax, tl.abs(x))
+        acc_min = tl.minimum(acc_min, tl.where(m, x, float("inf")))
+        acc_max = tl.maximum(acc_max, tl.where(m, x, float("-inf")))
+    tl.store(AMAX + row, tl.max(acc_amax, axis=0))
+    tl.store(MN + row, tl.min(acc_min, axis=0))
+    tl.store(MX + row, tl.max(acc_max, axis=0))
+
+
+@triton.jit
+def _fake_quant_activation_kernel(X, OUT, AMAX, MN, MX, D, PER_TOKEN: tl.constexpr, SYMMETRIC: tl.constexpr,
+                                  TINY: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    base = row.to(tl.int64) * D
+    sidx = row if PER_TOKEN else 0
+    offs0 = tl.arange(0, BLOCK)
+    if SYMMETRIC:
+        s = tl.maximum(tl.math.div_rn(tl.load(AMAX + sidx), 127.0), TINY)
+        z = 0.0
+    else:
+        mn = tl.load(MN + sidx)
+        mx = tl.load(MX + sidx)
+        s = tl.maximum(tl.math.div_rn(mx - mn, 255.0), TINY)
+        z = tl.minimum(tl.maximum(tl.floor(tl.math.div_rn(-mn, s) + 0.5), 0.0), 255.0)
+    for start in range(0, D, BLOCK):
+        offs = start + offs0
+        m = offs < D
+        x = tl.load(X + base + offs, mask=m, other=0.0).to(tl.float32)
+        r = tl.floor(tl.math.div_rn(x, s) + 0.5)
+        if SYMMETRIC:
+            q = tl.minimum(tl.maximum(r, -127.0), 127.0)
+        else:
+            q = tl.minimum(tl.maximum(r + z, 0.0), 255.0)
+        tl.store(OUT + base + offs, ((q - z) * s).to(OUT.dtype.element_ty), mask=m)
+
+
+# ---- launchers: check constraints, allocate outputs, launch ------------------------------------------------------
+def _block(n: int) -> int:
+    return max(16, min(1024, triton.next_power_of_2(n)))
+
+
+def _segment(spec, w: torch.Tensor) -> Tuple[int, int, int]:
+    """(number of segments R*G, segment length L, G)."""
+    n, k = w.shape
+    if spec.granularity == "tensor":
+        return 1, n * k, 1
+    gs = spec.resolve_group_size(k)
+    return n * (k // gs), gs, k // gs
+
+
+def _check_w(w: torch.Tensor, spec, scale, zero_point) -> None:
+    if not isinstance(w, torch.Tensor) or w.dim() != 2 or not w.is_contiguous() or w.dtype not in _W_DTYPES:
+        raise ValueError(f"w must be a contiguous 2-D float32/bfloat16/float16 tensor, got "
+                         f"{getattr(w, 'dtype', type(w).__name__)} {tuple(getattr(w, 'shape', ()))}")
+    if w.numel() >= 2**31:
+        raise ValueError(f"w has {w.numel()} elements; the kernels index segments with int32 (< 2**31)")
+    nseg, _, g = _segment(spec, w)
+    want = (1, 1) if spec.granularity == "tensor" else (w.shape[0], g)
+    for name, t in (("scale", scale), ("zero_point", zero_point)):
+        if t is not None and (tuple(t.shape) != want or t.device != w.device):
+            raise ValueError(f"{name} must have shape {want} on {w.device}, got {tuple(t.shape)} on {t.device}")
+    if scale is not None and not spec.symmetric and zero_point is None:
+        raise ValueError("zero_point is required with a given scale for an asymmetric spec")
+
+
+def _consts(spec):
+    sdt = spec.torch_scale_dtype
+    return dict(SDT=_TL_SCALE[sdt], TINY=float(torch.finfo(sdt).tiny), MAX_CODE=spec.max_code,
+                CODE_OFFSET=float(spec.code_offset) if spec.symmetric else 0.0,
+                SYMMETRIC=spec.symmetric, HAS_CLIP=spec.clip is not None)
+
+
+def fake_quant_weight_fwd(w: torch.Tensor, spec, scale: Optional[torch.Tensor] = None,
+                          zero_point: Optional[torch.Tensor] = None, want_out: bool = True,
+                          want_codes: bool = False):
+    """-> (w_hat | None, codes uint8 | None, scale fp32 [R, G], zero_point fp32 [R, G] | None)."""
+    _check_w(w, spec, scale, zero_point)
+    n, k = w.shape
+    nseg, seg_len, g = _segment(spec, w)
+    r = 1 if spec.granularity == "tensor" else n
+    learnable = scale is not None
+    out = torch.empty_like(w) if want_out else None
+    codes = torch.empty(n, k, dtype=torch.uint8, device=w.device) if want_codes else None
+    if learnable:
+        # the scales used are the given ones rounded through scale_dtype (tiny [R, G] tensors: plain torch)
+        dt = spec.torch_scale_dtype
+        s_out = scale.detach().float().clamp_min(torch.finfo(dt).tiny).to(dt).float()
+        z_out = None if spec.symmetric else zero_point.detach().float().to(dt).float()
+        s_in = scale.detach().float().contiguous()
+        z_in = None if spec.symmetric else zero_point.detach().float().contiguous()
+    else:
+        s_out = torch.empty(r, g, dtype=torch.float32, device=w.device)
+        z_out = None if spec.symmetric else torch.empty(r, g, dtype=torch.float32, device=w.device)
+        s_in = z_in = None
+    dummy = w  # never dereferenced when its constexpr flag is off
+    _fake_quant_weight_kernel[(nseg,)](
+        w, out if out is not None else dummy, codes if codes is not None else dummy,
+        s_in if s_in is not None else dummy, z_in if z_in is not None else dummy,
+        s_out, z_out if z_out is not None else s_out,
+        seg_len, float(seg_len), float(spec.clip) if spec.clip is not None else 0.0,
+        METHOD=_METHOD_ID[spec.method], LEARNABLE=learnable, TERNARY=spec.ternary,
+        PER_TENSOR_IN=spec.granularity == "tensor",
+        WRITE_OUT=want_out, WRITE_CODES=want_codes, BLOCK=_block(seg_len), **_consts(spec),
+    )
+    return out, codes, s_out, z_out
+
+
+def fake_quant_weight_bwd(grad: torch.Tensor, w: torch.Tensor, spec, scale: Optional[torch.Tensor] = None,
+                          zero_point: Optional[torch.Tensor] = None):
+    """-> (grad_w in w's dtype, grad_scale in scale's dtype | None, grad_zero_point | None)."""
+    _check_w(w, spec, scale, zero_point)
+    if not isinstance(grad, torch.Tensor) or grad.shape != w.shape or not grad.is_contiguous() \
+            or grad.device != w.device:
+        raise ValueError(f"grad must be a contiguous tensor of w's shape {tuple(w.shape)} on {w.device}")
+    n, k = w.shape
+    nseg, seg_len, _ = _segment(spec, w)
+    learnable = scale is not None
+    gw = torch.empty_like(w)
+    gs_seg = torch.empty(nseg, dtype=torch.float32, device=w.device) if learnable else None
+    gz_seg = torch.empty(nseg, dtype=torch.float32, device=w.device) if learnable and not spec.symmetric else None
+    if learnable:
+        s_in = scale.detach().float().contiguous()
+        z_in = None if spec.symmetric else zero_point.detach().float().contiguous()
+        if spec.scale_grad == "lsq":
+            per = n * k if spec.granularity == "tensor" else seg_len
+            gscale = 1.0 / math.sqrt(per * spec.qp)
+        else:
+            gscale = 1.0
+    else:
+        s_in = z_in = None
+        gscale = 1.0
+    dummy = gw
+    _fake_quant_weight_bwd_kernel[(nseg,)](
+        grad, w, gw, s_in if s_in is not None else dummy, z_in if z_in is not None else dummy,
+        gs_seg if gs_seg is not None else dummy, gz_seg if gz_seg is not None else dummy,
+        seg_len, float(spec.clip) if spec.clip is not None else 0.0, gscale,
+        LEARNABLE=learnable, LSQ=spec.scale_grad == "lsq", PER_TENSOR_IN=spec.granularity == "tensor",
+        BLOCK=_block(seg_len), **_consts(spec),
+    )
+    gs = gs_seg.reshape(scale.shape).to(scale.dtype) if learnable else None
+    gz = gz_seg.reshape(zero_point.shape).to(zero_point.dtype) if gz_seg is not None else None
+    return gw, gs, gz
+
+
+def fake_quant_activation(x: torch.Tensor, symmetric: bool, per_token: bool) -> torch.Tensor:
+    """Dynamic 8-bit min-max fake-quant of x [..., D] (row = token); output in x's dtype."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 1 or not x.is_contiguous() or x.dtype not in _W_DTYPES \
+            or x.numel() == 0:
+        raise ValueError("x must be a non-empty contiguous float32/bfloat16/float16 tensor [..., D]")
+    d = x.shape[-1]
+    rows = x.numel() // d
+    out = torch.empty_like(x)
+    amax = torch.empty(rows, dtype=torch.float32, device=x.device)
+    mn = torch.empty_like(amax)
+    mx = torch.empty_like(amax)
+    blk = _block(d)
+    _fake_quant_activation_stats_kernel[(rows,)](x, amax, mn, mx, d, BLOCK=blk)
+    if not per_token:  # max/min are order-independent: reducing the row results is exact
+        amax, mn, mx = amax.amax().reshape(1), mn.amin().reshape(1), mx.amax().reshape(1)
+    _fake_quant_activation_kernel[(rows,)](x, out, amax, mn, mx, d, PER_TOKEN=per_token, SYMMETRIC=symmetric,
+                                           TINY=float(torch.finfo(torch.float32).tiny), BLOCK=blk)
+    return out
