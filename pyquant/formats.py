@@ -104,7 +104,8 @@ class WeightQuantConfig(_SpecMixin):
         w_hat = alpha * sign(W) * [|W| > Delta]  (as in the TernaryBERT / EMNLP'22 KD-QAT code).
         ``"absmean"``: BitNet b1.58, s = mean|W|, w_hat = s * clamp(round(W / s), -1, 1).
         ``"uniform"``: 2-bit uniform, min-max init.  symmetric: s = max|W| / 1.5, q = clamp(round(W/s), -2, 1);
-        asymmetric: s = (max - min) / 3, z = -min / s, c = clamp(round(W/s + z), 0, 3).
+        asymmetric: s = (max - min) / 3, z = -min / s, c = clamp(round(W/s + z), 0, 3), with the [min, max] range
+        extended to include 0 (so z lies in [0, 3] and stays finite in a 16-bit scale_dtype).
         ``"seq"``: ParetoQ's stretched elastic quant, alpha = max|W| at init; levels=4 -> alpha*{+-1/4, +-3/4},
         levels=3 -> alpha*{-2/3, 0, 2/3}.
     bits: storage bits per weight; pyquant stores every format in 2 bits (ternary is 1.58-bit in a 2-bit code).
@@ -134,7 +135,7 @@ class WeightQuantConfig(_SpecMixin):
 
     def __post_init__(self):
         n = type(self).__name__
-        if self.method not in WEIGHT_METHODS:
+        if not isinstance(self.method, str) or self.method not in WEIGHT_METHODS:
             _fail(n, "method", self.method, f"one of {WEIGHT_METHODS}")
         if isinstance(self.bits, bool) or not isinstance(self.bits, int):
             _fail(n, "bits", self.bits, "an int")
@@ -145,18 +146,19 @@ class WeightQuantConfig(_SpecMixin):
         allowed_levels = {"twn": (3,), "absmean": (3,), "uniform": (4,), "seq": (3, 4)}[self.method]
         if self.levels is None:
             object.__setattr__(self, "levels", allowed_levels[-1])
-        elif self.levels not in allowed_levels:
+        elif isinstance(self.levels, bool) or not isinstance(self.levels, int) or self.levels not in allowed_levels:
             _fail(n, "levels", self.levels, f"one of {allowed_levels} for method {self.method!r}")
         if not isinstance(self.symmetric, bool):
             _fail(n, "symmetric", self.symmetric, "a bool")
         if not self.symmetric and self.method != "uniform":
             _fail(n, "symmetric", self.symmetric, f"True for method {self.method!r} (only 'uniform' is asymmetric)")
-        if self.granularity not in GRANULARITIES:
+        if not isinstance(self.granularity, str) or self.granularity not in GRANULARITIES:
             _fail(n, "granularity", self.granularity, f"one of {GRANULARITIES}")
         if self.granularity == "group":
             if self.group_size is None:
                 object.__setattr__(self, "group_size", 128)
-            if self.group_size not in GROUP_SIZES:
+            if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) \
+                    or self.group_size not in GROUP_SIZES:
                 _fail(n, "group_size", self.group_size, f"one of {GROUP_SIZES} for granularity='group'")
         elif self.group_size is not None:
             _fail(n, "group_size", self.group_size, f"None for granularity={self.granularity!r}")
@@ -167,9 +169,9 @@ class WeightQuantConfig(_SpecMixin):
             object.__setattr__(self, "clip", float(self.clip))
         if not isinstance(self.learnable_scale, bool):
             _fail(n, "learnable_scale", self.learnable_scale, "a bool")
-        if self.scale_grad not in SCALE_GRADS:
+        if not isinstance(self.scale_grad, str) or self.scale_grad not in SCALE_GRADS:
             _fail(n, "scale_grad", self.scale_grad, f"one of {SCALE_GRADS}")
-        if self.scale_dtype not in SCALE_DTYPES:
+        if not isinstance(self.scale_dtype, str) or self.scale_dtype not in SCALE_DTYPES:
             _fail(n, "scale_dtype", self.scale_dtype, f"one of {tuple(SCALE_DTYPES)}")
 
     # ---- derived properties used by kernels and modules -------------------------------------------------------
@@ -241,11 +243,11 @@ class ActivationQuantConfig(_SpecMixin):
 
     def __post_init__(self):
         n = type(self).__name__
-        if isinstance(self.bits, bool) or self.bits != 8:
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or self.bits != 8:
             _fail(n, "bits", self.bits, "8")
         if not isinstance(self.symmetric, bool):
             _fail(n, "symmetric", self.symmetric, "a bool")
-        if self.granularity not in ("tensor", "token"):
+        if not isinstance(self.granularity, str) or self.granularity not in ("tensor", "token"):
             _fail(n, "granularity", self.granularity, "'tensor' or 'token'")
 
 
@@ -275,7 +277,9 @@ def pack_codes(codes: torch.Tensor) -> torch.Tensor:
 def unpack_codes(packed: torch.Tensor, in_features: int) -> torch.Tensor:
     """Inverse of :func:`pack_codes`: uint8 [N, packed_cols(K)] -> uint8 codes [N, K]."""
     if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8 or packed.dim() != 2:
-        raise TypeError("packed must be a 2-D torch.uint8 tensor")
+        raise TypeError(f"packed must be a 2-D torch.uint8 tensor, got {_desc(packed)}")
+    if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features <= 0:
+        raise ValueError(f"in_features={in_features!r} is invalid: expected a positive int")
     if packed.shape[1] != packed_cols(in_features):
         raise ValueError(
             f"packed has {packed.shape[1]} columns but in_features={in_features} needs packed_cols={packed_cols(in_features)}"

@@ -116,6 +116,11 @@ def backend_status(backend: str, device: Optional[torch.device] = None, explicit
     if backend == "reference":
         return True, "pure PyTorch (always available)"
     if backend == "triton":
+        # Decide from the device first: a CPU call without the interpreter never needs (or imports) triton.
+        if device is not None and device.type != "cuda" and not (device.type == "cpu" and triton_interpret()):
+            return False, f"needs CUDA tensors (got {device.type}); TRITON_INTERPRET=1 runs it on CPU for tests"
+        if device is not None and device.type == "cpu" and not explicit:
+            return False, "interpreter runs only when selected (use_backend('triton') or PYQUANT_BACKEND=triton)"
         ok, why = _triton_importable()
         if not ok:
             return False, why
@@ -135,8 +140,10 @@ def backend_status(backend: str, device: Optional[torch.device] = None, explicit
     if backend == "cuda":
         if device is not None and device.type != "cuda":
             return False, f"needs CUDA tensors (got {device.type})"
-        from .. import _cuda_ext
-
+        try:  # the extension's Python side may be absent (not built, or not written yet): unavailable, not a crash
+            from .. import _cuda_ext
+        except ImportError as e:
+            return False, f"pyquant._cuda_ext cannot be imported ({e})"
         return _cuda_ext.status()
     raise ValueError(f"unknown backend {backend!r}")
 
@@ -178,3 +185,8 @@ def last_backend() -> Optional[Tuple[str, str]]:
 
 def registered(op: str) -> Tuple[str, ...]:
     return tuple(b for b in BACKENDS if b in _REGISTRY.get(op, {}))
+
+
+def registered_ops() -> Tuple[str, ...]:
+    """Names of the ops with at least one registered backend (those whose modules have been imported)."""
+    return tuple(sorted(op for op, impls in _REGISTRY.items() if impls))

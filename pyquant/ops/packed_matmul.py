@@ -41,6 +41,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(qweight, scale, zero_point)
     ctx.in_features, ctx.code_offset, ctx.x_dtype = in_features, code_offset, x.dtype
     ctx.bias_grad = bias is not None and bias.requires_grad
+    ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _backward(ctx, grad):
@@ -48,7 +49,7 @@ def _backward(ctx, grad):
     qweight, scale, zero_point = ctx.saved_tensors
     w = reference.dequantize_packed(qweight, scale, zero_point, ctx.in_features, ctx.code_offset)
     gx = (grad.float() @ w).to(ctx.x_dtype)
-    gb = grad.float().sum(0) if ctx.bias_grad else None
+    gb = grad.float().sum(0).to(ctx.bias_dtype) if ctx.bias_grad else None
     return gx, None, None, None, gb, None, None
 
 

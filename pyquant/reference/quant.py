@@ -83,8 +83,9 @@ def init_weight_scale(w: torch.Tensor, spec: WeightQuantConfig) -> Tuple[torch.T
         s = alpha * (2.0 / 3.0) if spec.ternary else alpha / 2.0
     elif spec.symmetric:  # uniform symmetric
         s = a.amax(-1) / UNIFORM_SYM_DIVISOR
-    else:  # uniform asymmetric, min-max
-        mn, mx = g.amin(-1), g.amax(-1)
+    else:  # uniform asymmetric, min-max over a range that includes 0 (as PyTorch's MinMaxObserver): keeps
+        # z = -min/s in [0, 3], finite in a 16-bit scale_dtype (a constant or all-positive group gave z = -inf/huge)
+        mn, mx = g.amin(-1).clamp_max(0.0), g.amax(-1).clamp_min(0.0)
         s = _round_scale((mx - mn) / spec.max_code, spec)
         zero = (-mn / s).to(spec.torch_scale_dtype).to(torch.float32)
         return s, zero
