@@ -233,7 +233,8 @@ class ActivationQuantConfig(_SpecMixin):
     """Dynamic activation fake-quant (W2A8 setting): min-max per tensor or per token, recomputed every call.
 
     symmetric: s = max|x| / 127, q = clamp(round(x/s), -127, 127).
-    asymmetric: s = (max - min) / 255, z = round(-min / s), q = clamp(round(x/s) + z, 0, 255), x_hat = (q - z) s.
+    asymmetric: s = (max - min) / 255, z = round(-min / s), q = clamp(round(x/s) + z, 0, 255), x_hat = (q - z) s,
+    with the [min, max] range extended to include 0 (so z lies in [0, 255] and no value is clipped).
     The backward pass is the straight-through estimator (nothing is clipped by a dynamic min-max range).
     """
 

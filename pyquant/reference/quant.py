@@ -239,7 +239,9 @@ def fake_quant_activation(x: torch.Tensor, spec: ActivationQuantConfig) -> torch
         q = round_half_up(xf / s).clamp(-127, 127)
         out = q * s
     else:
-        mn, mx = xf.amin(**red), xf.amax(**red)
+        # the range includes 0 (z in [0, 255]); without it an all-positive token had z clamped to 0 and values
+        # above (max - min) clipped, and an all-negative one lost its top codes
+        mn, mx = xf.amin(**red).clamp_max(0.0), xf.amax(**red).clamp_min(0.0)
         s = ((mx - mn) / 255.0).clamp_min(tiny)
         z = round_half_up(-mn / s).clamp(0, 255)
         q = (round_half_up(xf / s) + z).clamp(0, 255)
