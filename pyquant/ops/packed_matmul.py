@@ -2,9 +2,17 @@
 
 Defined once as the torch.library op ``pyquant::packed_matmul`` (traceable by ``torch.compile`` through its fake
 implementation); backends register below.  The public wrapper validates arguments and flattens x to 2-D.
+
+``pyquant::packed_matmul_a8`` is the W2A8 entry (the setting of the EMNLP'22 KD-QAT paper and BitNet): x is
+quantized per token to int8 (dynamic symmetric min-max, ``pyquant.reference.packed_matmul_a8``) before the product.
+
+Backends: ``cuda`` (``pyquant._C.packed_gemv``, decode M = 1..8, fp16/bf16 x), ``triton`` (``kernels/packed_matmul.py``:
+split-K GEMV for M <= 8, tl.dot GEMM above) and ``reference``.  The backward pass (gradient w.r.t. x and bias; the
+packed weight is frozen) dequantizes once in PyTorch.
 """
 from __future__ import annotations
 
+import importlib
 from typing import Optional
 
 import torch
@@ -13,7 +21,7 @@ from .. import reference
 from ..formats import group_size_of, validate_packed
 from ._dispatch import call, register
 
-__all__ = ["packed_matmul", "check_packed_matmul_args"]
+__all__ = ["packed_matmul", "packed_matmul_a8", "check_packed_matmul_args"]
 
 X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -61,6 +69,99 @@ def _reference_impl(x, qweight, scale, zero_point, bias, in_features, code_offse
     return reference.packed_matmul(x, qweight, scale, zero_point, bias, in_features, code_offset)
 
 
+# ---- W2A8: int8 per-token activations --------------------------------------------------------------------------
+@torch.library.custom_op("pyquant::packed_matmul_a8", mutates_args=())
+def _packed_matmul_a8_op(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    in_features: int,
+    code_offset: Optional[float],
+) -> torch.Tensor:
+    return call("packed_matmul_a8", x, qweight, scale, zero_point, bias, in_features, code_offset)
+
+
+@_packed_matmul_a8_op.register_fake
+def _(x, qweight, scale, zero_point, bias, in_features, code_offset):
+    return x.new_empty(x.shape[0], qweight.shape[0])
+
+
+# Dynamic min-max activation quantization clips nothing, so its straight-through gradient is the identity and the
+# backward is the one of packed_matmul.
+_packed_matmul_a8_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@register("packed_matmul_a8", "reference")
+def _reference_a8_impl(x, qweight, scale, zero_point, bias, in_features, code_offset):
+    return reference.packed_matmul_a8(x, qweight, scale, zero_point, bias, in_features, code_offset)
+
+
+# ---- triton backend (kernels imported lazily, on the first call that selects it) -------------------------------
+def _kernels():
+    try:
+        return importlib.import_module("pyquant.kernels.packed_matmul")
+    except ModuleNotFoundError as e:  # a source checkout without `pip install -e .`: kernels/ is top-level
+        if "pyquant.kernels" not in str(e):
+            raise
+        return importlib.import_module("kernels.packed_matmul")
+
+
+def _triton_supports(x, qweight, scale, zero_point, bias, in_features, code_offset):
+    gs = in_features // scale.shape[1]
+    if scale.shape[1] > 1 and gs % 16:
+        return False, f"group_size={gs} (the Triton kernels need a multiple of 16, or one group per row)"
+    if x.stride(-1) != 1:
+        return False, "x is not contiguous along K"
+    return True, "ok"
+
+
+@register("packed_matmul", "triton", supports=_triton_supports)
+def _triton_impl(x, qweight, scale, zero_point, bias, in_features, code_offset):
+    return _kernels().packed_matmul(x, qweight.contiguous(), scale.contiguous(), None if zero_point is None else
+                                    zero_point.contiguous(), None if bias is None else bias.contiguous(),
+                                    in_features, code_offset)
+
+
+@register("packed_matmul_a8", "triton", supports=_triton_supports)
+def _triton_a8_impl(x, qweight, scale, zero_point, bias, in_features, code_offset):
+    return _kernels().packed_matmul_a8(x, qweight.contiguous(), scale.contiguous(), None if zero_point is None else
+                                       zero_point.contiguous(), None if bias is None else bias.contiguous(),
+                                       in_features, code_offset)
+
+
+# ---- cuda backend: pyquant._C.packed_gemv (decode, M = 1..8) ----------------------------------------------------
+CUDA_GEMV_MAX_M = 8
+
+
+def _cuda_supports(x, qweight, scale, zero_point, bias, in_features, code_offset):
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return False, f"x dtype {x.dtype} (the CUDA GEMV takes float16/bfloat16)"
+    if not 1 <= x.shape[0] <= CUDA_GEMV_MAX_M:
+        return False, f"M={x.shape[0]} rows (the CUDA GEMV takes 1..{CUDA_GEMV_MAX_M}; larger M runs the GEMM)"
+    gs = in_features // scale.shape[1]
+    if scale.shape[1] > 1 and gs % 32:
+        return False, f"group_size={gs} (the CUDA GEMV needs a multiple of 32, or one group per row)"
+    if bias is not None and bias.dtype != x.dtype:
+        return False, f"bias dtype {bias.dtype} differs from x dtype {x.dtype}"
+    if not x.is_contiguous() or not qweight.is_contiguous() or qweight.data_ptr() % 16:
+        return False, "x and qweight must be contiguous and qweight 16-byte aligned"
+    return True, "ok"
+
+
+@register("packed_matmul", "cuda", supports=_cuda_supports)
+def _cuda_impl(x, qweight, scale, zero_point, bias, in_features, code_offset):
+    from .. import _cuda_ext
+
+    ext = _cuda_ext.load()
+    if ext is None:
+        raise RuntimeError("pyquant._C is reported available but _cuda_ext.load() returned None")
+    return ext.packed_gemv(x, qweight, scale.contiguous(), None if zero_point is None else zero_point.contiguous(),
+                           None if bias is None else bias.contiguous(), in_features // scale.shape[1],
+                           0.0 if code_offset is None else float(code_offset))
+
+
 def check_packed_matmul_args(x, qweight, scale, zero_point, bias, in_features, code_offset) -> None:
     """Raise TypeError/ValueError naming the offending argument; nothing reaches a kernel unchecked."""
     if not isinstance(x, torch.Tensor):
@@ -105,4 +206,25 @@ def packed_matmul(
         x2 = x2.contiguous()
     y = _packed_matmul_op(x2, qweight, scale, zero_point, bias, in_features,
                           None if code_offset is None else float(code_offset))
+    return y.reshape(*lead, qweight.shape[0])
+
+
+def packed_matmul_a8(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    in_features: int,
+    code_offset: Optional[float] = None,
+) -> torch.Tensor:
+    """W2A8: like :func:`packed_matmul`, with x quantized per token to int8 (dynamic, symmetric) first."""
+    check_packed_matmul_args(x, qweight, scale, zero_point, bias, in_features, code_offset)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, in_features)
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    y = _packed_matmul_a8_op(x2, qweight, scale, zero_point, bias, in_features,
+                             None if code_offset is None else float(code_offset))
     return y.reshape(*lead, qweight.shape[0])

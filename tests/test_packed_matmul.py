@@ -1,0 +1,321 @@
+"""packed_matmul / packed_matmul_a8: Triton kernels (interpreter on CPU, compiled on GPU) and the CUDA GEMV against
+the pure-PyTorch reference; argument checks; autograd; torch.library.opcheck.
+
+CPU runs need TRITON_INTERPRET=1 (set before triton is imported) for the kernel tests; without it they skip.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from pyquant import reference
+from pyquant.formats import WeightQuantConfig, pack_codes, packed_cols
+from pyquant.ops import packed_matmul, packed_matmul_a8, use_backend
+from pyquant.ops._dispatch import last_backend
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
+needs_kernels = pytest.mark.skipif(not (INTERPRET or torch.cuda.is_available()),
+                                   reason="Triton kernels need a CUDA GPU or TRITON_INTERPRET=1")
+DEV = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"
+
+# (rtol, atol as a fraction of max|ref|): the kernels' products are exact (codes times x) and accumulate in fp32,
+# so they differ from the fp32 reference only by summation order and the final rounding to x's dtype.
+TOL = {torch.float16: (2e-3, 1e-3), torch.bfloat16: (1.6e-2, 8e-3), torch.float32: (1e-5, 1e-5)}
+
+SPECS = {
+    "twn": WeightQuantConfig(method="twn"),
+    "absmean": WeightQuantConfig(method="absmean"),
+    "int2-sym": WeightQuantConfig(method="uniform"),
+    "int2-asym": WeightQuantConfig(method="uniform", symmetric=False),
+    "seq4": WeightQuantConfig(method="seq", levels=4),
+    "seq3": WeightQuantConfig(method="seq", levels=3),
+}
+
+
+def make_weight(n, k, fmt, group_size=None, device=DEV, scale_dtype="float16"):
+    """A packed weight quantized from a fresh random matrix: (qweight, scale, zero_point, code_offset, spec)."""
+    base = SPECS[fmt]
+    gran = dict(granularity="group", group_size=group_size) if group_size else dict(granularity="channel")
+    spec = WeightQuantConfig(**{**base.to_dict(), **gran, "scale_dtype": scale_dtype})
+    w = torch.randn(n, k) * (0.5 + torch.rand(n, 1))
+    codes, s, z = reference.quantize_weight(w, spec)
+    assert codes.max() > 0 and codes.min() < spec.max_code  # a real spread of codes, not a constant
+    sd = spec.torch_scale_dtype
+    return (pack_codes(codes).to(device), s.to(sd).expand(n, -1).contiguous().to(device),
+            None if z is None else z.to(sd).to(device), spec.code_offset, spec)
+
+
+def assert_close_to(y, ref, dtype):
+    rtol, atol = TOL[dtype]
+    assert y.dtype == ref.dtype and y.shape == ref.shape
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y.float(), ref.float(), rtol=rtol, atol=atol * ref.float().abs().max().item())
+
+
+def _kern():
+    from pyquant.ops.packed_matmul import _kernels
+
+    return _kernels()
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Every buffer the launcher allocates (output, split-K workspace, int8 x) starts as garbage: NaN / 0x7f."""
+    k = _kern()
+    real = k._alloc
+
+    def alloc(shape, dtype, device):
+        t = real(shape, dtype, device)
+        return t.fill_(float("nan")) if dtype.is_floating_point else t.fill_(127)
+
+    monkeypatch.setattr(k, "_alloc", alloc)
+
+
+# M in {1, 3, 17, 64} (GEMV, GEMM) plus 12 (split-K GEMM, M <= 16); K and N not powers of two where the format
+# allows (per-channel takes any K; groups need K % group_size == 0); groups 32/64/128; ternary and 2-bit; both dtypes.
+CASES = [
+    # M,  N,   K,  group, fmt,         dtype,          bias
+    (1, 96, 200, None, "twn", torch.float16, True),
+    (1, 70, 256, 32, "int2-asym", torch.bfloat16, False),
+    (1, 45, 384, 128, "seq4", torch.bfloat16, True),
+    (3, 50, 192, 64, "absmean", torch.bfloat16, True),
+    (3, 33, 384, 128, "int2-sym", torch.float16, False),
+    (12, 40, 128, 64, "int2-asym", torch.bfloat16, True),
+    (17, 40, 256, 128, "int2-asym", torch.float16, True),
+    (17, 65, 320, 64, "seq3", torch.bfloat16, False),
+    (64, 48, 160, None, "int2-sym", torch.bfloat16, True),
+    (64, 100, 256, 32, "twn", torch.float16, False),
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize("M,N,K,group,fmt,dtype,has_bias", CASES)
+def test_triton_matches_reference(M, N, K, group, fmt, dtype, has_bias, poison):
+    qw, s, z, co, _ = make_weight(N, K, fmt, group)
+    x = torch.randn(M, K, device=DEV).to(dtype)
+    b = torch.randn(N, device=DEV).to(dtype) if has_bias else None
+    ref = reference.packed_matmul(x, qw, s, z, b, K, co)
+    with use_backend("triton"):
+        y = packed_matmul(x, qw, s, z, b, in_features=K, code_offset=co)
+    assert last_backend() == ("packed_matmul", "triton")
+    assert_close_to(y, ref, dtype)
+
+
+# pinned meta-parameters: both kernels, split-K on and off (including a split that leaves some programs no K tile)
+CONFIGS = [
+    (2, dict(BLOCK_N=16, BLOCK_K=32, SPLIT_K=1)),
+    (5, dict(BLOCK_N=32, BLOCK_K=64, SPLIT_K=3)),
+    (8, dict(BLOCK_N=16, BLOCK_K=32, SPLIT_K=8)),
+    (12, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=8, SPLIT_K=1)),
+    (16, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, GROUP_M=8, SPLIT_K=4)),
+    (70, dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, GROUP_M=2, SPLIT_K=1)),
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize("M,config", CONFIGS)
+@pytest.mark.parametrize("fmt,dtype", [("int2-asym", torch.float16), ("twn", torch.bfloat16)])
+def test_kernel_configs(M, config, fmt, dtype, poison):
+    N, K = 37, 192
+    qw, s, z, co, _ = make_weight(N, K, fmt, 64)
+    x = torch.randn(M, K, device=DEV).to(dtype)
+    b = torch.randn(N, device=DEV).to(dtype)
+    y = _kern().packed_matmul(x, qw, s, z, b, K, co, config=config)
+    assert_close_to(y, reference.packed_matmul(x, qw, s, z, b, K, co), dtype)
+
+
+@needs_kernels
+def test_fp32_x_and_fp32_scales(poison):
+    qw, s, z, co, _ = make_weight(24, 130, "seq4", None, scale_dtype="float32")
+    for m in (2, 20):
+        x = torch.randn(m, 130, device=DEV)
+        with use_backend("triton"):
+            y = packed_matmul(x, qw, s, z, None, in_features=130, code_offset=co)
+        assert_close_to(y, reference.packed_matmul(x, qw, s, z, None, 130, co), torch.float32)
+
+
+@needs_kernels
+def test_non_contiguous_and_3d_x(poison):
+    qw, s, z, co, _ = make_weight(40, 128, "int2-asym", 32)
+    big = torch.randn(2, 5, 256, device=DEV).to(torch.float16)
+    x = big[..., ::2]  # [2, 5, 128], stride 2 along K
+    assert not x.is_contiguous()
+    with use_backend("triton"):
+        y = packed_matmul(x, qw, s, z, None, in_features=128, code_offset=co)
+    assert y.shape == (2, 5, 40)
+    ref = reference.packed_matmul(x.reshape(-1, 128), qw, s, z, None, 128, co).reshape(2, 5, 40)
+    assert_close_to(y, ref, torch.float16)
+    xt = torch.randn(128, 3, device=DEV).to(torch.bfloat16).t()  # transposed view
+    with use_backend("triton"):
+        y = packed_matmul(xt, qw, s, z, None, in_features=128, code_offset=co)
+    assert_close_to(y, reference.packed_matmul(xt, qw, s, z, None, 128, co), torch.bfloat16)
+
+
+@needs_kernels
+@pytest.mark.parametrize("M,N,K,group,fmt,dtype,has_bias", [
+    (1, 50, 200, None, "twn", torch.float16, True),
+    (4, 33, 256, 64, "int2-asym", torch.bfloat16, False),
+    (20, 40, 192, 32, "seq4", torch.float16, True),
+])
+def test_w2a8_matches_reference(M, N, K, group, fmt, dtype, has_bias, poison):
+    qw, s, z, co, _ = make_weight(N, K, fmt, group)
+    x = (torch.randn(M, K, device=DEV) * torch.rand(M, 1, device=DEV) * 4).to(dtype)
+    b = torch.randn(N, device=DEV).to(dtype) if has_bias else None
+    ref = reference.packed_matmul_a8(x, qw, s, z, b, K, co)
+    with use_backend("triton"):
+        y = packed_matmul_a8(x, qw, s, z, b, in_features=K, code_offset=co)
+    assert last_backend() == ("packed_matmul_a8", "triton")
+    assert_close_to(y, ref, dtype)
+    # W2A8 really quantizes x: it differs from the full-precision product by more than rounding noise
+    full = reference.packed_matmul(x, qw, s, z, b, K, co)
+    assert (ref.float() - full.float()).abs().max() > 0
+
+
+@needs_kernels
+def test_int8_row_quantization_matches_reference(poison):
+    x = (torch.randn(5, 300, device=DEV) * 3).to(torch.bfloat16)
+    x[2] = 0.0  # an all-zero row: scale clamps to the smallest normal float, codes are 0
+    q, s = _kern().quantize_rows_int8(x)
+    from pyquant.formats import ActivationQuantConfig
+
+    xq = reference.fake_quant_activation(x.float(), ActivationQuantConfig(symmetric=True, granularity="token"))
+    assert q.dtype == torch.int8 and s.shape == (5,)
+    torch.testing.assert_close(q.float() * s[:, None], xq, rtol=0, atol=0)
+    assert int(q.abs().max()) == 127
+
+
+# ---- gradients (the op's autograd) against autograd through the dequantized reference -----------------------------
+@pytest.mark.parametrize("op", [packed_matmul, packed_matmul_a8])
+def test_backward_matches_autograd_reference(op):
+    qw, s, z, co, _ = make_weight(30, 128, "int2-asym", 64, device="cpu")
+    x = torch.randn(2, 3, 128, requires_grad=True)
+    b = torch.randn(30, requires_grad=True)
+    g = torch.randn(2, 3, 30)
+    with use_backend("reference"):
+        y = op(x, qw, s, z, b, in_features=128, code_offset=co)
+    y.backward(g)
+    x2 = x.detach().clone().requires_grad_(True)
+    b2 = b.detach().clone().requires_grad_(True)
+    w = reference.dequantize_packed(qw, s, z, 128, co)
+    (x2 @ w.t() + b2).backward(g)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b.grad, b2.grad, rtol=1e-5, atol=1e-5)
+
+
+# ---- argument checks ---------------------------------------------------------------------------------------------
+def _args(**over):
+    qw, s, z, co, _ = make_weight(20, 128, "int2-asym", 64, device="cpu")
+    a = dict(x=torch.randn(3, 128, dtype=torch.float16), qweight=qw, scale=s, zero_point=z, bias=None,
+             in_features=128, code_offset=co)
+    a.update(over)
+    return a
+
+
+def _call(a, op=packed_matmul):
+    return op(a["x"], a["qweight"], a["scale"], a["zero_point"], a["bias"], in_features=a["in_features"],
+              code_offset=a["code_offset"])
+
+
+@pytest.mark.parametrize("op", [packed_matmul, packed_matmul_a8])
+@pytest.mark.parametrize("over,exc,match", [
+    (dict(x=torch.randint(0, 5, (3, 128))), TypeError, "x must be float16"),
+    (dict(x=torch.randn(3, 100, dtype=torch.float16)), ValueError, "in_features=128"),
+    (dict(x=torch.randn(0, 128, dtype=torch.float16)), ValueError, "x is empty"),
+    (dict(qweight=torch.zeros(20, 16, dtype=torch.uint8)), ValueError, "qweight"),
+    (dict(qweight=torch.zeros(20, 32, dtype=torch.int8)), TypeError, "qweight"),
+    (dict(qweight=torch.zeros(20, 32, dtype=torch.uint8)[:, ::1].reshape(20, 32, 1)), TypeError, "qweight"),
+    (dict(scale=torch.rand(20, 3)), ValueError, "scale"),  # group size not dividing K
+    (dict(scale=torch.rand(19, 2)), ValueError, "scale"),
+    (dict(zero_point=torch.rand(20, 1)), ValueError, "zero_point"),
+    (dict(zero_point=None, code_offset=None), ValueError, "code_offset"),
+    (dict(bias=torch.randn(21)), ValueError, "bias"),
+    (dict(in_features=100), ValueError, "in_features"),
+])
+def test_bad_input_raises_naming_the_argument(op, over, exc, match):
+    with pytest.raises(exc, match=match):
+        _call(_args(**over), op)
+
+
+def test_kernel_launcher_checks_constraints():
+    pytest.importorskip("triton")
+    a = _args()
+    k = _kern()
+    with pytest.raises(ValueError, match="x must be contiguous along K"):
+        k.packed_matmul(torch.randn(128, 3).half().t(), a["qweight"], a["scale"], a["zero_point"], None, 128, None)
+    with pytest.raises(ValueError, match="group_size=8"):
+        qw = torch.zeros(4, 16, dtype=torch.uint8)
+        k.packed_matmul(torch.randn(2, 64).half(), qw, torch.rand(4, 8).half(), None, None, 64, 1.0)
+    with pytest.raises(ValueError, match="x must have dtype"):
+        k.packed_matmul(torch.randn(2, 128).double(), a["qweight"], a["scale"], a["zero_point"], None, 128, None)
+
+
+@needs_kernels
+def test_odd_group_size_falls_back_to_reference():
+    # group_size 40 divides K = 80 but is not a multiple of 16: the triton backend declines, the reference runs
+    codes = torch.randint(0, 4, (10, 80))
+    qw, s = pack_codes(codes).to(DEV), (torch.rand(10, 2) + 0.5).half().to(DEV)
+    x = torch.randn(3, 80, device=DEV).half()
+    with use_backend("triton", "reference"):
+        y = packed_matmul(x, qw, s, None, None, in_features=80, code_offset=1.0)
+    assert last_backend() == ("packed_matmul", "reference")
+    assert_close_to(y, reference.packed_matmul(x, qw, s, None, None, 80, 1.0), torch.float16)
+
+
+# ---- torch.library.opcheck -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_opcheck(backend):
+    if backend == "triton" and not INTERPRET:
+        pytest.skip("the triton backend on CPU tensors needs TRITON_INTERPRET=1")
+    qw, s, z, co, _ = make_weight(24, 128, "int2-asym", 64, device="cpu")
+    x = torch.randn(3, 128, dtype=torch.float16, requires_grad=True)
+    b = torch.randn(24, dtype=torch.float16)
+    with use_backend(backend):
+        torch.library.opcheck(torch.ops.pyquant.packed_matmul.default, (x, qw, s, z, b, 128, None))
+        torch.library.opcheck(torch.ops.pyquant.packed_matmul_a8.default, (x, qw, s, None, None, 128, 2.0))
+
+
+# ---- GPU: compiled Triton kernels and the CUDA extension ------------------------------------------------------------
+def _cuda_ext_module():
+    try:
+        from pyquant import _cuda_ext
+    except ImportError:
+        return None
+    return _cuda_ext.load()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("M", [1, 3, 8, 16, 17, 64, 300])
+@pytest.mark.parametrize("fmt,group,dtype", [("twn", None, torch.bfloat16), ("int2-asym", 128, torch.float16),
+                                             ("seq4", 64, torch.bfloat16), ("absmean", 32, torch.float16)])
+def test_gpu_backends_match_reference(backend, M, fmt, group, dtype):
+    if INTERPRET:
+        pytest.skip("TRITON_INTERPRET=1 cannot run CUDA tensors")
+    if backend == "cuda" and (_cuda_ext_module() is None or M > 8):
+        pytest.skip("pyquant._C not built" if M <= 8 else "the CUDA GEMV takes M <= 8")
+    N, K = 1000, 4096 - 512
+    qw, s, z, co, _ = make_weight(N, K, fmt, group, device="cuda")
+    x = torch.randn(M, K, device="cuda").to(dtype)
+    b = torch.randn(N, device="cuda").to(dtype)
+    ref = reference.packed_matmul(x, qw, s, z, b, K, co)
+    with use_backend(backend):
+        y = packed_matmul(x, qw, s, z, b, in_features=K, code_offset=co)
+    assert last_backend() == ("packed_matmul", backend)
+    assert_close_to(y, ref, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_w2a8_and_wrong_device():
+    if INTERPRET:
+        pytest.skip("TRITON_INTERPRET=1 cannot run CUDA tensors")
+    qw, s, z, co, _ = make_weight(512, 1024, "int2-sym", 128, device="cuda")
+    x = torch.randn(5, 1024, device="cuda", dtype=torch.bfloat16)
+    with use_backend("triton"):
+        y = packed_matmul_a8(x, qw, s, z, None, in_features=1024, code_offset=co)
+    assert_close_to(y, reference.packed_matmul_a8(x, qw, s, z, None, 1024, co), torch.bfloat16)
+    with pytest.raises(ValueError, match="x is on cpu"):
+        packed_matmul(x.cpu(), qw, s, z, None, in_features=1024, code_offset=co)
