@@ -5,6 +5,7 @@ ops; it imports no kernel module and never initializes CUDA (kernels load on the
 """
 from ._dispatch import BACKENDS, backend_order, backend_status, last_backend, register, registered, use_backend
 from .packed_matmul import packed_matmul, packed_matmul_a8  # noqa: F401  (W2A8 entry)
+from .attention_kd import attention_map_kl  # noqa: F401  (listed in __all__ below)
 from .fake_quant import fake_quant_activation, fake_quant_weight, fake_quant_weight_backward, quantize_weight
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "registered",
     "use_backend",
     "packed_matmul",
+    "attention_map_kl",
     "quantize_weight",
     "fake_quant_weight",
     "fake_quant_weight_backward",

@@ -1,0 +1,309 @@
+"""Attention-map KL distillation: the streaming Triton kernel (through the interpreter on CPU) against the
+materialized reference, the reference against an independent fp64 / torch.nn.functional computation, reductions,
+masks, GQA, gradients, and bad input.
+
+Run: TRITON_INTERPRET=1 python -m pytest tests/test_attention_kd.py -q
+"""
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pyquant import reference
+from pyquant.distill.attention import attention_map_loss, attention_output_loss, attention_score_mse
+from pyquant.ops import last_backend, use_backend
+from pyquant.ops._dispatch import triton_interpret
+from pyquant.ops.attention_kd import attention_map_kl
+
+needs_triton = pytest.mark.skipif(
+    not (triton_interpret() or torch.cuda.is_available()),
+    reason="Triton kernels need a CUDA GPU or TRITON_INTERPRET=1",
+)
+DEV = "cuda" if torch.cuda.is_available() and not triton_interpret() else "cpu"
+TOL = {torch.float32: (2e-5, 1e-5), torch.float16: (2e-2, 1e-2), torch.bfloat16: (3e-2, 2e-2)}  # (rtol, atol)
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """Every torch.empty/empty_like allocation during the test is filled with NaN: an output element the kernel
+    fails to write shows up as NaN instead of a lucky zero."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def empty(*a, **k):
+        t = real_empty(*a, **k)
+        return t.fill_(float("nan")) if t.dtype.is_floating_point else t
+
+    def empty_like(*a, **k):
+        t = real_empty_like(*a, **k)
+        return t.fill_(float("nan")) if t.dtype.is_floating_point else t
+
+    monkeypatch.setattr(torch, "empty", empty)
+    monkeypatch.setattr(torch, "empty_like", empty_like)
+
+
+def _inputs(b, h, hk_s, hk_t, lq, lk, d_s, d_t, dtype, pad, seed, sharp=1.0):
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, s=1.0):
+        return (torch.randn(*shape, generator=g) * s).to(dtype).to(DEV)
+
+    q_s, k_s = r(b, h, lq, d_s, s=sharp), r(b, hk_s, lk, d_s)
+    q_t, k_t = r(b, h, lq, d_t, s=sharp), r(b, hk_t, lk, d_t)
+    kpm = None
+    if pad:
+        lens = torch.randint(1, lk + 1, (b,), generator=g)
+        lens[0] = lk  # one full row and (when b > 2) an all-padding sequence
+        if b > 2:
+            lens[-1] = 0
+        kpm = (torch.arange(lk)[None, :] < lens[:, None]).to(DEV)
+    return q_s, k_s, q_t, k_t, kpm
+
+
+# (b, h, hk_s, hk_t, lq, lk, d_s, d_t, causal, pad, dtype)
+KERNEL_CASES = [
+    pytest.param(2, 2, 2, 2, 1, 1, 32, 32, False, False, torch.float32, id="L1"),
+    pytest.param(2, 2, 2, 2, 1, 1, 32, 32, True, True, torch.float32, id="L1-causal-pad"),
+    pytest.param(3, 4, 4, 4, 37, 37, 32, 32, False, True, torch.float32, id="L37-pad"),
+    pytest.param(3, 4, 2, 1, 37, 37, 64, 32, True, True, torch.float32, id="L37-causal-pad-gqa-mqa-dims"),
+    pytest.param(2, 4, 1, 4, 37, 37, 64, 64, True, False, torch.float16, id="L37-causal-mqa-fp16"),
+    pytest.param(2, 2, 1, 2, 37, 37, 128, 128, False, True, torch.bfloat16, id="L37-pad-gqa-d128-bf16"),
+    pytest.param(1, 2, 1, 1, 129, 129, 32, 32, True, True, torch.float32, id="L129-causal-pad-gqa"),
+    pytest.param(2, 2, 2, 2, 129, 129, 64, 64, False, True, torch.bfloat16, id="L129-pad-bf16"),
+    pytest.param(2, 2, 1, 1, 20, 45, 32, 32, True, True, torch.float32, id="Lq20-Lk45-causal-bottom-right"),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("b,h,hk_s,hk_t,lq,lk,d_s,d_t,causal,pad,dtype", KERNEL_CASES)
+def test_kernel_loss_and_grads_match_reference(b, h, hk_s, hk_t, lq, lk, d_s, d_t, causal, pad, dtype,
+                                               poisoned_empty):
+    q_s, k_s, q_t, k_t, kpm = _inputs(b, h, hk_s, hk_t, lq, lk, d_s, d_t, dtype, pad, seed=lq * 7 + d_s)
+    rtol, atol = TOL[dtype]
+    for reduction in ("paper", "mean_rows"):
+        qa, ka = q_s.clone().requires_grad_(), k_s.clone().requires_grad_()
+        with use_backend("triton"):
+            loss = attention_map_loss(qa, ka, q_t, k_t, kpm, causal=causal, reduction=reduction)
+            assert last_backend() == ("attention_map_kl", "triton")
+            loss.backward()
+            assert last_backend() == ("attention_map_kl_backward", "triton")
+        qr, kr = q_s.float().clone().requires_grad_(), k_s.float().clone().requires_grad_()
+        ref = reference.attention_map_loss(qr, kr, q_t.float(), k_t.float(), kpm, causal=causal,
+                                           scale=1 / math.sqrt(d_s), teacher_scale=1 / math.sqrt(d_t),
+                                           reduction=reduction)
+        ref.backward()
+        assert torch.isfinite(loss) and (ref.item() > 1e-3 or lk == 1)  # one key: both maps are 1, KL = 0
+        torch.testing.assert_close(loss, ref, rtol=rtol, atol=atol)
+        assert qa.grad.dtype == dtype and ka.grad.dtype == dtype
+        assert qa.grad.shape == q_s.shape and ka.grad.shape == k_s.shape
+        gscale = max(qr.grad.abs().max().item(), kr.grad.abs().max().item())
+        torch.testing.assert_close(qa.grad.float(), qr.grad, rtol=rtol, atol=atol * gscale)
+        torch.testing.assert_close(ka.grad.float(), kr.grad, rtol=rtol, atol=atol * gscale)
+
+
+@needs_triton
+@pytest.mark.parametrize("causal", [False, True])
+def test_kernel_rows_match_reference_rows_with_masked_rows_zero(causal, poisoned_empty):
+    # b=4: the last sequence is all padding -> every row has no kept key -> exactly 0, never NaN
+    q_s, k_s, q_t, k_t, kpm = _inputs(4, 2, 1, 2, 19, 19, 32, 32, torch.float32, True, seed=3)
+    with use_backend("triton"):
+        rows = attention_map_kl(q_s, k_s, q_t, k_t, kpm, causal=causal, scale_s=0.3, scale_t=0.25)
+    ref, _, _ = reference.attention_map_kl_rows(q_s, k_s, q_t, k_t, kpm, causal, 0.3, 0.25)
+    assert not torch.isnan(rows).any()
+    torch.testing.assert_close(rows, ref, rtol=1e-5, atol=1e-5)
+    assert (rows[3] == 0).all()
+    assert (rows >= -1e-5).all()
+
+
+def _kl_rows_fp64(q_s, k_s, q_t, k_t, kpm, causal, sc_s, sc_t):
+    """Independent oracle: fp64 log_softmax + F.kl_div, GQA by repeat_interleave, masked rows dropped."""
+    h = q_s.shape[1]
+    ks = k_s.double().repeat_interleave(h // k_s.shape[1], 1)
+    kt = k_t.double().repeat_interleave(h // k_t.shape[1], 1)
+    s_s = q_s.double() @ ks.transpose(-1, -2) * sc_s
+    s_t = q_t.double() @ kt.transpose(-1, -2) * sc_t
+    lq, lk = s_s.shape[-2:]
+    keep = torch.ones_like(s_s, dtype=torch.bool)
+    if kpm is not None:
+        keep &= kpm.bool()[:, None, None, :]
+    if causal:
+        keep &= torch.ones(lq, lk, dtype=torch.bool).tril(lk - lq)
+    out = torch.zeros(s_s.shape[:3], dtype=torch.float64)
+    for idx in torch.nonzero(keep.any(-1)):
+        b_, h_, i = idx.tolist()
+        m = keep[b_, h_, i]
+        ls = torch.log_softmax(s_s[b_, h_, i][m], -1)
+        lt = torch.log_softmax(s_t[b_, h_, i][m], -1)
+        out[b_, h_, i] = F.kl_div(ls, lt, log_target=True, reduction="sum")
+    return out
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_reference_rows_match_independent_fp64_oracle(causal):
+    q_s, k_s, q_t, k_t, kpm = _inputs(3, 4, 2, 1, 11, 11, 16, 8, torch.float32, True, seed=11)
+    ref, _, _ = reference.attention_map_kl_rows(q_s, k_s, q_t, k_t, kpm, causal, 0.4, 0.3)
+    torch.testing.assert_close(ref.double(), _kl_rows_fp64(q_s, k_s, q_t, k_t, kpm, causal, 0.4, 0.3),
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton)])
+def test_near_zero_kl_is_accurate(backend):
+    # student = teacher + 1e-3 noise: KL ~ 1e-7; the two-pass form must not lose it to cancellation
+    q_t, k_t, _, _, kpm = _inputs(2, 2, 2, 2, 33, 33, 32, 32, torch.float32, True, seed=5, sharp=2.0)
+    g = torch.Generator().manual_seed(6)
+    q_s = q_t + 1e-3 * torch.randn(q_t.shape, generator=g)
+    k_s = k_t + 1e-3 * torch.randn(k_t.shape, generator=g)
+    with use_backend(backend):
+        rows = attention_map_kl(q_s, k_s, q_t, k_t, kpm, causal=True, scale_s=0.2, scale_t=0.2)
+    exact = _kl_rows_fp64(q_s, k_s, q_t, k_t, kpm, True, 0.2, 0.2)
+    assert 0 < exact.max().item() < 1e-4
+    assert (rows.double() - exact).abs().max().item() < 2e-6
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_teacher_equals_student_gives_zero_loss_and_grad(backend, causal):
+    q, k, _, _, kpm = _inputs(3, 4, 2, 2, 23, 23, 32, 32, torch.float32, True, seed=9, sharp=3.0)
+    qa, ka = q.clone().requires_grad_(), k.clone().requires_grad_()
+    with use_backend(backend):
+        loss = attention_map_loss(qa, ka, q, k, kpm, causal=causal, reduction="mean_rows")
+        loss.backward()
+    assert abs(loss.item()) < 1e-6
+    assert qa.grad.abs().max().item() < 1e-6 and ka.grad.abs().max().item() < 1e-6
+
+
+def test_reductions_and_temperature_follow_the_documented_formulas():
+    b, h, lq = 3, 4, 9
+    q_s, k_s, q_t, k_t, kpm = _inputs(b, h, 4, 2, lq, lq, 8, 16, torch.float32, True, seed=21)
+    tau = 2.5
+    rows = _kl_rows_fp64(q_s, k_s, q_t, k_t, kpm, False, 1 / math.sqrt(8) / tau, 1 / math.sqrt(16) / tau)
+    valid = kpm.bool()[:, None, :].expand(b, h, lq)  # padding query rows excluded (L_q == L_k)
+    total = rows[valid].sum()
+    want_paper = tau ** 2 * total / (b * h * lq)
+    want_rows = tau ** 2 * total / valid.sum()
+    for reduction, want in (("paper", want_paper), ("mean_rows", want_rows)):
+        got = attention_map_loss(q_s, k_s, q_t, k_t, kpm, temperature=tau, reduction=reduction)
+        ref = reference.attention_map_loss(q_s, k_s, q_t, k_t, kpm, temperature=tau, reduction=reduction)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(ref.double(), want, rtol=1e-5, atol=1e-7)
+
+
+def test_general_additive_mask_goes_through_the_reference():
+    q_s, k_s, q_t, k_t, kpm = _inputs(2, 2, 2, 2, 13, 13, 16, 16, torch.float32, True, seed=4)
+    additive = torch.zeros(2, 1, 13, 13).masked_fill(~kpm.bool()[:, None, None, :], torch.finfo(torch.float32).min)
+    got = attention_map_loss(q_s, k_s, q_t, k_t, kpm, attn_mask=additive)
+    want = attention_map_loss(q_s, k_s, q_t, k_t, kpm)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    boolmask = torch.ones(13, 13, dtype=torch.bool).tril()[None, None]
+    got_c = attention_map_loss(q_s, k_s, q_t, k_t, kpm, attn_mask=boolmask)
+    want_c = attention_map_loss(q_s, k_s, q_t, k_t, kpm, causal=True)
+    torch.testing.assert_close(got_c, want_c, rtol=1e-5, atol=1e-7)
+
+
+def test_unsupported_head_dim_falls_back_to_reference():
+    q_s, k_s, q_t, k_t, kpm = _inputs(1, 2, 2, 2, 5, 5, 272, 16, torch.float32, True, seed=8)
+    with use_backend("triton", "reference"):
+        got = attention_map_loss(q_s, k_s, q_t, k_t, kpm)
+        assert last_backend() == ("attention_map_kl", "reference")
+    torch.testing.assert_close(got, reference.attention_map_loss(q_s, k_s, q_t, k_t, kpm), rtol=1e-5, atol=1e-7)
+
+
+def test_attention_output_loss():
+    g = torch.Generator().manual_seed(2)
+    out_s = torch.randn(3, 7, 12, generator=g, requires_grad=True)
+    out_t = torch.randn(3, 7, 12, generator=g)
+    torch.testing.assert_close(attention_output_loss(out_s, out_t), F.mse_loss(out_s, out_t))
+    kpm = torch.arange(7)[None, :] < torch.tensor([7, 3, 1])[:, None]
+    loss = attention_output_loss(out_s, out_t, kpm)
+    want = F.mse_loss(out_s[kpm], out_t[kpm])
+    torch.testing.assert_close(loss, want)
+    loss.backward()
+    assert out_s.grad[~kpm].abs().max() == 0 and out_s.grad[kpm].abs().max() > 0
+    with pytest.raises(ValueError, match="out_t"):
+        attention_output_loss(out_s, out_t[:, :5])
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        attention_output_loss(out_s, out_t, kpm[:, :4])
+
+
+def test_attention_score_mse_matches_ternarybert_formula():
+    q_s, k_s, q_t, k_t, kpm = _inputs(2, 4, 2, 4, 10, 10, 16, 16, torch.float32, True, seed=12)
+    got = attention_score_mse(q_s, k_s, q_t, k_t, kpm)
+    # TernaryBERT: scores with the -10000 additive mask, entries <= -1e2 replaced by 0, then MSELoss
+    add = (1.0 - kpm.float())[:, None, None, :] * -10000.0
+    s_s = q_s @ k_s.repeat_interleave(2, 1).transpose(-1, -2) / 4 + add
+    s_t = q_t @ k_t.transpose(-1, -2) / 4 + add
+    s_s = torch.where(s_s <= -1e2, torch.zeros_like(s_s), s_s)
+    s_t = torch.where(s_t <= -1e2, torch.zeros_like(s_t), s_t)
+    torch.testing.assert_close(got, F.mse_loss(s_s, s_t), rtol=1e-5, atol=1e-6)
+
+
+def test_bad_input_raises_clear_errors():
+    q_s, k_s, q_t, k_t, kpm = _inputs(2, 4, 2, 2, 9, 9, 16, 16, torch.float32, True, seed=1)
+    with pytest.raises(ValueError, match="q_t has 2 query heads"):
+        attention_map_loss(q_s, k_s, q_t[:, :2], k_t[:, :1], kpm)
+    with pytest.raises(ValueError, match="q_t has shape"):
+        attention_map_loss(q_s, k_s, q_t[:, :, :5], k_t, kpm)
+    with pytest.raises(ValueError, match="k_s has shape"):
+        attention_map_loss(q_s, k_s[:, :, :, :8], q_t, k_t, kpm)
+    with pytest.raises(ValueError, match="k_s has shape"):
+        attention_map_loss(q_s, torch.randn(2, 3, 9, 16), q_t, k_t, kpm)  # 3 key heads do not divide 4
+    with pytest.raises(ValueError, match="k_t has shape"):
+        attention_map_loss(q_s, k_s, q_t, k_t[:, :, :7], kpm)
+    with pytest.raises(ValueError, match="key_padding_mask has shape"):
+        attention_map_loss(q_s, k_s, q_t, k_t, kpm[:, :8])
+    with pytest.raises(TypeError, match="key_padding_mask must be bool or integer"):
+        attention_map_loss(q_s, k_s, q_t, k_t, kpm.float())
+    with pytest.raises(TypeError, match="q_s must be float16, bfloat16 or float32"):
+        attention_map_loss(q_s.double(), k_s, q_t, k_t, kpm)
+    with pytest.raises(ValueError, match="q_s must be 4-D"):
+        attention_map_loss(q_s[0], k_s, q_t, k_t, kpm)
+    with pytest.raises(ValueError, match="reduction"):
+        attention_map_loss(q_s, k_s, q_t, k_t, kpm, reduction="sum")
+    with pytest.raises(ValueError, match="temperature"):
+        attention_map_loss(q_s, k_s, q_t, k_t, kpm, temperature=0.0)
+    with pytest.raises(ValueError, match="scale"):
+        attention_map_loss(q_s, k_s, q_t, k_t, kpm, scale=float("nan"))
+    with pytest.raises(TypeError, match="causal"):
+        attention_map_loss(q_s, k_s, q_t, k_t, kpm, causal=1)
+    with pytest.raises(ValueError, match="attn_mask has shape"):
+        attention_map_loss(q_s, k_s, q_t, k_t, kpm, attn_mask=torch.zeros(2, 1, 9, 8))
+
+
+def test_opcheck_reference_backend():
+    q_s, k_s, q_t, k_t, kpm = _inputs(2, 2, 1, 2, 6, 6, 8, 8, torch.float32, True, seed=2)
+    op = torch.ops.pyquant.attention_map_kl.default
+    with use_backend("reference"):
+        torch.library.opcheck(op, (q_s.requires_grad_(), k_s.requires_grad_(), q_t, k_t, kpm.bool(), True, 0.3, 0.4),
+                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_import_does_not_load_triton_or_cuda():
+    code = ("import sys, pyquant.distill.attention, pyquant.ops, torch; "
+            "assert 'triton' not in sys.modules, 'triton imported'; "
+            "assert not torch.cuda.is_initialized(), 'CUDA initialized'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or triton_interpret(), reason="needs a CUDA GPU")
+def test_gpu_bf16_long_sequence_matches_reference():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    b, h, hk, lq, d = 2, 8, 2, 1031, 128
+    q_s, q_t = (torch.randn(b, h, lq, d, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(2))
+    k_s, k_t = (torch.randn(b, hk, lq, d, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(2))
+    kpm = torch.arange(lq, device="cuda")[None, :] < torch.tensor([lq, 700], device="cuda")[:, None]
+    qa, ka = q_s.clone().requires_grad_(), k_s.clone().requires_grad_()
+    with use_backend("triton"):
+        loss = attention_map_loss(qa, ka, q_t, k_t, kpm, causal=True)
+        loss.backward()
+    qr, kr = q_s.float().clone().requires_grad_(), k_s.float().clone().requires_grad_()
+    ref = reference.attention_map_loss(qr, kr, q_t.float(), k_t.float(), kpm, causal=True)
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=2e-2, atol=1e-3)
+    scale = qr.grad.abs().max().item()
+    torch.testing.assert_close(qa.grad.float(), qr.grad, rtol=3e-2, atol=3e-2 * scale)
+    torch.testing.assert_close(ka.grad.float(), kr.grad, rtol=3e-2, atol=3e-2 * scale)
