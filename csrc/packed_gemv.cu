@@ -63,6 +63,17 @@
 #include <stddef.h>
 #include <stdint.h>
 
+// PYQUANT_HOST_EMULATION: tests/test_cuda_ext.py compiles this file with a host C++ compiler (g++ -x c++, see
+// csrc/host_emulation.h) into a shared library that runs every CUDA thread of a block as a host thread, to check
+// the kernel's indexing without a GPU.  Only the weight load, the shared-memory declaration and the launch
+// differ; the kernel body is the same code.
+#ifdef PYQUANT_HOST_EMULATION
+#include "host_emulation.h"
+#else
+#define PYQUANT_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
+#define PYQUANT_DYNAMIC_SMEM(name) extern __shared__ float4 name[]
+#endif
+
 namespace pyquant {
 namespace {
 
@@ -99,9 +110,13 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { re
 // 16-byte streaming load of packed weights: read-only path, do not allocate in L1 (each byte is used once).
 __device__ __forceinline__ uint4 load_weights(const uint8_t* p) {
     uint4 v;
+#ifdef PYQUANT_HOST_EMULATION
+    memcpy(&v, p, sizeof(v));
+#else
     asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
                  : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                  : "l"(p));
+#endif
     return v;
 }
 
@@ -135,7 +150,7 @@ packed_gemv_kernel(const T* __restrict__ x, const uint8_t* __restrict__ qweight,
     constexpr int kU = Cfg::kU;
     constexpr int kR = kRowsPerWarp;
 
-    extern __shared__ float4 smem_f4[];
+    PYQUANT_DYNAMIC_SMEM(smem_f4);
     float* x_sm = reinterpret_cast<float*>(smem_f4);   // [M][kChunksPerTile][kChunkStride]  (x * 4^-pos)
     float* xsum_sm = x_sm + M * Cfg::kXRowFloats;        // [M][2 halves][kChunksPerTile]    (sum of x per 32)
 
@@ -338,9 +353,9 @@ cudaError_t launch_typed(const void* x, const uint8_t* qweight, const void* scal
         if (err != cudaSuccess) return err;
     }
     const dim3 grid((unsigned)((N + kRowsPerBlock - 1) / kRowsPerBlock));
-    kernel<<<grid, kThreads, smem, stream>>>(static_cast<const T*>(x), qweight, static_cast<const S*>(scale),
-                                             static_cast<const S*>(zero), static_cast<const T*>(bias),
-                                             static_cast<T*>(y), N, K, group_size, group_shift, code_offset);
+    PYQUANT_LAUNCH(kernel, grid, kThreads, smem, stream, static_cast<const T*>(x), qweight,
+                   static_cast<const S*>(scale), static_cast<const S*>(zero), static_cast<const T*>(bias),
+                   static_cast<T*>(y), N, K, group_size, group_shift, code_offset);
     return cudaGetLastError();
 }
 

@@ -1,0 +1,103 @@
+// host_emulation.h -- just enough of the CUDA execution model, on the host, to run packed_gemv.cu's kernel body
+// with a host C++ compiler (g++ -x c++ -std=c++20 -DPYQUANT_HOST_EMULATION -shared -fPIC csrc/packed_gemv.cu).  Included by packed_gemv.cu only when
+// PYQUANT_HOST_EMULATION is defined; never part of the real build.
+//
+// Why: there is no GPU on the development/CI machines, and the kernel's risk is in its indexing (tiles, lanes,
+// chunk tails, sub-chunk groups, shared-memory layout, warp reduction).  Running the very same kernel code with
+// every CUDA thread as a host thread (blocks one after another, __syncthreads as a block barrier, __shfl_xor_sync
+// through a per-warp exchange buffer) checks all of that against the PyTorch reference.  It says nothing about
+// speed, and nothing about the PTX-level details (the inline-asm load is replaced by memcpy).
+#pragma once
+
+#include <algorithm>
+#include <barrier>
+#include <cmath>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#define __launch_bounds__(...)
+
+namespace pyquant_emu {
+
+struct BlockState {
+    explicit BlockState(int nthreads)
+        : block_barrier(nthreads), nwarps((nthreads + 31) / 32), warp_slots(nwarps * 32, 0u) {
+        for (int w = 0; w < nwarps; ++w) warp_barriers.emplace_back(new std::barrier<>(32));
+    }
+    ~BlockState() {
+        for (auto* b : warp_barriers) delete b;
+    }
+    std::barrier<> block_barrier;
+    int nwarps;
+    std::vector<std::barrier<>*> warp_barriers;
+    std::vector<unsigned> warp_slots;  // one 32-bit exchange slot per thread
+};
+
+inline thread_local BlockState* tls_block = nullptr;
+inline thread_local uint3 tls_thread_idx;
+inline thread_local uint3 tls_block_idx;
+inline std::vector<float4> shared_buffer;  // the block's dynamic shared memory (blocks run one at a time)
+
+}  // namespace pyquant_emu
+
+#define threadIdx (::pyquant_emu::tls_thread_idx)
+#define blockIdx (::pyquant_emu::tls_block_idx)
+
+inline void __syncthreads() { pyquant_emu::tls_block->block_barrier.arrive_and_wait(); }
+
+inline float __uint_as_float(unsigned u) {
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+inline float __int_as_float(int i) {
+    float f;
+    memcpy(&f, &i, sizeof f);
+    return f;
+}
+using std::min;
+
+// All 32 lanes must call it (as on the GPU with a full mask); the exchange goes through the warp's slots.
+inline float __shfl_xor_sync(unsigned /*mask*/, float v, int lane_mask) {
+    auto* b = pyquant_emu::tls_block;
+    const int tid = (int)threadIdx.x;
+    const int warp = tid / 32, lane = tid % 32;
+    unsigned bits;
+    memcpy(&bits, &v, sizeof bits);
+    b->warp_slots[warp * 32 + lane] = bits;
+    b->warp_barriers[warp]->arrive_and_wait();
+    bits = b->warp_slots[warp * 32 + (lane ^ lane_mask)];
+    b->warp_barriers[warp]->arrive_and_wait();
+    float r;
+    memcpy(&r, &bits, sizeof r);
+    return r;
+}
+
+// The kernel's dynamic shared memory is this buffer (poisoned with NaN before each launch).
+#define PYQUANT_DYNAMIC_SMEM(name) float4* name = ::pyquant_emu::shared_buffer.data()
+
+// kernel<<<grid, block, smem, stream>>>(args...): run each block with `block` host threads, blocks in order.
+#define PYQUANT_LAUNCH(kernel, grid, block, smem, stream, ...)                                                  \
+    do {                                                                                                       \
+        (void)(stream);                                                                                        \
+        const dim3 emu_grid_(grid);                                                                            \
+        const int emu_threads_ = (int)(block);                                                                 \
+        ::pyquant_emu::shared_buffer.assign(((size_t)(smem) + 15) / 16 + 1, make_float4(NAN, NAN, NAN, NAN)); \
+        for (unsigned emu_b_ = 0; emu_b_ < emu_grid_.x; ++emu_b_) {                                            \
+            ::pyquant_emu::BlockState emu_state_(emu_threads_);                                                \
+            std::vector<std::thread> emu_pool_;                                                                \
+            for (int emu_t_ = 0; emu_t_ < emu_threads_; ++emu_t_)                                              \
+                emu_pool_.emplace_back([&, emu_t_] {                                                           \
+                    ::pyquant_emu::tls_block = &emu_state_;                                                    \
+                    ::pyquant_emu::tls_thread_idx = make_uint3((unsigned)emu_t_, 0u, 0u);                      \
+                    ::pyquant_emu::tls_block_idx = make_uint3(emu_b_, 0u, 0u);                                 \
+                    kernel(__VA_ARGS__);                                                                       \
+                });                                                                                            \
+            for (auto& th : emu_pool_) th.join();                                                              \
+        }                                                                                                      \
+    } while (0)
+
+// no device, no attributes, no launch errors in emulation
+#define cudaFuncSetAttribute(...) cudaSuccess
+#define cudaGetLastError() cudaSuccess
