@@ -2,6 +2,13 @@
 
 A thin module: buffers plus a call to ``pyquant.ops.packed_matmul``, which picks the CUDA, Triton or reference
 backend.  The quantization spec travels in the state dict (``_extra_state``) so a mismatched load is refused.
+
+With ``act_spec=ActivationQuantConfig()`` (8-bit, symmetric, per token) the forward is the W2A8 op
+``pyquant.ops.packed_matmul_a8``: the input is quantized to int8 per token inside the fused kernel.
+
+The forward allocates nothing on the host and syncs nothing, so it works under ``torch.compile`` (the op is traced
+through its fake implementation) and inside CUDA-graph capture (run it once before capturing so the Triton
+autotuner has picked its config).
 """
 from __future__ import annotations
 
@@ -11,8 +18,8 @@ import torch
 from torch import nn
 
 from .. import reference
-from ..formats import WeightQuantConfig, pack_codes, packed_cols, unpack_codes
-from ..ops import packed_matmul
+from ..formats import ActivationQuantConfig, WeightQuantConfig, pack_codes, packed_cols, unpack_codes
+from ..ops import packed_matmul, packed_matmul_a8
 
 __all__ = ["PackedLinear"]
 
@@ -26,11 +33,14 @@ class PackedLinear(nn.Module):
         spec: Optional[WeightQuantConfig] = None,
         device=None,
         dtype: torch.dtype = torch.float16,
+        act_spec: Optional[ActivationQuantConfig] = None,
     ):
         super().__init__()
         spec = WeightQuantConfig() if spec is None else spec
         if not isinstance(spec, WeightQuantConfig):
             raise TypeError(f"spec must be a WeightQuantConfig, got {type(spec).__name__}")
+        _check_act_spec(act_spec)
+        self.act_spec = act_spec
         for name, v in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{name}={v!r} is invalid: expected a positive int")
@@ -41,7 +51,7 @@ class PackedLinear(nn.Module):
                                                     device=device))
         self.register_buffer("scale", torch.ones(out_features, g, dtype=spec.torch_scale_dtype, device=device))
         if spec.symmetric:
-            self.zero_point = None
+            self.register_buffer("zero_point", None)
         else:
             self.register_buffer("zero_point", torch.zeros(out_features, g, dtype=spec.torch_scale_dtype,
                                                            device=device))
@@ -51,10 +61,28 @@ class PackedLinear(nn.Module):
     @classmethod
     def from_quantized(cls, codes: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor],
                        bias: Optional[torch.Tensor], spec: WeightQuantConfig,
-                       dtype: torch.dtype = torch.float16) -> "PackedLinear":
+                       dtype: torch.dtype = torch.float16,
+                       act_spec: Optional[ActivationQuantConfig] = None) -> "PackedLinear":
         """From codes [N, K] and scales [R, G] (R = 1 for per-tensor: repeated over rows)."""
+        if not isinstance(spec, WeightQuantConfig):
+            raise TypeError(f"spec must be a WeightQuantConfig, got {type(spec).__name__}")
+        if not isinstance(codes, torch.Tensor) or codes.dim() != 2:
+            raise ValueError(f"codes must be a 2-D tensor [N, K], got {getattr(codes, 'shape', type(codes).__name__)}")
         n, k = codes.shape
-        m = cls(k, n, bias is not None, spec, device=codes.device, dtype=dtype)
+        g = k // spec.resolve_group_size(k)
+        for name, t in (("scale", scale), ("zero_point", zero_point)):
+            if t is None:
+                continue
+            if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[0] not in (1, n) or t.shape[1] != g:
+                raise ValueError(f"{name} must have shape [{n} or 1, {g}] for {spec.describe()} and codes [{n}, {k}], "
+                                 f"got {getattr(t, 'shape', type(t).__name__)}")
+        if (zero_point is None) != spec.symmetric:
+            raise ValueError(f"zero_point must be {'None' if spec.symmetric else 'given'} for {spec.describe()}")
+        if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (n,)):
+            raise ValueError(f"bias must be a tensor of shape ({n},), got {getattr(bias, 'shape', type(bias).__name__)}")
+        if codes.numel() and int(codes.max()) > spec.max_code:
+            raise ValueError(f"codes must lie in [0, {spec.max_code}] for {spec.describe()}")
+        m = cls(k, n, bias is not None, spec, device=codes.device, dtype=dtype, act_spec=act_spec)
         m.qweight.copy_(pack_codes(codes))
         m.scale.copy_(scale.expand(n, -1))
         if zero_point is not None:
@@ -65,26 +93,31 @@ class PackedLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Module, spec: Optional[WeightQuantConfig] = None,
-                    dtype: Optional[torch.dtype] = None) -> "PackedLinear":
+                    dtype: Optional[torch.dtype] = None,
+                    act_spec: Optional[ActivationQuantConfig] = None) -> "PackedLinear":
         """Post-training quantization of an ``nn.Linear`` (or GPT-2 ``Conv1D``, whose weight is [K, N])."""
         spec = WeightQuantConfig() if spec is None else spec
         w = _linear_weight(linear)
         codes, s, z = reference.quantize_weight(w.detach(), spec)
         b = getattr(linear, "bias", None)
         dtype = dtype or (w.dtype if w.dtype in (torch.float16, torch.bfloat16) else torch.float16)
-        return cls.from_quantized(codes, s, z, None if b is None else b.detach(), spec, dtype=dtype)
+        return cls.from_quantized(codes, s, z, None if b is None else b.detach(), spec, dtype=dtype,
+                                  act_spec=act_spec)
 
     @classmethod
-    def from_qat(cls, qat: nn.Module, dtype: Optional[torch.dtype] = None) -> "PackedLinear":
+    def from_qat(cls, qat: nn.Module, dtype: Optional[torch.dtype] = None,
+                 act_spec: Optional[ActivationQuantConfig] = None) -> "PackedLinear":
         """From a ``QATLinear``: the packed weight equals its fake-quantized weight exactly."""
         codes, s, z = qat.quantized_weight()
         b = qat.bias
         dtype = dtype or (qat.weight.dtype if qat.weight.dtype in (torch.float16, torch.bfloat16) else torch.float16)
-        return cls.from_quantized(codes, s, z, None if b is None else b.detach(), qat.weight_spec, dtype=dtype)
+        return cls.from_quantized(codes, s, z, None if b is None else b.detach(), qat.weight_spec, dtype=dtype,
+                                  act_spec=act_spec)
 
     # ---- math ---------------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return packed_matmul(x, self.qweight, self.scale, self.zero_point, self.bias,
+        op = packed_matmul if self.act_spec is None else packed_matmul_a8
+        return op(x, self.qweight, self.scale, self.zero_point, self.bias,
                              in_features=self.in_features, code_offset=self.spec.code_offset)
 
     def dequantize(self) -> torch.Tensor:
@@ -94,18 +127,37 @@ class PackedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"format={self.spec.describe()}, scale_dtype={self.spec.scale_dtype}")
+                f"format={self.spec.describe()}, scale_dtype={self.spec.scale_dtype}"
+                + ("" if self.act_spec is None else ", activations=int8-per-token (W2A8)"))
 
     # ---- state dict: the spec travels with the tensors ---------------------------------------------------------
     def get_extra_state(self):
-        return {"spec": self.spec.to_dict(), "in_features": self.in_features}
+        return {"spec": self.spec.to_dict(), "in_features": self.in_features,
+                "act_spec": None if self.act_spec is None else self.act_spec.to_dict()}
 
     def set_extra_state(self, state):
+        if not isinstance(state, dict) or "spec" not in state or "in_features" not in state:
+            raise ValueError(f"PackedLinear extra state must be a dict with 'spec' and 'in_features', got {state!r}")
         spec = WeightQuantConfig.from_dict(state["spec"])
         if spec != self.spec or state["in_features"] != self.in_features:
             raise ValueError(f"state dict holds a PackedLinear with {spec.describe()} and in_features="
                              f"{state['in_features']}; this module is {self.spec.describe()} with in_features="
                              f"{self.in_features}")
+        act = state.get("act_spec")
+        act = None if act is None else ActivationQuantConfig.from_dict(act)
+        if act != self.act_spec:
+            raise ValueError(f"state dict holds a PackedLinear with act_spec={act}; this module has "
+                             f"act_spec={self.act_spec}")
+
+
+def _check_act_spec(act_spec) -> None:
+    if act_spec is None:
+        return
+    if not isinstance(act_spec, ActivationQuantConfig):
+        raise TypeError(f"act_spec must be an ActivationQuantConfig or None, got {type(act_spec).__name__}")
+    if not act_spec.symmetric or act_spec.granularity != "token":
+        raise ValueError(f"act_spec={act_spec} is not supported by the fused W2A8 op: expected "
+                         "ActivationQuantConfig(bits=8, symmetric=True, granularity='token')")
 
 
 def _linear_weight(mod: nn.Module) -> torch.Tensor:
