@@ -52,6 +52,15 @@ def _to_sdt(s, SDT: tl.constexpr):
 
 
 @triton.jit
+def _cast(x, DT: tl.constexpr):
+    """fp32 -> the output dtype, round-to-nearest-even like torch's .to() (bf16 pre-rounded on the bits, see above)."""
+    if DT == tl.bfloat16:
+        return _to_sdt(x, tl.bfloat16).to(tl.bfloat16)
+    else:
+        return x.to(DT)
+
+
+@triton.jit
 def _round_scale(s, TINY: tl.constexpr, SDT: tl.constexpr):
     # clamp to the storage dtype's smallest normal, round through it, back to fp32
     s = tl.maximum(s, TINY)
@@ -153,7 +162,7 @@ def _fake_quant_weight_kernel(
         if WRITE_CODES:
             tl.store(CODES + base + offs, c.to(tl.uint8), mask=m)
         if WRITE_OUT:
-            tl.store(OUT + base + offs, ((c - z) * s).to(OUT.dtype.element_ty), mask=m)
+            tl.store(OUT + base + offs, _cast((c - z) * s, OUT.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -250,10 +259,15 @@ def _fake_quant_activation_kernel(X, OUT, AMAX, MN, MX, D, PER_TOKEN: tl.constex
             q = tl.minimum(tl.maximum(r, -127.0), 127.0)
         else:
             q = tl.minimum(tl.maximum(r + z, 0.0), 255.0)
-        tl.store(OUT + base + offs, ((q - z) * s).to(OUT.dtype.element_ty), mask=m)
+        tl.store(OUT + base + offs, _cast((q - z) * s, OUT.dtype.element_ty), mask=m)
 
 
 # ---- launchers: check constraints, allocate outputs, launch ------------------------------------------------------
+def _empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """Every output buffer comes from here (tests swap in a NaN/0xFF-filled version to catch unwritten elements)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def _block(n: int) -> int:
     return max(16, min(1024, triton.next_power_of_2(n)))
 
@@ -298,8 +312,8 @@ def fake_quant_weight_fwd(w: torch.Tensor, spec, scale: Optional[torch.Tensor] =
     nseg, seg_len, g = _segment(spec, w)
     r = 1 if spec.granularity == "tensor" else n
     learnable = scale is not None
-    out = torch.empty_like(w) if want_out else None
-    codes = torch.empty(n, k, dtype=torch.uint8, device=w.device) if want_codes else None
+    out = _empty(w.shape, w.dtype, w.device) if want_out else None
+    codes = _empty((n, k), torch.uint8, w.device) if want_codes else None
     if learnable:
         # the scales used are the given ones rounded through scale_dtype (tiny [R, G] tensors: plain torch)
         dt = spec.torch_scale_dtype
@@ -308,8 +322,8 @@ def fake_quant_weight_fwd(w: torch.Tensor, spec, scale: Optional[torch.Tensor] =
         s_in = scale.detach().float().contiguous()
         z_in = None if spec.symmetric else zero_point.detach().float().contiguous()
     else:
-        s_out = torch.empty(r, g, dtype=torch.float32, device=w.device)
-        z_out = None if spec.symmetric else torch.empty(r, g, dtype=torch.float32, device=w.device)
+        s_out = _empty((r, g), torch.float32, w.device)
+        z_out = None if spec.symmetric else _empty((r, g), torch.float32, w.device)
         s_in = z_in = None
     dummy = w  # never dereferenced when its constexpr flag is off
     _fake_quant_weight_kernel[(nseg,)](
@@ -334,9 +348,9 @@ def fake_quant_weight_bwd(grad: torch.Tensor, w: torch.Tensor, spec, scale: Opti
     n, k = w.shape
     nseg, seg_len, _ = _segment(spec, w)
     learnable = scale is not None
-    gw = torch.empty_like(w)
-    gs_seg = torch.empty(nseg, dtype=torch.float32, device=w.device) if learnable else None
-    gz_seg = torch.empty(nseg, dtype=torch.float32, device=w.device) if learnable and not spec.symmetric else None
+    gw = _empty(w.shape, w.dtype, w.device)
+    gs_seg = _empty((nseg,), torch.float32, w.device) if learnable else None
+    gz_seg = _empty((nseg,), torch.float32, w.device) if learnable and not spec.symmetric else None
     if learnable:
         s_in = scale.detach().float().contiguous()
         z_in = None if spec.symmetric else zero_point.detach().float().contiguous()
@@ -368,10 +382,10 @@ def fake_quant_activation(x: torch.Tensor, symmetric: bool, per_token: bool) -> 
         raise ValueError("x must be a non-empty contiguous float32/bfloat16/float16 tensor [..., D]")
     d = x.shape[-1]
     rows = x.numel() // d
-    out = torch.empty_like(x)
-    amax = torch.empty(rows, dtype=torch.float32, device=x.device)
-    mn = torch.empty_like(amax)
-    mx = torch.empty_like(amax)
+    out = _empty(x.shape, x.dtype, x.device)
+    amax = _empty((rows,), torch.float32, x.device)
+    mn = _empty((rows,), torch.float32, x.device)
+    mx = _empty((rows,), torch.float32, x.device)
     blk = _block(d)
     _fake_quant_activation_stats_kernel[(rows,)](x, amax, mn, mx, d, BLOCK=blk)
     if not per_token:  # max/min are order-independent: reducing the row results is exact

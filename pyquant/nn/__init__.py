@@ -1,4 +1,5 @@
 """Thin modules: parameters and buffers, the math lives in ``pyquant.ops``."""
 from .packed_linear import PackedLinear
+from .qat_linear import QATLinear
 
-__all__ = ["PackedLinear"]
+__all__ = ["PackedLinear", "QATLinear"]

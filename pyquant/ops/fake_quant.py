@@ -45,6 +45,21 @@ def _spec(spec_json: str) -> WeightQuantConfig:
     return WeightQuantConfig.from_json(spec_json)
 
 
+def _spec_json(spec: WeightQuantConfig) -> str:
+    """The op argument for a spec (a constant for torch.compile, which need not trace json.dumps)."""
+    return _json_cached(spec)
+
+
+# What torch.compiler.assume_constant_result(_spec_json) does, without importing torch._dynamo (and with it triton)
+# at `import pyquant` time: dynamo calls the function eagerly and uses the result as a constant.
+_spec_json._dynamo_marked_constant = True
+
+
+@functools.lru_cache(maxsize=256)
+def _json_cached(spec: WeightQuantConfig) -> str:
+    return spec.to_json()
+
+
 def _empty(like: torch.Tensor) -> torch.Tensor:
     return like.new_empty(0, dtype=torch.float32)
 
@@ -59,6 +74,14 @@ def _scale_shape(spec: WeightQuantConfig, w: torch.Tensor) -> Tuple[int, int]:
     return (1, 1) if spec.granularity == "tensor" else (n, k // spec.resolve_group_size(k))
 
 
+def _scale_shape_fake(spec: WeightQuantConfig, w: torch.Tensor):
+    """Like _scale_shape, for symbolic sizes under torch.compile (the wrapper validated the real ones)."""
+    n, k = w.shape
+    if spec.granularity == "tensor":
+        return (1, 1)
+    return (n, k // spec.group_size) if spec.granularity == "group" else (n, 1)
+
+
 # ---- pyquant::quantize_weight -----------------------------------------------------------------------------------
 @torch.library.custom_op("pyquant::quantize_weight", mutates_args=())
 def _quantize_weight_op(w: torch.Tensor, spec_json: str, scale: Optional[torch.Tensor],
@@ -69,7 +92,7 @@ def _quantize_weight_op(w: torch.Tensor, spec_json: str, scale: Optional[torch.T
 @_quantize_weight_op.register_fake
 def _(w, spec_json, scale, zero_point):
     spec = _spec(spec_json)
-    r, g = _scale_shape(spec, w)
+    r, g = _scale_shape_fake(spec, w)
     zp = w.new_empty(r, g, dtype=torch.float32) if not spec.symmetric else w.new_empty(0, dtype=torch.float32)
     return w.new_empty(w.shape, dtype=torch.uint8), w.new_empty(r, g, dtype=torch.float32), zp
 
@@ -256,7 +279,7 @@ def quantize_weight(w: torch.Tensor, spec: WeightQuantConfig, scale: Optional[to
     method as ``clamp(round(W / s + z), 0, levels - 1)``.  Scales are rounded through ``spec.scale_dtype``.
     """
     check_fake_quant_weight_args(w, spec, scale, zero_point)
-    codes, s, zp = _quantize_weight_op(w.detach(), spec.to_json(), None if scale is None else scale.detach(),
+    codes, s, zp = _quantize_weight_op(w.detach(), _spec_json(spec), None if scale is None else scale.detach(),
                                        None if zero_point is None else zero_point.detach())
     return codes, s, _opt(zp)
 
@@ -270,7 +293,7 @@ def fake_quant_weight(w: torch.Tensor, spec: WeightQuantConfig, scale: Optional[
     ``pyquant.reference.fake_quant_weight_backward``.
     """
     check_fake_quant_weight_args(w, spec, scale, zero_point)
-    return _fake_quant_weight_op(w if w.is_contiguous() else w.contiguous(), spec.to_json(), scale, zero_point)
+    return _fake_quant_weight_op(w if w.is_contiguous() else w.contiguous(), _spec_json(spec), scale, zero_point)
 
 
 def fake_quant_weight_backward(grad: torch.Tensor, w: torch.Tensor, spec: WeightQuantConfig,
@@ -283,7 +306,7 @@ def fake_quant_weight_backward(grad: torch.Tensor, w: torch.Tensor, spec: Weight
                          f"{tuple(grad.shape) if isinstance(grad, torch.Tensor) else type(grad).__name__}")
     if grad.device != w.device:
         raise ValueError(f"grad is on {grad.device} but w is on {w.device}")
-    gw, gs, gz = _fake_quant_weight_backward_op(grad.contiguous(), w.contiguous(), spec.to_json(), scale, zero_point)
+    gw, gs, gz = _fake_quant_weight_backward_op(grad.contiguous(), w.contiguous(), _spec_json(spec), scale, zero_point)
     return gw, _opt(gs), _opt(gz)
 
 
