@@ -357,10 +357,11 @@ def attention_kd_bwd(
     g = grad_rows.float().contiguous()
     lse_s = lse_s.float().contiguous()
     lse_t = lse_t.float().contiguous()
-    dq = torch.empty(b, h, lq, ds, dtype=torch.float32, device=q_s.device)
-    dk = torch.empty(b, hk, lk, ds, dtype=torch.float32, device=q_s.device)
+    # outputs in the caller's dtypes: the kernels accumulate in fp32 registers and round once on store
+    dq = torch.empty(b, h, lq, ds, dtype=out_dtypes[0], device=q_s.device)
+    dk = torch.empty(b, hk, lk, ds, dtype=out_dtypes[1], device=q_s.device)
     if dq.numel() == 0 or dk.numel() == 0:
-        return dq.zero_().to(out_dtypes[0]), dk.zero_().to(out_dtypes[1])
+        return dq.zero_(), dk.zero_()
     bm, bn = _blocks(lq, lk, max(ds, dt))
     args = (q_s, k_s, q_t, k_t, kpm, lse_s, lse_t, g)
     common = (lq, lk, ds, dt, float(scale_s), float(scale_t))
@@ -372,4 +373,4 @@ def attention_kd_bwd(
         *args, dk, *strides, h, hk, h // hk, h // k_t.shape[1], *common,
         CAUSAL=bool(causal), BLOCK_M=bm, BLOCK_N=bn, **meta,
     )
-    return dq.to(out_dtypes[0]), dk.to(out_dtypes[1])
+    return dq, dk
