@@ -223,14 +223,22 @@ def _total_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _native_act(act_spec: Optional[ActivationQuantConfig]) -> Optional[ActivationQuantConfig]:
+    """The act_spec PackedLinear's fused W2A8 forward supports (int8 symmetric per token), else None."""
+    if act_spec is not None and act_spec.symmetric and act_spec.granularity == "token":
+        return act_spec
+    return None
+
+
 def _attach_act_quant(packed: PackedLinear, act_spec: Optional[ActivationQuantConfig]) -> None:
-    """PackedLinear has no input fake-quant of its own: keep the W2A8 semantics with a forward pre-hook."""
-    if act_spec is None:
+    """Input fake-quant that PackedLinear's W2A8 op does not cover (asymmetric or per-tensor): a forward pre-hook
+    keeps the QAT model's semantics (the hook is not saved in the state dict)."""
+    if act_spec is None or _native_act(act_spec) is not None:
         return
-    packed.act_spec = act_spec
+    packed.input_act_spec = act_spec
 
     def _pre(mod, args):
-        return (fake_quant_activation(args[0], mod.act_spec),) + tuple(args[1:])
+        return (fake_quant_activation(args[0], mod.input_act_spec),) + tuple(args[1:])
 
     packed.register_forward_pre_hook(_pre)
 
@@ -269,7 +277,8 @@ def convert(model: nn.Module) -> SwapReport:
 
     The packed codes and scales come from ``QATLinear.quantized_weight()`` -- the op the QAT forward uses -- so the
     packed layer's effective weight equals the fake-quantized weight bit for bit; the bias keeps the master weight's
-    dtype.  Input fake-quant (W2A8) is kept with a forward pre-hook on the packed layer.
+    dtype.  Input fake-quant is kept: int8 symmetric per-token by PackedLinear's fused W2A8 forward (``act_spec``),
+    other activation specs by a forward pre-hook on the packed layer (not part of the state dict).
     """
     _check_model(model)
     targets = [(n, m) for n, m in model.named_modules() if isinstance(m, QATLinear)]
@@ -280,8 +289,9 @@ def convert(model: nn.Module) -> SwapReport:
     new = []
     with torch.no_grad():
         for n, q in targets:
-            p = PackedLinear.from_qat(q, dtype=q.weight.dtype)
-            _attach_act_quant(p, q.act_spec if q.fake_quant_activation_enabled else None)
+            act = q.act_spec if q.fake_quant_activation_enabled else None
+            p = PackedLinear.from_qat(q, dtype=q.weight.dtype, act_spec=_native_act(act))
+            _attach_act_quant(p, act)
             _packed_exceptions(p)
             new.append((n, p, q.weight.numel()))
     for n, p, _ in new:
@@ -314,7 +324,7 @@ def quantize(model: nn.Module, spec: Union[WeightQuantConfig, QATConfig, None] =
             codes, s, z = quantize_weight(w_nk, spec.weight)
             b = getattr(m, "bias", None)
             p = PackedLinear.from_quantized(codes, s, z, None if b is None else b.detach(), spec.weight,
-                                            dtype=w.dtype)
+                                            dtype=w.dtype, act_spec=_native_act(spec.activation))
             _attach_act_quant(p, spec.activation)
             _packed_exceptions(p)
             new.append((n, p, w.numel()))
