@@ -319,3 +319,30 @@ def test_gpu_w2a8_and_wrong_device():
     assert_close_to(y, reference.packed_matmul_a8(x, qw, s, z, None, 1024, co), torch.bfloat16)
     with pytest.raises(ValueError, match="x is on cpu"):
         packed_matmul(x.cpu(), qw, s, z, None, in_features=1024, code_offset=co)
+
+
+# ---- the benchmark's CPU-side code (GPU numbers come only from a GPU run) ------------------------------------------
+def test_bench_smoke_targets_and_plot(tmp_path, capsys):
+    from pyquant.bench import matmul as bm
+
+    assert bm.main(["--smoke", "--dtype", "float16"]) == 0
+    assert "nothing written" in capsys.readouterr().out
+
+    def row(n, k, m, impl, speedup, pct=None):
+        return bm.MatmulBenchRow("llama3-8b", n, k, m, impl, "bfloat16", 1.0, 1.0, pct, 1.0, speedup, speedup)
+
+    rows = [row(4096, 14336, 1, "pyquant-triton", 6.5, 0.85), row(14336, 4096, 1, "pyquant-triton", 5.0, 0.9),
+            row(4096, 4096, 16, "pyquant-triton", 4.2), row(4096, 4096, 16, "torch-fp16", 1.0)]
+    got = {t["target"]: t["met"] for t in bm.check_targets(rows)}
+    assert got[bm.TARGETS[0][0]] is False  # 5.0x on 14336x4096 misses the 6x target
+    assert got[bm.TARGETS[1][0]] is True
+    assert got[bm.TARGETS[2][0]] is True  # only pyquant-triton rows count
+    assert got[bm.TARGETS[3][0]] is None  # nothing measured at M=4096
+    pytest.importorskip("matplotlib")
+    import dataclasses
+
+    png = tmp_path / "speedup.png"
+    bm.plot_speedup([dataclasses.asdict(r) for r in rows], png)
+    assert png.stat().st_size > 1000
+    with pytest.raises(ValueError, match="models"):
+        bm.MatmulBenchConfig(models=("gpt-5",))
