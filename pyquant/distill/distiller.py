@@ -259,8 +259,8 @@ class Distiller(nn.Module):
         if c.needs_attention:
             from .capture import attention_kd_losses
 
-            ad = attention_kd_losses(s_rec, t_rec, gamma=c.attn_gamma, map_weight=c.attn_map or 1.0,
-                                     output_weight=c.attn_output or 1.0,
+            ad = attention_kd_losses(s_rec, t_rec, gamma=c.attn_gamma, map_weight=c.attn_map,
+                                     output_weight=c.attn_output,
                                      layer_map=None if c.attn_layer_map is None else list(c.attn_layer_map),
                                      temperature=1.0)
             if c.attn_gamma is not None:

@@ -203,7 +203,7 @@ def train(
 
         bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
     model.train()
-    t_last, tok_acc = time.perf_counter(), 0
+    t_last, tok_acc, steps_acc, tps = time.perf_counter(), 0, 0, float("nan")
     ckpt = None
     try:
         for step in range(start, total):
@@ -244,16 +244,19 @@ def train(
             if gnorm is not None:
                 rec["grad_norm"] = gnorm
             result.history.append(rec)
+            steps_acc += 1
             if rank == 0 and ((step + 1) % cfg.log_every == 0 or step + 1 == total):
                 now = time.perf_counter()
-                rec["tokens_per_s"] = tok_acc * world / max(now - t_last, 1e-9)
-                t_last, tok_acc = now, 0
+                tps = tok_acc * world / max(now - t_last, 1e-9)  # tokens/s over the steps since the last line
+                rec["tokens_per_s"] = tps
+                rec["s_per_step"] = (now - t_last) / steps_acc
+                t_last, tok_acc, steps_acc = now, 0, 0
                 with open(log_path, "a") as f:
                     f.write(json.dumps(rec) + "\n")
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{sums.get('total', float('nan')):.4f}",
-                                tok_s=f"{rec.get('tokens_per_s', 0):.0f}", refresh=False)
+                                tok_s=f"{tps:.0f}", refresh=False)
             last = step + 1 == total
             if rank == 0 and ((cfg.save_every and (step + 1) % cfg.save_every == 0) or last):
                 ckpt = save_checkpoint(out_dir, step + 1, trainable, optimizer, scheduler,

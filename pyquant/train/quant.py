@@ -74,12 +74,27 @@ class _RefQATLinear(nn.Linear):
         return reference.quantize_weight(self.weight.detach(), self.weight_spec)
 
 
-def linear_names(model: nn.Module, include: Sequence[str] = ("*",), exclude: Sequence[str] = ()) -> List[str]:
-    """Names of the ``nn.Linear`` modules selected by the fnmatch patterns."""
+_DEFAULT_EXCLUDE = ("lm_head", "classifier", "score", "qa_outputs", "cls", "pooler", "project_in", "project_out",
+                    "embed_out")
+
+
+def _matches(name: str, pattern: str) -> bool:
+    """Same selection rule as ``pyquant.convert.matches``: full name or a dotted suffix, and everything inside."""
+    parts = name.split(".") if name else []
+    for i in range(1, len(parts) + 1):
+        prefix = ".".join(parts[:i])
+        if fnmatch.fnmatchcase(prefix, pattern) or fnmatch.fnmatchcase(prefix, "*." + pattern):
+            return True
+    return False
+
+
+def linear_names(model: nn.Module, include: Sequence[str] = (), exclude: Optional[Sequence[str]] = None) -> List[str]:
+    """Names of the ``nn.Linear`` modules selected (include empty = all; exclude None = heads/lm_head/pooler)."""
+    exclude = _DEFAULT_EXCLUDE if exclude is None else tuple(exclude)
     out = []
     for name, m in model.named_modules():
-        if isinstance(m, nn.Linear) and any(fnmatch.fnmatch(name, p) for p in include) \
-                and not any(fnmatch.fnmatch(name, p) for p in exclude):
+        if name and isinstance(m, nn.Linear) and (not include or any(_matches(name, p) for p in include)) \
+                and not any(_matches(name, p) for p in exclude):
             out.append(name)
     return out
 
@@ -89,21 +104,24 @@ def _set(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, new)
 
 
+def _qat_config(conv, weight, activation, include, exclude):
+    return conv.QATConfig(weight=weight, activation=activation, include=tuple(include),
+                          exclude=None if exclude is None else tuple(exclude))
+
+
 def prepare_student(model: nn.Module, weight: WeightQuantConfig, activation: Optional[ActivationQuantConfig] = None,
-                    include: Sequence[str] = ("*",), exclude: Sequence[str] = ()) -> List[str]:
+                    include: Sequence[str] = (), exclude: Optional[Sequence[str]] = None) -> List[str]:
     """Swap the selected linears for QAT (fake-quant) modules in place; returns the swapped names."""
     if not isinstance(weight, WeightQuantConfig):
         raise TypeError(f"weight must be a WeightQuantConfig, got {type(weight).__name__}")
     if activation is not None and not isinstance(activation, ActivationQuantConfig):
         raise TypeError(f"activation must be an ActivationQuantConfig or None, got {type(activation).__name__}")
-    names = linear_names(model, include, exclude)
-    if not names:
-        raise ValueError(f"no nn.Linear matched include={list(include)} exclude={list(exclude)}")
     conv = _convert_module()
     if conv is not None:
-        conv.prepare_qat(model, conv.QATConfig(weight=weight, activation=activation, include=list(include),
-                                               exclude=list(exclude)))
-        return names
+        return list(conv.prepare_qat(model, _qat_config(conv, weight, activation, include, exclude)).swapped)
+    names = linear_names(model, include, exclude)
+    if not names:
+        raise ValueError(f"no nn.Linear matched include={list(include)} exclude={exclude}")
     for n in names:
         _set(model, n, _RefQATLinear(model.get_submodule(n), weight, activation))
     return names
@@ -113,24 +131,39 @@ def convert_to_packed(model: nn.Module) -> nn.Module:
     """QAT modules -> ``PackedLinear`` (in place); the packed weight equals the fake-quantized weight."""
     conv = _convert_module()
     if conv is not None:
-        out = conv.convert(model)
-        return model if out is None else out
+        conv.convert(model)
+        return model
     from ..nn import PackedLinear
 
     for name, m in list(model.named_modules()):
         if isinstance(m, _RefQATLinear):
-            _set(model, name, PackedLinear.from_qat(m, dtype=torch.float32))
+            p = PackedLinear.from_qat(m, dtype=m.weight.dtype)
+            _attach_act(p, m.act_spec)
+            _set(model, name, p)
     return model
 
 
-def ptq_to_packed(model: nn.Module, weight: WeightQuantConfig, include: Sequence[str] = ("*",),
-                  exclude: Sequence[str] = ()) -> nn.Module:
+def ptq_to_packed(model: nn.Module, weight: WeightQuantConfig, activation: Optional[ActivationQuantConfig] = None,
+                  include: Sequence[str] = (), exclude: Optional[Sequence[str]] = None) -> nn.Module:
     """Post-training quantization (no training) of the selected linears to ``PackedLinear`` (in place)."""
+    conv = _convert_module()
+    if conv is not None:
+        conv.quantize(model, _qat_config(conv, weight, activation, include, exclude))
+        return model
     from ..nn import PackedLinear
 
     for n in linear_names(model, include, exclude):
-        _set(model, n, PackedLinear.from_linear(model.get_submodule(n), weight, dtype=torch.float32))
+        lin = model.get_submodule(n)
+        p = PackedLinear.from_linear(lin, weight, dtype=lin.weight.dtype)
+        _attach_act(p, activation)
+        _set(model, n, p)
     return model
+
+
+def _attach_act(packed: nn.Module, act: Optional[ActivationQuantConfig]) -> None:
+    if act is not None:
+        packed.register_forward_pre_hook(
+            lambda mod, args: (reference.fake_quant_activation(args[0], act),) + tuple(args[1:]))
 
 
 def model_nbytes(model: nn.Module) -> int:

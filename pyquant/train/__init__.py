@@ -1,0 +1,1 @@
+"""Training: the loop, checkpoints, data plumbing, recipes (GLUE / causal LM / fine-tune), the demo and their CLI."""

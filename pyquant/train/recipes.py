@@ -1,0 +1,139 @@
+"""Recipes as library functions: GLUE encoder QAT (EMNLP'22), causal-LM QAT with TSLD, and FP fine-tuning.
+
+The CLI (``pyquant.train.cli``) parses options and calls these; tests and the benchmarks call them directly.
+
+Encoder QAT (Kim et al., EMNLP 2022, following TernaryBERT): teacher = the task-fine-tuned FP model, student
+initialized from it, ternary TWN weights on every Transformer-block linear with 8-bit activations (W2A8;
+embeddings, pooler and classifier stay FP), losses logit KD (soft CE) + hidden-state MSE + attention-map and/or
+attention-output KD, no ground-truth CE; 3 epochs, lr 2e-5, linear warmup 10%, weight decay 0.01, batch 32,
+max length 128 (64 for SST-2/CoLA).
+
+Decoder QAT (TSLD, Kim et al., NeurIPS 2023): ternary per-row (per-channel) weights, W2A16, lm_head and embeddings
+FP, loss = ground-truth CE + TSLD token-scaled logit distillation (tau = 10); perplexity with a sliding window.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..distill.distiller import DistillConfig, Distiller
+from ..formats import ActivationQuantConfig, WeightQuantConfig
+from .data import (CausalCollator, PadCollator, block_examples, encode_pairs, glue_metrics, glue_task,
+                   sliding_window_perplexity)
+from .loop import TrainConfig, TrainResult, train
+from .quant import prepare_student
+
+__all__ = ["load_model", "load_tokenizer", "evaluate_glue", "finetune", "qat_glue", "qat_clm",
+           "glue_distill_config", "attention_kd_available"]
+
+
+def attention_kd_available() -> bool:
+    try:
+        from ..distill import capture  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def load_tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path)
+    except Exception as e:  # transformers raises OSError/ValueError/... depending on the cause
+        raise ValueError(f"cannot load a tokenizer from {name_or_path!r}: {e}") from e
+
+
+def load_model(name_or_path: str, kind: str, num_labels: Optional[int] = None, dtype=None) -> nn.Module:
+    """``kind``: "classification" (AutoModelForSequenceClassification) or "causal_lm" (AutoModelForCausalLM)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    try:
+        if kind == "classification":
+            kw = {} if num_labels is None else {"num_labels": num_labels}
+            if num_labels == 1:
+                kw["problem_type"] = "regression"
+            return AutoModelForSequenceClassification.from_pretrained(name_or_path, **kw)
+        if kind == "causal_lm":
+            return AutoModelForCausalLM.from_pretrained(name_or_path, **({} if dtype is None else {"dtype": dtype}))
+    except Exception as e:
+        raise ValueError(f"cannot load a {kind} model from {name_or_path!r}: {e}") from e
+    raise ValueError(f"kind={kind!r} is invalid: expected 'classification' or 'causal_lm'")
+
+
+@torch.no_grad()
+def evaluate_glue(model: nn.Module, task: str, dev_examples: List[Dict], pad_id: int, batch_size: int = 64
+                  ) -> Dict[str, float]:
+    t = glue_task(task)
+    coll = PadCollator(pad_id, t.is_regression)
+    device = next(model.parameters()).device
+    was = model.training
+    model.eval()
+    preds, gold = [], []
+    for i in range(0, len(dev_examples), batch_size):
+        b = coll(dev_examples[i:i + batch_size])
+        logits = model(**{k: v.to(device) for k, v in b.items() if k != "labels"}).logits.float()
+        preds += logits.squeeze(-1).tolist() if t.is_regression else logits.argmax(-1).tolist()
+        gold += b["labels"].tolist()
+    model.train(was)
+    return glue_metrics(task, preds, gold)
+
+
+def glue_distill_config(task: str, kd: bool, attention: str = "map", hidden: bool = True) -> DistillConfig:
+    """EMNLP'22 losses (kd=True): logit + hidden + attention ("map", "output", "both", "none"); kd=False: CE only."""
+    t = glue_task(task)
+    tk = "regression" if t.is_regression else "classification"
+    if not kd:
+        return DistillConfig(task=tk, ce=1.0)
+    if attention not in ("map", "output", "both", "none"):
+        raise ValueError(f"attention={attention!r} is invalid: expected 'map', 'output', 'both' or 'none'")
+    if attention != "none" and not attention_kd_available():
+        raise ValueError("attention KD needs pyquant.distill.capture, which is not available in this build; "
+                         "pass attention='none' (--attention-kd none)")
+    return DistillConfig(task=tk, ce=0.0, kd=1.0, hidden=1.0 if hidden else 0.0,
+                         attn_map=1.0 if attention in ("map", "both") else 0.0,
+                         attn_output=1.0 if attention in ("output", "both") else 0.0)
+
+
+def _glue_examples(task, tokenizer, rows, max_length):
+    return encode_pairs(rows, tokenizer, max_length or glue_task(task).max_length)
+
+
+def finetune(model: nn.Module, train_examples: Sequence, collate, cfg: TrainConfig, task: str = "classification",
+             eval_fn=None, run_config: Optional[dict] = None) -> TrainResult:
+    """Full-precision fine-tuning with ground-truth loss only (makes a teacher)."""
+    d = Distiller(model, None, DistillConfig(task=task, ce=1.0))
+    return train(d, train_examples, collate, cfg, run_config=run_config, eval_fn=eval_fn)
+
+
+def qat_glue(teacher: nn.Module, student: nn.Module, task: str, train_examples: Sequence, pad_id: int,
+             cfg: TrainConfig, distill: DistillConfig, weight: WeightQuantConfig,
+             activation: Optional[ActivationQuantConfig] = ActivationQuantConfig(),
+             dev_examples: Optional[List[Dict]] = None, run_config: Optional[dict] = None,
+             exclude: Optional[Sequence[str]] = None) -> TrainResult:
+    """QAT of ``student`` (prepared here, in place) with the given losses; teacher frozen."""
+    t = glue_task(task)
+    prepare_student(student, weight, activation, exclude=exclude)
+    d = Distiller(student, teacher if distill.needs_teacher else None, distill)
+    ev = (lambda m: evaluate_glue(m, task, dev_examples, pad_id)) if dev_examples else None
+    return train(d, train_examples, PadCollator(pad_id, t.is_regression), cfg, run_config=run_config, eval_fn=ev)
+
+
+def qat_clm(teacher: Optional[nn.Module], student: nn.Module, train_ids: Sequence[int], block: int, cfg: TrainConfig,
+            weight: WeightQuantConfig = WeightQuantConfig(method="twn", granularity="channel"),
+            tsld: bool = True, attention_map: float = 0.0, valid_ids: Optional[Sequence[int]] = None,
+            run_config: Optional[dict] = None, chunk_size: int = 1024, eval_stride: Optional[int] = None
+            ) -> TrainResult:
+    """Decoder QAT, W2A16: ground-truth CE + TSLD (when ``tsld``), optional attention-map KD."""
+    prepare_student(student, weight, None)
+    dc = DistillConfig(task="causal_lm", ce=1.0, tsld=1.0 if tsld else 0.0, attn_map=attention_map,
+                       chunk_size=chunk_size)
+    d = Distiller(student, teacher if dc.needs_teacher else None, dc)
+    ev = (lambda m: {"perplexity": sliding_window_perplexity(m, valid_ids, block, eval_stride)}) \
+        if valid_ids is not None else None
+    return train(d, block_examples(train_ids, block), CausalCollator(), cfg, run_config=run_config, eval_fn=ev)
