@@ -308,12 +308,14 @@ def _common(q_s, k_s, q_t, k_t, key_padding_mask):
     return b, h, lq, lk, ds, dt, kpm, strides, meta
 
 
-def _blocks(lq, lk, d_max) -> Tuple[int, int]:
+def _blocks(lq, lk, d_max) -> Tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps).  Untuned defaults (no GPU was available when this was written): 64 x 64 tiles
+    keep two Q tiles (teacher + student) and two K tiles of d <= 128 in registers; 8 warps from d = 128."""
     bm = 64 if lq > 32 else max(16, triton.next_power_of_2(lq))
     bn = 64 if lk > 32 else max(16, triton.next_power_of_2(lk))
     if d_max > 128:
         bm, bn = min(bm, 32), min(bn, 32)
-    return bm, bn
+    return bm, bn, (8 if d_max >= 128 else 4)
 
 
 def attention_kd_fwd(
@@ -329,12 +331,12 @@ def attention_kd_fwd(
     lse_t = torch.empty_like(kl)
     if kl.numel() == 0:
         return kl.zero_(), lse_s.zero_(), lse_t.zero_()
-    bm, bn = _blocks(lq, lk, max(ds, dt))
+    bm, bn, nw = _blocks(lq, lk, max(ds, dt))
     grid = (triton.cdiv(lq, bm), b * h)
     _attention_kd_fwd_kernel[grid](
         q_s, k_s, q_t, k_t, kpm, kl, lse_s, lse_t, *strides,
         h, h // k_s.shape[1], h // k_t.shape[1], lq, lk, ds, dt, float(scale_s), float(scale_t),
-        CAUSAL=bool(causal), BLOCK_M=bm, BLOCK_N=bn, **meta,
+        CAUSAL=bool(causal), BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, **meta,
     )
     return kl, lse_s, lse_t
 
@@ -362,15 +364,15 @@ def attention_kd_bwd(
     dk = torch.empty(b, hk, lk, ds, dtype=out_dtypes[1], device=q_s.device)
     if dq.numel() == 0 or dk.numel() == 0:
         return dq.zero_(), dk.zero_()
-    bm, bn = _blocks(lq, lk, max(ds, dt))
+    bm, bn, nw = _blocks(lq, lk, max(ds, dt))
     args = (q_s, k_s, q_t, k_t, kpm, lse_s, lse_t, g)
     common = (lq, lk, ds, dt, float(scale_s), float(scale_t))
     _attention_kd_bwd_dq_kernel[(triton.cdiv(lq, bm), b * h)](
         *args, dq, *strides, h, h // hk, h // k_t.shape[1], *common,
-        CAUSAL=bool(causal), BLOCK_M=bm, BLOCK_N=bn, **meta,
+        CAUSAL=bool(causal), BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, **meta,
     )
     _attention_kd_bwd_dk_kernel[(triton.cdiv(lk, bn), b * hk)](
         *args, dk, *strides, h, hk, h // hk, h // k_t.shape[1], *common,
-        CAUSAL=bool(causal), BLOCK_M=bm, BLOCK_N=bn, **meta,
+        CAUSAL=bool(causal), BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, **meta,
     )
     return dq, dk

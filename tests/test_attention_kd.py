@@ -74,7 +74,7 @@ KERNEL_CASES = [
     pytest.param(2, 2, 1, 2, 37, 37, 128, 128, False, True, torch.bfloat16, id="L37-pad-gqa-d128-bf16"),
     pytest.param(1, 2, 1, 1, 129, 129, 32, 32, True, True, torch.float32, id="L129-causal-pad-gqa"),
     pytest.param(2, 2, 2, 2, 129, 129, 64, 64, False, True, torch.bfloat16, id="L129-pad-bf16"),
-    pytest.param(2, 2, 1, 1, 20, 45, 32, 32, True, True, torch.float32, id="Lq20-Lk45-causal-bottom-right"),
+    pytest.param(2, 2, 1, 1, 20, 100, 32, 32, True, True, torch.float32, id="Lq20-Lk100-causal-bottom-right"),
 ]
 
 
@@ -307,3 +307,23 @@ def test_gpu_bf16_long_sequence_matches_reference():
     scale = qr.grad.abs().max().item()
     torch.testing.assert_close(qa.grad.float(), qr.grad, rtol=3e-2, atol=3e-2 * scale)
     torch.testing.assert_close(ka.grad.float(), kr.grad, rtol=3e-2, atol=3e-2 * scale)
+
+
+@needs_triton
+def test_mixed_dtypes_and_teacher_gets_no_gradient(poisoned_empty):
+    # bf16 student, fp32 teacher that requires grad (e.g. not run under no_grad): computed at fp32, no teacher grad
+    q_s, k_s, q_t, k_t, kpm = _inputs(2, 4, 2, 4, 21, 21, 32, 64, torch.float32, True, seed=17)
+    qa, ka = q_s.to(torch.bfloat16).requires_grad_(), k_s.to(torch.bfloat16).requires_grad_()
+    qt, kt = q_t.clone().requires_grad_(), k_t.clone().requires_grad_()
+    with use_backend("triton"):
+        loss = attention_map_loss(qa, ka, qt, kt, kpm, causal=True, temperature=2.0)
+        loss.backward()
+    assert qt.grad is None and kt.grad is None
+    assert qa.grad.dtype == torch.bfloat16 and ka.grad.dtype == torch.bfloat16
+    qr, kr = qa.detach().float().requires_grad_(), ka.detach().float().requires_grad_()
+    ref = reference.attention_map_loss(qr, kr, q_t, k_t, kpm, causal=True, temperature=2.0)
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    gs = qr.grad.abs().max().item()
+    torch.testing.assert_close(qa.grad.float(), qr.grad, rtol=2e-2, atol=1e-2 * gs)
+    torch.testing.assert_close(ka.grad.float(), kr.grad, rtol=2e-2, atol=1e-2 * gs)
