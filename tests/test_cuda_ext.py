@@ -1,0 +1,444 @@
+"""The CUDA extension ``pyquant._C`` (csrc/): compile checks, the lazy loader, and the decode GEMV's numbers.
+
+Four layers, from no GPU to GPU:
+
+* nvcc compile check of every ``csrc/*.cu`` for sm_80 and sm_90a, with ``-Xptxas -v`` parsed: every kernel
+  instantiation must have 0 bytes of spills and stack frame (skipped without nvcc);
+* ``pyquant._cuda_ext`` on a machine without CUDA: ``load()`` returns None, ``status()`` says why, nothing raises,
+  the failure is logged once, and importing it touches no GPU;
+* host emulation: ``csrc/packed_gemv.cu`` compiled by g++ with ``-DPYQUANT_HOST_EMULATION`` (csrc/host_emulation.h)
+  runs the very same kernel body with every CUDA thread as a host thread, checked against a float64 reference
+  built here from ``pyquant.formats.unpack_codes`` -- this catches indexing bugs (tiles, tails, groups of 32, the
+  shared-memory layout, the warp reduction) without a GPU (skipped without g++ / CUDA headers);
+* ``@pytest.mark.gpu``: ``_C.packed_gemv`` on a real GPU against the same reference, plus bad-argument checks of
+  the binding (skipped cleanly without CUDA).
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pyquant import _cuda_ext
+from pyquant.formats import pack_codes, packed_cols, unpack_codes
+
+ROOT = Path(__file__).resolve().parents[1]
+CSRC = ROOT / "csrc"
+CU_FILES = sorted(CSRC.glob("*.cu"))
+ARCHS = {
+    "sm_80": "-gencode=arch=compute_80,code=sm_80",
+    "sm_90a": "-gencode=arch=compute_90a,code=sm_90a",
+}
+# packed_gemv.cu instantiates one kernel per (M in 1..8) x (x: fp16, bf16) x (scale: fp16, bf16, fp32)
+EXPECTED_KERNELS = {"packed_gemv.cu": 8 * 2 * 3}
+HAS_CUDA = torch.cuda.is_available()
+
+
+def _nvcc() -> str | None:
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home and (Path(home) / "bin" / "nvcc").is_file():
+            return str(Path(home) / "bin" / "nvcc")
+    return None
+
+
+def _cuda_include_dir() -> Path | None:
+    nvcc = _nvcc()
+    cands = [Path(nvcc).resolve().parent.parent / "include"] if nvcc else []  # nvcc may be a wrapper script
+    cands += [Path(h) / "include" for h in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")) if h]
+    cands.append(Path("/usr/local/cuda/include"))
+    for inc in cands:
+        if (inc / "cuda_runtime.h").is_file() and (inc / "cuda_fp16.h").is_file():
+            return inc
+    return None
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# shared reference
+# ------------------------------------------------------------------------------------------------------------------
+def _make_case(M, N, K, group_size, x_dtype, scale_dtype, asym, with_bias, seed, device="cpu"):
+    """Fresh random inputs (never zeros): codes, packed weights, scales (+ zero points), bias, x."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 4, (N, K), generator=g)
+    qweight = pack_codes(codes)
+    G = K // group_size
+    scale = (torch.rand(N, G, generator=g) * 0.05 + 0.005).to(scale_dtype)
+    zero = (torch.rand(N, G, generator=g) * 3.0).to(scale_dtype) if asym else None
+    bias = torch.randn(N, generator=g).to(x_dtype) if with_bias else None
+    x = torch.randn(M, K, generator=g).to(x_dtype)
+    to = (lambda t: None if t is None else t.to(device))
+    return to(x), to(qweight), to(scale), to(zero), to(bias)
+
+
+def _reference(x, qweight, scale, zero, bias, group_size, code_offset):
+    """float64 y = x @ ((c - z) * s)^T + bias, from unpack_codes; also sum |x| |w| for the accumulation bound."""
+    K = x.shape[1]
+    c = unpack_codes(qweight.cpu(), K).double()
+    N, G = scale.shape
+    z = zero.cpu().double() if zero is not None else torch.full((N, G), float(code_offset), dtype=torch.float64)
+    s = scale.cpu().double()
+    w = (c - z.repeat_interleave(group_size, 1)) * s.repeat_interleave(group_size, 1)
+    xd = x.cpu().double()
+    y = xd @ w.T
+    if bias is not None:
+        y = y + bias.cpu().double()
+    return y, xd.abs() @ w.abs().T
+
+
+def _assert_close(y, x, qweight, scale, zero, bias, group_size, code_offset):
+    ref, mag = _reference(x, qweight, scale, zero, bias, group_size, code_offset)
+    y = y.cpu()
+    assert y.dtype == x.dtype and tuple(y.shape) == tuple(ref.shape)
+    assert torch.isfinite(y).all(), "output has NaN/Inf (unwritten or poisoned elements)"
+    # one ulp of the output dtype (the single final rounding) + fp32 accumulation error
+    eps = torch.finfo(x.dtype).eps
+    tol = eps * ref.abs() + 1e-5 * mag + 1e-6
+    err = (y.double() - ref).abs()
+    bad = err > tol
+    assert not bad.any(), (
+        f"{int(bad.sum())} of {bad.numel()} outputs off; worst err {err.max().item():.3e} "
+        f"(tol there {tol.flatten()[err.argmax()].item():.3e})"
+    )
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# (a) nvcc compile check + ptxas resource usage
+# ------------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ptxas_logs(tmp_path_factory):
+    nvcc = _nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found (set CUDA_HOME or put nvcc on PATH)")
+    if not CU_FILES:
+        pytest.fail(f"no .cu files in {CSRC}")
+    out = tmp_path_factory.mktemp("nvcc")
+    procs = {}
+    for cu in CU_FILES:  # both archs of a file compile in parallel (2-core CI)
+        for sm, flag in ARCHS.items():
+            cmd = [nvcc, "-c", "-o", str(out / f"{cu.stem}.{sm}.o"), flag, "-std=c++17", "-O3", "-Xptxas", "-v",
+                   f"-I{CSRC}", str(cu)]
+            procs[(cu.name, sm)] = (cmd, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                                          text=True))
+    logs = {}
+    for key, (cmd, p) in procs.items():
+        text, _ = p.communicate(timeout=1200)
+        logs[key] = (p.returncode, " ".join(cmd), text)
+    return logs
+
+
+def _ptxas_entries(text: str) -> dict:
+    """kernel name -> {"regs": int, "stack": int, "spill_stores": int, "spill_loads": int} from -Xptxas -v."""
+    entries, current = {}, None
+    for line in text.splitlines():
+        m = re.search(r"Compiling entry function '([^']+)'", line)
+        if m:
+            current = m.group(1)
+            entries[current] = {}
+            continue
+        m = re.search(r"Function properties for (\S+)", line)
+        if m:
+            current = m.group(1)
+            entries.setdefault(current, {})
+            continue
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m and current is not None:
+            entries[current].update(stack=int(m.group(1)), spill_stores=int(m.group(2)),
+                                    spill_loads=int(m.group(3)))
+            continue
+        m = re.search(r"Used (\d+) registers", line)
+        if m and current is not None:
+            entries[current]["regs"] = int(m.group(1))
+    return entries
+
+
+@pytest.mark.parametrize("sm", sorted(ARCHS))
+@pytest.mark.parametrize("cu", [p.name for p in CU_FILES])
+def test_nvcc_compiles(ptxas_logs, cu, sm):
+    rc, cmd, text = ptxas_logs[(cu, sm)]
+    assert rc == 0, f"`{cmd}` failed:\n{text}"
+    assert "error" not in text.lower(), text
+
+
+@pytest.mark.parametrize("sm", sorted(ARCHS))
+@pytest.mark.parametrize("cu", [p.name for p in CU_FILES])
+def test_ptxas_no_spills_no_stack(ptxas_logs, cu, sm):
+    rc, cmd, text = ptxas_logs[(cu, sm)]
+    assert rc == 0, f"`{cmd}` failed:\n{text}"
+    entries = _ptxas_entries(text)
+    kernels = {k: v for k, v in entries.items() if "regs" in v}
+    if cu in EXPECTED_KERNELS:
+        assert len(kernels) == EXPECTED_KERNELS[cu], f"expected {EXPECTED_KERNELS[cu]} kernels, got {len(kernels)}"
+    assert kernels, f"no kernels reported by ptxas for {cu}:\n{text}"
+    assert "0 bytes spill stores" in text
+    for name, info in entries.items():
+        assert info.get("stack", 0) == 0, f"{name} [{sm}] uses a {info['stack']}-byte stack frame"
+        assert info.get("spill_stores", 0) == 0 and info.get("spill_loads", 0) == 0, \
+            f"{name} [{sm}] spills: {info}"
+    for name, info in kernels.items():
+        assert info["regs"] <= 255, f"{name} [{sm}] uses {info['regs']} registers"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# (b) the loader without CUDA
+# ------------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def fresh_loader():
+    _cuda_ext._reset()
+    yield _cuda_ext
+    _cuda_ext._reset()
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the no-CUDA path")
+def test_loader_returns_none_with_reason_without_cuda(fresh_loader, monkeypatch):
+    monkeypatch.delenv("PYQUANT_JIT_BUILD", raising=False)
+    assert fresh_loader.load() is None
+    ok, why = fresh_loader.status()
+    assert ok is False
+    assert why.startswith("not built") and ("torch has no CUDA" in why or "no GPU" in why), why
+    # asking for a JIT build cannot help without a GPU: still None, with its own reason, never an exception
+    assert fresh_loader.load(jit=True) is None
+    ok, why = fresh_loader.status(jit=True)
+    assert ok is False and why.startswith("JIT build not possible"), why
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the no-CUDA path")
+def test_loader_env_switch_and_cache(fresh_loader, monkeypatch, caplog):
+    monkeypatch.setenv("PYQUANT_JIT_BUILD", "1")
+    with caplog.at_level(logging.DEBUG, logger="pyquant"):
+        for _ in range(3):
+            assert fresh_loader.load() is None
+            assert fresh_loader.status()[0] is False
+    assert "JIT build not possible" in fresh_loader.status()[1]
+    records = [r for r in caplog.records if r.name == "pyquant"]
+    assert len(records) == 1, [r.getMessage() for r in records]  # outcome cached: logged once
+
+
+def test_loader_reports_broken_extension(fresh_loader, monkeypatch, caplog):
+    """An installed but unimportable _C (e.g. built against another torch) is a reason, not an exception."""
+    import importlib
+
+    real = importlib.import_module
+
+    def fake_import(name, *a, **k):
+        if name == "pyquant._C":
+            raise ImportError("undefined symbol: _ZN3c104cuda9SomethingEv")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(importlib, "import_module", fake_import)
+    with caplog.at_level(logging.WARNING, logger="pyquant"):
+        assert fresh_loader.load(jit=False) is None
+        assert fresh_loader.load(jit=False) is None
+    ok, why = fresh_loader.status(jit=False)
+    assert not ok and why.startswith("pyquant._C failed to import") and "undefined symbol" in why
+    assert len([r for r in caplog.records if r.name == "pyquant"]) == 1
+
+
+def test_import_touches_no_gpu():
+    code = (
+        "import sys, torch, pyquant, pyquant._cuda_ext as c; "
+        "assert 'pyquant._C' not in sys.modules; "
+        "assert not torch.cuda.is_initialized(); "
+        "c.status(); assert not torch.cuda.is_initialized(); print('ok')"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(ROOT), timeout=300)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr
+
+
+def test_sources_and_jit_flags():
+    srcs = _cuda_ext.sources()
+    assert [Path(s).name for s in srcs] == ["binding.cpp", "packed_gemv.cu"]
+    assert all(Path(s).is_file() for s in srcs)
+    assert "-gencode=arch=compute_90a,code=sm_90a" in _cuda_ext.jit_cuda_flags((9, 0))
+    assert "-gencode=arch=compute_80,code=sm_80" in _cuda_ext.jit_cuda_flags((8, 0))
+    assert "-gencode=arch=compute_89,code=sm_89" in _cuda_ext.jit_cuda_flags((8, 9))
+    assert not any("fast_math" in f for f in _cuda_ext.jit_cuda_flags((9, 0)))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# (c) host emulation of the kernel body (CPU)
+# ------------------------------------------------------------------------------------------------------------------
+_DT = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
+
+
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory):
+    cxx = shutil.which("g++") or shutil.which("c++")
+    inc = _cuda_include_dir()
+    if cxx is None or inc is None:
+        pytest.skip("host emulation needs g++ and the CUDA headers (cuda_runtime.h, cuda_fp16.h)")
+    so = tmp_path_factory.mktemp("emu") / "packed_gemv_emu.so"
+    cmd = [cxx, "-x", "c++", "-std=c++20", "-O1", "-shared", "-fPIC", "-DPYQUANT_HOST_EMULATION", f"-I{inc}",
+           f"-I{CSRC}", str(CSRC / "packed_gemv.cu"), "-o", str(so), "-lpthread"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, f"`{' '.join(cmd)}` failed:\n{r.stderr}"
+    lib = ctypes.CDLL(str(so))
+    fn = lib.pyquant_packed_gemv_launch
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 4 + [ctypes.c_float, ctypes.c_int, ctypes.c_int,
+                                                                 ctypes.c_void_p]
+
+    def run(x, qweight, scale, zero, bias, group_size, code_offset, y=None):
+        M, K = x.shape
+        N = qweight.shape[0]
+        if y is None:
+            y = torch.full((M, N), float("nan"), dtype=x.dtype)  # poisoned: every element must be written
+        ptr = (lambda t: None if t is None else t.data_ptr())
+        rc = fn(ptr(x), ptr(qweight), ptr(scale), ptr(zero), ptr(bias), ptr(y), M, N, K, group_size,
+                code_offset, _DT.get(x.dtype, 7), _DT.get(scale.dtype, 7), None)
+        return rc, y
+
+    return run
+
+
+# (M, N, K, group_size, x dtype, scale dtype, asymmetric, bias, code_offset)
+EMU_CASES = [
+    (1, 20, 1000, 1000, torch.float16, torch.float16, False, True, 1.0),     # K % 64 = 40: masked chunk tail
+    (1, 37, 4160, 32, torch.bfloat16, torch.float32, True, False, 0.0),     # 65 chunks: partial 2nd/3rd tile
+    (2, 16, 8256, 64, torch.float16, torch.bfloat16, False, True, 1.5),     # M=2 tile of 4096, tail tile
+    (3, 5, 1056, 32, torch.bfloat16, torch.bfloat16, True, True, 0.0),      # half-empty last chunk, N < 16
+    (4, 48, 4096, 128, torch.float16, torch.float16, False, False, 2.0),
+    (5, 17, 96, 96, torch.bfloat16, torch.float16, True, True, 0.0),        # group = K = 96 (not a power of 2)
+    (6, 33, 2112, 96, torch.float16, torch.float32, False, True, 1.0),      # group 96: division, not shift
+    (7, 9, 4160, 4160, torch.bfloat16, torch.bfloat16, False, False, 1.5),
+    (8, 31, 4128, 32, torch.float16, torch.bfloat16, True, True, 0.0),      # M=8: 71.7 KB shared memory
+    (8, 1, 40, 40, torch.bfloat16, torch.float32, False, True, 2.0),        # K < 64, N = 1
+]
+
+
+@pytest.mark.parametrize("case", EMU_CASES, ids=lambda c: f"M{c[0]}-N{c[1]}-K{c[2]}-g{c[3]}-"
+                         f"{str(c[4])[6:]}-s{str(c[5])[6:]}-{'asym' if c[6] else 'sym'}{'-bias' if c[7] else ''}")
+def test_emulated_kernel_matches_reference(emulated, case):
+    M, N, K, gs, xdt, sdt, asym, with_bias, off = case
+    x, qweight, scale, zero, bias = _make_case(M, N, K, gs, xdt, sdt, asym, with_bias, seed=M * 100003 + N * 101 + K)
+    rc, y = emulated(x, qweight, scale, zero, bias, gs, off)
+    assert rc == 0, f"launcher returned cudaError {rc}"
+    _assert_close(y, x, qweight, scale, zero, bias, gs, off)
+
+
+def test_emulated_kernel_ignores_garbage_past_k(emulated):
+    """x and codes past K must not matter: x is masked to 0 there, whatever the (zero) padding bytes hold."""
+    M, N, K, gs = 2, 16, 1000, 1000
+    x, qweight, scale, zero, bias = _make_case(M, N, K, gs, torch.float16, torch.float16, False, False, seed=7)
+    dirty = qweight.clone()
+    dirty[:, K // 4:] = 0xFF  # codes 3 in the padding bytes (the layout promises zeros; the kernel must not care)
+    rc, y = emulated(x, dirty, scale, zero, bias, gs, 1.0)
+    assert rc == 0
+    _assert_close(y, x, qweight, scale, zero, bias, gs, 1.0)
+
+
+def test_emulated_launcher_rejects_bad_arguments(emulated):
+    x, qweight, scale, zero, bias = _make_case(1, 16, 256, 64, torch.float16, torch.float16, False, False, seed=3)
+    invalid = 1  # cudaErrorInvalidValue
+    assert emulated(x, qweight, scale, zero, bias, 48, 1.0)[0] == invalid  # group not a multiple of 32 (nor K)
+    assert emulated(x, qweight, scale, zero, bias, 96, 1.0)[0] == invalid  # does not divide K
+    assert emulated(x.float(), qweight, scale, zero, bias, 64, 1.0)[0] == invalid  # fp32 x
+    x9 = torch.randn(9, 256).half()
+    assert emulated(x9, qweight, scale, zero, bias, 64, 1.0, y=torch.empty(9, 16).half())[0] == invalid  # M = 9
+    buf = torch.zeros(qweight.numel() + 16, dtype=torch.uint8)
+    off = (16 - buf.data_ptr() % 16) % 16 + 1  # a deliberately misaligned copy of qweight
+    mis = buf[off:off + qweight.numel()].view(qweight.shape)
+    mis.copy_(qweight)
+    assert mis.data_ptr() % 16 != 0
+    assert emulated(x, mis, scale, zero, bias, 64, 1.0)[0] == invalid
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# (d) the real thing, on a GPU
+# ------------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ext():
+    if not HAS_CUDA:
+        pytest.skip("needs a CUDA GPU")
+    mod = _cuda_ext.load(jit=True)
+    if mod is None:
+        pytest.skip(f"pyquant._C unavailable: {_cuda_ext.status()[1]}")
+    return mod
+
+
+def _poisoned_gemv(ext, x, qweight, scale, zero, bias, gs, off):
+    """Fill the allocator's next block with NaN first, so unwritten outputs of the binding's empty() show."""
+    M, N = x.shape[0], qweight.shape[0]
+    poison = torch.full((M, N), float("nan"), dtype=x.dtype, device=x.device)
+    del poison
+    y = ext.packed_gemv(x, qweight, scale, zero, bias, gs, off)
+    torch.cuda.synchronize()
+    return y
+
+
+GPU_SHAPES = [(4096, 32), (4096, 128), (4096, 4096), (4160, 32), (4160, 4160), (1000, 1000)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", range(1, 9))
+@pytest.mark.parametrize("K,gs", GPU_SHAPES, ids=[f"K{k}-g{g}" for k, g in GPU_SHAPES])
+@pytest.mark.parametrize("x_dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("asym,with_bias", [(False, False), (True, True), (False, True), (True, False)],
+                         ids=["sym", "asym-bias", "sym-bias", "asym"])
+def test_packed_gemv_matches_reference(ext, M, K, gs, x_dtype, asym, with_bias):
+    N = 272  # 17 blocks of 16 rows
+    sdt = [torch.float16, torch.bfloat16, torch.float32][(M + K // gs) % 3]
+    off = 0.0 if asym else [1.0, 1.5, 2.0][M % 3]
+    x, qweight, scale, zero, bias = _make_case(M, N, K, gs, x_dtype, sdt, asym, with_bias,
+                                               seed=M * 7919 + K * 31 + gs, device="cuda")
+    y = _poisoned_gemv(ext, x, qweight, scale, zero, bias, gs, off)
+    _assert_close(y, x, qweight, scale, zero, bias, gs, off)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 8])
+def test_packed_gemv_model_shape_and_side_stream(ext, M):
+    """A Llama-3-8B down_proj sized GEMV (K = 14336, N = 4096) on a non-default stream."""
+    N, K, gs = 4096, 14336, 128
+    x, qweight, scale, zero, bias = _make_case(M, N, K, gs, torch.bfloat16, torch.float16, False, False,
+                                               seed=11, device="cuda")
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        y = ext.packed_gemv(x, qweight, scale, zero, bias, gs, 1.0)
+    s.synchronize()
+    _assert_close(y, x, qweight, scale, zero, bias, gs, 1.0)
+
+
+@pytest.mark.gpu
+def test_packed_gemv_bad_arguments_name_the_argument(ext):
+    M, N, K, gs = 2, 64, 256, 64
+    x, qw, s, z, b = _make_case(M, N, K, gs, torch.float16, torch.float16, True, True, seed=5, device="cuda")
+    ok = dict(x=x, qweight=qw, scale=s, zero_point=z, bias=b, group_size=gs, code_offset=0.0)
+    assert ext.packed_gemv(**ok).shape == (M, N)
+
+    def bad(match, **changes):
+        with pytest.raises((RuntimeError, ValueError), match=match):
+            ext.packed_gemv(**{**ok, **changes})
+
+    bad(r"x must be float16 or bfloat16", x=x.float())
+    bad(r"x must be a CUDA tensor", x=x.cpu())
+    bad(r"x has M=9 rows", x=torch.randn(9, K, device="cuda", dtype=torch.float16))
+    bad(r"x must be 2-D", x=x[0])
+    bad(r"x must be contiguous", x=torch.randn(K, M, device="cuda", dtype=torch.float16).t())
+    bad(r"qweight has 32 columns.*packed_cols", qweight=qw[:, :32].contiguous())
+    bad(r"qweight must be uint8", qweight=qw.to(torch.int8))
+    bad(r"qweight must be a CUDA tensor", qweight=qw.cpu())
+    bad(r"scale must have shape \[N, K/group_size\] = \[64, 4\]", scale=s[:, :2].contiguous())
+    bad(r"scale must be float16, bfloat16 or float32", scale=s.double())
+    bad(r"zero_point must have scale's dtype", zero_point=z.float())
+    bad(r"bias must have shape \[N\] = \[64\]", bias=b[:10])
+    bad(r"bias must have x's dtype", bias=b.float())
+    bad(r"group_size=48 must be a positive divisor of K=256", group_size=48)
+    bad(r"group_size=\d+ must be a multiple of 32", x=torch.randn(M, 240, device="cuda", dtype=torch.float16),
+        qweight=pack_codes(torch.randint(0, 4, (N, 240))).cuda(), scale=torch.rand(N, 5, device="cuda").half(),
+        zero_point=None, group_size=48)
+    bad(r"code_offset=.* must be finite", code_offset=float("nan"))
+    buf = torch.zeros(qw.numel() + 16, dtype=torch.uint8, device="cuda")
+    mis = buf[1:1 + qw.numel()].view(qw.shape)
+    mis.copy_(qw)
+    bad(r"16-byte aligned", qweight=mis)
+    assert packed_cols(K) == qw.shape[1]
