@@ -29,9 +29,19 @@ _LAZY = {
 __all__ = ["ActivationQuantConfig", "WeightQuantConfig", "__version__", *_LAZY]
 
 
+_SUBMODULES = ("ops", "reference", "nn", "distill")  # lazy names that are modules; the rest are attributes
+
+
 def __getattr__(name):
     mod = _LAZY.get(name)
     if mod is None:
         raise AttributeError(f"module 'pyquant' has no attribute {name!r}")
     m = importlib.import_module(mod)
-    return m if mod.endswith("." + name) else getattr(m, name)
+    if name in _SUBMODULES:
+        return m
+    # Importing ``pyquant.convert`` binds the *module* to ``pyquant.convert``; re-bind every public name that this
+    # module provides so that ``pyquant.convert`` is the function (as documented), not the module.
+    for n, target in _LAZY.items():
+        if target == mod and n not in _SUBMODULES and hasattr(m, n):
+            globals()[n] = getattr(m, n)
+    return getattr(m, name)
