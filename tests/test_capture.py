@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaModel
 
-from pyquant.distill.capture import AttentionRecord, attention_kd_losses, capture_attention
+from pyquant.distill.capture import AttentionRecord, _decode_mask, attention_kd_losses, capture_attention
 from pyquant.ops import use_backend
 from pyquant.ops._dispatch import triton_interpret
 
@@ -38,12 +38,14 @@ FAMILIES = {
 }
 
 
-def _batch(seed):
+def _batch(seed, left=False):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, 100, (3, L), generator=g)
     am = torch.ones(3, L, dtype=torch.long)
     am[1, 9:] = 0  # right padding
     am[2, 4:] = 0
+    if left:  # left padding (decoder batches): padding query rows see no key under the causal mask
+        am = am.flip(1)
     return ids, am
 
 
@@ -81,12 +83,12 @@ def _oracle_losses(p_s_layers, p_t_layers, o_s, o_t, am):
 BACKENDS = ["reference"] + (["triton"] if triton_interpret() or torch.cuda.is_available() else [])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("family", ["bert", "llama"])
-def test_capture_matches_eager_output_attentions(family, backend):
+@pytest.mark.parametrize("family,backend,left", [(f, b, False) for f in ("bert", "llama") for b in BACKENDS]
+                         + [("llama", "reference", True)])
+def test_capture_matches_eager_output_attentions(family, backend, left):
     build, outputs_of, causal = FAMILIES[family]
     student, teacher = build(1), build(2)
-    ids, am = _batch(3)
+    ids, am = _batch(3, left)
 
     # oracle: eager maps (differentiable) for the student, eager maps for the teacher
     p_s, o_s, _ = _eager_oracle(student, outputs_of, ids, am)
@@ -193,3 +195,28 @@ def test_mismatched_padding_between_student_and_teacher_raises():
     with pytest.raises(ValueError, match="different padding"):
         attention_kd_losses(s_rec, t_rec)
     assert isinstance(s_rec, AttentionRecord) and len(s_rec) == 0
+
+
+def test_decode_mask_forms():
+    b, n = 2, 6
+    kpm = torch.tensor([[1, 1, 1, 1, 0, 0], [0, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    tri = torch.ones(n, n, dtype=torch.bool).tril()
+    bidir = kpm[:, None, None, :].expand(b, 1, n, n)
+    assert _decode_mask(None, b, n, n, True, "cpu") == (None, True, None)
+    assert _decode_mask(None, b, 1, n, True, "cpu") == (None, False, None)  # one query: SDPA drops is_causal
+    got = _decode_mask(bidir, b, n, n, False, "cpu")
+    assert torch.equal(got[0], kpm) and got[1] is False and got[2] is None
+    # additive float causal mask (eager style), left padding: fully masked padding rows are ignored
+    add = torch.zeros(b, 1, n, n).masked_fill(~(bidir & tri), torch.finfo(torch.float32).min)
+    got = _decode_mask(add, b, n, n, True, "cpu")
+    assert torch.equal(got[0], kpm) and got[1] is True and got[2] is None
+    # a bias (ALiBi-like) or a per-head mask is not key padding + causal: kept as a general mask
+    bias = add + torch.randn(b, 1, n, n)
+    assert _decode_mask(bias, b, n, n, True, "cpu")[2] is bias
+    per_head = torch.rand(b, 2, n, n) > 0.5
+    assert _decode_mask(per_head, b, n, n, False, "cpu")[2] is per_head
+    odd = bidir.clone()
+    odd[0, 0, 1, 2] = False  # a hole in a valid row
+    assert _decode_mask(odd, b, n, n, False, "cpu")[2] is odd
+    with pytest.raises(ValueError, match="unexpected attention mask"):
+        _decode_mask(kpm, b, n, n, False, "cpu")

@@ -124,7 +124,14 @@ def _capture_attention_forward(module: nn.Module, query, key, value, attention_m
         is_causal = kwargs.get("is_causal")
         if is_causal is None:
             is_causal = getattr(module, "is_causal", False)
-        kpm, causal, general = _decode_mask(attention_mask, b, lq, lk, is_causal, query.device)
+        # every layer gets the same mask object: decode it once per forward (decoding syncs with the device).
+        # The cache holds the mask itself, so its id cannot be reused by another tensor while cached.
+        ck = (id(attention_mask), b, lq, lk, bool(is_causal))
+        hit = rec._mask_cache.get(ck)  # type: ignore[attr-defined]
+        if hit is None or hit[0] is not attention_mask:
+            hit = (attention_mask, _decode_mask(attention_mask, b, lq, lk, is_causal, query.device))
+            rec._mask_cache[ck] = hit  # type: ignore[attr-defined]
+        kpm, causal, general = hit[1]
         sc = scaling if scaling is not None else getattr(module, "scaling", None)
         sc = float(sc) if sc is not None else d ** -0.5
         name = rec._names.get(id(module), type(module).__name__)
@@ -211,6 +218,7 @@ def capture_attention(model: nn.Module) -> Iterator[AttentionRecord]:
     mods = dict(model.named_modules())
     rec._names = {id(m): n for n, m in mods.items()}  # type: ignore[attr-defined]
     rec._pending = {}  # type: ignore[attr-defined]
+    rec._mask_cache = {}  # type: ignore[attr-defined]
     handles = []
     for name, mod in mods.items():
         for rule in _OUTPUT_RULES:
@@ -241,6 +249,7 @@ def capture_attention(model: nn.Module) -> Iterator[AttentionRecord]:
             else:
                 records[k] = r
         rec._pending.clear()
+        rec._mask_cache.clear()
         if previous is not None and previous != IMPL_NAME:
             _set_impl(model, previous)
 
