@@ -72,6 +72,15 @@ def _tile_group_params(scale_ptr, zero_ptr, offs_n, n_mask, g, G, HAS_ZERO: tl.c
     return s, z
 
 
+@triton.jit
+def _dot(a, b):
+    """fp32 accumulation; fp32 operands use exact IEEE products (TF32 would round x), 16-bit ones the tensor cores."""
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
 # ---- GEMV: M <= 8, CUDA-core FMAs, split-K ------------------------------------------------------------------
 @triton.jit
 def _packed_gemv_kernel(
@@ -169,11 +178,11 @@ def _packed_matmul_kernel(
         c = (b.to(tl.int32) >> ((offs_k[:, None] & 3) * 2)) & 3  # [BLOCK_K, BLOCK_N]
         s, z = _tile_group_params(scale_ptr, zero_ptr, offs_n, n_mask, (t * BLOCK_K) // group_size, G, HAS_ZERO)
         if HAS_ZERO:
-            part = tl.dot(x, c.to(x.dtype), input_precision="ieee")
+            part = _dot(x, c.to(x.dtype))
             xsum = tl.sum(x.to(tl.float32), axis=1)
             part = part - xsum[:, None] * z[None, :]
         else:
-            part = tl.dot(x, (c.to(tl.float32) - code_offset).to(x.dtype), input_precision="ieee")
+            part = _dot(x, (c.to(tl.float32) - code_offset).to(x.dtype))
         acc += part * s[None, :]
     if X_INT8:
         xs = tl.load(xs_ptr + offs_m, mask=m_mask, other=0.0)
