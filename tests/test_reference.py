@@ -243,6 +243,18 @@ def test_reference_quant_rejects_bad_input():
         R.dequantize_weight(torch.zeros(2, 4, dtype=torch.uint8), torch.ones(2, 1), None, None)
     with pytest.raises(TypeError, match="floating"):
         R.fake_quant_activation(torch.arange(4), ActivationQuantConfig())
+    codes = torch.zeros(2, 6, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="scale must be 2-D"):
+        R.dequantize_weight(codes, torch.ones(2, 4), None, 1.0)  # 4 groups do not divide K = 6
+    with pytest.raises(ValueError, match="scale must be 2-D"):
+        R.dequantize_weight(codes, torch.ones(3, 1), None, 1.0)
+    with pytest.raises(ValueError, match="zero_point must be 2-D"):
+        R.dequantize_weight(codes, torch.ones(2, 2), torch.ones(2, 4), None)
+    with pytest.raises(ValueError, match="codes must be a 2-D"):
+        R.dequantize_weight(codes[0], torch.ones(1, 1), None, 1.0)
+    w = torch.randn(3, 8)
+    with pytest.raises(ValueError, match=r"grad_out must have the weight's shape \(3, 8\)"):
+        R.fake_quant_weight_backward(torch.randn(1, 8), w, WeightQuantConfig())
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -148,7 +148,16 @@ def dequantize_weight(
     code_offset: Optional[float],
 ) -> torch.Tensor:
     """(codes [N, K], scale [R, G], zero_point [R, G] | None, code_offset) -> fp32 [N, K] = (c - z) * s."""
+    if not isinstance(codes, torch.Tensor) or codes.dim() != 2:
+        raise ValueError(f"codes must be a 2-D tensor [N, K], got {getattr(codes, 'shape', type(codes).__name__)}")
     n, k = codes.shape
+    for name, t in (("scale", scale), ("zero_point", zero_point)):
+        if t is None and name == "zero_point":
+            continue
+        if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[0] not in (1, n) or t.shape[1] == 0 \
+                or k % t.shape[1]:
+            raise ValueError(f"{name} must be 2-D [1 or {n}, G] with G dividing K={k}, got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
     if zero_point is not None:
         z = _expand(zero_point.float(), n, k)
     elif code_offset is None:
@@ -194,6 +203,10 @@ def fake_quant_weight_backward(
       pact: (c - z) * (1 - inside)   (only clipped weights), no gradient scale
     grad_zero_point (asymmetric learnable only): -s outside the range, 0 inside (STE), times g for lsq.
     """
+    _check_weight(w)
+    if not isinstance(grad_out, torch.Tensor) or grad_out.shape != w.shape:
+        raise ValueError(f"grad_out must have the weight's shape {tuple(w.shape)}, got "
+                         f"{tuple(grad_out.shape) if isinstance(grad_out, torch.Tensor) else type(grad_out).__name__}")
     n, k = w.shape
     wf = w.float()
     go = grad_out.float()
