@@ -264,6 +264,20 @@ def test_import_is_lean():
     assert r.returncode == 0, r.stderr[-2000:]
 
 
+def test_benchmark_smoke_writes_nothing(capsys):
+    from pyquant.bench import fake_quant as bench
+    from pyquant.bench.common import RESULTS_DIR
+
+    before = sorted(RESULTS_DIR.glob("fake_quant-*")) if RESULTS_DIR.exists() else []
+    assert bench.main(["--smoke", "--backend", "reference", "--specs", "twn-channel", "int2-asym-group128-lsq"]) == 0
+    out = capsys.readouterr().out
+    assert "torch-naive" in out and "QATLinear" in out and "not GPU measurements" in out
+    assert (sorted(RESULTS_DIR.glob("fake_quant-*")) if RESULTS_DIR.exists() else []) == before
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+            bench.main([])
+
+
 # ---- bad input -----------------------------------------------------------------------------------------------------
 def test_bad_input_raises_clear_errors():
     spec = WeightQuantConfig(granularity="group", group_size=32)
