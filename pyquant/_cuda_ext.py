@@ -17,6 +17,7 @@ Python callers use ``load().packed_gemv(x, qweight, scale, zero_point, bias, gro
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import os
@@ -66,8 +67,11 @@ def jit_cuda_flags(capability: Tuple[int, int]) -> List[str]:
     return ["-O3", "-lineinfo", f"-gencode=arch=compute_{arch},code=sm_{arch}"]
 
 
+@functools.lru_cache(maxsize=None)
 def _torch_cuda_reason() -> Optional[str]:
-    """Why CUDA kernels cannot run in this process, or None if they can."""
+    """Why CUDA kernels cannot run in this process, or None if they can (cached: status() runs on every op call).
+
+    torch.cuda.is_available() asks the driver for a device count; it does not create a CUDA context."""
     try:
         import torch
     except Exception as e:  # pragma: no cover - torch is a hard dependency
@@ -174,3 +178,4 @@ def _reset() -> None:
     with _lock:
         _prebuilt = _UNSET
         _jit = _UNSET
+        _torch_cuda_reason.cache_clear()
