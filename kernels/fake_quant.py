@@ -69,9 +69,9 @@ def _round_scale(s, TINY: tl.constexpr, SDT: tl.constexpr):
 
 @triton.jit
 def _fake_quant_weight_kernel(
-    W, OUT, CODES, S_IN, Z_IN, S_OUT, Z_OUT,
-    L, L_f, clip,
-    METHOD: tl.constexpr, LEARNABLE: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_CLIP: tl.constexpr,
+    W, OUT, CODES, S_IN, Z_IN, DELTA_IN, S_OUT, Z_OUT,
+    L, L_f, NUMEL, clip,
+    METHOD: tl.constexpr, LEARNABLE: tl.constexpr, STATS: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_CLIP: tl.constexpr,
     TERNARY: tl.constexpr, MAX_CODE: tl.constexpr, CODE_OFFSET: tl.constexpr,
     SDT: tl.constexpr, TINY: tl.constexpr, PER_TENSOR_IN: tl.constexpr,
     WRITE_OUT: tl.constexpr, WRITE_CODES: tl.constexpr, BLOCK: tl.constexpr,
@@ -88,6 +88,16 @@ def _fake_quant_weight_kernel(
             z = CODE_OFFSET
         else:
             z = _to_sdt(tl.load(Z_IN + sidx).to(tl.float32), SDT)
+    elif not STATS:
+        # per-tensor, split over programs: the statistics were reduced by _fake_quant_weight_stats_kernel and
+        # turned into the (already rounded) scale, zero point and TWN threshold by the launcher
+        s = tl.load(S_IN)
+        if SYMMETRIC:
+            z = CODE_OFFSET
+        else:
+            z = tl.load(Z_IN)
+        if METHOD == 0:
+            delta = tl.load(DELTA_IN)
     else:
         # pass 1: statistics of the (clipped) segment
         acc_sum = tl.zeros([BLOCK], dtype=tl.float32)
@@ -137,8 +147,8 @@ def _fake_quant_weight_kernel(
             if SYMMETRIC:
                 s = _round_scale(tl.math.div_rn(amax, 1.5), TINY, SDT)
             else:
-                mn = tl.min(acc_min, axis=0)
-                mx = tl.max(acc_max, axis=0)
+                mn = tl.minimum(tl.min(acc_min, axis=0), 0.0)  # range includes 0, as the reference
+                mx = tl.maximum(tl.max(acc_max, axis=0), 0.0)
                 s = _round_scale(tl.math.div_rn(mx - mn, MAX_CODE * 1.0), TINY, SDT)
                 z = _to_sdt(tl.math.div_rn(-mn, s), SDT)
         tl.store(S_OUT + pid, s)
@@ -148,11 +158,11 @@ def _fake_quant_weight_kernel(
     # last pass: codes and w_hat = (c - z) * s
     for start in range(0, L, BLOCK):
         offs = start + offs0
-        m = offs < L
+        m = (offs < L) & (base + offs < NUMEL)
         w = tl.load(W + base + offs, mask=m, other=0.0).to(tl.float32)
         if HAS_CLIP:
             w = tl.minimum(tl.maximum(w, -clip), clip)
-        if METHOD == 0 and not LEARNABLE:
+        if METHOD == 0 and not LEARNABLE:  # TWN's own threshold
             sgn = tl.where(w > 0, 1.0, tl.where(w < 0, -1.0, 0.0))
             c = 1.0 + tl.where(tl.abs(w) > delta, sgn, 0.0)
         else:
@@ -166,9 +176,49 @@ def _fake_quant_weight_kernel(
 
 
 @triton.jit
+def _fake_quant_weight_stats_kernel(W, PART, CNT, DELTA_IN, NUMEL, clip, TWN_PASS: tl.constexpr,
+                                    HAS_CLIP: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """Per-tensor statistics, split over programs: each reduces CHUNK elements into PART[pid, 0:4] =
+    (sum|w|, max|w|, min w, max w), or with TWN_PASS into PART[pid, 0] = sum(|w| > Delta), CNT[pid] = count."""
+    pid = tl.program_id(0)
+    base = pid.to(tl.int64) * CHUNK
+    offs0 = tl.arange(0, BLOCK)
+    acc_a = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_n = tl.zeros([BLOCK], dtype=tl.int32)
+    acc_min = tl.full([BLOCK], float("inf"), dtype=tl.float32)
+    acc_max = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    if TWN_PASS:
+        delta = tl.load(DELTA_IN)
+    for start in range(0, CHUNK, BLOCK):
+        offs = base + start + offs0
+        m = offs < NUMEL
+        w = tl.load(W + offs, mask=m, other=0.0).to(tl.float32)
+        if HAS_CLIP:
+            w = tl.minimum(tl.maximum(w, -clip), clip)
+        a = tl.abs(w)
+        if TWN_PASS:
+            keep = (a > delta) & m
+            acc_a += tl.where(keep, a, 0.0)
+            acc_n += keep.to(tl.int32)
+        else:
+            acc_a += a
+            acc_b = tl.maximum(acc_b, a)
+            acc_min = tl.minimum(acc_min, tl.where(m, w, float("inf")))
+            acc_max = tl.maximum(acc_max, tl.where(m, w, float("-inf")))
+    tl.store(PART + pid * 4, tl.sum(acc_a, axis=0))
+    if TWN_PASS:
+        tl.store(CNT + pid, tl.sum(acc_n, axis=0))
+    else:
+        tl.store(PART + pid * 4 + 1, tl.max(acc_b, axis=0))
+        tl.store(PART + pid * 4 + 2, tl.min(acc_min, axis=0))
+        tl.store(PART + pid * 4 + 3, tl.max(acc_max, axis=0))
+
+
+@triton.jit
 def _fake_quant_weight_bwd_kernel(
     G, W, GW, S_IN, Z_IN, GS, GZ,
-    L, clip, gscale,
+    L, NUMEL, clip, gscale,
     LEARNABLE: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_CLIP: tl.constexpr, LSQ: tl.constexpr,
     MAX_CODE: tl.constexpr, CODE_OFFSET: tl.constexpr, SDT: tl.constexpr, TINY: tl.constexpr,
     PER_TENSOR_IN: tl.constexpr, BLOCK: tl.constexpr,
@@ -187,7 +237,7 @@ def _fake_quant_weight_bwd_kernel(
         acc_z = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, L, BLOCK):
         offs = start + offs0
-        m = offs < L
+        m = (offs < L) & (base + offs < NUMEL)
         g = tl.load(G + base + offs, mask=m, other=0.0).to(tl.float32)
         w = tl.load(W + base + offs, mask=m, other=0.0).to(tl.float32)
         keep = m
@@ -246,8 +296,8 @@ def _fake_quant_activation_kernel(X, OUT, AMAX, MN, MX, D, PER_TOKEN: tl.constex
         s = tl.maximum(tl.math.div_rn(tl.load(AMAX + sidx), 127.0), TINY)
         z = 0.0
     else:
-        mn = tl.load(MN + sidx)
-        mx = tl.load(MX + sidx)
+        mn = tl.minimum(tl.load(MN + sidx), 0.0)  # range includes 0, as the reference
+        mx = tl.maximum(tl.load(MX + sidx), 0.0)
         s = tl.maximum(tl.math.div_rn(mx - mn, 255.0), TINY)
         z = tl.minimum(tl.maximum(tl.floor(tl.math.div_rn(-mn, s) + 0.5), 0.0), 255.0)
     for start in range(0, D, BLOCK):
@@ -272,13 +322,57 @@ def _block(n: int) -> int:
     return max(16, min(1024, triton.next_power_of_2(n)))
 
 
+# Per-tensor specs split the flat weight into chunks of this many elements, one program each (statistics are reduced
+# per chunk, then across chunks by the launcher).  Read at call time; tests lower it to exercise several chunks.
+TENSOR_CHUNK = 8192
+
+
 def _segment(spec, w: torch.Tensor) -> Tuple[int, int, int]:
-    """(number of segments R*G, segment length L, G)."""
+    """(number of programs, elements per program L, G).  Per-channel/group: one program per scale; per-tensor: one
+    per TENSOR_CHUNK elements (the last one partial)."""
     n, k = w.shape
     if spec.granularity == "tensor":
-        return 1, n * k, 1
+        return -(-(n * k) // TENSOR_CHUNK), TENSOR_CHUNK, 1
     gs = spec.resolve_group_size(k)
     return n * (k // gs), gs, k // gs
+
+
+def _tensor_stats(w: torch.Tensor, spec, nprog: int, chunk: int):
+    """Per-tensor scale (and zero point, TWN threshold) from chunk partials; the last steps are the reference's own
+    torch ops on the reduced values (same divisions, same rounding through scale_dtype)."""
+    numel = w.numel()
+    clip = float(spec.clip) if spec.clip is not None else 0.0
+    part = _empty((nprog, 4), torch.float32, w.device)
+    cnt = _empty((nprog,), torch.int32, w.device)
+    blk = _block(chunk)
+    _fake_quant_weight_stats_kernel[(nprog,)](w, part, cnt, part, numel, clip, TWN_PASS=False,
+                                              HAS_CLIP=spec.clip is not None, CHUNK=chunk, BLOCK=blk)
+    mean = part[:, 0].sum() / numel
+    amax = part[:, 1].amax()
+    dt = spec.torch_scale_dtype
+
+    def rnd(v):
+        return v.clamp_min(torch.finfo(dt).tiny).to(dt).float()
+
+    z = None
+    delta = torch.zeros((), dtype=torch.float32, device=w.device)
+    if spec.method == "twn":
+        delta = TWN_DELTA_RATIO * mean
+        _fake_quant_weight_stats_kernel[(nprog,)](w, part, cnt, delta.reshape(1), numel, clip, TWN_PASS=True,
+                                                  HAS_CLIP=spec.clip is not None, CHUNK=chunk, BLOCK=blk)
+        c = cnt.sum()
+        s = torch.where(c > 0, part[:, 0].sum() / c.clamp_min(1), torch.zeros_like(mean))
+    elif spec.method == "absmean":
+        s = mean
+    elif spec.method == "seq":
+        s = amax * (2.0 / 3.0) if spec.ternary else amax / 2.0
+    elif spec.symmetric:
+        s = amax / UNIFORM_SYM_DIVISOR
+    else:
+        mn, mx = part[:, 2].amin().clamp_max(0.0), part[:, 3].amax().clamp_min(0.0)
+        s = rnd((mx - mn) / spec.max_code)
+        z = (-mn / s).to(dt).float().reshape(1, 1)
+    return rnd(s).reshape(1, 1), z, delta.reshape(1)
 
 
 def _check_w(w: torch.Tensor, spec, scale, zero_point) -> None:
@@ -321,17 +415,22 @@ def fake_quant_weight_fwd(w: torch.Tensor, spec, scale: Optional[torch.Tensor] =
         z_out = None if spec.symmetric else zero_point.detach().float().to(dt).float()
         s_in = scale.detach().float().contiguous()
         z_in = None if spec.symmetric else zero_point.detach().float().contiguous()
-    else:
+    elif spec.granularity == "tensor":  # statistics reduced over all programs first
+        s_out, z_out, delta = _tensor_stats(w, spec, nseg, seg_len)
+        s_in, z_in = s_out, z_out
+    else:  # statistics fused into the one program per scale
         s_out = _empty((r, g), torch.float32, w.device)
         z_out = None if spec.symmetric else _empty((r, g), torch.float32, w.device)
         s_in = z_in = None
+    stats_in_kernel = not learnable and spec.granularity != "tensor"
     dummy = w  # never dereferenced when its constexpr flag is off
     _fake_quant_weight_kernel[(nseg,)](
         w, out if out is not None else dummy, codes if codes is not None else dummy,
         s_in if s_in is not None else dummy, z_in if z_in is not None else dummy,
+        delta if not learnable and spec.granularity == "tensor" else dummy,
         s_out, z_out if z_out is not None else s_out,
-        seg_len, float(seg_len), float(spec.clip) if spec.clip is not None else 0.0,
-        METHOD=_METHOD_ID[spec.method], LEARNABLE=learnable, TERNARY=spec.ternary,
+        seg_len, float(seg_len), w.numel(), float(spec.clip) if spec.clip is not None else 0.0,
+        METHOD=_METHOD_ID[spec.method], LEARNABLE=learnable, STATS=stats_in_kernel, TERNARY=spec.ternary,
         PER_TENSOR_IN=spec.granularity == "tensor",
         WRITE_OUT=want_out, WRITE_CODES=want_codes, BLOCK=_block(seg_len), **_consts(spec),
     )
@@ -366,10 +465,13 @@ def fake_quant_weight_bwd(grad: torch.Tensor, w: torch.Tensor, spec, scale: Opti
     _fake_quant_weight_bwd_kernel[(nseg,)](
         grad, w, gw, s_in if s_in is not None else dummy, z_in if z_in is not None else dummy,
         gs_seg if gs_seg is not None else dummy, gz_seg if gz_seg is not None else dummy,
-        seg_len, float(spec.clip) if spec.clip is not None else 0.0, gscale,
+        seg_len, w.numel(), float(spec.clip) if spec.clip is not None else 0.0, gscale,
         LEARNABLE=learnable, LSQ=spec.scale_grad == "lsq", PER_TENSOR_IN=spec.granularity == "tensor",
         BLOCK=_block(seg_len), **_consts(spec),
     )
+    if spec.granularity == "tensor" and learnable:  # per-chunk partial sums -> the one scale's gradient
+        gs_seg = gs_seg.sum()
+        gz_seg = None if gz_seg is None else gz_seg.sum()
     gs = gs_seg.reshape(scale.shape).to(scale.dtype) if learnable else None
     gz = gz_seg.reshape(zero_point.shape).to(zero_point.dtype) if gz_seg is not None else None
     return gw, gs, gz
