@@ -6,8 +6,9 @@ Packed layout (defined in ``pyquant/formats.py``): ``qweight`` uint8 ``[N, ceil(
 
 How a tile is dequantized (both kernels)
 ----------------------------------------
-Codes are gathered with one byte load per weight (index ``k // 4``; the four loads that hit the same byte are
-served by L1) and shifted by ``2 * (k % 4)``.  Every K tile lies inside ONE scale group: the launcher only uses
+A K tile's packed bytes are loaded once, as a contiguous [BLOCK_N, BLOCK_K // 4] uint8 block (16-byte vector
+loads where the compiler can prove alignment: rows are whole 16-byte vectors), and unpacked in registers by four
+shifts and a reshape (``_load_codes``).  Every K tile lies inside ONE scale group: the launcher only uses
 ``BLOCK_K`` values that divide ``group_size`` (or the weight has a single group per row, per-channel / per-tensor),
 so the scale and zero point are one value per output column per tile and are applied to the tile's partial sum,
 not to every weight:
@@ -73,6 +74,19 @@ def _tile_group_params(scale_ptr, zero_ptr, offs_n, n_mask, g, G, HAS_ZERO: tl.c
 
 
 @triton.jit
+def _load_codes(w_rows, n_mask, t, row_bytes, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Codes [BLOCK_N, BLOCK_K] (int32) of K tile ``t``: one contiguous [BLOCK_N, BLOCK_K // 4] byte load per tile
+    (vectorizable, each byte read once), unpacked in registers by four shifts and a row-major reshape
+    (byte j, pair i) -> k = 4 j + i, which is exactly the layout's "k // 4, bits 2 (k % 4)".  Bytes of a row past
+    ``K`` are zero by the layout; reads past ``row_bytes`` are masked."""
+    offs_b = t * (BLOCK_K // 4) + tl.arange(0, BLOCK_K // 4)
+    b = tl.load(w_rows + offs_b[None, :], mask=n_mask[:, None] & (offs_b[None, :] < row_bytes), other=0)
+    shifts = tl.arange(0, 4) * 2
+    c3 = (b.to(tl.int32)[:, :, None] >> shifts[None, None, :]) & 3
+    return tl.reshape(c3, (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
 def _dot(a, b):
     """fp32 accumulation; fp32 operands use exact IEEE products (TF32 would round x), 16-bit ones the tensor cores."""
     if a.dtype == tl.float32:
@@ -108,8 +122,7 @@ def _packed_gemv_kernel(
         offs_k = t * BLOCK_K + rk
         k_mask = offs_k < K
         x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0).to(tl.float32)
-        b = tl.load(w_rows + (offs_k[None, :] >> 2), mask=n_mask[:, None] & k_mask[None, :], other=0)
-        c = ((b.to(tl.int32) >> ((offs_k[None, :] & 3) * 2)) & 3).to(tl.float32)  # [BLOCK_N, BLOCK_K]
+        c = _load_codes(w_rows, n_mask, t, stride_qn, BLOCK_N, BLOCK_K).to(tl.float32)  # [BLOCK_N, BLOCK_K]
         s, z = _tile_group_params(scale_ptr, zero_ptr, offs_n, n_mask, (t * BLOCK_K) // group_size, G, HAS_ZERO)
         if HAS_ZERO:
             cz = c - z[:, None]
@@ -164,7 +177,7 @@ def _packed_matmul_kernel(
     t_begin = pid_k * per_split
     t_end = tl.minimum(t_begin + per_split, n_tiles)
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
-    w_cols = qw_ptr + offs_n.to(tl.int64)[None, :] * stride_qn  # W^T tile [BLOCK_K, BLOCK_N]
+    w_rows = qw_ptr + offs_n.to(tl.int64)[:, None] * stride_qn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for t in range(t_begin, t_end):
         offs_k = t * BLOCK_K + rk
@@ -174,8 +187,7 @@ def _packed_matmul_kernel(
             x = x.to(tl.float16)  # |q| <= 127: exact
         if DOT_F32:  # interpreter only: its tl.dot multiplies bf16 bit patterns (triton-lang/triton#11584)
             x = x.to(tl.float32)
-        b = tl.load(w_cols + (offs_k[:, None] >> 2), mask=k_mask[:, None] & n_mask[None, :], other=0)
-        c = (b.to(tl.int32) >> ((offs_k[:, None] & 3) * 2)) & 3  # [BLOCK_K, BLOCK_N]
+        c = tl.trans(_load_codes(w_rows, n_mask, t, stride_qn, BLOCK_N, BLOCK_K))  # W^T tile [BLOCK_K, BLOCK_N]
         s, z = _tile_group_params(scale_ptr, zero_ptr, offs_n, n_mask, (t * BLOCK_K) // group_size, G, HAS_ZERO)
         if HAS_ZERO:
             part = _dot(x, c.to(x.dtype))

@@ -127,6 +127,22 @@ def test_kernel_configs(M, config, fmt, dtype, poison):
 
 
 @needs_kernels
+@pytest.mark.parametrize("M,config", [
+    (3, dict(BLOCK_N=16, BLOCK_K=256, SPLIT_K=1)),
+    (3, dict(BLOCK_N=16, BLOCK_K=256, SPLIT_K=2)),
+    (20, dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=256, GROUP_M=8, SPLIT_K=1)),
+])
+def test_k_tile_wider_than_the_packed_row(M, config, poison):
+    # per-channel K = 260: a row holds packed_cols(260) = 80 bytes, the second 256-wide K tile would read 64 bytes
+    N, K = 19, 260
+    assert packed_cols(K) == 80
+    qw, s, z, co, _ = make_weight(N, K, "int2-asym", None)
+    x = torch.randn(M, K, device=DEV).to(torch.float16)
+    y = _kern().packed_matmul(x, qw, s, z, None, K, co, config=config)
+    assert_close_to(y, reference.packed_matmul(x, qw, s, z, None, K, co), torch.float16)
+
+
+@needs_kernels
 def test_fp32_x_and_fp32_scales(poison):
     qw, s, z, co, _ = make_weight(24, 130, "seq4", None, scale_dtype="float32")
     for m in (2, 20):
