@@ -327,3 +327,19 @@ def test_mixed_dtypes_and_teacher_gets_no_gradient(poisoned_empty):
     gs = qr.grad.abs().max().item()
     torch.testing.assert_close(qa.grad.float(), qr.grad, rtol=2e-2, atol=1e-2 * gs)
     torch.testing.assert_close(ka.grad.float(), kr.grad, rtol=2e-2, atol=1e-2 * gs)
+
+
+def test_traces_under_torch_compile_fullgraph():
+    # the op has a fake implementation: the whole loss (op + reduction + autograd) traces without graph breaks
+    q_s, k_s, q_t, k_t, kpm = _inputs(2, 4, 2, 4, 9, 9, 16, 16, torch.float32, True, seed=23)
+    qa, ka = q_s.clone().requires_grad_(), k_s.clone().requires_grad_()
+    fn = torch.compile(lambda *a: attention_map_loss(*a, causal=True), fullgraph=True, backend="aot_eager")
+    with use_backend("reference"):
+        loss = fn(qa, ka, q_t, k_t, kpm)
+        loss.backward()
+    qr, kr = q_s.clone().requires_grad_(), k_s.clone().requires_grad_()
+    ref = reference.attention_map_loss(qr, kr, q_t, k_t, kpm, causal=True)
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(qa.grad, qr.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ka.grad, kr.grad, rtol=1e-5, atol=1e-6)
