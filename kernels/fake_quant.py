@@ -15,7 +15,10 @@ above Delta, and the last pass writes codes and/or w_hat.  The re-reads hit L1/L
 for per-channel/group).  The backward is one pass per segment: grad_w is written and the scale/zero-point gradient
 is accumulated in registers and stored once per segment -- no full-size fp32 temporaries, no atomics.
 
-Per-tensor specs make one program walk the whole weight (correct, but serial: per-channel/group is the fast path).
+Per-tensor specs split the flat weight into TENSOR_CHUNK-element programs instead: a stats kernel writes per-chunk
+partials (sum|w|, max|w|, min, max; TWN's second pass: sum and count above Delta), the launcher reduces them and applies
+the reference's own final torch ops (so the scale is rounded exactly as the reference rounds it), then the quantize
+pass runs over the chunks; the backward writes per-chunk partial scale gradients that the launcher sums.
 """
 from __future__ import annotations
 

@@ -54,7 +54,8 @@ def _learnable_params(w, spec):
 
 @pytest.fixture
 def poisoned(monkeypatch):
-    """Make every kernel output buffer start as NaN (floats) / 0xFF (uint8) so an unwritten element shows."""
+    """Make every kernel output buffer start as NaN (floats) / 0xFF (uint8) so an unwritten element shows; split
+    per-tensor weights into 64-element programs so the cross-program reduction is exercised on small shapes."""
     from pyquant.ops.fake_quant import _kernels
 
     km = _kernels()
@@ -64,6 +65,7 @@ def poisoned(monkeypatch):
         return t.fill_(float("nan")) if dtype.is_floating_point else t.fill_(255)
 
     monkeypatch.setattr(km, "_empty", _empty)
+    monkeypatch.setattr(km, "TENSOR_CHUNK", 64)  # per-tensor specs: several programs and a partial last chunk
     return km
 
 
