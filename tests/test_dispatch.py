@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import pyquant.ops as ops
+from conftest import requires_cuda
 from pyquant import reference as R
 from pyquant.formats import pack_codes
 from pyquant.ops import _dispatch as D
@@ -313,3 +314,34 @@ def _bad(**over):
 def test_packed_matmul_rejects_bad_arguments(over, exc, pattern):
     with pytest.raises(exc, match=pattern):
         _bad(**over)()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# on a GPU: default dispatch of CUDA tensors picks a GPU backend, and every backend agrees with the reference
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("asym", [False, True])
+def test_cuda_tensors_dispatch_and_agree(asym):
+    x, q, s, z, b, _ = _case(m=5, asym=asym, xdt=torch.float16)
+    x, q, s, b = x.cuda(), q.cuda(), s.cuda(), b.cuda()
+    z = z.cuda() if z is not None else None
+    off = None if asym else 1.0
+    with ops.use_backend("reference"):
+        want = ops.packed_matmul(x, q, s, z, b, in_features=96, code_offset=off)
+    assert ops.last_backend() == ("packed_matmul", "reference")
+    y = ops.packed_matmul(x, q, s, z, b, in_features=96, code_offset=off)
+    op, backend = ops.last_backend()
+    assert op == "packed_matmul"
+    # the default order picks the first GPU backend that is available (TRITON_INTERPRET=1 disables triton on CUDA)
+    gpu_ok = [b_ for b_ in ("cuda", "triton") if b_ in ops.registered("packed_matmul")
+              and D.backend_status(b_, x.device)[0]]
+    if gpu_ok:
+        assert backend in gpu_ok, (backend, gpu_ok)
+    torch.testing.assert_close(y.float(), want.float(), rtol=1e-2, atol=1e-2)
+    for b_ in ops.registered("packed_matmul"):
+        ok, _ = D.backend_status(b_, x.device, explicit=True)
+        if ok:
+            with ops.use_backend(b_):
+                y_b = ops.packed_matmul(x, q, s, z, b, in_features=96, code_offset=off)
+            torch.testing.assert_close(y_b.float(), want.float(), rtol=1e-2, atol=1e-2)

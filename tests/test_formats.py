@@ -27,7 +27,15 @@ from pyquant.formats import (
     validate_packed,
 )
 
-W32 = dict(scale_dtype="float32")  # hand cases: no scale rounding through a 16-bit dtype
+W32 = dict(scale_dtype="float32")
+
+
+def test_seed_fixture_is_per_test_and_reproducible(seed, request):
+    from conftest import seed_of
+
+    assert seed == seed_of(request.node.nodeid) == torch.initial_seed()
+    assert seed != seed_of(request.node.nodeid + "x")
+    assert not torch.cuda.is_initialized() or torch.cuda.is_available()  # hand cases: no scale rounding through a 16-bit dtype
 
 
 def _t(rows):
