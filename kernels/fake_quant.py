@@ -325,6 +325,12 @@ def _block(n: int) -> int:
     return max(16, min(1024, triton.next_power_of_2(n)))
 
 
+def _warps(block: int) -> int:
+    """Small segments (per-group, 32..256 elements) get one warp each so many programs share an SM; 1024-wide
+    blocks get four (eight elements per thread)."""
+    return max(1, min(4, block // 256))
+
+
 # Per-tensor specs split the flat weight into chunks of this many elements, one program each (statistics are reduced
 # per chunk, then across chunks by the launcher).  Read at call time; tests lower it to exercise several chunks.
 TENSOR_CHUNK = 8192
@@ -349,7 +355,8 @@ def _tensor_stats(w: torch.Tensor, spec, nprog: int, chunk: int):
     cnt = _empty((nprog,), torch.int32, w.device)
     blk = _block(chunk)
     _fake_quant_weight_stats_kernel[(nprog,)](w, part, cnt, part, numel, clip, TWN_PASS=False,
-                                              HAS_CLIP=spec.clip is not None, CHUNK=chunk, BLOCK=blk)
+                                              HAS_CLIP=spec.clip is not None, CHUNK=chunk, BLOCK=blk,
+                                              num_warps=_warps(blk))
     mean = part[:, 0].sum() / numel
     amax = part[:, 1].amax()
     dt = spec.torch_scale_dtype
@@ -362,7 +369,8 @@ def _tensor_stats(w: torch.Tensor, spec, nprog: int, chunk: int):
     if spec.method == "twn":
         delta = TWN_DELTA_RATIO * mean
         _fake_quant_weight_stats_kernel[(nprog,)](w, part, cnt, delta.reshape(1), numel, clip, TWN_PASS=True,
-                                                  HAS_CLIP=spec.clip is not None, CHUNK=chunk, BLOCK=blk)
+                                                  HAS_CLIP=spec.clip is not None, CHUNK=chunk, BLOCK=blk,
+                                              num_warps=_warps(blk))
         c = cnt.sum()
         s = torch.where(c > 0, part[:, 0].sum() / c.clamp_min(1), torch.zeros_like(mean))
     elif spec.method == "absmean":
@@ -435,7 +443,8 @@ def fake_quant_weight_fwd(w: torch.Tensor, spec, scale: Optional[torch.Tensor] =
         seg_len, float(seg_len), w.numel(), float(spec.clip) if spec.clip is not None else 0.0,
         METHOD=_METHOD_ID[spec.method], LEARNABLE=learnable, STATS=stats_in_kernel, TERNARY=spec.ternary,
         PER_TENSOR_IN=spec.granularity == "tensor",
-        WRITE_OUT=want_out, WRITE_CODES=want_codes, BLOCK=_block(seg_len), **_consts(spec),
+        WRITE_OUT=want_out, WRITE_CODES=want_codes, BLOCK=_block(seg_len), num_warps=_warps(_block(seg_len)),
+        **_consts(spec),
     )
     return out, codes, s_out, z_out
 
@@ -470,7 +479,7 @@ def fake_quant_weight_bwd(grad: torch.Tensor, w: torch.Tensor, spec, scale: Opti
         gs_seg if gs_seg is not None else dummy, gz_seg if gz_seg is not None else dummy,
         seg_len, w.numel(), float(spec.clip) if spec.clip is not None else 0.0, gscale,
         LEARNABLE=learnable, LSQ=spec.scale_grad == "lsq", PER_TENSOR_IN=spec.granularity == "tensor",
-        BLOCK=_block(seg_len), **_consts(spec),
+        BLOCK=_block(seg_len), num_warps=_warps(_block(seg_len)), **_consts(spec),
     )
     if spec.granularity == "tensor" and learnable:  # per-chunk partial sums -> the one scale's gradient
         gs_seg = gs_seg.sum()
@@ -492,9 +501,10 @@ def fake_quant_activation(x: torch.Tensor, symmetric: bool, per_token: bool) -> 
     mn = _empty((rows,), torch.float32, x.device)
     mx = _empty((rows,), torch.float32, x.device)
     blk = _block(d)
-    _fake_quant_activation_stats_kernel[(rows,)](x, amax, mn, mx, d, BLOCK=blk)
+    _fake_quant_activation_stats_kernel[(rows,)](x, amax, mn, mx, d, BLOCK=blk, num_warps=_warps(blk))
     if not per_token:  # max/min are order-independent: reducing the row results is exact
         amax, mn, mx = amax.amax().reshape(1), mn.amin().reshape(1), mx.amax().reshape(1)
     _fake_quant_activation_kernel[(rows,)](x, out, amax, mn, mx, d, PER_TOKEN=per_token, SYMMETRIC=symmetric,
-                                           TINY=float(torch.finfo(torch.float32).tiny), BLOCK=blk)
+                                           TINY=float(torch.finfo(torch.float32).tiny), BLOCK=blk,
+                                           num_warps=_warps(blk))
     return out
