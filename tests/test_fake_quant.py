@@ -239,6 +239,10 @@ def test_opcheck():
                                                                    z.detach()))
     x = torch.randn(2, 3, 40, requires_grad=True)
     torch.library.opcheck(ops.fake_quant_activation.default, (x, False, True))
+    if _TRITON_OK:  # the same checks with the kernels behind the ops
+        with use_backend("triton"):
+            torch.library.opcheck(ops.fake_quant_weight.default, (w.to(DEV), js, s.to(DEV), z.to(DEV)))
+            torch.library.opcheck(ops.fake_quant_activation.default, (x.to(DEV), True, False))
 
 
 def test_torch_compile_matches_eager():

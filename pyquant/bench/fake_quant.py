@@ -41,6 +41,7 @@ SMOKE_SHAPES: Dict[str, Tuple[int, int]] = {"tiny": (48, 128)}
 # name -> WeightQuantConfig kwargs
 SPECS: Dict[str, dict] = {
     "twn-channel": dict(method="twn", granularity="channel"),
+    "absmean-tensor": dict(method="absmean", granularity="tensor"),  # BitNet b1.58's weight quantizer
     "absmean-channel-lsq": dict(method="absmean", granularity="channel", learnable_scale=True),
     "int2-asym-group128-lsq": dict(method="uniform", symmetric=False, granularity="group", group_size=128,
                                    learnable_scale=True),
@@ -208,7 +209,7 @@ def _op_rows(cfg: FakeQuantBenchConfig, device) -> List[FakeQuantBenchRow]:
                                            rtol=1e-2, atol=1e-2 * float(w.detach().abs().max()))
             impls[impl_name] = fwd_bwd(fused)
             impls["torch-naive"] = fwd_bwd(lambda: naive_fake_quant(w, spec, s, z))
-            if spec.learnable_scale:
+            if spec.learnable_scale and spec.granularity != "tensor":
                 impls["torch-learnable-fq"] = fwd_bwd(lambda: _learnable_torch_fq(w, spec, s, z))
             times = {name: _time(fn, cfg) for name, fn in impls.items()}
             base = times["torch-naive"][0]
