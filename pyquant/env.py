@@ -116,6 +116,7 @@ def format_report(d: Dict[str, Any]) -> str:
     ops = d.get("ops", {})
     if not ops:
         lines.append("  none")
+    width = max([len(op) for op in ops] + [0])
     for op, bs in ops.items():
-        lines.append(f"  {op:<24} {', '.join(bs) if bs else 'none'}")
+        lines.append(f"  {op:<{width}}  {', '.join(bs) if bs else 'none'}")
     return "\n".join(lines)
