@@ -15,6 +15,8 @@ from typing import Optional
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pyquant import reference as R
 from pyquant.formats import SCALE_DTYPES, ActivationQuantConfig, WeightQuantConfig, pack_codes
@@ -223,6 +225,34 @@ def test_fake_quant_keeps_dtype_and_is_idempotent():
     w32 = torch.randn(3, 64)
     fq32 = R.fake_quant_weight(w32, spec, s)
     torch.testing.assert_close(R.fake_quant_weight(fq32, spec, s), fq32, rtol=0, atol=0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(meth=st.sampled_from(METHOD_SPECS), gran=st.sampled_from(GRANS), rows=st.integers(1, 6),
+       groups=st.integers(1, 3), sdt=st.sampled_from(list(SCALE_DTYPES)), clip=st.sampled_from([None, 0.9]),
+       seed=st.integers(0, 2**31 - 1))
+def test_learnable_fake_quant_properties(meth, gran, rows, groups, sdt, clip, seed):
+    # Over random specs and shapes: codes lie in [0, levels-1]; every fake-quant value is (c - z) * s; inside the
+    # quantizer's range the error is at most s/2; outside it the value is the nearest end of the range.
+    g = torch.Generator().manual_seed(seed)
+    spec = WeightQuantConfig(**meth, **gran, scale_dtype=sdt, clip=clip, learnable_scale=True)
+    k = 32 * groups
+    w = torch.randn(rows, k, generator=g)
+    shp = scale_shape(spec, rows, k)
+    scale = torch.rand(shp, generator=g) * 0.6 + 0.05
+    zp = torch.rand(shp, generator=g) * 3 if not spec.symmetric else None
+    codes, s, z = R.quantize_weight(w, spec, scale, zp)
+    assert int(codes.max()) <= spec.max_code
+    fq = R.fake_quant_weight(w, spec, scale, zp).to(F64)
+    S = expand64(s.to(F64), rows, k)
+    Z = expand64(z.to(F64), rows, k) if z is not None else spec.code_offset
+    torch.testing.assert_close(fq, (codes.to(F64) - Z) * S, rtol=1e-6, atol=1e-7)
+    wc = w.to(F64).clamp(-clip, clip) if clip is not None else w.to(F64)
+    lo, hi = (0 - Z) * S, (spec.max_code - Z) * S
+    inside = (wc >= lo) & (wc <= hi)
+    err = (fq - wc).abs()
+    assert (err[inside] <= (S / 2 * (1 + 1e-5))[inside]).all()
+    torch.testing.assert_close(fq[~inside], torch.minimum(torch.maximum(wc, lo), hi)[~inside], rtol=1e-5, atol=1e-6)
 
 
 def test_reference_quant_rejects_bad_input():
