@@ -179,6 +179,125 @@ def _fake_quant_weight_kernel(
 
 
 @triton.jit
+def _fake_quant_weight_groups_kernel(
+    W, OUT, CODES, S_IN, Z_IN, S_OUT, Z_OUT,
+    NSEG, clip,
+    METHOD: tl.constexpr, LEARNABLE: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_CLIP: tl.constexpr,
+    TERNARY: tl.constexpr, MAX_CODE: tl.constexpr, CODE_OFFSET: tl.constexpr,
+    SDT: tl.constexpr, TINY: tl.constexpr, WRITE_OUT: tl.constexpr, WRITE_CODES: tl.constexpr,
+    GS: tl.constexpr, GPP: tl.constexpr,
+):
+    """Per-group specs (group size GS, a power of two <= 256): one program quantizes GPP consecutive groups as a
+    [GPP, GS] tile of the flat weight (groups are contiguous), statistics reduced along axis 1 -- the same math as
+    _fake_quant_weight_kernel, whose one-program-per-group grid would give tiny programs here."""
+    pid = tl.program_id(0)
+    seg = pid * GPP + tl.arange(0, GPP)
+    segm = seg < NSEG
+    cols = tl.arange(0, GS)
+    offs = seg.to(tl.int64)[:, None] * GS + cols[None, :]
+    m = segm[:, None] & (cols[None, :] < GS)
+    w = tl.load(W + offs, mask=m, other=0.0).to(tl.float32)
+    if HAS_CLIP:
+        w = tl.minimum(tl.maximum(w, -clip), clip)
+    a = tl.abs(w)
+    delta = tl.zeros([GPP], dtype=tl.float32)
+    if LEARNABLE:
+        s = _round_scale(tl.load(S_IN + seg, mask=segm, other=1.0).to(tl.float32), TINY, SDT)
+        if SYMMETRIC:
+            z = tl.full([GPP], CODE_OFFSET, dtype=tl.float32)
+        else:
+            z = _to_sdt(tl.load(Z_IN + seg, mask=segm, other=0.0).to(tl.float32), SDT)
+    else:
+        mean_abs = tl.math.div_rn(tl.sum(a, axis=1), tl.full([GPP], GS, dtype=tl.float32))
+        amax = tl.max(a, axis=1)
+        z = tl.full([GPP], CODE_OFFSET, dtype=tl.float32)
+        if METHOD == 0:  # twn
+            delta = 0.7 * mean_abs
+            keep = a > delta[:, None]
+            cnt = tl.sum(keep.to(tl.int32), axis=1)
+            tot = tl.sum(tl.where(keep, a, 0.0), axis=1)
+            s = tl.where(cnt > 0, tl.math.div_rn(tot, tl.maximum(cnt, 1).to(tl.float32)), 0.0)
+            s = _round_scale(s, TINY, SDT)
+        elif METHOD == 1:  # absmean
+            s = _round_scale(mean_abs, TINY, SDT)
+        elif METHOD == 3:  # seq
+            if TERNARY:
+                s = _round_scale(amax * (2.0 / 3.0), TINY, SDT)
+            else:
+                s = _round_scale(amax * 0.5, TINY, SDT)
+        else:  # uniform
+            if SYMMETRIC:
+                s = _round_scale(tl.math.div_rn(amax, tl.full([GPP], 1.5, dtype=tl.float32)), TINY, SDT)
+            else:
+                mn = tl.minimum(tl.min(w, axis=1), 0.0)  # range includes 0, as the reference
+                mx = tl.maximum(tl.max(w, axis=1), 0.0)
+                s = _round_scale(tl.math.div_rn(mx - mn, tl.full([GPP], MAX_CODE, dtype=tl.float32)), TINY, SDT)
+                z = _to_sdt(tl.math.div_rn(-mn, s), SDT)
+        tl.store(S_OUT + seg, s, mask=segm)
+        if not SYMMETRIC:
+            tl.store(Z_OUT + seg, z, mask=segm)
+    s2 = s[:, None]
+    z2 = z[:, None]
+    if METHOD == 0 and not LEARNABLE:  # TWN's own threshold
+        sgn = tl.where(w > 0, 1.0, tl.where(w < 0, -1.0, 0.0))
+        c = 1.0 + tl.where(a > delta[:, None], sgn, 0.0)
+    else:
+        v = tl.math.div_rn(w, tl.broadcast_to(s2, [GPP, GS]))
+        c = tl.floor((v + z2) + 0.5)
+        c = tl.minimum(tl.maximum(c, 0.0), MAX_CODE * 1.0)
+    if WRITE_CODES:
+        tl.store(CODES + offs, c.to(tl.uint8), mask=m)
+    if WRITE_OUT:
+        tl.store(OUT + offs, _cast((c - z2) * s2, OUT.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _fake_quant_weight_groups_bwd_kernel(
+    G, W, GW, S_IN, Z_IN, GS_OUT, GZ_OUT,
+    NSEG, clip, gscale,
+    LEARNABLE: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_CLIP: tl.constexpr, LSQ: tl.constexpr,
+    MAX_CODE: tl.constexpr, CODE_OFFSET: tl.constexpr, SDT: tl.constexpr, TINY: tl.constexpr,
+    GS: tl.constexpr, GPP: tl.constexpr,
+):
+    """Backward of _fake_quant_weight_groups_kernel: grad_w, and the per-group scale/zero-point gradients reduced
+    along axis 1 of the [GPP, GS] tile (same math as _fake_quant_weight_bwd_kernel)."""
+    pid = tl.program_id(0)
+    seg = pid * GPP + tl.arange(0, GPP)
+    segm = seg < NSEG
+    cols = tl.arange(0, GS)
+    offs = seg.to(tl.int64)[:, None] * GS + cols[None, :]
+    m = segm[:, None] & (cols[None, :] < GS)
+    g = tl.load(G + offs, mask=m, other=0.0).to(tl.float32)
+    w = tl.load(W + offs, mask=m, other=0.0).to(tl.float32)
+    keep = m
+    if HAS_CLIP:
+        keep = keep & (tl.abs(w) <= clip)
+        w = tl.minimum(tl.maximum(w, -clip), clip)
+    if LEARNABLE:
+        s = _round_scale(tl.load(S_IN + seg, mask=segm, other=1.0).to(tl.float32), TINY, SDT)
+        if SYMMETRIC:
+            z = tl.full([GPP], CODE_OFFSET, dtype=tl.float32)
+        else:
+            z = _to_sdt(tl.load(Z_IN + seg, mask=segm, other=0.0).to(tl.float32), SDT)
+        s2 = s[:, None]
+        v = tl.math.div_rn(w, tl.broadcast_to(s2, [GPP, GS]))
+        vz = v + z[:, None]
+        inside = (vz >= 0.0) & (vz <= MAX_CODE * 1.0)
+        c = tl.minimum(tl.maximum(tl.floor(vz + 0.5), 0.0), MAX_CODE * 1.0)
+        q = c - z[:, None]
+        if LSQ:
+            ds = q - tl.where(inside, v, 0.0)
+        else:
+            ds = tl.where(inside, 0.0, q)
+        tl.store(GS_OUT + seg, tl.sum(tl.where(m, g * ds, 0.0), axis=1) * gscale, mask=segm)
+        if not SYMMETRIC:
+            gz = tl.sum(tl.where(m & (~inside), g * (-s2), 0.0), axis=1) * gscale
+            tl.store(GZ_OUT + seg, gz, mask=segm)
+        keep = keep & inside
+    tl.store(GW + offs, tl.where(keep, g, 0.0).to(GW.dtype.element_ty), mask=m)
+
+
+@triton.jit
 def _fake_quant_weight_stats_kernel(W, PART, CNT, DELTA_IN, NUMEL, clip, TWN_PASS: tl.constexpr,
                                     HAS_CLIP: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     """Per-tensor statistics, split over programs: each reduces CHUNK elements into PART[pid, 0:4] =
@@ -331,6 +450,14 @@ def _warps(block: int) -> int:
     return max(1, min(4, block // 256))
 
 
+# Per-group specs: elements per program of the [groups, group_size] tile kernels (read at call time; tests lower it).
+GROUP_TILE = 2048
+
+
+def _groups_per_program(gs: int) -> int:
+    return max(1, GROUP_TILE // gs)
+
+
 # Per-tensor specs split the flat weight into chunks of this many elements, one program each (statistics are reduced
 # per chunk, then across chunks by the launcher).  Read at call time; tests lower it to exercise several chunks.
 TENSOR_CHUNK = 8192
@@ -433,8 +560,19 @@ def fake_quant_weight_fwd(w: torch.Tensor, spec, scale: Optional[torch.Tensor] =
         s_out = _empty((r, g), torch.float32, w.device)
         z_out = None if spec.symmetric else _empty((r, g), torch.float32, w.device)
         s_in = z_in = None
-    stats_in_kernel = not learnable and spec.granularity != "tensor"
     dummy = w  # never dereferenced when its constexpr flag is off
+    if spec.granularity == "group":
+        gpp = _groups_per_program(seg_len)
+        _fake_quant_weight_groups_kernel[(triton.cdiv(nseg, gpp),)](
+            w, out if out is not None else dummy, codes if codes is not None else dummy,
+            s_in if s_in is not None else dummy, z_in if z_in is not None else dummy,
+            s_out, z_out if z_out is not None else s_out,
+            nseg, float(spec.clip) if spec.clip is not None else 0.0,
+            METHOD=_METHOD_ID[spec.method], LEARNABLE=learnable, TERNARY=spec.ternary,
+            WRITE_OUT=want_out, WRITE_CODES=want_codes, GS=seg_len, GPP=gpp, num_warps=4, **_consts(spec),
+        )
+        return out, codes, s_out, z_out
+    stats_in_kernel = not learnable and spec.granularity != "tensor"
     _fake_quant_weight_kernel[(nseg,)](
         w, out if out is not None else dummy, codes if codes is not None else dummy,
         s_in if s_in is not None else dummy, z_in if z_in is not None else dummy,
@@ -474,13 +612,23 @@ def fake_quant_weight_bwd(grad: torch.Tensor, w: torch.Tensor, spec, scale: Opti
         s_in = z_in = None
         gscale = 1.0
     dummy = gw
-    _fake_quant_weight_bwd_kernel[(nseg,)](
-        grad, w, gw, s_in if s_in is not None else dummy, z_in if z_in is not None else dummy,
-        gs_seg if gs_seg is not None else dummy, gz_seg if gz_seg is not None else dummy,
-        seg_len, w.numel(), float(spec.clip) if spec.clip is not None else 0.0, gscale,
-        LEARNABLE=learnable, LSQ=spec.scale_grad == "lsq", PER_TENSOR_IN=spec.granularity == "tensor",
-        BLOCK=_block(seg_len), num_warps=_warps(_block(seg_len)), **_consts(spec),
-    )
+    if spec.granularity == "group":
+        gpp = _groups_per_program(seg_len)
+        _fake_quant_weight_groups_bwd_kernel[(triton.cdiv(nseg, gpp),)](
+            grad, w, gw, s_in if s_in is not None else dummy, z_in if z_in is not None else dummy,
+            gs_seg if gs_seg is not None else dummy, gz_seg if gz_seg is not None else dummy,
+            nseg, float(spec.clip) if spec.clip is not None else 0.0, gscale,
+            LEARNABLE=learnable, LSQ=spec.scale_grad == "lsq", GS=seg_len, GPP=gpp, num_warps=4,
+            **_consts(spec),
+        )
+    else:
+        _fake_quant_weight_bwd_kernel[(nseg,)](
+            grad, w, gw, s_in if s_in is not None else dummy, z_in if z_in is not None else dummy,
+            gs_seg if gs_seg is not None else dummy, gz_seg if gz_seg is not None else dummy,
+            seg_len, w.numel(), float(spec.clip) if spec.clip is not None else 0.0, gscale,
+            LEARNABLE=learnable, LSQ=spec.scale_grad == "lsq", PER_TENSOR_IN=spec.granularity == "tensor",
+            BLOCK=_block(seg_len), num_warps=_warps(_block(seg_len)), **_consts(spec),
+        )
     if spec.granularity == "tensor" and learnable:  # per-chunk partial sums -> the one scale's gradient
         gs_seg = gs_seg.sum()
         gz_seg = None if gz_seg is None else gz_seg.sum()

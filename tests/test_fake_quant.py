@@ -66,6 +66,7 @@ def poisoned(monkeypatch):
 
     monkeypatch.setattr(km, "_empty", _empty)
     monkeypatch.setattr(km, "TENSOR_CHUNK", 64)  # per-tensor specs: several programs and a partial last chunk
+    monkeypatch.setattr(km, "GROUP_TILE", 64)  # per-group specs: several programs, the last one partly masked
     return km
 
 
