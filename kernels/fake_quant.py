@@ -9,11 +9,13 @@ summation order differs (max/min-based scales are exact).
 
 Work decomposition: the weight [N, K] is contiguous, and the elements sharing one scale (a "segment": one group of
 a row, one row, or the whole tensor) are a contiguous range ``[pid * L, (pid + 1) * L)`` of the flat weight, because
-``row * K + g * group_size == (row * G + g) * group_size``.  One program handles one segment, looping over it in
+``row * K + g * group_size == (row * G + g) * group_size``.  Per-channel: one program per row, looping over it in
 BLOCK-sized chunks: pass 1 reduces the statistics (sum|w|, max|w|, min, max), TWN's pass 2 reduces the mean of |w|
-above Delta, and the last pass writes codes and/or w_hat.  The re-reads hit L1/L2 (a segment is at most K elements
-for per-channel/group).  The backward is one pass per segment: grad_w is written and the scale/zero-point gradient
-is accumulated in registers and stored once per segment -- no full-size fp32 temporaries, no atomics.
+above Delta, and the last pass writes codes and/or w_hat (the re-reads of one row hit L1/L2).  Per-group (group size
+32..256, a power of two): one program takes GROUP_TILE elements as a [groups, group_size] tile held in registers and
+reduces along its rows, so the weight is read once.  The backward is one pass: grad_w is written and the
+scale/zero-point gradient is accumulated in registers and stored once per scale -- no full-size fp32 temporaries,
+no atomics.
 
 Per-tensor specs split the flat weight into TENSOR_CHUNK-element programs instead: a stats kernel writes per-chunk
 partials (sum|w|, max|w|, min, max; TWN's second pass: sum and count above Delta), the launcher reduces them and applies
