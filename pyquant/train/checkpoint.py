@@ -103,6 +103,16 @@ def save_checkpoint(output_dir, step: int, model: torch.nn.Module, optimizer=Non
     return final
 
 
+def _flatten(d, prefix: str = "") -> dict:
+    out = {}
+    for k, v in (d or {}).items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def load_checkpoint(path, model: torch.nn.Module, optimizer=None, scheduler=None,
                     expect_config: Optional[dict] = None, restore_rng: bool = True) -> dict:
     """Load a checkpoint into model/optimizer/scheduler (+ RNG); returns its meta dict.
@@ -121,8 +131,8 @@ def load_checkpoint(path, model: torch.nn.Module, optimizer=None, scheduler=None
     if expect_config is not None:
         got = meta.get("config")
         if got != expect_config:
-            keys = sorted(k for k in set(expect_config) | set(got or {})
-                          if (got or {}).get(k) != expect_config.get(k))
+            a, b = _flatten(expect_config), _flatten(got or {})
+            keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
             raise CheckpointError(
                 f"checkpoint {p} was written by a different configuration (differs in {keys}); resume with the same "
                 "options or start a new output directory")

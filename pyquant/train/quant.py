@@ -20,10 +20,10 @@ __all__ = ["prepare_student", "convert_to_packed", "ptq_to_packed", "linear_name
 
 
 def _convert_module():
-    try:
-        from .. import convert  # noqa: F401
+    import importlib
 
-        return convert
+    try:  # not ``from .. import convert``: pyquant.convert (the attribute) is the function of that name
+        return importlib.import_module("pyquant.convert")
     except ImportError:
         return None
 
