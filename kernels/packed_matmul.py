@@ -364,6 +364,8 @@ def _alloc(shape, dtype, device) -> torch.Tensor:
 def _launch(x, x_scale, qweight, scale, zero_point, bias, code_offset, M, N, K, G, gs, out_dtype,
             config: Optional[Dict] = None) -> torch.Tensor:
     y = _alloc((M, N), out_dtype, x.device)
+    if N == 0:
+        return y
     skinny = M <= 16
     ws = _alloc((M, N), torch.float32, x.device) if skinny else None
     common = dict(HAS_ZERO=zero_point is not None, HAS_BIAS=bias is not None, X_INT8=x_scale is not None)

@@ -173,6 +173,7 @@ def test_non_contiguous_and_3d_x(poison):
 @pytest.mark.parametrize("M,N,K,group,fmt,dtype,has_bias", [
     (1, 50, 200, None, "twn", torch.float16, True),
     (4, 33, 256, 64, "int2-asym", torch.bfloat16, False),
+    (12, 24, 128, 64, "absmean", torch.bfloat16, True),
     (20, 40, 192, 32, "seq4", torch.float16, True),
 ])
 def test_w2a8_matches_reference(M, N, K, group, fmt, dtype, has_bias, poison):
@@ -239,6 +240,7 @@ def _call(a, op=packed_matmul):
     (dict(x=torch.randint(0, 5, (3, 128))), TypeError, "x must be float16"),
     (dict(x=torch.randn(3, 100, dtype=torch.float16)), ValueError, "in_features=128"),
     (dict(x=torch.randn(0, 128, dtype=torch.float16)), ValueError, "x is empty"),
+    (dict(x=torch.randn(3, 128, dtype=torch.float16, device="meta")), ValueError, "x is on meta"),
     (dict(qweight=torch.zeros(20, 16, dtype=torch.uint8)), ValueError, "qweight"),
     (dict(qweight=torch.zeros(20, 32, dtype=torch.int8)), TypeError, "qweight"),
     (dict(qweight=torch.zeros(20, 32, dtype=torch.uint8)[:, ::1].reshape(20, 32, 1)), TypeError, "qweight"),
