@@ -239,6 +239,9 @@ def capture_attention(model: nn.Module) -> Iterator[AttentionRecord]:
     records.update({k: rec for k in prev})
     try:
         _set_impl(model, IMPL_NAME)
+        if getattr(model.config, "_attn_implementation", None) != IMPL_NAME:
+            raise ValueError(f"{type(model).__name__} did not switch to the {IMPL_NAME!r} attention implementation: "
+                             "capture needs a model whose attention goes through transformers' AttentionInterface")
         yield rec
     finally:
         for h in handles:
