@@ -370,10 +370,7 @@ def _launch(x, x_scale, qweight, scale, zero_point, bias, code_offset, M, N, K, 
     ws = _alloc((M, N), torch.float32, x.device) if skinny else None
     common = dict(HAS_ZERO=zero_point is not None, HAS_BIAS=bias is not None, X_INT8=x_scale is not None)
     co = 0.0 if code_offset is None else float(code_offset)
-    if x_scale is None and x.dtype == torch.bfloat16 and _interpret():
-        common["DOT_F32"] = True  # GEMM only; exact either way (products of bf16 and small codes are exact)
     if M <= GEMV_MAX_M:
-        common.pop("DOT_F32", None)
         kernel, block_m = _gemv, _next_pow2(M)
         args = (x, x_scale, qweight, scale, zero_point, bias, y, ws, M, N, K, G, gs, co,
                 x.stride(0), qweight.stride(0), y.stride(0))
@@ -381,7 +378,9 @@ def _launch(x, x_scale, qweight, scale, zero_point, bias, code_offset, M, N, K, 
         common["BLOCK_M"] = block_m
     else:
         kernel = _gemm
-        common.setdefault("DOT_F32", False)
+        # the interpreter's tl.dot is wrong for bf16 (triton-lang/triton#11584): there, bf16 tiles are multiplied in
+        # fp32, which gives the same result (bf16 x and small codes have exact fp32 products)
+        common["DOT_F32"] = x_scale is None and x.dtype == torch.bfloat16 and _interpret()
         m_bucket = min(_next_pow2(M), _M_BUCKET_CAP)
         args = (x, x_scale, qweight, scale, zero_point, bias, y, ws, M, N, K, G, gs, co, m_bucket,
                 x.stride(0), qweight.stride(0), y.stride(0))
