@@ -343,3 +343,40 @@ def test_traces_under_torch_compile_fullgraph():
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(qa.grad, qr.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ka.grad, kr.grad, rtol=1e-5, atol=1e-6)
+
+
+@needs_triton
+def test_benchmark_smoke_mode_runs_and_writes_nothing(tmp_path, capsys):
+    from pyquant.bench import attention_kd as bench
+    from pyquant.bench.common import RESULTS_DIR
+
+    before = set(RESULTS_DIR.glob("attention_kd-*")) if RESULTS_DIR.exists() else set()
+    assert bench.main(["--smoke"]) == 0
+    out = capsys.readouterr().out
+    assert "not measured" in out and " ms " not in out  # no timing printed
+    after = set(RESULTS_DIR.glob("attention_kd-*")) if RESULTS_DIR.exists() else set()
+    assert after == before
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
+def test_benchmark_without_gpu_exits_with_clear_message():
+    from pyquant.bench import attention_kd as bench
+
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        bench.main(["--seq-lens", "64"])
+
+
+def test_benchmark_plot_draws_ok_and_oom_rows(tmp_path):
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from pyquant.bench import attention_kd as bench
+
+    rows = [dict(seq_len=512, impl="fused_triton", status="ok", fwd_bwd_ms=1.5, peak_extra_bytes=2**20),
+            dict(seq_len=512, impl="eager_materialized", status="ok", fwd_bwd_ms=9.0, peak_extra_bytes=2**30),
+            dict(seq_len=8192, impl="fused_triton", status="ok", fwd_bwd_ms=40.0, peak_extra_bytes=2**24),
+            dict(seq_len=8192, impl="eager_materialized", status="oom", fwd_bwd_ms=None, peak_extra_bytes=None)]
+    png = tmp_path / "plot.png"
+    bench._plot(rows, png)
+    assert png.stat().st_size > 1000
