@@ -414,14 +414,31 @@ def _fake_quant_activation_kernel(X, OUT, AMAX, MN, MX, D, PER_TOKEN: tl.constex
                                   TINY: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     base = row.to(tl.int64) * D
-    sidx = row if PER_TOKEN else 0
     offs0 = tl.arange(0, BLOCK)
+    if PER_TOKEN:  # the row's own range, reduced here (the second pass re-reads the row from L1/L2)
+        acc_amax = tl.zeros([BLOCK], dtype=tl.float32)
+        acc_min = tl.full([BLOCK], float("inf"), dtype=tl.float32)
+        acc_max = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+        for start in range(0, D, BLOCK):
+            offs = start + offs0
+            m = offs < D
+            x = tl.load(X + base + offs, mask=m, other=0.0).to(tl.float32)
+            acc_amax = tl.maximum(acc_amax, tl.abs(x))
+            acc_min = tl.minimum(acc_min, tl.where(m, x, float("inf")))
+            acc_max = tl.maximum(acc_max, tl.where(m, x, float("-inf")))
+        amax = tl.max(acc_amax, axis=0)
+        row_min = tl.min(acc_min, axis=0)
+        row_max = tl.max(acc_max, axis=0)
+    else:  # the tensor's range, reduced by the stats kernel and the launcher
+        amax = tl.load(AMAX)
+        row_min = tl.load(MN)
+        row_max = tl.load(MX)
     if SYMMETRIC:
-        s = tl.maximum(tl.math.div_rn(tl.load(AMAX + sidx), 127.0), TINY)
+        s = tl.maximum(tl.math.div_rn(amax, 127.0), TINY)
         z = 0.0
     else:
-        mn = tl.minimum(tl.load(MN + sidx), 0.0)  # range includes 0, as the reference
-        mx = tl.maximum(tl.load(MX + sidx), 0.0)
+        mn = tl.minimum(row_min, 0.0)  # range includes 0, as the reference
+        mx = tl.maximum(row_max, 0.0)
         s = tl.maximum(tl.math.div_rn(mx - mn, 255.0), TINY)
         z = tl.minimum(tl.maximum(tl.floor(tl.math.div_rn(-mn, s) + 0.5), 0.0), 255.0)
     for start in range(0, D, BLOCK):
@@ -647,12 +664,15 @@ def fake_quant_activation(x: torch.Tensor, symmetric: bool, per_token: bool) -> 
     d = x.shape[-1]
     rows = x.numel() // d
     out = _empty(x.shape, x.dtype, x.device)
-    amax = _empty((rows,), torch.float32, x.device)
-    mn = _empty((rows,), torch.float32, x.device)
-    mx = _empty((rows,), torch.float32, x.device)
     blk = _block(d)
-    _fake_quant_activation_stats_kernel[(rows,)](x, amax, mn, mx, d, BLOCK=blk, num_warps=_warps(blk))
-    if not per_token:  # max/min are order-independent: reducing the row results is exact
+    if per_token:  # one fused kernel: each program reduces its row's range, then quantizes the row
+        amax = mn = mx = out  # unused
+    else:
+        amax = _empty((rows,), torch.float32, x.device)
+        mn = _empty((rows,), torch.float32, x.device)
+        mx = _empty((rows,), torch.float32, x.device)
+        _fake_quant_activation_stats_kernel[(rows,)](x, amax, mn, mx, d, BLOCK=blk, num_warps=_warps(blk))
+        # max/min are order-independent: reducing the per-row results is exact
         amax, mn, mx = amax.amax().reshape(1), mn.amin().reshape(1), mx.amax().reshape(1)
     _fake_quant_activation_kernel[(rows,)](x, out, amax, mn, mx, d, PER_TOKEN=per_token, SYMMETRIC=symmetric,
                                            TINY=float(torch.finfo(torch.float32).tiny), BLOCK=blk,
