@@ -75,6 +75,7 @@ KERNEL_CASES = [
     pytest.param(1, 2, 1, 1, 129, 129, 32, 32, True, True, torch.float32, id="L129-causal-pad-gqa"),
     pytest.param(2, 2, 2, 2, 129, 129, 64, 64, False, True, torch.bfloat16, id="L129-pad-bf16"),
     pytest.param(2, 2, 1, 1, 20, 100, 32, 32, True, True, torch.float32, id="Lq20-Lk100-causal-bottom-right"),
+    pytest.param(3, 2, 2, 1, 7, 50, 80, 48, False, True, torch.float32, id="Lq7-Lk50-pad-d80-d48"),
 ]
 
 
