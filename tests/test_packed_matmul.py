@@ -269,6 +269,41 @@ def test_kernel_launcher_checks_constraints():
         k.packed_matmul(torch.randn(2, 128).double(), a["qweight"], a["scale"], a["zero_point"], None, 128, None)
 
 
+@pytest.mark.parametrize("group", [32, 64, 128, None])
+@pytest.mark.parametrize("m_bucket", [16, 32, 4096])
+def test_gemm_autotune_pruning(monkeypatch, group, m_bucket):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the GPU's pruning: every valid config, not the single one
+    k = _kern()
+    K = 4096
+    G = 1 if group is None else K // group
+    args = dict(K=K, G=G, group_size=K // G, M_BUCKET=m_bucket, x_ptr=torch.empty(1, dtype=torch.bfloat16))
+    keep = k._prune_gemm(k._GEMM_CONFIGS, args)
+    assert len(keep) >= 3  # a real choice for the autotuner at every group size
+    for c in keep:
+        bm, bk, sk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.kwargs["SPLIT_K"]
+        assert G == 1 or group % bk == 0
+        assert (bm == 16) if m_bucket <= 16 else (bm > 16 and bm <= max(32, m_bucket) and sk == 1)
+        assert (c.pre_hook is not None) == (sk > 1)  # split-K configs zero their workspace
+    if m_bucket <= 16:
+        assert any(c.kwargs["SPLIT_K"] > 1 for c in keep)
+
+
+@pytest.mark.parametrize("group", [32, 64, 128, None])
+@pytest.mark.parametrize("block_m", [1, 2, 8])
+def test_gemv_autotune_pruning(monkeypatch, group, block_m):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    k = _kern()
+    K = 4096
+    G = 1 if group is None else K // group
+    keep = k._prune_gemv(k._GEMV_CONFIGS, dict(K=K, G=G, group_size=K // G), BLOCK_M=block_m)
+    assert len(keep) >= 2 and any(c.kwargs["SPLIT_K"] > 1 for c in keep)
+    for c in keep:
+        assert G == 1 or group % c.kwargs["BLOCK_K"] == 0
+        assert block_m * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= k._GEMV_MAX_ELEMS
+
+
 @needs_kernels
 def test_odd_group_size_falls_back_to_reference():
     # group_size 40 divides K = 80 but is not a multiple of 16: the triton backend declines, the reference runs
