@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import BertConfig, BertModel, LlamaConfig, LlamaModel
+from transformers import BertConfig, BertModel, GPT2Config, GPT2Model, LlamaConfig, LlamaModel
 
 from pyquant.distill.capture import AttentionRecord, _decode_mask, attention_kd_losses, capture_attention
 from pyquant.ops import use_backend
@@ -31,10 +31,18 @@ def _llama(seed, hidden=64):
     return LlamaModel(cfg).eval()
 
 
+def _gpt2(seed, hidden=64):
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_embd=hidden, n_layer=2, n_head=4, vocab_size=100, n_positions=64, initializer_range=0.2,
+                     bos_token_id=0, eos_token_id=0, attn_implementation="sdpa")
+    return GPT2Model(cfg).eval()
+
+
 FAMILIES = {
     # family: (builder, output-module selector for the eager oracle's hooks, causal)
     "bert": (_bert, lambda m: [layer.attention.output for layer in m.encoder.layer], False),
     "llama": (_llama, lambda m: [layer.self_attn for layer in m.layers], True),
+    "gpt2": (_gpt2, lambda m: [block.attn for block in m.h], True),
 }
 
 
@@ -84,7 +92,7 @@ BACKENDS = ["reference"] + (["triton"] if triton_interpret() or torch.cuda.is_av
 
 
 @pytest.mark.parametrize("family,backend,left", [(f, b, False) for f in ("bert", "llama") for b in BACKENDS]
-                         + [("llama", "reference", True)])
+                         + [("llama", "reference", True), ("gpt2", "reference", False)])
 def test_capture_matches_eager_output_attentions(family, backend, left):
     build, outputs_of, causal = FAMILIES[family]
     student, teacher = build(1), build(2)

@@ -9,8 +9,9 @@ sub-layer output for the output loss:
 
 * BERT / RoBERTa / ELECTRA-style encoders: ``<layer>.attention.output`` (a ``*SelfOutput``:
   LayerNorm(W_O context + b + X)), the sibling of the ``<layer>.attention.self`` module that calls the attention;
-* Llama / Mistral / Qwen-style pre-LN decoders: the attention module ``<layer>.self_attn`` itself, ``output[0]``
-  (the attention block output, before the residual add).
+* Llama / Mistral / Qwen / GPT-2-style pre-LN decoders: the attention module itself (``<layer>.self_attn``,
+  ``<layer>.attn`` or ``<layer>.self_attention``, a ``*Attention`` class), ``output[0]`` (the attention block output
+  after the output projection, before the residual add).
 
 ``attention_kd_losses(student_record, teacher_record, ...)`` turns a captured (student, teacher) forward pair into
 the summed layer losses and frees the recorded tensors.  Designed for training forwards (no KV cache).
@@ -185,13 +186,18 @@ def _pair_self_output(name, mod, mods):
     return (att, mod) if att is not None else None
 
 
+_ATTN_MODULE_NAMES = ("self_attn", "attn", "self_attention")
+
+
 def _pair_self_attn(name, mod, mods):
-    return (mod, mod) if name.split(".")[-1] == "self_attn" else None
+    # the module that calls the attention function also applies the output projection: its output[0]
+    last = name.split(".")[-1]
+    return (mod, mod) if last in _ATTN_MODULE_NAMES and type(mod).__name__.endswith("Attention") else None
 
 
 _OUTPUT_RULES: Tuple[_OutputRule, ...] = (
     _OutputRule("BERT-style *SelfOutput sibling of <layer>.attention.self", _pair_self_output, lambda out: out),
-    _OutputRule("Llama-style <layer>.self_attn output[0]", _pair_self_attn,
+    _OutputRule("Llama/GPT-2-style <layer>.self_attn|attn|self_attention (*Attention) output[0]", _pair_self_attn,
                 lambda out: out[0] if isinstance(out, (tuple, list)) else out),
 )
 
