@@ -12,6 +12,8 @@ import sys
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pyquant import reference
 from pyquant.formats import ActivationQuantConfig, WeightQuantConfig
@@ -93,6 +95,47 @@ def test_weight_forward_matches_reference(poisoned, method, levels, sym, gran, d
         assert (zp is None) == (rz is None) and (zp is None or torch.equal(zp, rz))
         assert torch.equal(out, reference.fake_quant_weight(w, spec, s, z))
         assert int(codes.max()) <= spec.max_code
+
+
+@needs_triton
+@settings(max_examples=12, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(n=st.integers(1, 9), groups=st.integers(1, 5), gran=st.sampled_from(["tensor", "channel", "group"]),
+       mi=st.integers(0, len(METHODS) - 1), learnable=st.booleans(), zero_row=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_weight_fwd_bwd_property(n, groups, gran, mi, learnable, zero_row, seed):
+    """Random small shapes (incl. one row, one group), degenerate rows (all zero), every method."""
+    method, levels, sym = METHODS[mi]
+    spec = _spec(method, levels, sym, gran, learnable_scale=learnable)
+    w = torch.randn(n, 32 * groups, generator=torch.Generator().manual_seed(seed)).to(DEV) * 0.03
+    if zero_row:
+        w[n // 2] = 0.0
+    s, z = _learnable_params(w, spec) if learnable else (None, None)
+    g = torch.randn(w.shape, generator=torch.Generator().manual_seed(seed + 1)).to(DEV)
+    with use_backend("triton"):
+        out = fake_quant_weight(w, spec, s, z)
+        gw, gs, gz = fake_quant_weight_backward(g, w, spec, s, z)
+    assert torch.equal(out, reference.fake_quant_weight(w, spec, s, z))
+    rw, rs, rz = reference.fake_quant_weight_backward(g, w, spec, s, z)
+    assert torch.equal(gw, rw)
+    for a, b in ((gs, rs), (gz, rz)):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.detach().abs().max()) + 1e-7)
+
+
+@needs_triton
+def test_long_rows_loop_over_blocks():
+    """Per-channel rows longer than one 1024-wide block (the kernel loops; the tail block is masked)."""
+    for spec in (WeightQuantConfig(method="twn"), WeightQuantConfig(method="uniform", symmetric=False),
+                 WeightQuantConfig(method="seq", levels=4, learnable_scale=True)):
+        w = _weight((3, 2500), torch.bfloat16, seed=5)
+        s, z = _learnable_params(w, spec) if spec.learnable_scale else (None, None)
+        with use_backend("triton"):
+            out = fake_quant_weight(w, spec, s, z)
+            codes, sc, _ = quantize_weight(w, spec, s, z)
+        rc, rs, _ = reference.quantize_weight(w, spec, s, z)
+        assert torch.equal(codes, rc) and torch.equal(sc, rs)
+        assert torch.equal(out, reference.fake_quant_weight(w, spec, s, z))
 
 
 @needs_triton
