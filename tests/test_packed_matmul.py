@@ -455,3 +455,30 @@ def test_bench_smoke_targets_and_plot(tmp_path, capsys):
     assert png.stat().st_size > 1000
     with pytest.raises(ValueError, match="models"):
         bm.MatmulBenchConfig(models=("gpt-5",))
+
+
+@needs_kernels
+def test_bench_operands_and_impls_on_this_device():
+    """Every implementation adapter builds rotating operands and computes the product it claims to time."""
+    from pyquant.bench import matmul as bm
+
+    cfg = bm.MatmulBenchConfig(method="uniform", group_size=64, dtype="float16")
+    m, n, k = 3, 40, 128
+    for impl in bm.IMPLS:
+        fn, nbytes, note = bm._make_impl(impl, m, n, k, cfg, DEV, l2=64 * 1024, free=2**30)
+        if fn is None:
+            assert note.startswith("not measured")
+            continue
+        assert len(fn.sets) >= 2  # 64 KiB "L2": more than one operand copy rotates
+        first = fn.sets[0]
+        y = fn()
+        assert fn.i == 1 and y.shape == (m, n)
+        if impl == "pyquant-triton":
+            x, q, s, z = first
+            assert z is None  # symmetric 2-bit: constant code offset
+            ref = reference.packed_matmul(x, q, s, z, None, k, bm._spec(cfg).code_offset)
+            assert_close_to(y, ref, torch.float16)
+            assert nbytes == q.numel() + 2 * s.numel() + 2 * m * k + 2 * m * n
+        if impl.startswith("torch-"):
+            x, w = first
+            torch.testing.assert_close(y, torch.nn.functional.linear(x, w))
