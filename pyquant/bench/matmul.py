@@ -235,6 +235,8 @@ def run(cfg: MatmulBenchConfig, log=print) -> Tuple[List[MatmulBenchRow], Dict[s
                             t = _time_ms(fn, cfg)
                     except torch.cuda.OutOfMemoryError as e:
                         fn, t, nbytes, note = None, None, 0, f"not measured: out of memory ({e})"
+                    except Exception as e:  # one failing implementation must not lose the rest of the run
+                        fn, t, nbytes, note = None, None, 0, f"not measured: failed ({type(e).__name__}: {e})"
                     times[impl] = t
                     measured.append((impl, t, nbytes, note))
                     del fn
