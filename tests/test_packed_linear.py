@@ -252,3 +252,25 @@ def test_gpu_cuda_graph_and_compile(M):
     torch.testing.assert_close(static_y.float(), m(x2).float(), rtol=1.6e-2, atol=1e-2)
     compiled = torch.compile(m)
     torch.testing.assert_close(compiled(x2).float(), m(x2).float(), rtol=1.6e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("spec", [
+    WeightQuantConfig(method="uniform", symmetric=False, granularity="group", group_size=32, learnable_scale=True),
+    WeightQuantConfig(method="twn", granularity="channel"),
+    WeightQuantConfig(method="seq", levels=4, granularity="tensor", learnable_scale=True, scale_dtype="bfloat16"),
+], ids=lambda s: s.describe())
+def test_from_real_qatlinear_matches_its_forward(spec):
+    from pyquant.nn import QATLinear
+
+    qat = QATLinear(96, 24, bias=True, weight_spec=spec)
+    with torch.no_grad():
+        qat.weight.normal_()
+        qat.bias.normal_()
+        if qat.weight_scale is not None:  # move the learnable scale away from its init, as training would
+            qat.weight_scale.mul_(1.0 + 0.2 * torch.rand_like(qat.weight_scale))
+    m = PackedLinear.from_qat(qat, dtype=torch.float32)
+    x = torch.randn(4, 96)
+    with use_backend("reference"):
+        y = m(x)
+        ref = qat(x)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
