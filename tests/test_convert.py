@@ -277,3 +277,17 @@ def test_gradient_checkpointing_and_ddp():
                 torch.testing.assert_close(p.grad, grads[0][n], rtol=1e-4, atol=1e-6)
     finally:
         dist.destroy_process_group()
+
+
+def test_torch_compile_prepared_model():
+    """The whole prepared HF model compiles (custom ops trace through their fake implementations) and matches eager."""
+    torch.manual_seed(0)
+    model = _decoder("Llama")()
+    prepare_qat(model, QATConfig(weight=W(method="absmean", learnable_scale=True), activation=A()))
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(4))
+    eager = model(input_ids=ids, labels=ids).loss
+    (g_eager,) = torch.autograd.grad(eager, [model.model.layers[0].self_attn.q_proj.weight_scale])
+    compiled = torch.compile(model, backend="aot_eager")(input_ids=ids, labels=ids).loss
+    (g_comp,) = torch.autograd.grad(compiled, [model.model.layers[0].self_attn.q_proj.weight_scale])
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(g_comp, g_eager)
