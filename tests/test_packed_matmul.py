@@ -482,3 +482,27 @@ def test_bench_operands_and_impls_on_this_device():
         if impl.startswith("torch-"):
             x, w = first
             torch.testing.assert_close(y, torch.nn.functional.linear(x, w))
+
+
+def test_backend_supports_predicates():
+    from pyquant.ops.packed_matmul import _cuda_supports, _triton_supports
+
+    qw, s, z, co, _ = make_weight(20, 256, "int2-asym", 64, device="cpu")
+
+    def case(m=4, dtype=torch.bfloat16, scale=s, zero=z, bias=None):
+        return (torch.randn(m, 256).to(dtype), qw, scale, zero, bias, 256, None if zero is not None else 1.0)
+
+    assert _cuda_supports(*case())[0]
+    assert _cuda_supports(*case(m=8))[0]
+    ok, why = _cuda_supports(*case(m=9))
+    assert not ok and "M=9" in why
+    ok, why = _cuda_supports(*case(dtype=torch.float32))
+    assert not ok and "float32" in why
+    ok, why = _cuda_supports(*case(scale=torch.rand(20, 16).half(), zero=None))  # group size 16
+    assert not ok and "group_size=16" in why
+    ok, why = _cuda_supports(*case(bias=torch.randn(20)))  # fp32 bias with bf16 x
+    assert not ok and "bias" in why
+    assert _triton_supports(*case(m=300, dtype=torch.float32))[0]
+    assert _triton_supports(*case(scale=torch.rand(20, 16).half(), zero=None))[0]
+    ok, why = _triton_supports(*case(scale=torch.rand(20, 32).half(), zero=None))  # group size 8
+    assert not ok and "group_size=8" in why
