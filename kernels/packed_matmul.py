@@ -35,6 +35,11 @@ shared memory (queried at the first launch, never at import).  Under ``TRITON_IN
 W2A8 (``packed_matmul_a8``): ``_packed_matmul_a8_quant_kernel`` quantizes x per token to int8 (symmetric dynamic
 min-max, s = max|x| / 127, q = floor(x / s + 0.5) with IEEE division), then the same kernels run with int8 x
 (exact in fp16) and multiply each row by its scale at the end.
+
+Limits (known, not hidden): the W2A8 entry runs fp16 tensor-core MMAs on the int8 values (exact) rather than int8
+MMAs; group sizes that are not a multiple of 16 are declined (``supports``) and run on the reference; the first
+call for a new (M bucket, N, K) autotunes, so run a layer once before capturing it in a CUDA graph.  No timing in
+this file or its tests was measured on a GPU.
 """
 from __future__ import annotations
 
