@@ -178,7 +178,7 @@ def _select(model: nn.Module, cfg: QATConfig) -> Tuple[List[Tuple[str, nn.Module
             kept.append(n)
             continue
         if id(m) in seen:
-            continue  # one module reachable under two names: swap it once (the first name)
+            continue  # named_modules() already lists a shared module once; _set replaces it under every name
         seen.add(id(m))
         targets.append((n, m))
     if not targets:
@@ -214,9 +214,14 @@ def _refuse_quantized(model: nn.Module, action: str) -> None:
 
 
 def _set(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
+    """Put ``new`` at ``name`` and at every other name under which the module at ``name`` is reachable (a module
+    shared by two parents is replaced everywhere, so the model never holds the old and the new layer at once)."""
+    old = model.get_submodule(name)
+    for alias, m in model.named_modules(remove_duplicate=False):
+        if m is old and alias:
+            parent_name, _, child = alias.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, new)
 
 
 def _total_params(model: nn.Module) -> int:

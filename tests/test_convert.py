@@ -291,3 +291,22 @@ def test_torch_compile_prepared_model():
     (g_comp,) = torch.autograd.grad(compiled, [model.model.layers[0].self_attn.q_proj.weight_scale])
     torch.testing.assert_close(compiled, eager)
     torch.testing.assert_close(g_comp, g_eager)
+
+
+def test_shared_module_is_swapped_everywhere():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(32, 32)
+            self.b = self.a  # the same layer under two names
+            self.head = nn.Linear(32, 4)
+
+        def forward(self, x):
+            return self.head(self.b(self.a(x)))
+
+    m = Tied()
+    r = prepare_qat(m, QATConfig(exclude=("head",)))
+    assert r.swapped == ["a"] and isinstance(m.a, QATLinear) and m.b is m.a
+    convert(m)
+    assert isinstance(m.a, PackedLinear) and m.b is m.a and isinstance(m.head, nn.Linear)
+    assert m(torch.randn(3, 32)).shape == (3, 4)
