@@ -159,6 +159,23 @@ def test_checkpoint_round_trip_and_mismatch(tmp_path):
         ckpt_mod.load_checkpoint(p, bert)
 
 
+def test_bf16_autocast_run(tmp_path):
+    r = train(_qat_distiller(), _sequences(16), D.CausalCollator(), _cfg(tmp_path, max_steps=3, bf16=True))
+    assert all(math.isfinite(h["total"]) for h in r.history)
+
+
+def test_chunked_loss_is_fp32_under_autocast():
+    from pyquant.distill.losses import LogitLossWeights, chunked_logit_losses
+    from pyquant.reference.distill import cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(2, 6, 16, generator=g), torch.randn(V, 16, generator=g)
+    lab = torch.randint(0, V, (2, 6), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        tot, _ = chunked_logit_losses(h, lab, weight=w, loss_weights=LogitLossWeights(ce=1.0), chunk_size=5)
+    assert tot.item() == pytest.approx(cross_entropy(h @ w.t(), lab).item(), rel=1e-5)
+
+
 def test_train_refuses_tiny_dataset_and_bad_config(tmp_path):
     with pytest.raises(ValueError, match="fewer than one optimizer step"):
         train(_qat_distiller(), _sequences(3), D.CausalCollator(), _cfg(tmp_path))

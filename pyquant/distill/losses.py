@@ -91,6 +91,13 @@ def _chunk_terms(s_logits: torch.Tensor, t_logits: Optional[torch.Tensor], label
 class _ChunkedLogitLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, t_x, t_weight, t_bias, labels, seq_len, w, chunk_size, ignore_index):
+        # the losses are fp32 math by contract: no autocast (a bf16 autocast region would round the chunk logits)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return _ChunkedLogitLoss._forward(ctx, x, weight, bias, t_x, t_weight, t_bias, labels, seq_len, w,
+                                              chunk_size, ignore_index)
+
+    @staticmethod
+    def _forward(ctx, x, weight, bias, t_x, t_weight, t_bias, labels, seq_len, w, chunk_size, ignore_index):
         n = x.shape[0]
         valid = labels != ignore_index
         n_valid = valid.sum().clamp_min(1).float()
