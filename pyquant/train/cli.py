@@ -151,7 +151,11 @@ def run_qat_glue(args) -> int:
                                dev_examples=dev_ex, run_config=run, exclude=args.exclude)
     except ValueError as e:
         return _fail(str(e))
-    metrics = {"student": res.history[-1]["eval"], "teacher": teacher_metrics, "steps": res.steps,
+    from .loop import dist_info
+
+    if dist_info()[0] != 0:  # rank 0 evaluates and writes
+        return 0
+    metrics = {"student": res.history[-1].get("eval"), "teacher": teacher_metrics, "steps": res.steps,
                "checkpoint": res.checkpoint, "run": run}
     _write_json(Path(args.output_dir) / "metrics.json", metrics)
     print(json.dumps({"student": metrics["student"], "teacher": teacher_metrics}))
@@ -229,6 +233,10 @@ def run_qat_clm(args) -> int:
                               chunk_size=args.chunk_size, eval_stride=args.eval_stride)
     except ValueError as e:
         return _fail(str(e))
+    from .loop import dist_info
+
+    if dist_info()[0] != 0:
+        return 0
     metrics = {"student": res.history[-1].get("eval"), "teacher_perplexity": teacher_ppl, "steps": res.steps,
                "checkpoint": res.checkpoint, "run": run}
     _write_json(Path(args.output_dir) / "metrics.json", metrics)
