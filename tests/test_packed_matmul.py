@@ -506,3 +506,30 @@ def test_backend_supports_predicates():
     assert _triton_supports(*case(scale=torch.rand(20, 16).half(), zero=None))[0]
     ok, why = _triton_supports(*case(scale=torch.rand(20, 32).half(), zero=None))  # group size 8
     assert not ok and "group_size=8" in why
+
+
+try:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+except ImportError:  # pragma: no cover - hypothesis is a test extra
+    given = None
+
+if given is not None:
+    @needs_kernels
+    @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(m=st.integers(1, 40), n=st.integers(1, 70), kg=st.integers(1, 5), group=st.sampled_from([32, 64, None]),
+           fmt=st.sampled_from(sorted(SPECS)), dtype=st.sampled_from([torch.float16, torch.bfloat16]),
+           has_bias=st.booleans(), a8=st.booleans(), seed=st.integers(0, 2**31 - 1))
+    def test_property_random_shapes(m, n, kg, group, fmt, dtype, has_bias, a8, seed):
+        """Random small shapes (any M, N; K a multiple of the group, or any K per-channel) through the autotuned
+        path, both entries, against the reference."""
+        torch.manual_seed(seed)
+        k = kg * (group or 37)
+        qw, s, z, co, _ = make_weight(n, k, fmt, group) if n > 1 else make_weight(2, k, fmt, group)
+        qw, s, z = qw[:n], s[:n], None if z is None else z[:n]
+        x = torch.randn(m, k, device=DEV).to(dtype)
+        b = torch.randn(n, device=DEV).to(dtype) if has_bias else None
+        op, ref_fn = (packed_matmul_a8, reference.packed_matmul_a8) if a8 else (packed_matmul, reference.packed_matmul)
+        with use_backend("triton"):
+            y = op(x, qw, s, z, b, in_features=k, code_offset=co)
+        assert_close_to(y, ref_fn(x, qw, s, z, b, k, co), dtype)
