@@ -349,7 +349,8 @@ def _check(x, qweight, scale, zero_point, bias, in_features, code_offset, x_scal
     N = qweight.shape[0]
     if not isinstance(scale, torch.Tensor) or scale.dim() != 2 or scale.shape[0] != N or scale.shape[1] == 0 \
             or K % scale.shape[1] or not scale.is_contiguous():
-        raise ValueError(f"scale must be a contiguous tensor [N={N}, K // group_size], got {getattr(scale, 'shape', None)}")
+        raise ValueError(f"scale must be a contiguous tensor [N={N}, K // group_size], "
+                         f"got {getattr(scale, 'shape', None)}")
     G = scale.shape[1]
     gs = K // G
     if G > 1 and gs % 16:

@@ -362,7 +362,8 @@ build(K._packed_matmul_kernel, dict(HAS_ZERO=False, zero_ptr=None, HAS_BIAS=True
       DOT_F32=False, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, SPLIT_K=2), [("x_ptr", "*fp16")], 4, 4)
 build(K._packed_matmul_kernel, dict(base, DOT_F32=False, ws_ptr=None, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64,
       GROUP_M=8, SPLIT_K=1), (), 8, 3)
-build(K._packed_matmul_kernel, dict(HAS_ZERO=True, HAS_BIAS=False, bias_ptr=None, X_INT8=True, DOT_F32=False, ws_ptr=None, BLOCK_M=64,
+build(K._packed_matmul_kernel, dict(HAS_ZERO=True, HAS_BIAS=False, bias_ptr=None, X_INT8=True, DOT_F32=False,
+      ws_ptr=None, BLOCK_M=64,
       BLOCK_N=64, BLOCK_K=64, GROUP_M=8, SPLIT_K=1), [("x_ptr", "*i8"), ("xs_ptr", "*fp32")])
 build(K._packed_matmul_a8_quant_kernel, dict(BLOCK_K=1024))
 print("ok")

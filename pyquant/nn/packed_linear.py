@@ -79,7 +79,8 @@ class PackedLinear(nn.Module):
         if (zero_point is None) != spec.symmetric:
             raise ValueError(f"zero_point must be {'None' if spec.symmetric else 'given'} for {spec.describe()}")
         if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (n,)):
-            raise ValueError(f"bias must be a tensor of shape ({n},), got {getattr(bias, 'shape', type(bias).__name__)}")
+            raise ValueError(f"bias must be a tensor of shape ({n},), "
+                             f"got {getattr(bias, 'shape', type(bias).__name__)}")
         if codes.numel() and int(codes.max()) > spec.max_code:
             raise ValueError(f"codes must lie in [0, {spec.max_code}] for {spec.describe()}")
         m = cls(k, n, bias is not None, spec, device=codes.device, dtype=dtype, act_spec=act_spec)
