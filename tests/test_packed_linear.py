@@ -124,6 +124,30 @@ def test_state_dict_round_trip_into_fresh_module():
         assert torch.equal(getattr(fresh, name), getattr(m, name))
 
 
+def test_converted_model_save_pretrained_round_trip(tmp_path):
+    # safetensors stores tensors only: the spec must travel as a tensor, and a fresh converted model must load it.
+    from safetensors.torch import load_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pyquant.convert import QATConfig, convert, prepare_qat
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=50)
+    model = LlamaForCausalLM(cfg)
+    prepare_qat(model, QATConfig(weight=WeightQuantConfig(method="absmean", granularity="group", group_size=32)))
+    convert(model)
+    ids = torch.randint(0, 50, (2, 7))
+    with use_backend("reference"):
+        want = model(ids).logits
+        model.save_pretrained(tmp_path)
+        fresh = LlamaForCausalLM(cfg)
+        prepare_qat(fresh, QATConfig(weight=WeightQuantConfig(method="absmean", granularity="group", group_size=32)))
+        convert(fresh)
+        assert not torch.equal(fresh(ids).logits, want)
+        fresh.load_state_dict(load_file(str(tmp_path / "model.safetensors")), strict=True)
+        torch.testing.assert_close(fresh(ids).logits, want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("other", [
     WeightQuantConfig(method="uniform", symmetric=False, granularity="group", group_size=32),
     WeightQuantConfig(method="uniform", symmetric=True, granularity="group", group_size=64),

@@ -12,6 +12,7 @@ autotuner has picked its config).
 """
 from __future__ import annotations
 
+import json
 from typing import Optional
 
 import torch
@@ -132,11 +133,18 @@ class PackedLinear(nn.Module):
                 + ("" if self.act_spec is None else ", activations=int8-per-token (W2A8)"))
 
     # ---- state dict: the spec travels with the tensors ---------------------------------------------------------
-    def get_extra_state(self):
-        return {"spec": self.spec.to_dict(), "in_features": self.in_features,
+    def get_extra_state(self) -> torch.Tensor:
+        # A uint8 tensor holding JSON (not a dict): safetensors / save_pretrained store only tensors.
+        meta = {"spec": self.spec.to_dict(), "in_features": self.in_features,
                 "act_spec": None if self.act_spec is None else self.act_spec.to_dict()}
+        return torch.tensor(list(json.dumps(meta, sort_keys=True).encode()), dtype=torch.uint8)
 
     def set_extra_state(self, state):
+        if isinstance(state, torch.Tensor):
+            try:
+                state = json.loads(bytes(state.to("cpu", torch.uint8).tolist()).decode())
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ValueError(f"PackedLinear extra state is not the JSON this module writes: {e}") from None
         if not isinstance(state, dict) or "spec" not in state or "in_features" not in state:
             raise ValueError(f"PackedLinear extra state must be a dict with 'spec' and 'in_features', got {state!r}")
         spec = WeightQuantConfig.from_dict(state["spec"])
