@@ -123,22 +123,24 @@ def _shape_for(spec):
 # ---------------------------------------------------------------------------------------------------------------
 # quantize / dequantize / fake-quant
 # ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("sdt", ["float16", "bfloat16"])
 @pytest.mark.parametrize("clip", [None, 1.5])
 @pytest.mark.parametrize("gran", GRANS, ids=_spec_id)
 @pytest.mark.parametrize("meth", METHOD_SPECS, ids=_spec_id)
-def test_quantize_weight_matches_float64(meth, gran, clip):
-    spec = WeightQuantConfig(**meth, **gran, clip=clip)
+def test_quantize_weight_matches_float64(meth, gran, clip, sdt):
+    spec = WeightQuantConfig(**meth, **gran, clip=clip, scale_dtype=sdt)
+    ulp = 2e-3 if sdt == "float16" else 8e-3
     n, k = _shape_for(spec)
     w = torch.randn(n, k) * 0.8
     codes, s, z = R.quantize_weight(w, spec)
     s64, z64, delta, wc = quant_stats64(w, spec)
     assert codes.dtype == torch.uint8 and codes.shape == (n, k)
     assert s.dtype == torch.float32 and s.shape == scale_shape(spec, n, k)
-    torch.testing.assert_close(s.to(F64), s64, rtol=2e-3, atol=0)  # <= 1 float16 ulp apart
+    torch.testing.assert_close(s.to(F64), s64, rtol=ulp, atol=0)  # <= 1 ulp of the scale dtype apart
     if spec.symmetric:
         assert z is None
     else:
-        torch.testing.assert_close(z.to(F64), z64, rtol=2e-3, atol=2e-3)
+        torch.testing.assert_close(z.to(F64), z64, rtol=ulp, atol=ulp)
     if spec.method == "twn":
         dd = expand64(delta, n, k)
         want = 1 + torch.sign(wc) * (wc.abs() > dd)
