@@ -37,11 +37,6 @@ def __getattr__(name):
     if mod is None:
         raise AttributeError(f"module 'pyquant' has no attribute {name!r}")
     m = importlib.import_module(mod)
-    if name in _SUBMODULES:
-        return m
-    # Importing ``pyquant.convert`` binds the *module* to ``pyquant.convert``; re-bind every public name that this
-    # module provides so that ``pyquant.convert`` is the function (as documented), not the module.
-    for n, target in _LAZY.items():
-        if target == mod and n not in _SUBMODULES and hasattr(m, n):
-            globals()[n] = getattr(m, n)
-    return getattr(m, name)
+    # note: once ``pyquant.convert`` (the module) is imported, Python binds it to ``pyquant.convert``; that module is
+    # callable (it forwards to its ``convert`` function), so ``pyquant.convert(model)`` works either way.
+    return m if name in _SUBMODULES else getattr(m, name)

@@ -24,6 +24,8 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import json
+import sys
+import types
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple, Union
 
@@ -336,3 +338,15 @@ def quantize(model: nn.Module, spec: Union[WeightQuantConfig, QATConfig, None] =
     for n, p, _ in new:
         _set(model, n, p)
     return SwapReport("quantize", [n for n, _, _ in new], kept, sum(c for *_, c in new), total)
+
+
+class _CallableModule(types.ModuleType):
+    """``pyquant.convert`` names both this module and its ``convert`` function: importing the module rebinds the
+    package attribute to the module, so the module forwards calls to the function to keep ``pyquant.convert(model)``
+    working whichever of the two the attribute holds."""
+
+    def __call__(self, model: nn.Module) -> SwapReport:
+        return convert(model)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -148,6 +148,22 @@ def backend_status(backend: str, device: Optional[torch.device] = None, explicit
     raise ValueError(f"unknown backend {backend!r}")
 
 
+def kernel_module(name: str):
+    """Import ``pyquant.kernels.<name>`` (the Triton kernels) on first use; never at ``import pyquant``.
+
+    ``kernels/`` is installed as ``pyquant.kernels`` by setup.py (``pip install -e .`` for a source checkout); it is
+    never imported as a top-level ``kernels`` package, so each kernel module (and its JIT cache) exists once.
+    """
+    try:
+        return importlib.import_module(f"pyquant.kernels.{name}")
+    except ModuleNotFoundError as e:
+        if e.name not in ("pyquant.kernels", f"pyquant.kernels.{name}"):
+            raise
+        raise ModuleNotFoundError(
+            f"pyquant.kernels.{name} is not importable: the Triton kernels in kernels/ are installed as "
+            "pyquant.kernels by `pip install -e .` (run it in the repository root)", name=e.name) from None
+
+
 def _device_of(args, kwargs) -> torch.device:
     for a in list(args) + list(kwargs.values()):
         if isinstance(a, torch.Tensor):

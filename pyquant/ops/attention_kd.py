@@ -10,7 +10,6 @@ The reduction to a scalar loss (paper / mean_rows, temperature^2) is plain torch
 """
 from __future__ import annotations
 
-import importlib
 import math
 import warnings
 from typing import Optional, Tuple
@@ -18,7 +17,7 @@ from typing import Optional, Tuple
 import torch
 
 from .. import reference
-from ._dispatch import call, register
+from ._dispatch import call, register, kernel_module
 
 __all__ = ["attention_map_kl", "check_attention_map_args", "KERNEL_MAX_HEAD_DIM"]
 
@@ -107,12 +106,7 @@ def _reference_bwd(grad_rows, q_s, k_s, q_t, k_t, key_padding_mask, causal, scal
 
 # ---- triton backend (kernels imported lazily, on the first call that selects it) -------------------------------
 def _kernels():
-    try:
-        return importlib.import_module("pyquant.kernels.attention_kd")
-    except ModuleNotFoundError as e:  # a source checkout without `pip install -e .`: kernels/ is top-level
-        if "pyquant.kernels" not in str(e):
-            raise
-        return importlib.import_module("kernels.attention_kd")
+    return kernel_module("attention_kd")
 
 
 _WARNED = set()

@@ -20,14 +20,13 @@ The spec travels as its JSON string (a constant for ``torch.compile``); the publ
 from __future__ import annotations
 
 import functools
-import importlib
 from typing import Optional, Tuple
 
 import torch
 
 from .. import reference
 from ..formats import ActivationQuantConfig, WeightQuantConfig
-from ._dispatch import call, register
+from ._dispatch import call, register, kernel_module
 
 __all__ = [
     "quantize_weight",
@@ -186,12 +185,7 @@ _fake_quant_activation_op.register_autograd(_fqa_backward, setup_context=_fqa_se
 
 # ---- triton backend (kernels imported lazily, on the first call that selects it) -------------------------------
 def _kernels():
-    try:
-        return importlib.import_module("pyquant.kernels.fake_quant")
-    except ModuleNotFoundError as e:  # a source checkout without `pip install -e .`: kernels/ is top-level
-        if "pyquant.kernels" not in str(e):
-            raise
-        return importlib.import_module("kernels.fake_quant")
+    return kernel_module("fake_quant")
 
 
 def _triton_supports_w(*args, **kwargs):

@@ -12,14 +12,13 @@ packed weight is frozen) dequantizes once in PyTorch.
 """
 from __future__ import annotations
 
-import importlib
 from typing import Optional
 
 import torch
 
 from .. import reference
 from ..formats import group_size_of, validate_packed
-from ._dispatch import call, register
+from ._dispatch import call, register, kernel_module
 
 __all__ = ["packed_matmul", "packed_matmul_a8", "check_packed_matmul_args"]
 
@@ -100,12 +99,7 @@ def _reference_a8_impl(x, qweight, scale, zero_point, bias, in_features, code_of
 
 # ---- triton backend (kernels imported lazily, on the first call that selects it) -------------------------------
 def _kernels():
-    try:
-        return importlib.import_module("pyquant.kernels.packed_matmul")
-    except ModuleNotFoundError as e:  # a source checkout without `pip install -e .`: kernels/ is top-level
-        if "pyquant.kernels" not in str(e):
-            raise
-        return importlib.import_module("kernels.packed_matmul")
+    return kernel_module("packed_matmul")
 
 
 def _triton_supports(x, qweight, scale, zero_point, bias, in_features, code_offset):
