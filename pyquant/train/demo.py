@@ -50,8 +50,8 @@ class DemoConfig:
 
 
 FULL = DemoConfig(train_chars=1_200_000, valid_chars=120_000, vocab_size=512, hidden=128, layers=4, heads=4,
-                  intermediate=384, block=128, batch_size=16, teacher_steps=400, qat_steps=200, teacher_lr=3e-3,
-                  qat_lr=1e-3, eval_tokens=8192)
+                  intermediate=384, block=128, batch_size=16, teacher_steps=1200, qat_steps=200, teacher_lr=3e-3,
+                  qat_lr=5e-4, eval_tokens=8192)
 SMOKE = DemoConfig(train_chars=40_000, valid_chars=6_000, vocab_size=300, hidden=32, layers=2, heads=2,
                    intermediate=64, block=32, batch_size=8, teacher_steps=20, qat_steps=8, teacher_lr=5e-3,
                    qat_lr=2e-3, eval_tokens=512)
