@@ -47,6 +47,7 @@ def main(argv=None) -> int:
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out-dir", default=None, help="results folder (default benchmarks/results)")
+    ap.add_argument("--tag", default=None, help="suffix of the result name (accuracy_sst2-<tag>-...)")
     args = ap.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -123,7 +124,8 @@ def main(argv=None) -> int:
         "gap_qat_kd_vs_teacher_points": round(100 * (rows[0]["dev_accuracy"] - rows[-1]["dev_accuracy"]), 2),
         "reduced_run": args.train_limit is not None or args.qat_epochs < 3,
     })
-    for p in write_results("accuracy_sst2", rows, meta, out_dir=args.out_dir):
+    name = "accuracy_sst2" + (f"-{args.tag}" if args.tag else "")
+    for p in write_results(name, rows, meta, out_dir=args.out_dir):
         print("wrote", p)
     return 0
 
