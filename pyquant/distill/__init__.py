@@ -23,7 +23,7 @@ _LAZY = {
     "tsld_loss": "pyquant.reference.distill",
     "hidden_mse": "pyquant.reference.distill",
     "resolve_layer_map": "pyquant.reference.distill",
-    # attention KD (attention-KD engineer's modules)
+    # attention KD
     "attention_map_loss": "pyquant.distill.attention",
     "attention_output_loss": "pyquant.distill.attention",
     "attention_score_mse": "pyquant.distill.attention",
@@ -38,13 +38,7 @@ def __getattr__(name):
     mod = _LAZY.get(name)
     if mod is None:
         raise AttributeError(f"module 'pyquant.distill' has no attribute {name!r}")
-    try:
-        m = importlib.import_module(mod)
-    except ModuleNotFoundError as e:  # the attention-KD modules are written by another engineer
-        if e.name == mod:
-            raise AttributeError(f"pyquant.distill.{name} needs {mod}, which is not available in this build") from e
-        raise
-    return getattr(m, name)
+    return getattr(importlib.import_module(mod), name)
 
 
 def __dir__():

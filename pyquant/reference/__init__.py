@@ -4,16 +4,7 @@ One module per family, re-exported here so ``pyquant.reference.<op>`` is the sin
 ``quant`` (quantize / dequantize / fake-quant + STE backward), ``matmul`` (packed matmul),
 ``attention`` (attention-map KL, attention-output MSE, score MSE), ``distill`` (logit KD, TSLD, hidden MSE).
 """
-from .quant import *  # noqa: F401,F403
+from .attention import *  # noqa: F401,F403
+from .distill import *  # noqa: F401,F403
 from .matmul import *  # noqa: F401,F403
-
-try:  # families added by their own modules; each is plain torch
-    from .attention import *  # noqa: F401,F403
-except ImportError as _e:  # pragma: no cover - only while a family is being written
-    if "attention" not in str(_e):
-        raise
-try:
-    from .distill import *  # noqa: F401,F403
-except ImportError as _e:  # pragma: no cover
-    if "distill" not in str(_e):
-        raise
+from .quant import *  # noqa: F401,F403
