@@ -10,6 +10,11 @@ A checkpoint is written into a temporary sibling directory and renamed into plac
 atomic on POSIX), so a checkpoint directory either exists complete or not at all; a crash leaves only a
 ``.tmp-*`` directory, which the next save ignores.  An existing checkpoint directory is never overwritten: saving a
 step that already exists raises.
+
+FSDP2: :func:`gather_full_state` (collective) gathers the full model and optimizer state to rank 0's CPU, and
+``save_checkpoint(..., model_state=, optimizer_state=)`` writes them into the same files (the optimizer state keyed
+by parameter index, as ``optimizer.state_dict()``), so the checkpoint does not depend on how it was trained.
+``load_checkpoint(..., sharded=True)`` loads it back into a sharded model and optimizer (call it on every rank).
 """
 from __future__ import annotations
 
@@ -24,7 +29,8 @@ from typing import Any, Dict, Optional
 
 import torch
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints", "CheckpointError"]
+__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints", "CheckpointError",
+           "gather_full_state"]
 
 _NAME = re.compile(r"^checkpoint-(\d{8})$")
 
@@ -68,9 +74,72 @@ def _tensor_state(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
     return out
 
 
+def _full_opts():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def gather_full_state(model: torch.nn.Module, optimizer=None):
+    """FSDP2: ``(model_state, optimizer_state)``, full (unsharded) CPU state dicts on rank 0 (empty on the other
+    ranks); collective, call it on every rank.  The optimizer state is keyed by parameter index in
+    ``param_groups`` order, exactly like ``optimizer.state_dict()``."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    msd = get_model_state_dict(model, options=_full_opts())
+    osd = None
+    if optimizer is not None:
+        osd = _optim_by_index(get_optimizer_state_dict(model, optimizer, options=_full_opts()))
+    return msd, osd
+
+
+def _optim_by_index(osd: dict) -> dict:
+    """An FQN-keyed optimizer state dict (torch.distributed.checkpoint) -> ``optimizer.state_dict()`` layout."""
+    state, groups, i = {}, [], 0
+    for g in osd.get("param_groups", []):
+        ids = []
+        for fqn in g["params"]:
+            if fqn in osd.get("state", {}):
+                state[i] = osd["state"][fqn]
+            ids.append(i)
+            i += 1
+        groups.append({**g, "params": ids})
+    return {"state": state, "param_groups": groups}
+
+
+def _optim_by_fqn(osd: dict, model: torch.nn.Module, optimizer) -> dict:
+    """``optimizer.state_dict()`` layout -> FQN-keyed, using this optimizer's parameter order and ``model``'s
+    names (the inverse of :func:`_optim_by_index`)."""
+    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    fqns = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    n_saved = sum(len(g["params"]) for g in osd["param_groups"])
+    if n_saved != len(fqns):
+        raise CheckpointError(f"optimizer state has {n_saved} parameters, the optimizer has {len(fqns)}")
+    state = {fqns[int(i)]: v for i, v in osd["state"].items()}
+    groups = [{**g, "params": [fqns[int(i)] for i in g["params"]]} for g in osd["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def _own_tensors(sd: dict) -> Dict[str, torch.Tensor]:
+    """Tensors of a gathered state dict, each with its own storage (safetensors refuses shared ones)."""
+    out, seen = {}, set()
+    for k, v in sd.items():
+        if isinstance(v, torch.Tensor):
+            v = v.detach().to("cpu").contiguous()
+            if v.untyped_storage().data_ptr() in seen:
+                v = v.clone()
+            seen.add(v.untyped_storage().data_ptr())
+            out[k] = v
+    return out
+
+
 def save_checkpoint(output_dir, step: int, model: torch.nn.Module, optimizer=None, scheduler=None,
-                    meta: Optional[dict] = None, keep_last: Optional[int] = None) -> Path:
-    """Write ``checkpoint-<step>`` atomically; returns its path.  Call on one rank only."""
+                    meta: Optional[dict] = None, keep_last: Optional[int] = None,
+                    model_state: Optional[dict] = None, optimizer_state: Optional[dict] = None) -> Path:
+    """Write ``checkpoint-<step>`` atomically; returns its path.  Call on one rank only.
+
+    ``model_state`` / ``optimizer_state``: already gathered full state dicts (FSDP, :func:`gather_full_state`),
+    written instead of ``model.state_dict()`` / ``optimizer.state_dict()``."""
     from safetensors.torch import save_file
 
     out = Path(output_dir)
@@ -80,9 +149,12 @@ def save_checkpoint(output_dir, step: int, model: torch.nn.Module, optimizer=Non
         raise CheckpointError(f"{final} already exists; refusing to overwrite a checkpoint")
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-checkpoint-{int(step):08d}-", dir=out))
     try:
-        save_file(_tensor_state(model), str(tmp / "model.safetensors"))
+        tensors = _tensor_state(model) if model_state is None else _own_tensors(model_state)
+        save_file(tensors, str(tmp / "model.safetensors"))
+        if optimizer_state is None and optimizer is not None:
+            optimizer_state = optimizer.state_dict()
         state = {
-            "optimizer": None if optimizer is None else optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "scheduler": None if scheduler is None else scheduler.state_dict(),
             "rng": _rng_state(),
         }
@@ -114,8 +186,11 @@ def _flatten(d, prefix: str = "") -> dict:
 
 
 def load_checkpoint(path, model: torch.nn.Module, optimizer=None, scheduler=None,
-                    expect_config: Optional[dict] = None, restore_rng: bool = True) -> dict:
+                    expect_config: Optional[dict] = None, restore_rng: bool = True, sharded: bool = False) -> dict:
     """Load a checkpoint into model/optimizer/scheduler (+ RNG); returns its meta dict.
+
+    ``sharded``: the model is sharded with FSDP2 (``fully_shard``) and the optimizer holds its DTensor
+    parameters; the full state in the files is distributed into the shards (call it on every rank).
 
     Raises ``CheckpointError`` (a ValueError) naming the file when it is unreadable or when ``expect_config`` (the
     run's fingerprint) differs from the one it was written with.
@@ -150,14 +225,23 @@ def load_checkpoint(path, model: torch.nn.Module, optimizer=None, scheduler=None
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {p} does not match the model: missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}")
-    with torch.no_grad():
-        for k, v in tensors.items():
-            if own[k].shape != v.shape:
-                raise CheckpointError(f"checkpoint {p}: {k} has shape {tuple(v.shape)}, model has "
-                                      f"{tuple(own[k].shape)}")
-            own[k].copy_(v)
-    if optimizer is not None and state.get("optimizer") is not None:
-        optimizer.load_state_dict(state["optimizer"])
+    for k, v in tensors.items():
+        if own[k].shape != v.shape:  # a DTensor's shape is the global one
+            raise CheckpointError(f"checkpoint {p}: {k} has shape {tuple(v.shape)}, model has "
+                                  f"{tuple(own[k].shape)}")
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+        set_model_state_dict(model, tensors, options=_full_opts())
+        if optimizer is not None and state.get("optimizer") is not None:
+            set_optimizer_state_dict(model, optimizer, _optim_by_fqn(state["optimizer"], model, optimizer),
+                                     options=_full_opts())
+    else:
+        with torch.no_grad():
+            for k, v in tensors.items():
+                own[k].copy_(v)
+        if optimizer is not None and state.get("optimizer") is not None:
+            optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and state.get("scheduler") is not None:
         scheduler.load_state_dict(state["scheduler"])
     if restore_rng:

@@ -42,6 +42,9 @@ def _add_train_args(p: argparse.ArgumentParser, *, epochs=3.0, lr=2e-5, batch=32
     g.add_argument("--keep-last", type=int, default=None, help="keep only the last N checkpoints")
     g.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
     g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard the model with FSDP2 (fully_shard) instead of DDP; without torchrun "
+                        "it trains unsharded (with a notice)")
 
 
 def _train_config(args):
@@ -51,7 +54,8 @@ def _train_config(args):
                        batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
                        weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
                        max_grad_norm=args.max_grad_norm, bf16=args.bf16, seed=args.seed, save_every=args.save_every,
-                       keep_last=args.keep_last, resume=args.resume, progress=not args.no_progress)
+                       keep_last=args.keep_last, resume=args.resume, progress=not args.no_progress,
+                       distributed="fsdp" if getattr(args, "fsdp", False) else "ddp")
 
 
 def _add_quant_args(p, *, granularity: str, act: bool) -> None:

@@ -10,6 +10,23 @@ be nondeterministic).  The scheduler is transformers' ``get_scheduler`` (linear 
 Distributed: when launched by ``torchrun`` (``WORLD_SIZE > 1``) the loop initializes the process group (NCCL on
 CUDA, gloo on CPU), wraps the model in ``DistributedDataParallel``, and gives each rank its slice of each global
 batch (global batch = batch_size * world_size * grad_accum).  Only rank 0 writes logs and checkpoints.
+
+FSDP2 (``TrainConfig.distributed="fsdp"``, ``--fsdp``): under ``torchrun`` the trainable module is sharded with
+``torch.distributed.fsdp.fully_shard`` instead of DDP: first each repeated block (:func:`find_blocks`), then the
+root, which is the module whose ``forward`` the loop calls (e.g. the ``Distiller``), so that the student's
+embeddings / final norm / head are gathered even when the Distiller reads ``lm_head.weight`` directly.  Parameters
+that are not the trainable module's (the Distiller's frozen teacher) are passed as ``ignored_params``: the teacher
+is neither sharded nor in the optimizer, each rank holds a full replica of it.  Only the trainable parameters are
+sharded (ZeRO-3 style: parameters, gradients and AdamW states are 1/world per rank).  With ``bf16`` the blocks use
+``MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)`` (bf16 all-gathers and compute, fp32 master
+weights and fp32 gradient reduce-scatter) and bf16 autocast is kept on top of it, so that the unsharded teacher and
+the ops autocast keeps in fp32 (softmax, log-softmax, the losses) behave as in the DDP path.  Checkpoints are full
+state dicts gathered to rank 0 (``get_model_state_dict`` / ``get_optimizer_state_dict`` with
+``full_state_dict=True, cpu_offload=True``) and written by rank 0 into the same files as the DDP path, the optimizer
+state keyed by parameter index like ``optimizer.state_dict()``: an FSDP checkpoint loads into an unsharded model and
+resumes under DDP or single-process (and vice versa).  ``fsdp`` without torchrun (``WORLD_SIZE`` 1) prints a
+one-line notice and trains unsharded in one process.  Under FSDP ``eval_fn`` runs on every rank (its forward passes
+all-gather the shards); rank 0 alone writes the result.
 """
 from __future__ import annotations
 
@@ -18,6 +35,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,9 +44,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import (CheckpointError, gather_full_state, latest_checkpoint, list_checkpoints, load_checkpoint,
+                         save_checkpoint)
 
-__all__ = ["TrainConfig", "TrainResult", "train", "dist_info", "param_groups"]
+__all__ = ["TrainConfig", "TrainResult", "train", "dist_info", "param_groups", "find_blocks"]
 
 
 @dataclass(frozen=True)
@@ -51,9 +70,12 @@ class TrainConfig:
     resume: bool = False
     device: Optional[str] = None
     progress: bool = True
+    distributed: str = "ddp"  # "ddp" | "fsdp" (FSDP2 fully_shard); only used under torchrun (WORLD_SIZE > 1)
 
     def __post_init__(self):
         n = "TrainConfig"
+        if self.distributed not in ("ddp", "fsdp"):
+            raise ValueError(f"{n}.distributed={self.distributed!r} is invalid: expected 'ddp' or 'fsdp'")
         for k in ("batch_size", "grad_accum", "log_every"):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
@@ -74,7 +96,9 @@ class TrainConfig:
     def fingerprint(self) -> dict:
         """Fields that determine the training trajectory (a resume must match them)."""
         d = dataclasses.asdict(self)
-        for k in ("output_dir", "resume", "device", "progress", "log_every", "save_every", "keep_last"):
+        # ``distributed`` is left out: DDP and FSDP compute the same update from the same global batch and write the
+        # same checkpoint files, so a run may be resumed under the other one (and pre-FSDP checkpoints still match).
+        for k in ("output_dir", "resume", "device", "progress", "log_every", "save_every", "keep_last", "distributed"):
             d.pop(k)
         return d
 
@@ -105,6 +129,38 @@ def param_groups(model: nn.Module, weight_decay: float):
         else:
             decay.append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def find_blocks(module: nn.Module) -> List[nn.Module]:
+    """The repeated (transformer) blocks of ``module``: the entries of the ``nn.ModuleList`` whose entries all have
+    one class and that holds the most parameters (``LlamaForCausalLM.model.layers``, ``BertModel.encoder.layer``;
+    an MoE's experts list is inside a block, so it holds fewer).  ``[]`` when there is no such list."""
+    best, best_n = [], 0
+    for m in module.modules():
+        if not isinstance(m, nn.ModuleList) or len(m) == 0 or len({type(c) for c in m}) != 1:
+            continue
+        n = sum(p.numel() for p in m.parameters())
+        if n > best_n:
+            best, best_n = list(m), n
+    return best
+
+
+def _fully_shard(model: nn.Module, trainable: nn.Module, bf16: bool) -> nn.Module:
+    """FSDP2: shard each block of ``trainable``, then the root ``model`` with every non-trainable parameter (a
+    frozen teacher) ignored, i.e. left as a full replica on each rank and out of the optimizer."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
+        else MixedPrecisionPolicy()
+    # the root's inputs are the batch (ids, masks, float regression labels): do not cast them to bf16
+    root_mp = MixedPrecisionPolicy(param_dtype=mp.param_dtype, reduce_dtype=mp.reduce_dtype,
+                                   cast_forward_inputs=False)
+    own = {id(p) for p in trainable.parameters()}
+    ignored = {p for p in model.parameters() if id(p) not in own}
+    for block in find_blocks(trainable):
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=root_mp, ignored_params=ignored or None)
+    return model
 
 
 def _to(batch: dict, device) -> dict:
@@ -162,12 +218,18 @@ def train(
 
     device = torch.device(cfg.device) if cfg.device else (
         torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu"))
-    ddp = world > 1
+    ddp = world > 1  # any data parallelism (DDP or FSDP)
+    fsdp = ddp and cfg.distributed == "fsdp"
+    if cfg.distributed == "fsdp" and not ddp and rank == 0:
+        print("notice: distributed='fsdp' (--fsdp) without torchrun (WORLD_SIZE 1): training unsharded in one "
+              "process", file=sys.stderr)
     if ddp and not torch.distributed.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     model.to(device)
+    if fsdp:  # shard before the optimizer exists: fully_shard replaces the parameters by DTensors
+        _fully_shard(model, trainable, bool(cfg.bf16))
 
     optimizer = torch.optim.AdamW(param_groups(trainable, cfg.weight_decay), lr=cfg.lr)
     from transformers import get_scheduler
@@ -176,12 +238,13 @@ def train(
                               num_training_steps=total)
     start = 0
     if resume_path is not None:
-        meta = load_checkpoint(resume_path, trainable, optimizer, scheduler, expect_config=fingerprint)
+        meta = load_checkpoint(resume_path, trainable, optimizer, scheduler, expect_config=fingerprint,
+                               sharded=fsdp)
         start = int(meta["step"])
         if start >= total:
             raise CheckpointError(f"{resume_path} is at step {start}, the run has only {total} steps: nothing to do")
     run_model = model
-    if ddp:
+    if ddp and not fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         run_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -219,7 +282,12 @@ def train(
                 batch = _to(collate([train_data[int(i)] for i in perm[a:a + cfg.batch_size]]), device)
                 tok_acc += int(batch["attention_mask"].sum()) if "attention_mask" in batch else \
                     int(batch["input_ids"].numel())
-                sync = contextlib.nullcontext() if (not ddp or micro == cfg.grad_accum - 1) else run_model.no_sync()
+                if fsdp:  # reduce-scatter the gradients only on the last micro-batch
+                    run_model.set_requires_gradient_sync(micro == cfg.grad_accum - 1)
+                    sync = contextlib.nullcontext()
+                else:
+                    sync = contextlib.nullcontext() if (not ddp or micro == cfg.grad_accum - 1) \
+                        else run_model.no_sync()
                 with sync:
                     with autocast():
                         out = run_model(batch)
@@ -230,7 +298,10 @@ def train(
                 raise FloatingPointError(f"loss is not finite at step {step + 1}: {sums}")
             gnorm = None
             if cfg.max_grad_norm is not None:
-                gnorm = float(torch.nn.utils.clip_grad_norm_(trainable.parameters(), cfg.max_grad_norm))
+                gn = torch.nn.utils.clip_grad_norm_(trainable.parameters(), cfg.max_grad_norm)
+                if hasattr(gn, "full_tensor"):  # FSDP: a DTensor norm over the sharded gradients
+                    gn = gn.full_tensor()
+                gnorm = float(gn)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -258,11 +329,16 @@ def train(
                 bar.set_postfix(loss=f"{sums.get('total', float('nan')):.4f}",
                                 tok_s=f"{tps:.0f}", refresh=False)
             last = step + 1 == total
-            if rank == 0 and ((cfg.save_every and (step + 1) % cfg.save_every == 0) or last):
+            saving = bool((cfg.save_every and (step + 1) % cfg.save_every == 0) or last)
+            full = gather_full_state(trainable, optimizer) if (fsdp and saving) else None  # collective
+            if rank == 0 and saving:
                 ckpt = save_checkpoint(out_dir, step + 1, trainable, optimizer, scheduler,
                                        meta={"config": fingerprint, "epoch": epoch,
                                              "losses": {k: v for k, v in sums.items()}},
-                                       keep_last=cfg.keep_last)
+                                       keep_last=cfg.keep_last,
+                                       model_state=None if full is None else full[0],
+                                       optimizer_state=None if full is None else full[1])
+            del full
             if ddp and cfg.save_every and (step + 1) % cfg.save_every == 0:
                 torch.distributed.barrier()
     finally:
@@ -270,11 +346,12 @@ def train(
             bar.close()
     model.eval()
     result.checkpoint = None if ckpt is None else str(ckpt)
-    if eval_fn is not None and rank == 0:
+    if eval_fn is not None and (rank == 0 or fsdp):  # FSDP: every rank takes part in the all-gathers
         metrics = eval_fn(trainable)
         result.history.append({"step": total, "eval": metrics})
-        with open(log_path, "a") as f:
-            f.write(json.dumps({"step": total, "eval": metrics}) + "\n")
+        if rank == 0:
+            with open(log_path, "a") as f:
+                f.write(json.dumps({"step": total, "eval": metrics}) + "\n")
     return result
 
 
