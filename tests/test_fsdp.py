@@ -45,11 +45,15 @@ SCRIPT = textwrap.dedent('''
     def run(out, mode, **kw):
         d, teacher = distiller()
         t0 = {k: v.clone() for k, v in teacher.state_dict().items()}
-        res = train(d, data, CausalCollator(), TrainConfig(output_dir=out, max_steps=6, batch_size=2, lr=1e-2,
-                                                           progress=False, save_every=3, distributed=mode, **kw))
+        probe = data[0]["input_ids"][None]
+        ev = lambda m: {"logit_sum": float(m(input_ids=probe).logits.double().sum())}  # calls the student itself
+        res = train(d, data, CausalCollator(), TrainConfig(output_dir=out, max_steps=6, batch_size=2, grad_accum=2,
+                                                           lr=1e-2, progress=False, save_every=3, distributed=mode,
+                                                           **kw), eval_fn=ev)
         teacher_kept = all(torch.equal(t0[k], v) and type(v) is torch.Tensor
                            for k, v in teacher.state_dict().items())
-        return [h["total"] for h in res.history if "total" in h], teacher_kept, d
+        evals = [h["eval"]["logit_sum"] for h in res.history if "eval" in h]
+        return [h["total"] for h in res.history if "total" in h] + evals, teacher_kept, d
 
     fsdp, kept, d = run(os.path.join(root, "fsdp"), "fsdp")
     sharded = type(next(d.student.parameters())).__name__
@@ -102,9 +106,10 @@ def test_torchrun_fsdp_two_processes_cpu(tmp_path):
     assert r0["world"] == r1["world"] == 2
     assert r0["param_type"] == "DTensor"  # the student really was sharded
     assert r0["teacher_kept"] and r1["teacher_kept"]  # frozen teacher: plain tensors, unchanged, not optimized
-    f, d = r0["fsdp"], r0["ddp"]
-    assert len(f) == 6 and all(map(lambda x: x == x and abs(x) < 1e6, f))
-    assert f == r1["fsdp"]  # logged terms are averaged over ranks
+    f, d = r0["fsdp"], r0["ddp"]  # 6 losses, then eval_fn's result (FSDP: run on every rank)
+    assert len(f) == 7 and len(r1["fsdp"]) == 7 and len(d) == 7 and len(r1["ddp"]) == 6
+    assert all(map(lambda x: x == x and abs(x) < 1e6, f))
+    assert f == r1["fsdp"]  # logged terms are averaged over ranks; both ranks evaluate the same gathered model
     # FSDP computes the DDP update (same global batch, averaged gradients); only reduction order differs
     assert f == pytest.approx(d, rel=1e-4, abs=1e-5)
     # resumed from the step-3 full checkpoint: steps 4..6 repeat the uninterrupted run

@@ -25,8 +25,11 @@ state dicts gathered to rank 0 (``get_model_state_dict`` / ``get_optimizer_state
 ``full_state_dict=True, cpu_offload=True``) and written by rank 0 into the same files as the DDP path, the optimizer
 state keyed by parameter index like ``optimizer.state_dict()``: an FSDP checkpoint loads into an unsharded model and
 resumes under DDP or single-process (and vice versa).  ``fsdp`` without torchrun (``WORLD_SIZE`` 1) prints a
-one-line notice and trains unsharded in one process.  Under FSDP ``eval_fn`` runs on every rank (its forward passes
-all-gather the shards); rank 0 alone writes the result.
+one-line notice and trains unsharded in one process.  Under FSDP ``eval_fn`` runs on every rank, under
+``torch.no_grad`` with the root's own parameters gathered (its forward passes all-gather the blocks), and rank 0
+alone writes the result; with ``bf16`` that evaluation computes with the bf16 parameter copies (the DDP path
+evaluates in fp32).  After ``train`` the model's parameters are still DTensor shards: take the weights from the
+final checkpoint (``result.checkpoint``), which holds them in full.
 """
 from __future__ import annotations
 
@@ -347,7 +350,17 @@ def train(
     model.eval()
     result.checkpoint = None if ckpt is None else str(ckpt)
     if eval_fn is not None and (rank == 0 or fsdp):  # FSDP: every rank takes part in the all-gathers
-        metrics = eval_fn(trainable)
+        if fsdp:
+            # eval_fn calls ``trainable`` itself, not the FSDP root: gather the root's own parameters (a student's
+            # embeddings, final norm, head) for the duration; the blocks gather theirs in their forward hooks
+            model.unshard()
+            try:
+                with torch.no_grad():
+                    metrics = eval_fn(trainable)
+            finally:
+                model.reshard()
+        else:
+            metrics = eval_fn(trainable)
         result.history.append({"step": total, "eval": metrics})
         if rank == 0:
             with open(log_path, "a") as f:
