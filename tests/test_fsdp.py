@@ -29,7 +29,7 @@ SCRIPT = textwrap.dedent('''
     root = sys.argv[1]
     rank = int(os.environ["RANK"])
     cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=29, max_position_embeddings=32, tie_word_embeddings=False)
+                      num_key_value_heads=2, vocab_size=29, max_position_embeddings=32, tie_word_embeddings=True)
 
     def distiller():
         torch.manual_seed(0)
@@ -64,8 +64,14 @@ SCRIPT = textwrap.dedent('''
                         os.path.join(root, "resume", "checkpoint-00000003"))
     torch.distributed.barrier()
     resumed, _, _ = run(os.path.join(root, "resume"), "fsdp", resume=True)
+    if rank == 0:  # the same FSDP checkpoint, resumed under DDP
+        os.makedirs(os.path.join(root, "resume_ddp"))
+        shutil.copytree(os.path.join(root, "fsdp", "checkpoint-00000003"),
+                        os.path.join(root, "resume_ddp", "checkpoint-00000003"))
+    torch.distributed.barrier()
+    resumed_ddp, _, _ = run(os.path.join(root, "resume_ddp"), "ddp", resume=True)
     with open(os.path.join(root, f"rank{rank}.json"), "w") as f:
-        json.dump({"fsdp": fsdp, "ddp": ddp, "resumed": resumed, "teacher_kept": kept, "param_type": sharded,
+        json.dump({"fsdp": fsdp, "ddp": ddp, "resumed": resumed, "resumed_ddp": resumed_ddp, "teacher_kept": kept, "param_type": sharded,
                    "world": int(os.environ["WORLD_SIZE"])}, f)
     torch.distributed.destroy_process_group()
 ''')
@@ -78,7 +84,7 @@ def _student():
     from pyquant.train.quant import prepare_student
 
     cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=29, max_position_embeddings=32, tie_word_embeddings=False)
+                      num_key_value_heads=2, vocab_size=29, max_position_embeddings=32, tie_word_embeddings=True)
     torch.manual_seed(0)
     s = LlamaForCausalLM(cfg)
     prepare_student(s, WeightQuantConfig(method="twn", granularity="channel"))
@@ -114,6 +120,7 @@ def test_torchrun_fsdp_two_processes_cpu(tmp_path):
     assert f == pytest.approx(d, rel=1e-4, abs=1e-5)
     # resumed from the step-3 full checkpoint: steps 4..6 repeat the uninterrupted run
     assert r0["resumed"] == f[3:] == r1["resumed"]
+    assert r0["resumed_ddp"] == pytest.approx(f[3:], rel=1e-4, abs=1e-5)  # the checkpoint does not need FSDP
     ck = sorted(p.name for p in (root / "fsdp").glob("checkpoint-*"))
     assert ck == ["checkpoint-00000003", "checkpoint-00000006"]
     # FSDP and DDP write the same files: same keys, same shapes, values equal up to reduction order
@@ -159,6 +166,16 @@ def test_cli_fsdp_flag():
     _add_train_args(p)
     assert _train_config(p.parse_args(["--output-dir", "o", "--fsdp"])).distributed == "fsdp"
     assert _train_config(p.parse_args(["--output-dir", "o"])).distributed == "ddp"
+
+    from pyquant.train.cli import add_finetune_arguments, add_qat_clm_arguments
+
+    p = argparse.ArgumentParser()
+    add_qat_clm_arguments(p)
+    assert _train_config(p.parse_args(["--teacher", "t", "--output-dir", "o", "--fsdp"])).distributed == "fsdp"
+    p = argparse.ArgumentParser()
+    add_finetune_arguments(p)  # finetune saves with save_pretrained on rank 0: no sharded parameters there
+    with pytest.raises(SystemExit):
+        p.parse_args(["--model", "m", "--output-dir", "o", "--fsdp"])
 
 
 def test_find_blocks():

@@ -110,7 +110,7 @@ def _optim_by_index(osd: dict) -> dict:
 def _optim_by_fqn(osd: dict, model: torch.nn.Module, optimizer) -> dict:
     """``optimizer.state_dict()`` layout -> FQN-keyed, using this optimizer's parameter order and ``model``'s
     names (the inverse of :func:`_optim_by_index`)."""
-    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    names = {id(p): n for n, p in model.named_parameters()}  # a tied parameter under its first name
     fqns = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
     n_saved = sum(len(g["params"]) for g in osd["param_groups"])
     if n_saved != len(fqns):

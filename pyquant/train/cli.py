@@ -25,7 +25,7 @@ def _fail(msg: str) -> int:
 
 
 # ---- shared options ------------------------------------------------------------------------------------------------
-def _add_train_args(p: argparse.ArgumentParser, *, epochs=3.0, lr=2e-5, batch=32) -> None:
+def _add_train_args(p: argparse.ArgumentParser, *, epochs=3.0, lr=2e-5, batch=32, fsdp=True) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--output-dir", required=True, help="checkpoints, log.jsonl, metrics.json")
     g.add_argument("--epochs", type=float, default=epochs)
@@ -42,9 +42,10 @@ def _add_train_args(p: argparse.ArgumentParser, *, epochs=3.0, lr=2e-5, batch=32
     g.add_argument("--keep-last", type=int, default=None, help="keep only the last N checkpoints")
     g.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
     g.add_argument("--no-progress", action="store_true")
-    g.add_argument("--fsdp", action="store_true",
-                   help="under torchrun: shard the model with FSDP2 (fully_shard) instead of DDP; without torchrun "
-                        "it trains unsharded (with a notice)")
+    if fsdp:
+        g.add_argument("--fsdp", action="store_true",
+                       help="under torchrun: shard the student with FSDP2 (fully_shard) instead of DDP (the frozen "
+                            "teacher stays a full replica per rank); without torchrun it trains unsharded (notice)")
 
 
 def _train_config(args):
@@ -258,7 +259,8 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-length", type=int, default=None)
     p.add_argument("--train-limit", type=int, default=None)
     _add_text_args(p)
-    _add_train_args(p)
+    # no --fsdp: run_finetune saves the model with save_pretrained on rank 0, which needs unsharded parameters
+    _add_train_args(p, fsdp=False)
 
 
 def run_finetune(args) -> int:
