@@ -185,8 +185,8 @@ def test_find_blocks():
     class Moe(nn.Module):  # an experts list inside each block is longer but holds fewer parameters
         def __init__(self):
             super().__init__()
-            self.layers = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.ModuleList(nn.Linear(2, 2) for _ in range(6)))
-                                        for _ in range(3))
+            experts = lambda: nn.ModuleList(nn.Linear(2, 2) for _ in range(6))  # noqa: E731
+            self.layers = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), experts()) for _ in range(3))
             self.mixed = nn.ModuleList([nn.Linear(64, 64), nn.ReLU()])  # not one class: not blocks
 
     m = Moe()
