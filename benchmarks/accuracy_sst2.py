@@ -78,6 +78,7 @@ def main(argv=None) -> int:
     pad = tok.pad_token_id
     weight = WeightQuantConfig(method="twn", granularity=args.granularity)
     act = ActivationQuantConfig()
+    meta = env_info()  # at the start: the commit and tree state of the code that runs
     rows, t_all = [], time.time()
     work = Path(tempfile.mkdtemp(prefix="pyquant-sst2-"))
 
@@ -111,7 +112,6 @@ def main(argv=None) -> int:
                      "train_s": round(time.time() - t0, 1)})
         print(rows[-1], flush=True)
 
-    meta = env_info()
     meta.update({
         "what": "SST-2 dev accuracy, W2A8 ternary (TWN) MiniLM-L6 student vs FP teacher",
         "command": " ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if argv is None else list(argv))),
