@@ -390,9 +390,8 @@ def _fake_quant_weight_bwd_kernel(
 
 
 @triton.jit
-def _fake_quant_activation_stats_kernel(X, AMAX, MN, MX, D, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
-    base = row.to(tl.int64) * D
+def _row_range(X, base, D, BLOCK: tl.constexpr):
+    """(max|x|, min x, max x) of the D values at X + base, streamed in BLOCK-wide chunks, in fp32."""
     offs0 = tl.arange(0, BLOCK)
     acc_amax = tl.zeros([BLOCK], dtype=tl.float32)
     acc_min = tl.full([BLOCK], float("inf"), dtype=tl.float32)
@@ -404,9 +403,17 @@ def _fake_quant_activation_stats_kernel(X, AMAX, MN, MX, D, BLOCK: tl.constexpr)
         acc_amax = tl.maximum(acc_amax, tl.abs(x))
         acc_min = tl.minimum(acc_min, tl.where(m, x, float("inf")))
         acc_max = tl.maximum(acc_max, tl.where(m, x, float("-inf")))
-    tl.store(AMAX + row, tl.max(acc_amax, axis=0))
-    tl.store(MN + row, tl.min(acc_min, axis=0))
-    tl.store(MX + row, tl.max(acc_max, axis=0))
+    return tl.max(acc_amax, axis=0), tl.min(acc_min, axis=0), tl.max(acc_max, axis=0)
+
+
+@triton.jit
+def _fake_quant_activation_stats_kernel(X, AMAX, MN, MX, D, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    base = row.to(tl.int64) * D
+    amax, row_min, row_max = _row_range(X, base, D, BLOCK)
+    tl.store(AMAX + row, amax)
+    tl.store(MN + row, row_min)
+    tl.store(MX + row, row_max)
 
 
 @triton.jit
@@ -416,19 +423,7 @@ def _fake_quant_activation_kernel(X, OUT, AMAX, MN, MX, D, PER_TOKEN: tl.constex
     base = row.to(tl.int64) * D
     offs0 = tl.arange(0, BLOCK)
     if PER_TOKEN:  # the row's own range, reduced here (the second pass re-reads the row from L1/L2)
-        acc_amax = tl.zeros([BLOCK], dtype=tl.float32)
-        acc_min = tl.full([BLOCK], float("inf"), dtype=tl.float32)
-        acc_max = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
-        for start in range(0, D, BLOCK):
-            offs = start + offs0
-            m = offs < D
-            x = tl.load(X + base + offs, mask=m, other=0.0).to(tl.float32)
-            acc_amax = tl.maximum(acc_amax, tl.abs(x))
-            acc_min = tl.minimum(acc_min, tl.where(m, x, float("inf")))
-            acc_max = tl.maximum(acc_max, tl.where(m, x, float("-inf")))
-        amax = tl.max(acc_amax, axis=0)
-        row_min = tl.min(acc_min, axis=0)
-        row_max = tl.max(acc_max, axis=0)
+        amax, row_min, row_max = _row_range(X, base, D, BLOCK)
     else:  # the tensor's range, reduced by the stats kernel and the launcher
         amax = tl.load(AMAX)
         row_min = tl.load(MN)
