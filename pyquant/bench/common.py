@@ -136,9 +136,14 @@ def measure_matmul_tflops(n: int = 8192, dtype: torch.dtype = torch.bfloat16) ->
 def write_results(name: str, rows: Iterable[Dict[str, object]], meta: Dict[str, object],
                   plot: Optional[Callable[[List[Dict[str, object]], Path], None]] = None,
                   out_dir: Optional[Path] = None) -> List[Path]:
-    """Write ``<name>-<gpu>-<YYYYMMDD>.json`` and ``.csv`` (and ``.png`` via ``plot``) atomically."""
+    """Write ``<name>-<gpu>-<YYYYMMDD>.json`` and ``.csv`` (and ``.png`` via ``plot``) atomically.
+
+    Into ``out_dir``, else ``$PYQUANT_RESULTS_DIR``, else ``benchmarks/results/``.
+    """
     rows = list(rows)
-    out_dir = Path(out_dir) if out_dir is not None else RESULTS_DIR
+    if out_dir is None:  # PYQUANT_RESULTS_DIR: where benchmarks/gpu_suite.py collects every result of one run
+        out_dir = os.environ.get("PYQUANT_RESULTS_DIR") or RESULTS_DIR
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{name}-{gpu_slug(meta)}-{_dt.datetime.now(_dt.timezone.utc).strftime('%Y%m%d')}"
     paths = []

@@ -269,7 +269,7 @@ def check_targets(rows: Sequence[MatmulBenchRow], impl: str = "pyquant-triton") 
             v = r.speedup_vs_bf16 if kind == "speedup" else r.pct_copy_bw
             if v is not None:
                 vals.append(((r.n, r.k), v))
-        out.append(dict(target=name, threshold=want, measured=[[list(s), v] for s, v in vals],
+        out.append(dict(target=name, m=m, impl=impl, threshold=want, measured=[[list(s), v] for s, v in vals],
                         met=None if not vals else all(v >= want for _, v in vals)))
     return out
 
