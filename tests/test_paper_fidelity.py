@@ -1,0 +1,173 @@
+"""The seed papers' reductions, written out from their code (formulas below cite the lines), against pyquant's
+reference and chunked/fused implementations, on padded batches of unequal lengths."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pyquant.distill.losses import LogitLossWeights, chunked_logit_losses
+from pyquant.reference import distill as R
+
+
+def _paper_tsld_one(s, t, lab, tau=10.0):
+    """aiha-lab/TSLD utils/utils_quant.py:88-100 on one unpadded sequence [L, V] (already shifted)."""
+    tc = F.cross_entropy(t, lab, reduction="none")  # :89
+    scale = torch.softmax(tc / tau, dim=-1)  # :95
+    return (torch.sum(-torch.softmax(t, -1) * torch.log_softmax(s, -1), dim=-1) * scale).sum()  # :98-100
+
+
+def _padded_lm(seed, lengths, V=11):
+    g = torch.Generator().manual_seed(seed)
+    B, L = len(lengths), max(lengths)
+    s = torch.randn(B, L, V, generator=g) * 2
+    t = torch.randn(B, L, V, generator=g) * 2
+    lab = torch.randint(0, V, (B, L), generator=g)
+    for i, n in enumerate(lengths):
+        lab[i, n:] = -100
+    return s, t, lab
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_tsld_reductions_match_paper_formula(reduction, fused):
+    lengths = [7, 4, 2, 5]
+    s, t, lab = _padded_lm(0, lengths)
+    per_seq = torch.stack([_paper_tsld_one(s[i, :n], t[i, :n], lab[i, :n]) for i, n in enumerate(lengths)])
+    want = per_seq.sum() if reduction == "sum" else per_seq.mean()
+    assert R.tsld_loss(s, t, lab, reduction=reduction).item() == pytest.approx(want.item(), rel=1e-5)
+    w = LogitLossWeights(ce=0.0, tsld=1.0, tsld_reduction=reduction)
+    if fused:  # student logits never materialized: hidden [B, L, D] + head weight
+        g = torch.Generator().manual_seed(1)
+        h = torch.randn(*s.shape[:2], 6, generator=g).requires_grad_()
+        W = torch.randn(s.shape[-1], 6, generator=g).requires_grad_()
+        tot, parts = chunked_logit_losses(h, lab, teacher=t, weight=W, loss_weights=w, chunk_size=3)
+        sl = h @ W.t()
+        ref = torch.stack([_paper_tsld_one(sl[i, :n], t[i, :n], lab[i, :n]) for i, n in enumerate(lengths)])
+        ref = ref.sum() if reduction == "sum" else ref.mean()
+        ref.backward()
+        gh, gW = h.grad.clone(), W.grad.clone()
+        h.grad = W.grad = None
+        tot.backward()
+        assert torch.allclose(h.grad, gh, rtol=1e-4, atol=1e-6) and torch.allclose(W.grad, gW, rtol=1e-4, atol=1e-6)
+        want = ref.detach()
+    else:
+        tot, parts = chunked_logit_losses(s, lab, teacher=t, loss_weights=w, chunk_size=5)
+    assert tot.item() == pytest.approx(want.item(), rel=1e-5)
+    assert parts["tsld"].item() == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_tsld_sum_is_default_and_batch_times_mean():
+    s, t, lab = _padded_lm(2, [5, 5, 5, 5])
+    assert LogitLossWeights().tsld_reduction == "sum"
+    assert R.tsld_loss(s, t, lab).item() == pytest.approx(4 * R.tsld_loss(s, t, lab, reduction="mean").item(),
+                                                          rel=1e-5)
+    # no padding at all: exactly the paper's batched expression (utils_quant.py:95-100 on [B, L, V])
+    tc = F.cross_entropy(t.reshape(-1, t.shape[-1]), lab.reshape(-1), reduction="none").reshape(4, -1)
+    scale = torch.softmax(tc / 10, dim=-1)
+    paper = (torch.sum(-torch.softmax(t, -1) * torch.log_softmax(s, -1), dim=-1) * scale).sum()
+    assert R.tsld_loss(s, t, lab).item() == pytest.approx(paper.item(), rel=1e-5)
+
+
+def test_tsld_bad_reduction():
+    s, t, lab = _padded_lm(0, [3, 2])
+    with pytest.raises(ValueError, match="reduction"):
+        R.tsld_loss(s, t, lab, reduction="avg")
+    with pytest.raises(ValueError, match="tsld_reduction"):
+        LogitLossWeights(tsld=1.0, tsld_reduction="none")
+    from pyquant.distill import DistillConfig
+    with pytest.raises(ValueError, match="tsld_reduction"):
+        DistillConfig(tsld=1.0, tsld_reduction="batchmean")
+
+
+# ---- kd-qat-large-enc (EMNLP'22) losses on a tiny BERT --------------------------------------------------------------
+def _bert(seed, num_labels=3, layers=2):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=48,
+                     vocab_size=97, num_labels=num_labels, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                     max_position_embeddings=64)
+    return BertForSequenceClassification(cfg)
+
+
+def _glue_batch(seed, lengths, pad_to=None, V=97):
+    g = torch.Generator().manual_seed(seed)
+    L = pad_to or max(lengths)
+    ids = torch.zeros(len(lengths), L, dtype=torch.long)
+    am = torch.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = torch.randint(1, V, (n,), generator=g)
+        am[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": am, "labels": torch.tensor([0, 2, 1][: len(lengths)])}
+
+
+def _sub_layer_outputs(model, inp):
+    """The attention sub-layer outputs LayerNorm(dropout(W_O ctx) + x) (modeling_quant.py:218-223), via hooks."""
+    outs, hs = [], []
+    for layer in model.bert.encoder.layer:
+        hs.append(layer.attention.output.register_forward_hook(lambda m, a, o: outs.append(o)))
+    try:
+        res = model(**inp, output_hidden_states=True)
+    finally:
+        for h in hs:
+            h.remove()
+    return res, outs
+
+
+def test_emnlp22_losses_match_paper_formulas():
+    from pyquant.distill import DistillConfig, Distiller
+
+    s, t = _bert(0), _bert(1)
+    batch = _glue_batch(3, [9, 5, 3])
+    cfg = DistillConfig(task="classification", ce=1.0, ce_reduction="sum", kd=1.0, hidden=1.0, attn_output=1.0,
+                        hidden_reduction="paper", attn_output_reduction="paper")
+    out = Distiller(s, t, cfg)(batch)
+    inp = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    so, os_ = _sub_layer_outputs(s, inp)
+    with torch.no_grad():
+        to, ot = _sub_layer_outputs(t, inp)
+    mse = torch.nn.MSELoss()
+    # main.py:665-666: nll_loss(log_softmax(student), labels, reduction='sum')
+    gt = F.nll_loss(torch.log_softmax(so.logits, -1), batch["labels"], reduction="sum")
+    # main.py:144-147 soft_cross_entropy, used at :674: sum(-softmax(t) * log_softmax(s), -1).mean()
+    cls = torch.sum(-torch.softmax(to.logits, -1) * torch.log_softmax(so.logits, -1), -1).mean()
+    # main.py:763-766: MSELoss()(student_rep, teacher_rep) summed over embedding output + every layer
+    rep = sum(mse(a, b) for a, b in zip(so.hidden_states, to.hidden_states))
+    # main.py:689-692: MSELoss()(student_attn_block[1], teacher_attn_block[1]) summed over layers
+    ao = sum(mse(a, b) for a, b in zip(os_, ot))
+    for k, v in (("ce", gt), ("kd", cls), ("hidden", rep), ("attn_output", ao)):
+        assert out.losses[k].item() == pytest.approx(v.item(), rel=1e-5), k
+    assert out.loss.item() == pytest.approx((gt + cls + rep + ao).item(), rel=1e-5)
+
+
+def test_padding_further_invariance():
+    """Per-example normalized losses do not depend on how far a batch is padded; the paper's unmasked MSEs do."""
+    from pyquant.distill import DistillConfig, Distiller
+    from pyquant.distill.attention import attention_map_loss
+    from pyquant.distill.capture import capture_attention
+
+    s, t = _bert(0), _bert(1)
+    lengths = [9, 5, 3]
+    short, long = _glue_batch(4, lengths), _glue_batch(4, lengths, pad_to=16)
+
+    def losses(batch, **kw):
+        cfg = DistillConfig(task="classification", ce=1.0, kd=1.0, hidden=1.0, attn_output=1.0, **kw)
+        return Distiller(s, t, cfg)(batch).losses
+
+    a, b = losses(short), losses(long)
+    for k in ("ce", "kd", "hidden", "attn_output"):  # masked MSE (default) + logit losses: invariant
+        assert a[k].item() == pytest.approx(b[k].item(), rel=1e-4, abs=1e-6), k
+    a, b = losses(short, hidden_reduction="paper", attn_output_reduction="paper"), \
+        losses(long, hidden_reduction="paper", attn_output_reduction="paper")
+    for k in ("hidden", "attn_output"):  # the paper's unmasked MSE: padding positions count
+        assert abs(a[k].item() - b[k].item()) > 1e-3 * abs(a[k].item()), k
+
+    def map_loss(batch, reduction):
+        inp = {k: batch[k] for k in ("input_ids", "attention_mask")}
+        with capture_attention(s) as rs:
+            s(**inp)
+        with capture_attention(t) as rt, torch.no_grad():
+            t(**inp)
+        return sum(attention_map_loss(e.q, e.k, f.q, f.k, e.key_padding_mask, reduction=reduction)
+                   for e, f in zip(rs, rt)).item()
+
+    assert map_loss(short, "mean_rows") == pytest.approx(map_loss(long, "mean_rows"), rel=1e-4)
