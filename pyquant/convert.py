@@ -231,14 +231,14 @@ def _total_params(model: nn.Module) -> int:
 
 
 def _native_act(act_spec: Optional[ActivationQuantConfig]) -> Optional[ActivationQuantConfig]:
-    """The act_spec PackedLinear's fused W2A8 forward supports (int8 symmetric per token), else None."""
-    if act_spec is not None and act_spec.symmetric and act_spec.granularity == "token":
+    """The act_spec PackedLinear's fused W2A8 forward supports (int8 symmetric per token, no clip), else None."""
+    if act_spec is not None and act_spec.symmetric and act_spec.granularity == "token" and act_spec.clip is None:
         return act_spec
     return None
 
 
 def _attach_act_quant(packed: PackedLinear, act_spec: Optional[ActivationQuantConfig]) -> None:
-    """Input fake-quant that PackedLinear's W2A8 op does not cover (asymmetric or per-tensor): a forward pre-hook
+    """Input fake-quant that PackedLinear's W2A8 op does not cover (asymmetric, per-tensor or clipped): a pre-hook
     keeps the QAT model's semantics (the hook is not saved in the state dict)."""
     if act_spec is None or _native_act(act_spec) is not None:
         return

@@ -171,3 +171,92 @@ def test_padding_further_invariance():
                    for e, f in zip(rs, rt)).item()
 
     assert map_loss(short, "mean_rows") == pytest.approx(map_loss(long, "mean_rows"), rel=1e-4)
+
+
+# ---- activation clip (kd-qat-large-enc transformer/utils_quant.py SymQuantizer, layerwise=True) ---------------------
+def _paper_sym_quant(x, clip, bits=8):
+    """utils_quant.py:28-29 clip, :32 max|x| over the tensor, :43-44 s = (2^(b-1)-1)/max, round(x*s)/s."""
+    x = torch.where(x < clip, x, torch.tensor(clip))
+    x = torch.where(x > -clip, x, torch.tensor(-clip))
+    s = (2 ** (bits - 1) - 1) / torch.max(torch.abs(x))
+    return torch.round(x * s).div(s)
+
+
+def _act_input(seed, shape, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g) * 2.0
+    x.view(-1)[:3] = torch.tensor([2.5, -2.5, 7.0])  # exactly at the clip, and far outside
+    return x.to(dtype)
+
+
+def test_activation_clip_reference_matches_paper_and_backward():
+    from pyquant import reference
+    from pyquant.formats import ActivationQuantConfig
+    from pyquant.ops import fake_quant_activation, use_backend
+
+    spec = ActivationQuantConfig(clip=2.5, granularity="tensor")
+    x = _act_input(0, (3, 5, 17))
+    ref = reference.fake_quant_activation(x, spec)
+    paper = _paper_sym_quant(x, 2.5)
+    step = 2.5 / 127
+    # same grid point everywhere (ties are measure zero for random inputs); q * s vs q / (1/s) may differ in an ulp
+    assert torch.equal(torch.round(ref / step), torch.round(paper / step))
+    assert torch.allclose(ref, paper, rtol=1e-6, atol=1e-7)
+    assert ref.abs().max() <= 2.5 + 1e-6
+    # gradient: the op's straight-through backward vs autograd on a reference STE graph: identity where
+    # |x| < clip, zero at and beyond +-clip (utils_quant.py:57-58 use ge / le)
+    xg = x.clone().requires_grad_()
+    go = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+    with use_backend("reference"):
+        (g_op,) = torch.autograd.grad(fake_quant_activation(xg, spec), xg, go)
+    xr = x.clone().requires_grad_()
+    inside = torch.where(xr.abs() < 2.5, xr, xr.detach().clamp(-2.5, 2.5))
+    ste = inside + (reference.fake_quant_activation(xr.detach(), spec) - inside).detach()
+    (g_ref,) = torch.autograd.grad(ste, xr, go)
+    assert torch.equal(g_op, g_ref)
+    assert g_op.view(-1)[:3].eq(0).all() and g_op.ne(0).sum() > 0
+    assert torch.equal(reference.fake_quant_activation_backward(go, x, spec), g_ref)
+    # no clip: unchanged behaviour (plain STE)
+    (g0,) = torch.autograd.grad(fake_quant_activation(xg, ActivationQuantConfig()), xg, go)
+    assert torch.equal(g0, go)
+
+
+@pytest.mark.parametrize("gran", ["tensor", "token"])
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_activation_clip_triton_matches_reference(monkeypatch, gran, sym, dtype):
+    from pyquant import reference
+    from pyquant.formats import ActivationQuantConfig
+    from pyquant.ops import fake_quant_activation, last_backend, use_backend
+    from pyquant.ops._dispatch import backend_status
+    from pyquant.ops.fake_quant import _kernels
+
+    if not backend_status("triton", torch.device("cpu"), explicit=True)[0]:
+        pytest.skip("Triton needs TRITON_INTERPRET=1 on CPU")
+    km = _kernels()
+    real = km._empty
+    monkeypatch.setattr(km, "_empty", lambda shape, dt, dev: real(shape, dt, dev).fill_(float("nan")))  # poisoned
+    spec = ActivationQuantConfig(clip=2.5, granularity=gran, symmetric=sym)
+    x = _act_input(1, (3, 4, 37), dtype)
+    x[1, 2] *= 40  # one token far beyond the clip
+    with use_backend("triton"):
+        out = fake_quant_activation(x, spec)
+        assert last_backend() == ("fake_quant_activation", "triton")
+    assert out.dtype == dtype and not out.isnan().any()
+    assert torch.equal(out, reference.fake_quant_activation(x, spec))
+
+
+def test_activation_clip_bad_input():
+    from pyquant.formats import ActivationQuantConfig
+
+    for bad in (0, -1.0, float("inf"), True, "2.5"):
+        with pytest.raises(ValueError, match="clip"):
+            ActivationQuantConfig(clip=bad)
+    assert ActivationQuantConfig.from_dict(ActivationQuantConfig(clip=2.5).to_dict()).clip == 2.5
+
+
+def test_activation_clip_opcheck():
+    import pyquant.ops  # noqa: F401  (registers the torch.library ops)
+
+    x = _act_input(3, (2, 3, 40)).requires_grad_()
+    torch.library.opcheck(torch.ops.pyquant.fake_quant_activation.default, (x, True, False, 2.5))
