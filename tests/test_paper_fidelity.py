@@ -260,3 +260,167 @@ def test_activation_clip_opcheck():
 
     x = _act_input(3, (2, 3, 40)).requires_grad_()
     torch.library.opcheck(torch.ops.pyquant.fake_quant_activation.default, (x, True, False, 2.5))
+
+
+# ---- the "kdqat-emnlp22" preset --------------------------------------------------------------------------------------
+def _paper_twn(w, clip=2.5, layerwise=True):
+    """kd-qat-large-enc transformer/utils_quant.py:129-152 (TwnQuantizer.forward)."""
+    w = torch.where(w < clip, w, torch.tensor(clip))
+    w = torch.where(w > -clip, w, torch.tensor(-clip))
+    if layerwise:
+        m = w.norm(p=1).div(w.nelement())
+        thres = 0.7 * m
+        pos, neg = (w > thres).float(), (w < -thres).float()
+        mask = (w.abs() > thres).float()
+        alpha = (mask * w).abs().sum() / mask.sum()
+        return alpha * pos - alpha * neg
+    n = w[0].nelement()
+    m = w.norm(p=1, dim=1).div(n)
+    thres = (0.7 * m).view(-1, 1).expand_as(w)
+    pos, neg = (w > thres).float(), (w < -thres).float()
+    mask = (w.abs() > thres).float()
+    alpha = ((mask * w).abs().sum(dim=1) / mask.sum(dim=1)).view(-1, 1)
+    return alpha * pos - alpha * neg
+
+
+def _paper_bert_logits(model, ids, am, tt):
+    """The paper's quantized BERT forward (modeling_quant.py:53-473, eval mode) written with the HF model's weights."""
+    bert = model.bert
+    q8 = lambda x: _paper_sym_quant(x, 2.5)  # noqa: E731
+    lin = lambda mod, x: F.linear(q8(x), _paper_twn(mod.weight), mod.bias)  # utils_quant.py:265-283  # noqa: E731
+    e = bert.embeddings
+    pos = torch.arange(ids.shape[1])[None].expand_as(ids)
+    h = F.embedding(ids, _paper_twn(e.word_embeddings.weight, layerwise=False)) + e.position_embeddings(pos) \
+        + e.token_type_embeddings(tt)
+    h = e.LayerNorm(h)
+    ext = (1.0 - am[:, None, None, :].float()) * -10000.0  # modeling_quant.py:441-443
+    nh = model.config.num_attention_heads
+    for layer in bert.encoder.layer:
+        a = layer.attention.self
+        heads = lambda x: x.view(*x.shape[:2], nh, -1).permute(0, 2, 1, 3)  # noqa: E731
+        q, k, v = heads(lin(a.query, h)), heads(lin(a.key, h)), heads(lin(a.value, h))
+        q, k = q8(q), q8(k)  # :141-142
+        p = torch.softmax(q @ k.transpose(-1, -2) / (q.shape[-1] ** 0.5) + ext, -1)
+        ctx = (q8(p) @ q8(v)).permute(0, 2, 1, 3).reshape(h.shape)  # :153-156
+        att = layer.attention.output.LayerNorm(lin(layer.attention.output.dense, ctx) + h)
+        inter = F.gelu(lin(layer.intermediate.dense, att))
+        h = layer.output.LayerNorm(lin(layer.output.dense, inter) + att)
+    pooled = torch.tanh(lin(bert.pooler.dense, h[:, 0]))  # modeling_quant.py:318-323 (input quantized too)
+    return model.classifier(pooled)
+
+
+def test_twn_per_tensor_and_per_row_match_paper():
+    from pyquant.formats import WeightQuantConfig
+    from pyquant.ops import fake_quant_weight
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(13, 40, generator=g) * 1.5  # some |w| > 2.5
+    for gran, lw in (("tensor", True), ("channel", False)):
+        spec = WeightQuantConfig(method="twn", granularity=gran, clip=2.5, scale_dtype="float32")
+        assert torch.allclose(fake_quant_weight(w, spec), _paper_twn(w, layerwise=lw), rtol=1e-6, atol=1e-7), gran
+
+
+def test_preset_model_matches_paper_forward_and_capture_keeps_quantization():
+    from pyquant import QATConfig, prepare_qat
+    from pyquant.distill.capture import capture_attention
+    from pyquant.nn import QATEmbedding, QATLinear
+
+    model = _bert(5)
+    fp = _bert(5)
+    rep = prepare_qat(model, QATConfig(preset="kdqat-emnlp22"))
+    b = model.bert
+    assert isinstance(b.embeddings.word_embeddings, QATEmbedding) and "bert.embeddings.word_embeddings" in rep.swapped
+    assert type(b.embeddings.position_embeddings) is torch.nn.Embedding
+    assert type(b.embeddings.token_type_embeddings) is torch.nn.Embedding
+    assert type(model.classifier) is torch.nn.Linear and isinstance(b.pooler.dense, QATLinear)
+    assert model.config._attn_implementation == "pyquant_qat"
+    batch = _glue_batch(6, [9, 5, 3])
+    ids, am = batch["input_ids"], batch["attention_mask"]
+    tt = torch.zeros_like(ids)
+    tt[:, 4:] = 1
+    model.eval()
+    with torch.no_grad():
+        got = model(input_ids=ids, attention_mask=am, token_type_ids=tt).logits
+        want = _paper_bert_logits(model, ids, am, tt)
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-4), (got - want).abs().max()
+        assert not torch.allclose(got, fp(input_ids=ids, attention_mask=am, token_type_ids=tt).logits, atol=1e-3)
+        with capture_attention(model) as rec:  # the distillation path keeps the Q/K/V/P fake-quant
+            cap = model(input_ids=ids, attention_mask=am, token_type_ids=tt).logits
+        assert torch.allclose(cap, got, rtol=1e-5, atol=1e-6) and len(rec) == 2
+        q0 = rec[0].q  # recorded Q is the quantized one: on a 127-level grid
+        step = q0.abs().max() / 127
+        assert torch.allclose(q0 / step, torch.round(q0 / step), atol=1e-3)
+    assert model.config._attn_implementation == "pyquant_qat"  # restored after capture
+
+
+def test_preset_convert_packs_embedding_and_keeps_outputs():
+    from pyquant import QATConfig, convert, prepare_qat
+    from pyquant.nn import PackedEmbedding
+
+    model = _bert(7)
+    prepare_qat(model, QATConfig(preset="kdqat-emnlp22"))
+    model.eval()
+    batch = _glue_batch(8, [9, 5, 3])
+    inp = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        before = model(**inp).logits
+        emb_before = model.bert.embeddings.word_embeddings(inp["input_ids"])
+    rep = convert(model)
+    pe = model.bert.embeddings.word_embeddings
+    assert isinstance(pe, PackedEmbedding) and "bert.embeddings.word_embeddings" in rep.swapped
+    V, D = pe.num_embeddings, pe.embedding_dim
+    assert pe.nbytes() == V * (-(-D // 64) * 16) + V * 4  # 2-bit codes (16-byte rows) + an fp32 scale per row
+    with torch.no_grad():
+        assert torch.equal(pe(inp["input_ids"]), emb_before)
+        after = model(**inp).logits
+    assert torch.allclose(after, before, rtol=1e-4, atol=1e-4)
+
+
+def test_qat_embedding_gradient_zero_outside_clip():
+    from pyquant.formats import WeightQuantConfig
+    from pyquant.nn import QATEmbedding
+
+    emb = torch.nn.Embedding(11, 8)
+    with torch.no_grad():
+        emb.weight[3, 0] = 4.0
+    q = QATEmbedding(emb, WeightQuantConfig(method="twn", granularity="channel", clip=2.5, scale_dtype="float32"))
+    q(torch.tensor([[3, 4]])).sum().backward()
+    assert emb.weight.grad[3, 0] == 0 and emb.weight.grad[3, 1] == 1 and emb.weight.grad[5].abs().sum() == 0
+
+
+def test_preset_bad_input():
+    from pyquant import QATConfig, prepare_qat
+    from pyquant.formats import ActivationQuantConfig, WeightQuantConfig
+
+    with pytest.raises(ValueError, match=r"preset='nope' is invalid: expected one of \['kdqat-emnlp22'\]"):
+        QATConfig(preset="nope")
+    with pytest.raises(ValueError, match="contradicts"):
+        QATConfig(preset="kdqat-emnlp22", weight=WeightQuantConfig())
+    with pytest.raises(ValueError, match="contradicts"):
+        QATConfig(preset="kdqat-emnlp22", activation=ActivationQuantConfig())
+    with pytest.raises(ValueError, match="include"):
+        QATConfig(preset="kdqat-emnlp22", include=("query",))
+    c = QATConfig(preset="kdqat-emnlp22")
+    assert QATConfig.from_dict(c.to_dict()) == c  # round trip: the resolved fields equal the preset's
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tied = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                        num_attention_heads=4, vocab_size=50, tie_word_embeddings=True))
+    with pytest.raises(ValueError, match="tied"):
+        prepare_qat(tied, QATConfig(preset="kdqat-emnlp22"))
+    assert not any("QAT" in type(m).__name__ for m in tied.modules())  # refused before anything was swapped
+
+
+def test_preset_student_trains_under_distiller():
+    from pyquant import QATConfig, prepare_qat
+    from pyquant.distill import DistillConfig, Distiller
+
+    s, t = _bert(0), _bert(1)
+    prepare_qat(s, QATConfig(preset="kdqat-emnlp22"))
+    cfg = DistillConfig(task="classification", ce=0.0, kd=1.0, hidden=1.0, attn_map=1.0, attn_output=1.0,
+                        hidden_reduction="paper", attn_output_reduction="paper")
+    out = Distiller(s, t, cfg)(_glue_batch(9, [9, 5, 3]))
+    assert all(torch.isfinite(v) for v in out.losses.values()) and out.losses["attn_map"] > 0
+    out.loss.backward()
+    assert s.bert.embeddings.word_embeddings.weight.grad.abs().sum() > 0
+    assert s.bert.encoder.layer[0].attention.self.query.weight.grad.abs().sum() > 0

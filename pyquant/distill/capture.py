@@ -116,8 +116,16 @@ def _capture_attention_forward(module: nn.Module, query, key, value, attention_m
                                **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    out = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                 **kwargs)
+    from ..nn import qat_attention
+
+    if getattr(module, qat_attention.ATTR, None) is not None:  # QAT Q/K/V/probability fake-quant: explicit
+        # probabilities (O(L^2), pyquant/nn/qat_attention.py); record the quantized Q/K the probabilities come from
+        out = qat_attention.qat_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                                  dropout=dropout, **kwargs)
+        query, key = qat_attention.quantize_qk(module, query, key)
+    else:
+        out = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                     **kwargs)
     rec = _active_records().get(id(module))
     if rec is not None:
         b, _, lq, d = query.shape
