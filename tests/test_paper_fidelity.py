@@ -424,3 +424,55 @@ def test_preset_student_trains_under_distiller():
     out.loss.backward()
     assert s.bert.embeddings.word_embeddings.weight.grad.abs().sum() > 0
     assert s.bert.encoder.layer[0].attention.self.query.weight.grad.abs().sum() > 0
+
+
+# ---- qat-glue: the paper's defaults, preset, periodic evaluation -----------------------------------------------------
+def test_qat_glue_cli_preset_eval_every_best_and_last(tmp_path, capsys):
+    import json
+
+    from test_train import _glue_dir, _parse, _tiny_bert_dir
+
+    from pyquant.train import cli
+
+    model = _tiny_bert_dir(tmp_path)
+    data = _glue_dir(tmp_path)
+    out = tmp_path / "out"
+    args = _parse("qat_glue", ["--task", "sst2", "--teacher", str(model), "--data-dir", str(data),
+                               "--output-dir", str(out), "--max-steps", "4", "--batch-size", "4", "--eval-every", "2",
+                               "--preset", "kdqat-emnlp22", "--attention-kd", "both", "--no-progress"])
+    assert cli.run_qat_glue(args) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert [e["step"] for e in m["evals"]] == [2, 4]
+    assert m["student_last"]["step"] == 4 and m["student_best"]["step"] in (2, 4)
+    assert m["student_best"]["score"] >= m["student_last"]["score"] or m["student_best"]["step"] == 4
+    d = m["run"]["distill"]
+    assert d["ce"] == 0.0 and d["kd"] == 1.0 and d["hidden"] == 1.0 and d["attn_map"] == 1.0
+    assert d["hidden_reduction"] == "paper" and d["attn_output_reduction"] == "paper" and m["run"]["preset"]
+    # a preset with a contradicting option: refused before training (exit 2, nothing written)
+    bad = _parse("qat_glue", ["--task", "sst2", "--teacher", str(model), "--data-dir", str(data),
+                              "--output-dir", str(tmp_path / "o2"), "--preset", "kdqat-emnlp22", "--granularity",
+                              "channel", "--no-progress"])
+    capsys.readouterr()
+    assert cli.run_qat_glue(bad) == 2
+    assert "--granularity contradicts it" in capsys.readouterr().err and not (tmp_path / "o2").exists()
+
+
+def test_qat_glue_paper_defaults():
+    from pyquant.train import recipes
+    from pyquant.train.data import glue_task, paper_score
+
+    want = {"cola": (16, 64, 50), "sst2": (32, 64, 100), "mrpc": (32, 128, 50), "stsb": (32, 128, 100),
+            "rte": (32, 128, 20)}  # kd-qat-large-enc main.py:392-400
+    for task, (bs, ml, ev) in want.items():
+        t = glue_task(task)
+        assert (t.batch_size, t.max_length, t.eval_every) == (bs, ml, ev), task
+    dc = recipes.glue_distill_config("mrpc", kd=True)  # run_kd_qat_map.sh: gt 0, pred 1, rep 1, map 1
+    assert (dc.ce, dc.kd, dc.hidden, dc.attn_map, dc.attn_output, dc.temperature) == (0, 1, 1, 1, 0, 1)
+    gt = recipes.glue_distill_config("mrpc", kd=True, gt_loss=True)
+    assert gt.ce == 1.0 and gt.ce_reduction == "sum"
+    assert paper_score("mrpc", {"accuracy": 0.8, "f1": 0.9}) == (0.8, pytest.approx(0.85))
+    assert paper_score("stsb", {"pearson": 0.8, "spearman": 0.6}) == (pytest.approx(0.7), pytest.approx(0.7))
+    hist = [{"step": 1, "eval": {"accuracy": 0.5, "f1": 0.9}}, {"step": 2, "eval": {"accuracy": 0.7, "f1": 0.1}},
+            {"step": 3, "eval": {"accuracy": 0.6, "f1": 0.6}}]
+    bl = recipes.best_and_last("mrpc", hist)  # best by accuracy (main.py:856), reported as (f1 + acc) / 2
+    assert bl["best"]["step"] == 2 and bl["best"]["score"] == pytest.approx(0.4) and bl["last"]["step"] == 3
