@@ -476,3 +476,23 @@ def test_qat_glue_paper_defaults():
             {"step": 3, "eval": {"accuracy": 0.6, "f1": 0.6}}]
     bl = recipes.best_and_last("mrpc", hist)  # best by accuracy (main.py:856), reported as (f1 + acc) / 2
     assert bl["best"]["step"] == 2 and bl["best"]["score"] == pytest.approx(0.4) and bl["last"]["step"] == 3
+
+
+def test_preset_ptq_quantize_and_packed_embedding_bad_input():
+    from pyquant import QATConfig, quantize
+    from pyquant.formats import WeightQuantConfig
+    from pyquant.nn import PackedEmbedding, PackedLinear
+
+    model = _bert(11)
+    rep = quantize(model, QATConfig(preset="kdqat-emnlp22"))
+    assert isinstance(model.bert.embeddings.word_embeddings, PackedEmbedding)
+    assert isinstance(model.bert.pooler.dense, PackedLinear) and type(model.classifier) is torch.nn.Linear
+    assert "bert.embeddings.word_embeddings" in rep.swapped and model.config._attn_implementation == "pyquant_qat"
+    pe = model.bert.embeddings.word_embeddings
+    with pytest.raises(TypeError, match="ids must be"):
+        pe(torch.tensor([1.0]))
+    with pytest.raises(ValueError, match="embeddings are quantized per row"):
+        QATConfig(embeddings=WeightQuantConfig(method="twn", granularity="tensor"))
+    with pytest.raises(ValueError, match="qweight must be uint8"):
+        PackedEmbedding(torch.zeros(3, 5, dtype=torch.uint8), torch.ones(3, 1), 8,
+                        WeightQuantConfig(method="twn", granularity="channel"))

@@ -247,7 +247,7 @@ def fake_quant_activation(x: torch.Tensor, spec: ActivationQuantConfig) -> torch
     if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
         raise TypeError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
     xf = x.float()
-    if spec.clip is not None:  # clip first, then the range of the clipped values (kd-qat-large-enc utils_quant.py:28-32)
+    if spec.clip is not None:  # clip, then the range of the clipped values (kd-qat-large-enc utils_quant.py:28-32)
         xf = xf.clamp(-spec.clip, spec.clip)
     red = dict(dim=-1, keepdim=True) if spec.granularity == "token" else {}
     tiny = torch.finfo(torch.float32).tiny
