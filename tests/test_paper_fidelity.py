@@ -118,8 +118,8 @@ def test_emnlp22_losses_match_paper_formulas():
 
     s, t = _bert(0), _bert(1)
     batch = _glue_batch(3, [9, 5, 3])
-    cfg = DistillConfig(task="classification", ce=1.0, ce_reduction="sum", kd=1.0, hidden=1.0, attn_output=1.0,
-                        hidden_reduction="paper", attn_output_reduction="paper")
+    cfg = DistillConfig(task="classification", ce=1.0, ce_reduction="sum", kd=1.0, hidden=1.0, attn_output=1.0)
+    assert (cfg.hidden_reduction, cfg.attn_output_reduction) == ("paper", "paper")  # the paper's are the defaults
     out = Distiller(s, t, cfg)(batch)
     inp = {k: batch[k] for k in ("input_ids", "attention_mask")}
     so, os_ = _sub_layer_outputs(s, inp)
@@ -149,16 +149,16 @@ def test_padding_further_invariance():
     lengths = [9, 5, 3]
     short, long = _glue_batch(4, lengths), _glue_batch(4, lengths, pad_to=16)
 
-    def losses(batch, **kw):
-        cfg = DistillConfig(task="classification", ce=1.0, kd=1.0, hidden=1.0, attn_output=1.0, **kw)
+    def losses(batch, red):
+        cfg = DistillConfig(task="classification", ce=1.0, kd=1.0, hidden=1.0, attn_output=1.0,
+                            hidden_reduction=red, attn_output_reduction=red)
         return Distiller(s, t, cfg)(batch).losses
 
-    a, b = losses(short), losses(long)
-    for k in ("ce", "kd", "hidden", "attn_output"):  # masked MSE (default) + logit losses: invariant
+    a, b = losses(short, "masked"), losses(long, "masked")
+    for k in ("ce", "kd", "hidden", "attn_output"):  # masked MSE + logit losses: invariant
         assert a[k].item() == pytest.approx(b[k].item(), rel=1e-4, abs=1e-6), k
-    a, b = losses(short, hidden_reduction="paper", attn_output_reduction="paper"), \
-        losses(long, hidden_reduction="paper", attn_output_reduction="paper")
-    for k in ("hidden", "attn_output"):  # the paper's unmasked MSE: padding positions count
+    a, b = losses(short, "paper"), losses(long, "paper")
+    for k in ("hidden", "attn_output"):  # the paper's unmasked MSE (the default): padding positions count
         assert abs(a[k].item() - b[k].item()) > 1e-3 * abs(a[k].item()), k
 
     def map_loss(batch, reduction):
@@ -496,3 +496,17 @@ def test_preset_ptq_quantize_and_packed_embedding_bad_input():
     with pytest.raises(ValueError, match="qweight must be uint8"):
         PackedEmbedding(torch.zeros(3, 5, dtype=torch.uint8), torch.ones(3, 1), 8,
                         WeightQuantConfig(method="twn", granularity="channel"))
+
+
+def test_distill_reduction_options_bad_input():
+    from pyquant.distill import DistillConfig
+
+    with pytest.raises(ValueError, match="ce_reduction"):
+        DistillConfig(task="classification", ce_reduction="none")
+    with pytest.raises(ValueError, match="ce_reduction='sum' is defined for task='classification' only"):
+        DistillConfig(task="regression", ce_reduction="sum")
+    for name in ("hidden_reduction", "attn_output_reduction"):
+        with pytest.raises(ValueError, match=name):
+            DistillConfig(task="classification", hidden=1.0, **{name: "mean"})
+    d = DistillConfig(task="classification", kd=1.0, hidden=1.0, hidden_reduction="paper").to_dict()
+    assert DistillConfig(**d).hidden_reduction == "paper"

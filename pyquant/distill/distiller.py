@@ -14,11 +14,12 @@ Reductions (named options; "paper" = the seed papers' code, cited line by line i
 * ``tsld_reduction``: "sum" (default, aiha-lab/TSLD utils/utils_quant.py:100) or "mean" (per sequence, line 101).
 * ``ce_reduction`` (classification): "mean" (default) or "sum" -- kd-qat-large-enc main.py:666
   ``nll_loss(..., reduction='sum')`` (its ``gt_loss``; the shipped run_kd_qat_*.sh scripts set gt_loss=0).
-* ``hidden_reduction``: "masked" (default; mean over non-padding tokens x D) or "paper": mean over all B*L*D
-  entries including padding, summed over the embedding output and every layer (kd-qat-large-enc main.py:763-766,
-  ``MSELoss()(student_rep, teacher_rep)``).  "paper" depends on how far the batch is padded.
-* ``attn_output_reduction``: "masked" (default) or "paper": ``MSELoss`` mean over all B*L*D entries of the attention
-  sub-layer output, no padding mask, summed over layers (kd-qat-large-enc main.py:688-693).
+* ``hidden_reduction``: "paper" (default): mean over all B*L*D entries including padding, summed over the embedding
+  output and every layer (kd-qat-large-enc main.py:763-766 ``MSELoss()(student_rep, teacher_rep)``; TSLD's layer-
+  to-layer loss likewise, aiha-lab/TSLD utils/utils_quant.py:113-115); it depends on how far the batch is padded.
+  "masked": mean over the non-padding tokens x D only (padding-invariant).
+* ``attn_output_reduction``: "paper" (default): ``MSELoss`` mean over all B*L*D entries of the attention sub-layer
+  output, no padding mask, summed over layers (kd-qat-large-enc main.py:688-693); "masked": non-padding tokens only.
 * classification logit KD at ``temperature=1``, ``kd_kind="soft_ce"`` is the paper's ``soft_cross_entropy`` (mean over
   the batch, main.py:144-147, used at :674); regression logit KD is ``MSELoss`` (main.py:676).
 
@@ -65,8 +66,8 @@ class DistillConfig:
     tsld_tau: float = 10.0
     tsld_reduction: str = "sum"
     ce_reduction: str = "mean"
-    hidden_reduction: str = "masked"
-    attn_output_reduction: str = "masked"
+    hidden_reduction: str = "paper"
+    attn_output_reduction: str = "paper"
     layer_map: Optional[tuple] = None
     attn_layer_map: Optional[tuple] = None
     chunk_size: int = 1024

@@ -128,10 +128,9 @@ def add_qat_glue_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attn-gamma", type=float, default=None, help="unified mix gamma*map + (1-gamma)*output")
     p.add_argument("--no-hidden-kd", action="store_true")
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--mse-reduction", default=None, choices=["masked", "paper"],
-                   help="hidden-state and attention-output MSE: mean over non-padding tokens ('masked') or over "
-                        "all B*L*D entries as the paper's MSELoss ('paper'); default 'paper' with --preset, else "
-                        "'masked'")
+    p.add_argument("--mse-reduction", default="paper", choices=["masked", "paper"],
+                   help="hidden-state and attention-output MSE: over all B*L*D entries as the paper's MSELoss "
+                        "('paper', default) or over non-padding tokens only ('masked')")
     p.add_argument("--preset", default=None, choices=["kdqat-emnlp22"],
                    help="the EMNLP'22 KD-QAT quantization setting in one switch (TWN per tensor + clip 2.5 incl. "
                         "the pooler, 8-bit activations clipped at 2.5, row-wise TWN word embeddings, 8-bit Q/K/V "
@@ -171,9 +170,9 @@ def run_qat_glue(args) -> int:
             raise ValueError("--gt-loss adds the ground-truth loss to KD; with --no-kd it is the only loss already")
         if args.eval_every is not None and args.eval_every < 0:
             raise ValueError(f"--eval-every={args.eval_every} is invalid: expected an int >= 0")
-        mse = args.mse_reduction or ("paper" if args.preset else "masked")
         dc = recipes.glue_distill_config(t.name, kd=not args.no_kd, attention=args.attention_kd,
-                                         hidden=not args.no_hidden_kd, paper=mse == "paper", gt_loss=args.gt_loss)
+                                         hidden=not args.no_hidden_kd, mse_reduction=args.mse_reduction,
+                                         gt_loss=args.gt_loss)
         if not args.no_kd and (args.attn_gamma is not None or args.temperature != 1.0):
             d = dc.to_dict()
             d.update(attn_gamma=args.attn_gamma, temperature=args.temperature)

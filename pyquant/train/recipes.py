@@ -85,14 +85,14 @@ def evaluate_glue(model: nn.Module, task: str, dev_examples: List[Dict], pad_id:
     return glue_metrics(task, preds, gold)
 
 
-def glue_distill_config(task: str, kd: bool, attention: str = "map", hidden: bool = True, paper: bool = False,
-                        gt_loss: bool = False) -> DistillConfig:
+def glue_distill_config(task: str, kd: bool, attention: str = "map", hidden: bool = True,
+                        mse_reduction: str = "paper", gt_loss: bool = False) -> DistillConfig:
     """EMNLP'22 losses (kd=True): logit + hidden + attention ("map", "output", "both", "none"); kd=False: CE only.
 
     The defaults are the shipped scripts' (run_kd_qat_map.sh: gt_loss=0, pred_distill=1, rep_distill=1,
     attnmap_distill=1; run_kd_qat_output.sh: output_distill=1 instead; map_coeff = output_coeff = 1).
-    ``paper=True``: the paper code's unmasked MSE reductions for the hidden and attention-output losses
-    (``DistillConfig.hidden_reduction`` / ``attn_output_reduction`` = "paper").  ``gt_loss=True`` adds the
+    ``mse_reduction``: "paper" (the paper code's unmasked MSE for the hidden and attention-output losses) or
+    "masked" (``DistillConfig.hidden_reduction`` / ``attn_output_reduction``).  ``gt_loss=True`` adds the
     ground-truth loss as that code computes it when enabled (classification: NLL summed over the batch, main.py:666;
     regression: pyquant's MSE to the labels -- the paper's code uses MSE to the *teacher* there, main.py:668).
     """
@@ -105,7 +105,7 @@ def glue_distill_config(task: str, kd: bool, attention: str = "map", hidden: boo
     if attention != "none" and not attention_kd_available():
         raise ValueError("attention KD needs pyquant.distill.capture, which is not available in this build; "
                          "pass attention='none' (--attention-kd none)")
-    red = "paper" if paper else "masked"
+    red = mse_reduction
     return DistillConfig(task=tk, ce=1.0 if gt_loss else 0.0,
                          ce_reduction="sum" if gt_loss and tk == "classification" else "mean",
                          kd=1.0, hidden=1.0 if hidden else 0.0,
