@@ -6,7 +6,8 @@ One generic walker plus a small table of exceptions; no per-model patches.
 Which layers are quantized (defaults follow TernaryBERT / the EMNLP'22 KD-QAT practice and BitNet/ParetoQ for decoders:
 every linear layer inside the Transformer blocks is quantized; embeddings and the task head stay full precision):
 
-* candidates are ``nn.Linear`` and HF GPT-2 ``Conv1D`` modules (embeddings are not linear, so they are never touched);
+* candidates are ``nn.Linear`` and HF GPT-2 ``Conv1D`` modules (embeddings are not linear: only the word embedding
+  is quantized, per row, and only when ``QATConfig.embeddings`` is set -- e.g. by ``preset="kdqat-emnlp22"``);
 * ``QATConfig.exclude=None`` means :data:`DEFAULT_EXCLUDE`: ``lm_head`` (incl. T5's and RoBERTa's LM head), the
   classifier heads (``classifier``, ``score``, ``qa_outputs``, BERT's ``cls`` MLM head), BERT's ``pooler`` (part of the
   classification head), and the embedding-side projections (OPT ``project_in``/``project_out``, GPT-NeoX

@@ -510,3 +510,31 @@ def test_distill_reduction_options_bad_input():
             DistillConfig(task="classification", hidden=1.0, **{name: "mean"})
     d = DistillConfig(task="classification", kd=1.0, hidden=1.0, hidden_reduction="paper").to_dict()
     assert DistillConfig(**d).hidden_reduction == "paper"
+
+
+def test_preset_on_roberta():
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    from pyquant import QATConfig, prepare_qat
+    from pyquant.distill.capture import capture_attention
+    from pyquant.nn import QATEmbedding, QATLinear
+
+    torch.manual_seed(0)
+    cfg = RobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                        vocab_size=97, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                        max_position_embeddings=40)
+    model = RobertaForSequenceClassification(cfg).eval()
+    batch = _glue_batch(12, [9, 5, 3])
+    inp = {"input_ids": batch["input_ids"] + 2 * batch["attention_mask"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        fp = model(**inp).logits
+    rep = prepare_qat(model, QATConfig(preset="kdqat-emnlp22"))
+    assert isinstance(model.roberta.embeddings.word_embeddings, QATEmbedding)
+    assert isinstance(model.classifier.dense, torch.nn.Linear) and not isinstance(model.classifier.dense, QATLinear)
+    assert sum(n.endswith(".attention.self") for n in rep.swapped) == 0  # attention modules are marked, not swapped
+    with torch.no_grad():
+        got = model(**inp).logits
+        with capture_attention(model) as rec:
+            cap = model(**inp).logits
+    assert len(rec) == 2 and torch.allclose(cap, got, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(got, fp, atol=1e-3)
