@@ -538,3 +538,18 @@ def test_preset_on_roberta():
             cap = model(**inp).logits
     assert len(rec) == 2 and torch.allclose(cap, got, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(got, fp, atol=1e-3)
+
+
+def test_qat_glue_cli_bad_options_refused_before_loading(tmp_path, capsys):
+    from test_train import _parse
+
+    from pyquant.train import cli
+
+    base = ["--task", "rte", "--teacher", str(tmp_path / "none"), "--output-dir", str(tmp_path / "o"), "--no-progress"]
+    for extra, msg in ((["--eval-every", "-1"], "--eval-every=-1 is invalid"),
+                       (["--no-kd", "--gt-loss"], "--gt-loss adds the ground-truth loss to KD"),
+                       (["--preset", "kdqat-emnlp22", "--no-act-quant"], "--no-act-quant contradicts it"),
+                       (["--preset", "kdqat-emnlp22", "--exclude", "pooler"], "--exclude contradicts it")):
+        assert cli.run_qat_glue(_parse("qat_glue", base + extra)) == 2
+        assert msg in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
