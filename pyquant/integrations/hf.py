@@ -208,6 +208,15 @@ def _new_packed(mod: nn.Module, spec: WeightQuantConfig, act: Optional[Activatio
     return p
 
 
+def _init_placeholder() -> torch.Tensor:
+    """What a packed layer's ``weight`` reads during loading: some models' ``_init_weights`` touch
+    ``module.<linear>.weight`` of a parent module (GPT-2's c_proj); flagged initialised, so transformers skips it.
+    Replaced by ``weight = None`` after the load."""
+    t = torch.empty(0, device="meta")
+    t._is_hf_initialized = True
+    return t
+
+
 def _new_qat(mod: nn.Module, spec: WeightQuantConfig, act: Optional[ActivationQuantConfig],
              scale_dtypes: Optional[Dict[str, torch.dtype]] = None) -> QATLinear:
     """A QATLinear around the (meta) layer without computing a scale from its (absent) weight; the learnable scale
@@ -358,7 +367,8 @@ def _quantize_op_class():
                 raise
             tmp = PackedLinear.from_quantized(codes, s, z, None, mod.spec, dtype=torch.float32)
             out = {f"{mod_name}.qweight": tmp.qweight, f"{mod_name}.scale": tmp.scale,
-                   f"{mod_name}.weight": torch.empty(0, device=w.device, dtype=w.dtype)}
+                   f"{mod_name}.weight": torch.empty(0, device=w.device, dtype=w.dtype),  # the placeholder
+                   f"{mod_name}._extra_state": mod.get_extra_state()}
             if tmp.zero_point is not None:
                 out[f"{mod_name}.zero_point"] = tmp.zero_point
             return out
@@ -431,6 +441,7 @@ class PyquantHfQuantizer(HfQuantizer):
                 spec.resolve_group_size(_dims(mod)[0])
                 if cfg.state == "packed":
                     new = _new_packed(mod, spec, act, device=mod.weight.device)
+                    new.weight = _init_placeholder()
                 else:
                     new = _new_qat(mod, spec, act, found.get(name))
                 new._pyquant_loading = True
@@ -475,6 +486,7 @@ class PyquantHfQuantizer(HfQuantizer):
             if getattr(m, "_pyquant_loading", False):
                 del m._pyquant_loading
                 if isinstance(m, PackedLinear):
+                    m.__dict__.pop("weight", None)
                     _packed_exceptions(m)
         if not self.pre_quantized:
             # the model now is a pyquant checkpoint-to-be: describe exactly what was swapped
@@ -561,6 +573,14 @@ def save_pretrained(model, save_directory, **kwargs) -> None:
         raise ValueError("push_to_hub: save to a local directory first, then upload it (huggingface_hub)")
     if not kwargs.get("is_main_process", True):
         return type(model).save_pretrained(model, save_directory, **kwargs)
+    if any(isinstance(m, (QATLinear, PackedLinear)) for m in model.modules()):
+        # the config always describes the layers the model holds now (also after a hand-made module swap)
+        old = getattr(model.config, "quantization_config", None)
+        keep = old.modules_to_not_convert if isinstance(old, PyquantConfig) else None
+        model.config.quantization_config = describe(model, modules_to_not_convert=keep)
+        hq = getattr(model, "hf_quantizer", None)
+        if isinstance(hq, PyquantHfQuantizer):
+            hq.quantization_config = model.config.quantization_config
     with atomic_directory(save_directory) as tmp:
         type(model).save_pretrained(model, tmp, **kwargs)
 
