@@ -369,15 +369,18 @@ def _quantize_op_class():
             value = value[0] if isinstance(value, list) else value
             mod_name = key.rpartition(".")[0]
             mod = model.get_submodule(mod_name)
+            w = value.detach()
             try:
-                w = value.detach()
                 w_nk = w.t() if mod._pyquant_ptq_transposed else w
                 _check_finite(w_nk, mod_name)
                 codes, s, z = quantize_weight(w_nk.float() if w_nk.dtype == torch.float64 else w_nk, mod.spec)
+                tmp = PackedLinear.from_quantized(codes, s, z, None, mod.spec, dtype=torch.float32)
             except Exception as e:
-                self.hf_quantizer._ptq_errors[mod_name] = f"{type(e).__name__}: {e}"
-                raise
-            tmp = PackedLinear.from_quantized(codes, s, z, None, mod.spec, dtype=torch.float32)
+                # transformers turns an exception here into a RuntimeError after the load; record the error and
+                # let the load finish with inert tensors, then _process_model_after_weight_loading raises it as is
+                self.hf_quantizer._ptq_errors[mod_name] = e
+                tmp = PackedLinear(mod.in_features, mod.out_features, False, mod.spec, device=w.device,
+                                   dtype=torch.float32)
             out = {f"{mod_name}.qweight": tmp.qweight, f"{mod_name}.scale": tmp.scale,
                    f"{mod_name}.weight": torch.empty(0, device=w.device, dtype=w.dtype),  # the placeholder
                    f"{mod_name}._extra_state": mod.get_extra_state()}
@@ -405,7 +408,7 @@ class PyquantHfQuantizer(HfQuantizer):
         if not isinstance(quantization_config, PyquantConfig):
             raise TypeError(f"quantization_config must be a PyquantConfig, got {type(quantization_config).__name__}")
         super().__init__(quantization_config, **kwargs)
-        self._ptq_errors: Dict[str, str] = {}
+        self._ptq_errors: Dict[str, Exception] = {}
 
     def validate_environment(self, *args, **kwargs):
         device_map = kwargs.get("device_map")
@@ -528,8 +531,10 @@ class PyquantHfQuantizer(HfQuantizer):
             install_atomic_save(model)
             return model
         if self._ptq_errors:
-            raise ValueError("quantization at load time failed (nothing usable was loaded): "
-                             + "; ".join(f"{k}: {v}" for k, v in self._ptq_errors.items()))
+            first = next(iter(self._ptq_errors.values()))
+            msg = "quantization at load time failed (the model was not returned): " + "; ".join(
+                f"{k}: {v}" for k, v in self._ptq_errors.items())
+            raise (ValueError(msg) if isinstance(first, ValueError) else RuntimeError(msg)) from first
         for name, m in model.named_modules():
             if getattr(m, "_pyquant_ptq_transposed", None) is not None:
                 if "weight" in m._parameters:
@@ -669,3 +674,10 @@ def _register() -> None:
         register_quantizer(QUANT_METHOD)(PyquantHfQuantizer)
     if _after_swap not in _convert.AFTER_SWAP:
         _convert.AFTER_SWAP.append(_after_swap)
+
+
+# Importing this module directly (``from pyquant.integrations.hf import PyquantConfig``) imports transformers, whose
+# registry import runs the hook while this module is half-initialised; the hook then leaves registration to this line.
+from . import register as _register_now  # noqa: E402
+
+_register_now()
