@@ -78,8 +78,8 @@ def test_resume_from_step_15_reproduces_step_30_exactly(tmp_path):
     assert resumed.resumed_from == 15
     assert [h["step"] for h in resumed.history] == list(range(16, 31))
     assert [h["total"] for h in resumed.history] == [h["total"] for h in full.history[15:]]  # bitwise equal
-    a = torch.load(tmp_path / "a" / "checkpoint-00000030" / "trainer_state.pt", weights_only=False)
-    b = torch.load(part / "checkpoint-00000030" / "trainer_state.pt", weights_only=False)
+    a = torch.load(tmp_path / "a" / "checkpoint-00000030" / "trainer_state.pt", weights_only=True)
+    b = torch.load(part / "checkpoint-00000030" / "trainer_state.pt", weights_only=True)
     assert a["scheduler"] == b["scheduler"]
     log = [json.loads(x)["step"] for x in (part / "log.jsonl").read_text().splitlines()]
     assert log == list(range(1, 31))  # lines after the checkpoint were rewritten, not duplicated
