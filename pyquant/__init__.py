@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 
 from .formats import ActivationQuantConfig, WeightQuantConfig
+from .integrations import install_hook as _install_hook
 
 __version__ = "0.1.0"
 
@@ -24,12 +25,15 @@ _LAZY = {
     "convert": "pyquant.convert",
     "quantize": "pyquant.convert",
     "Distiller": "pyquant.distill",
+    "integrations": "pyquant.integrations",
+    "PyquantConfig": "pyquant.integrations.hf",
+    "from_bitnet": "pyquant.integrations.bitnet",
 }
 
 __all__ = ["ActivationQuantConfig", "WeightQuantConfig", "__version__", *_LAZY]
 
 
-_SUBMODULES = ("ops", "reference", "nn", "distill")  # lazy names that are modules; the rest are attributes
+_SUBMODULES = ("ops", "reference", "nn", "distill", "integrations")  # lazy names that are modules; the rest are attributes
 
 
 def __getattr__(name):
@@ -40,3 +44,8 @@ def __getattr__(name):
     # note: once ``pyquant.convert`` (the module) is imported, Python binds it to ``pyquant.convert``; that module is
     # callable (it forwards to its ``convert`` function), so ``pyquant.convert(model)`` works either way.
     return m if name in _SUBMODULES else getattr(m, name)
+
+
+# The "pyquant" transformers quantization method registers itself when transformers' quantizer registry is (or gets)
+# imported; transformers is never imported here (pyquant/integrations/__init__.py explains the hook).
+_install_hook()

@@ -39,6 +39,11 @@ from .ops import fake_quant_activation, quantize_weight
 
 __all__ = ["QATConfig", "SwapReport", "prepare_qat", "convert", "quantize", "DEFAULT_EXCLUDE", "matches"]
 
+# Called as hook(model, report) after every successful swap.  pyquant.integrations.hf appends one that records the
+# model's PyquantConfig in a transformers model's config (so save_pretrained writes it); this layer stays unaware of
+# transformers' API (dependency inversion: integrations sit above convert).
+AFTER_SWAP: List = []
+
 DEFAULT_EXCLUDE: Tuple[str, ...] = (
     "lm_head", "classifier", "score", "qa_outputs", "cls", "pooler", "project_in", "project_out", "embed_out",
 )
@@ -207,6 +212,28 @@ def _validate_targets(targets, spec: WeightQuantConfig) -> None:
                          + " -- exclude them or pick another group_size/granularity")
 
 
+def _check_finite(targets, action: str) -> None:
+    """NaN/Inf in a weight would silently become a finite code: refuse, naming the layers (before any swap)."""
+    bad = []
+    for n, m in targets:
+        w = m.weight_nk if isinstance(m, QATLinear) else m.weight
+        if w.is_floating_point() and not w.is_meta and not bool(torch.isfinite(w).all()):
+            bad.append(f"{n} ({int((~torch.isfinite(w)).sum())} NaN/Inf weight values)")
+        for t in ("weight_scale", "weight_zero_point"):
+            v = getattr(m, t, None) if isinstance(m, QATLinear) else None
+            if v is not None and not bool(torch.isfinite(v).all()):
+                bad.append(f"{n} (non-finite {t})")
+    if bad:
+        raise ValueError(f"{action}: layer(s) with non-finite weights cannot be quantized (nothing was swapped): "
+                         + ", ".join(bad[:8]) + (" ..." if len(bad) > 8 else ""))
+
+
+def _notify(model: nn.Module, report: "SwapReport") -> "SwapReport":
+    for hook in list(AFTER_SWAP):
+        hook(model, report)
+    return report
+
+
 def _refuse_quantized(model: nn.Module, action: str) -> None:
     done = [n for n, m in model.named_modules() if isinstance(m, (QATLinear, PackedLinear))]
     if done:
@@ -276,7 +303,8 @@ def prepare_qat(model: nn.Module, config: Optional[QATConfig] = None) -> SwapRep
     new = [(n, QATLinear.from_linear(m, config.weight, config.activation)) for n, m in targets]
     for n, q in new:
         _set(model, n, q)
-    return SwapReport("prepare_qat", [n for n, _ in new], kept, sum(q.weight.numel() for _, q in new), total)
+    return _notify(model, SwapReport("prepare_qat", [n for n, _ in new], kept, sum(q.weight.numel() for _, q in new),
+                                     total))
 
 
 def convert(model: nn.Module) -> SwapReport:
@@ -292,6 +320,7 @@ def convert(model: nn.Module) -> SwapReport:
     if not targets:
         raise ValueError(f"convert: {type(model).__name__} holds no QATLinear layer (run prepare_qat first, or use "
                          f"quantize() for post-training quantization)")
+    _check_finite(targets, "convert")
     total = _total_params(model)
     new = []
     with torch.no_grad():
@@ -304,7 +333,7 @@ def convert(model: nn.Module) -> SwapReport:
     for n, p, _ in new:
         _set(model, n, p)
     kept = [n for n, m in model.named_modules() if n and _is_candidate(m)]
-    return SwapReport("convert", [n for n, _, _ in new], kept, sum(c for *_, c in new), total)
+    return _notify(model, SwapReport("convert", [n for n, _, _ in new], kept, sum(c for *_, c in new), total))
 
 
 def quantize(model: nn.Module, spec: Union[WeightQuantConfig, QATConfig, None] = None) -> SwapReport:
@@ -322,6 +351,7 @@ def quantize(model: nn.Module, spec: Union[WeightQuantConfig, QATConfig, None] =
     _refuse_quantized(model, "quantize")
     targets, kept = _select(model, spec)
     _validate_targets(targets, spec.weight)
+    _check_finite(targets, "quantize")
     total = _total_params(model)
     new = []
     with torch.no_grad():
@@ -337,7 +367,7 @@ def quantize(model: nn.Module, spec: Union[WeightQuantConfig, QATConfig, None] =
             new.append((n, p, w.numel()))
     for n, p, _ in new:
         _set(model, n, p)
-    return SwapReport("quantize", [n for n, _, _ in new], kept, sum(c for *_, c in new), total)
+    return _notify(model, SwapReport("quantize", [n for n, _, _ in new], kept, sum(c for *_, c in new), total))
 
 
 class _CallableModule(types.ModuleType):
