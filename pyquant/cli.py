@@ -15,6 +15,7 @@ BENCHES = {
     "matmul": "pyquant.bench.matmul",
     "fake-quant": "pyquant.bench.fake_quant",
     "attention-kd": "pyquant.bench.attention_kd",
+    "decode": "pyquant.bench.decode",
 }
 
 
