@@ -139,27 +139,14 @@ def build_model(shape: dict, variant: str, cfg: DecodeBenchConfig, device, dtype
     return model.eval()
 
 
-def _nbytes(tensors) -> int:
-    seen, total = set(), 0
-    for t in tensors:
-        key = (t.data_ptr(), t.numel())
-        if key in seen:
-            continue
-        seen.add(key)
-        total += t.numel() * t.element_size()
-    return total
-
-
 def weight_bytes(model) -> Tuple[int, int]:
     """(all parameters + buffers, the Transformer-block linears' tensors only); shared tensors counted once."""
     from ..nn.packed_linear import PackedLinear
+    from ..train.quant import model_nbytes
 
-    total = _nbytes(list(model.parameters()) + [b for b in model.buffers() if b is not None])
-    lin = []
-    for n, m in model.named_modules():
-        if ".layers." in f".{n}." and isinstance(m, (torch.nn.Linear, PackedLinear)):
-            lin += [t for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)) if t is not None]
-    return total, _nbytes(lin)
+    lin = sum(model_nbytes(m) for n, m in model.named_modules()
+              if ".layers." in f".{n}." and isinstance(m, (torch.nn.Linear, PackedLinear)))
+    return model_nbytes(model), lin
 
 
 def _generate(model, ids: torch.Tensor, new: int, compile: bool) -> torch.Tensor:
