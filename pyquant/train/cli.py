@@ -76,25 +76,13 @@ def _resolve_models(args) -> None:
 def _save_final(model, tok, output_dir) -> Path:
     """Write the trained model (+ tokenizer) to ``<output_dir>/final`` atomically (complete or absent); refuses to
     overwrite an existing one."""
+    from .recipes import save_model_dir
+
     final = Path(output_dir) / "final"
     if final.exists():
         raise ValueError(f"{final} already exists; not overwriting it")
-    tmp = Path(output_dir) / ".tmp-final"
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)  # the leftover of a killed run
-    _save_model_files(model, tok, tmp)
-    os.replace(tmp, final)
+    save_model_dir(model, tok, final)
     return final
-
-
-def _save_model_files(model, tok, directory) -> None:
-    """``save_pretrained`` of model and tokenizer into a fresh ``directory`` (the class method: the caller makes the
-    write atomic by renaming ``directory``)."""
-    type(model).save_pretrained(model, directory)
-    if tok is not None:
-        tok.save_pretrained(directory)
 
 
 # ---- shared options ------------------------------------------------------------------------------------------------
@@ -525,10 +513,9 @@ def run_convert(args) -> int:
         report = _to_packed(model) if state == "qat" else _ptq(model, qcfg)
     except ValueError as e:
         return _fail(str(e))
-    from ..integrations.atomic import atomic_directory
+    from .recipes import save_model_dir
 
-    with atomic_directory(out) as tmp:
-        _save_model_files(model, tok, tmp)
+    save_model_dir(model, tok, out)
     what = "QAT checkpoint -> packed" if state == "qat" else f"full precision -> packed PTQ ({spec.describe()})"
     print(f"{what}: {report}")
     print(f"wrote {out} ({_dir_bytes(out) / 1e6:.2f} MB on disk; {args.model}: "
