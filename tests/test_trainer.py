@@ -100,6 +100,15 @@ def test_save_model_writes_student_and_resume_loads_it(tmp_path):
 
     sd = load_file(str(tmp_path / "final" / "model.safetensors"))
     assert set(sd) <= set(s.state_dict()) and not any(k.startswith("student.") for k in sd)
+    # a QAT checkpoint: from_pretrained (with import pyquant) rebuilds the QAT student, same logits
+    from transformers import AutoModelForCausalLM
+
+    import pyquant
+
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "final").eval()
+    assert isinstance(back.model.layers[0].self_attn.q_proj, pyquant.QATLinear)
+    x = torch.randint(0, V, (2, 7))
+    assert torch.equal(back(x).logits, s.eval()(x).logits)
     s3 = _pair()[1]
     tr3 = DistillTrainer(student=s3, teacher=_llama(1), distill_config=DC, args=_args(tmp_path / "o3"),
                          train_dataset=data, data_collator=D.CausalCollator())
