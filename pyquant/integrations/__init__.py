@@ -33,13 +33,12 @@ def register() -> None:
     with _lock:
         if _registered:
             return
+        hf = sys.modules.get(__name__ + ".hf")
+        if hf is not None and not hasattr(hf, "_register"):
+            return  # pyquant.integrations.hf is being imported (it imported transformers): it registers at its end
+        from . import hf
+        hf._register()
         _registered = True
-        try:
-            from . import hf
-            hf._register()
-        except BaseException:
-            _registered = False
-            raise
 
 
 class _RegisterAfterExec(importlib.abc.Loader):

@@ -48,7 +48,7 @@ FORMAT_VERSION = 1
 QUANT_METHOD = "pyquant"
 STATES = ("qat", "packed")
 _FIELDS = ("quant_method", "format_version", "state", "weight", "activation", "modules", "module_overrides",
-           "modules_to_not_convert", "include")
+           "modules_to_not_convert", "include", "bitnet")
 _ST_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.uint8: "U8"}
 _ST_FLOATS = ("F16", "BF16", "F32", "F64")
 
@@ -94,12 +94,13 @@ class PyquantConfig(QuantizationConfigMixin):
     "activation": {...} | None}}`` for modules whose specs differ from the default.  modules_to_not_convert:
     patterns kept full precision (None = pyquant's default exclusions: embeddings and heads).  include: patterns to
     quantize (empty = every Linear/Conv1D).  Any other field is refused (ValueError naming it); a ``format_version``
-    newer than this pyquant understands is refused with the upgrade hint.
+    newer than this pyquant understands is refused with the upgrade hint.  bitnet: internal to
+    ``pyquant.from_bitnet`` (the BitNet config being imported; never written to a saved checkpoint).
     """
 
     def __init__(self, weight=None, activation=None, state: str = "packed", modules=None, module_overrides=None,
                  modules_to_not_convert=None, include=None, format_version: int = FORMAT_VERSION,
-                 quant_method: str = QUANT_METHOD, **kwargs):
+                 quant_method: str = QUANT_METHOD, bitnet=None, **kwargs):
         if kwargs:
             raise ValueError(f"PyquantConfig: unknown field(s) {sorted(kwargs)} in quantization_config; known "
                              f"fields: {sorted(_FIELDS)} (written by a newer pyquant? then upgrade pyquant)")
@@ -137,6 +138,10 @@ class PyquantConfig(QuantizationConfigMixin):
                                             f"module_overrides[{name!r}].activation")}
         self.modules_to_not_convert = _patterns(modules_to_not_convert, "modules_to_not_convert")
         self.include = _patterns(include, "include") or []
+        if bitnet is not None:  # set by from_bitnet only: the BitNet quantization_config being imported
+            from .bitnet import check_bitnet_config
+            bitnet = check_bitnet_config(bitnet)
+        self.bitnet = bitnet
 
     # ---- per-module specs ---------------------------------------------------------------------------------------
     def specs_for(self, name: str) -> Tuple[WeightQuantConfig, Optional[ActivationQuantConfig]]:
@@ -160,6 +165,7 @@ class PyquantConfig(QuantizationConfigMixin):
             "modules_to_not_convert": None if self.modules_to_not_convert is None
             else list(self.modules_to_not_convert),
             "include": list(self.include),
+            **({} if self.bitnet is None else {"bitnet": dict(self.bitnet)}),
         }
 
     def __iter__(self):
@@ -275,9 +281,8 @@ def _read_headers(files) -> Dict[str, Tuple[str, tuple]]:
 _QUANT_SUFFIXES = (".qweight", ".zero_point", ".weight_scale", ".weight_zero_point")
 
 
-def _check_checkpoint(model: nn.Module, plan, state: str, header: Dict[str, Tuple[str, tuple]]) -> Dict[str, dict]:
-    """Compare the checkpoint's quantized tensors with the plan before anything loads; returns, per module, the
-    dtypes found for QAT scales (kept as stored)."""
+def _key_finder(model: nn.Module, header):
+    """key -> the checkpoint key holding it (saved with or without the base-model prefix), or None."""
     prefix = getattr(model, "base_model_prefix", "") or ""
 
     def find(key):
@@ -286,6 +291,13 @@ def _check_checkpoint(model: nn.Module, plan, state: str, header: Dict[str, Tupl
             if c is not None and c in header:
                 return c
         return None
+    return find
+
+
+def _check_checkpoint(model: nn.Module, plan, state: str, header: Dict[str, Tuple[str, tuple]]) -> Dict[str, dict]:
+    """Compare the checkpoint's quantized tensors with the plan before anything loads; returns, per module, the
+    dtypes found for QAT scales (kept as stored)."""
+    find = _key_finder(model, header)
 
     problems, matched, found_dtypes = [], set(), {}
     for name, mod, spec, _act in plan:
@@ -357,15 +369,18 @@ def _quantize_op_class():
             value = value[0] if isinstance(value, list) else value
             mod_name = key.rpartition(".")[0]
             mod = model.get_submodule(mod_name)
+            w = value.detach()
             try:
-                w = value.detach()
                 w_nk = w.t() if mod._pyquant_ptq_transposed else w
                 _check_finite(w_nk, mod_name)
                 codes, s, z = quantize_weight(w_nk.float() if w_nk.dtype == torch.float64 else w_nk, mod.spec)
+                tmp = PackedLinear.from_quantized(codes, s, z, None, mod.spec, dtype=torch.float32)
             except Exception as e:
-                self.hf_quantizer._ptq_errors[mod_name] = f"{type(e).__name__}: {e}"
-                raise
-            tmp = PackedLinear.from_quantized(codes, s, z, None, mod.spec, dtype=torch.float32)
+                # transformers turns an exception here into a RuntimeError after the load; record the error and
+                # let the load finish with inert tensors, then _process_model_after_weight_loading raises it as is
+                self.hf_quantizer._ptq_errors[mod_name] = e
+                tmp = PackedLinear(mod.in_features, mod.out_features, False, mod.spec, device=w.device,
+                                   dtype=torch.float32)
             out = {f"{mod_name}.qweight": tmp.qweight, f"{mod_name}.scale": tmp.scale,
                    f"{mod_name}.weight": torch.empty(0, device=w.device, dtype=w.dtype),  # the placeholder
                    f"{mod_name}._extra_state": mod.get_extra_state()}
@@ -393,7 +408,7 @@ class PyquantHfQuantizer(HfQuantizer):
         if not isinstance(quantization_config, PyquantConfig):
             raise TypeError(f"quantization_config must be a PyquantConfig, got {type(quantization_config).__name__}")
         super().__init__(quantization_config, **kwargs)
-        self._ptq_errors: Dict[str, str] = {}
+        self._ptq_errors: Dict[str, Exception] = {}
 
     def validate_environment(self, *args, **kwargs):
         device_map = kwargs.get("device_map")
@@ -423,6 +438,8 @@ class PyquantHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         cfg = self.quantization_config
         modules = dict(model.named_modules())
+        if cfg.bitnet is not None:
+            return self._before_bitnet(model, modules, checkpoint_files)
         if self.pre_quantized:
             plan, problems = [], []
             for saved in cfg.modules:
@@ -465,11 +482,59 @@ class PyquantHfQuantizer(HfQuantizer):
             _set(model, n, new)
         return model
 
+    def _before_bitnet(self, model, modules, checkpoint_files):
+        from .bitnet import BitNetLoading, _ST_TO_TORCH, expected_layout
+        if not checkpoint_files:
+            raise ValueError("from_bitnet needs the checkpoint's safetensors files (a state_dict was passed)")
+        header = _read_headers(checkpoint_files)
+        find = _key_finder(model, header)
+        plan, matched = [], set()
+        for name, mod in modules.items():
+            if isinstance(mod, nn.Linear) and find(f"{name}.weight_scale") is not None:
+                k, n = _dims(mod)
+                layout = expected_layout(name, k, n, header, find)
+                matched.add(find(f"{name}.weight_scale"))
+                plan.append((name, mod, layout))
+        stray = [key for key in header if key.endswith(".weight_scale") and key not in matched]
+        if stray:
+            raise ValueError(f"BitNet tensors {stray[:5]} belong to no nn.Linear layer of {type(model).__name__}")
+        if not plan:
+            raise ValueError(f"no BitNet layer found: no '<linear>.weight_scale' tensor of the checkpoint matches an "
+                             f"nn.Linear of {type(model).__name__}")
+        for name, mod, (wdt, wsh, sdt, ssh) in plan:
+            k, n = _dims(mod)
+            new = BitNetLoading(k, n, _ST_TO_TORCH[wdt], wsh, _ST_TO_TORCH[sdt], ssh, mod.bias is not None,
+                                mod.weight.dtype, mod.weight.device)
+            new._pyquant_loading = True
+            new._pyquant_bitnet = name
+            _set(model, name, new)
+        return model
+
+    def _after_bitnet(self, model) -> None:
+        from .bitnet import to_packed
+        cfg = self.quantization_config
+        _validate_loaded(model)
+        names = []
+        for name, m in list(model.named_modules()):
+            if getattr(m, "_pyquant_bitnet", None) is not None:
+                new = to_packed(name, m, cfg.bitnet["linear_class"], None)
+                _packed_exceptions(new)
+                _set(model, name, new)
+                names.append(name)
+        kept = [n for n, m in model.named_modules() if n and _convert._is_candidate(m)]
+        cfg.modules, cfg.module_overrides, cfg.modules_to_not_convert, cfg.bitnet = names, {}, kept, None
+
     def _process_model_after_weight_loading(self, model, **kwargs):
         cfg = self.quantization_config
+        if cfg.bitnet is not None:
+            self._after_bitnet(model)
+            install_atomic_save(model)
+            return model
         if self._ptq_errors:
-            raise ValueError("quantization at load time failed (nothing usable was loaded): "
-                             + "; ".join(f"{k}: {v}" for k, v in self._ptq_errors.items()))
+            first = next(iter(self._ptq_errors.values()))
+            msg = "quantization at load time failed (the model was not returned): " + "; ".join(
+                f"{k}: {v}" for k, v in self._ptq_errors.items())
+            raise (ValueError(msg) if isinstance(first, ValueError) else RuntimeError(msg)) from first
         for name, m in model.named_modules():
             if getattr(m, "_pyquant_ptq_transposed", None) is not None:
                 if "weight" in m._parameters:
@@ -609,3 +674,10 @@ def _register() -> None:
         register_quantizer(QUANT_METHOD)(PyquantHfQuantizer)
     if _after_swap not in _convert.AFTER_SWAP:
         _convert.AFTER_SWAP.append(_after_swap)
+
+
+# Importing this module directly (``from pyquant.integrations.hf import PyquantConfig``) imports transformers, whose
+# registry import runs the hook while this module is half-initialised; the hook then leaves registration to this line.
+from . import register as _register_now  # noqa: E402
+
+_register_now()
