@@ -106,3 +106,49 @@ def test_no_unsafe_loader_in_pyquant():
     hits = [f"{f.relative_to(root)}:{i}: {line.strip()}" for f in sorted(root.rglob("*.py"))
             for i, line in enumerate(f.read_text().splitlines(), 1) if _UNSAFE.search(line)]
     assert hits == []
+
+
+_KILL_DURING_SAVE = r"""
+import sys, time, torch
+from pathlib import Path
+import pyquant.train.checkpoint as ck
+out = Path(sys.argv[1])
+torch.manual_seed(0)
+m = torch.nn.Linear(4, 3)
+real = ck.torch.save
+def slow(obj, f, *a, **k):
+    real(obj, f, *a, **k)
+    print("WRITING", flush=True)
+    time.sleep(120)
+ck.torch.save = slow
+ck.save_checkpoint(out, 2, m)
+"""
+
+
+def test_checkpoint_write_killed_leaves_previous_checkpoint(tmp_path):
+    """SIGKILL in the middle of writing checkpoint 2: checkpoint 1 is intact, no checkpoint 2 exists, and the next
+    resume reads checkpoint 1 (the dead write's temporary directory is ignored)."""
+    import signal
+    import subprocess
+    import sys
+
+    torch.manual_seed(0)
+    m = torch.nn.Linear(4, 3)
+    c1 = save_checkpoint(tmp_path, 1, m)
+    before = {p.name: p.read_bytes() for p in c1.iterdir()}
+    p = subprocess.Popen([sys.executable, "-c", _KILL_DURING_SAVE, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "WRITING"
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == -signal.SIGKILL
+    from pyquant.train.checkpoint import latest_checkpoint, list_checkpoints
+
+    assert [x.name for x in list_checkpoints(tmp_path)] == ["checkpoint-00000001"]
+    assert {x.name: x.read_bytes() for x in c1.iterdir()} == before
+    assert any(x.name.startswith(".tmp-checkpoint-00000002") for x in tmp_path.iterdir())  # the dead write
+    assert latest_checkpoint(tmp_path) == c1
+    load_checkpoint(c1, torch.nn.Linear(4, 3))

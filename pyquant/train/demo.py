@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -250,8 +251,9 @@ def run_demo(out_dir: str = "pyquant-demo", smoke: bool = False, seed: int = 0, 
               "attention_map_kd": bool(attn), "weight_format": spec.describe(), "device": device,
               "elapsed_s": round(time.time() - t_start, 1), "reload": reload,
               "loss_png": None if png is None else str(png)}
-    with open(out / "results.json", "w") as f:
+    with open(out / "results.json.tmp", "w") as f:
         json.dump(result, f, indent=1)
+    os.replace(out / "results.json.tmp", out / "results.json")  # atomic: a killed run keeps the previous results
     print(f"\nloss curves: {png}\nresults: {out / 'results.json'}  ({result['elapsed_s']:.0f} s)")
     if not attn:
         print("note: attention-map KD is unavailable in this build (pyquant.distill.capture missing); KD = TSLD only")
