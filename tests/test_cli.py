@@ -133,6 +133,10 @@ def test_bad_input_refused_before_work(tmp_path, fp_dir, corpus, capsys):
     refused(["convert", "--model", str(fp_dir), "--output-dir", str(fp_dir)], "--output-dir is --model")
     refused(["eval-ppl", "--model", str(fp_dir), "--text-files", str(tmp_path / "nope.txt")], "nope.txt not found")
     refused(["generate", "--model", str(fp_dir), "--prompt", ""], "--prompt is empty")
+    refused(["eval-ppl", "--model", str(fp_dir), "--text-files", str(cdir / "valid.txt"), "--block-size", "4096"],
+            "exceeds the model's 128 positions")
+    if not torch.cuda.is_available():
+        refused(["generate", "--model", str(fp_dir), "--prompt", "a", "--device", "cuda"], "no CUDA GPU")
     refused(["generate", "--model", str(fp_dir), "--prompt", "a", "--max-new-tokens", "0"], "--max-new-tokens")
     from transformers import BertConfig, BertModel
 

@@ -493,24 +493,29 @@ def run_convert(args) -> int:
         if state == "qat" and spec_given:
             raise ValueError(f"{', '.join(spec_given)}: --model {args.model!r} is a QAT checkpoint, which carries its "
                              "own quantization spec; these options apply to full-precision models only")
-        spec = qcfg = None
+        spec = act = None
         if state is None:
             spec = WeightQuantConfig(method=args.method or "twn", granularity=args.granularity or "channel",
                                      group_size=args.group_size)
-            from ..convert import QATConfig
-
-            qcfg = QATConfig(weight=spec, activation=ActivationQuantConfig() if args.act_quant else None,
-                             exclude=None if args.exclude is None else tuple(args.exclude))
+            act = ActivationQuantConfig() if args.act_quant else None
         out = Path(args.output_dir)
         if out.resolve() == Path(args.model).resolve():
             raise ValueError("--output-dir is --model; write the packed checkpoint to another directory")
         if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
             raise ValueError(f"--output-dir {out} exists and is not empty; pass --overwrite to replace it")
         tok = _load_tok(args.tokenizer or args.model, required=args.tokenizer is not None)
-        model = _load_hf(args.model, _model_class(cfg, causal=False))
-        from ..convert import convert as _to_packed, quantize as _ptq
+        cls = _model_class(cfg, causal=False)
+        if state == "qat":
+            from ..convert import convert as _to_packed
 
-        report = _to_packed(model) if state == "qat" else _ptq(model, qcfg)
+            model = _load_hf(args.model, cls)
+            report = _to_packed(model)
+        else:  # PTQ while loading, layer by layer: no full-precision copy of the whole model is ever held
+            from ..integrations.hf import PyquantConfig
+
+            qc = PyquantConfig(weight=spec, activation=act, state="packed", modules_to_not_convert=args.exclude)
+            model = _load_hf(args.model, cls, quantization_config=qc)
+            report = _packed_report(model)
     except ValueError as e:
         return _fail(str(e))
     from .recipes import save_model_dir
@@ -523,11 +528,29 @@ def run_convert(args) -> int:
     return 0
 
 
+def _packed_report(model):
+    """What PTQ at load did, as ``pyquant.quantize`` reports it (layers packed, parameters, layers kept FP)."""
+    from ..convert import SwapReport, _is_candidate
+    from ..nn.packed_linear import PackedLinear
+
+    packed = [(n, m) for n, m in model.named_modules() if isinstance(m, PackedLinear)]
+    kept = [n for n, m in model.named_modules() if n and _is_candidate(m)]
+    q = sum(m.in_features * m.out_features for _, m in packed)
+    return SwapReport("quantize (while loading)", [n for n, _ in packed], kept, q,
+                      q + sum(p.numel() for p in model.parameters()))
+
+
 def _device(name: Optional[str]):
     import torch
 
     if name:
-        return torch.device(name)
+        try:
+            dev = torch.device(name)
+        except RuntimeError as e:
+            raise ValueError(f"--device {name!r} is invalid: {e}") from e
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: no CUDA GPU here (torch.cuda.is_available() is False)")
+        return dev
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -557,8 +580,8 @@ def run_generate(args) -> int:
             raise ValueError("--temperature must be >= 0 and --top-p in (0, 1]")
         _resolve_models(args)
         cls = _model_class(_read_config(args.model), causal=True)
-        tok = _load_tok(args.tokenizer or args.model)
         dev = _device(args.device)
+        tok = _load_tok(args.tokenizer or args.model)
         model = _load_hf(args.model, cls).to(dev).eval()
     except ValueError as e:
         return _fail(str(e))
@@ -603,7 +626,11 @@ def run_eval_ppl(args) -> int:
             raise ValueError(f"--stride {args.stride}: expected 0 < stride <= --block-size {args.block_size}")
         text = read_text_files(args.text_files)
         _resolve_models(args)
-        cls = _model_class(_read_config(args.model), causal=True)
+        mcfg = _read_config(args.model)
+        cls = _model_class(mcfg, causal=True)
+        n_pos = mcfg.get("max_position_embeddings", mcfg.get("n_positions"))
+        if isinstance(n_pos, int) and args.block_size > n_pos:
+            raise ValueError(f"--block-size {args.block_size} exceeds the model's {n_pos} positions")
         tok = _load_tok(args.tokenizer or args.model)
         ids = tok(text)["input_ids"][:args.max_tokens]
         if len(ids) < 2:
