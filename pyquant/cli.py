@@ -1,4 +1,5 @@
-"""The ``pyquant`` command: ``pyquant env | demo | qat-glue | qat-clm | finetune | bench <name>``.
+"""The ``pyquant`` command: ``pyquant env | demo | qat-glue | qat-clm | finetune | convert | generate | eval-ppl |
+bench <name>``.
 
 Each command's module is imported only when that command runs, so ``pyquant --help`` is instant and ``pyquant env``
 works on a machine without a GPU.
@@ -14,6 +15,7 @@ BENCHES = {
     "matmul": "pyquant.bench.matmul",
     "fake-quant": "pyquant.bench.fake_quant",
     "attention-kd": "pyquant.bench.attention_kd",
+    "decode": "pyquant.bench.decode",
 }
 
 
@@ -65,7 +67,14 @@ COMMANDS: Dict[str, Tuple[str, Callable[[List[str]], int]]] = {
                 _train("qat_clm", "Ternary/2-bit QAT of a causal LM with token-scaled logit distillation (TSLD).")),
     "finetune": ("fine-tune the FP teacher (same data plumbing)",
                  _train("finetune", "Full-precision fine-tuning to make a teacher.")),
-    "bench": ("GPU microbenchmarks: " + ", ".join(sorted(BENCHES)), _bench),
+    "convert": ("QAT checkpoint -> packed checkpoint, or FP model -> packed (post-training quantization)",
+                _train("convert", "Write a packed (2 bits/weight) HF checkpoint from a pyquant QAT checkpoint or, with a "
+                                  "chosen spec, from a full-precision model.")),
+    "generate": ("text from a prompt with a (packed) model; tokens/s on stderr",
+                 _train("generate", "Generate text from a prompt; the text goes to stdout, the speed to stderr.")),
+    "eval-ppl": ("sliding-window perplexity of a model on text files",
+                 _train("eval_ppl", "Sliding-window perplexity (the recipes' evaluation) on local text files.")),
+    "bench": ("GPU benchmarks: " + ", ".join(sorted(BENCHES)), _bench),
 }
 
 

@@ -1,5 +1,5 @@
 """``pyquant demo --smoke`` end to end: built-in corpus, FP teacher, PTQ, QAT, QAT+KD, packed conversion, table,
-results JSON and the loss-curve PNG."""
+results JSON, the loss-curve PNG, and the packed student saved, reloaded in a fresh process and generating text."""
 import json
 
 import pytest
@@ -28,3 +28,11 @@ def test_demo_smoke_end_to_end(tmp_path, capsys):
     png = out / "loss_curves.png"
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list((out.parent).glob("benchmarks"))  # the smoke run writes nothing to benchmarks/results
+    # the journey: save_pretrained -> from_pretrained in a fresh process -> a line of text; sizes on disk
+    r = res["reload"]
+    assert r["identical_to_in_process"] and r["text"].startswith(r["prompt"]) and len(r["text"]) > len(r["prompt"])
+    assert "tokens/s" in r["speed"] and r["text"] in printed
+    cfg = json.loads((out / "student" / "config.json").read_text())
+    assert cfg["quantization_config"]["quant_method"] == "pyquant" and cfg["quantization_config"]["state"] == "packed"
+    assert 0 < r["student_disk_mb"] < r["teacher_disk_mb"]
+    assert "checkpoint on disk: packed student" in printed and "FP teacher" in printed

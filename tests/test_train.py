@@ -80,8 +80,8 @@ def test_resume_from_step_15_reproduces_step_30_exactly(tmp_path):
     assert resumed.resumed_from == 15
     assert [h["step"] for h in resumed.history] == list(range(16, 31))
     assert [h["total"] for h in resumed.history] == [h["total"] for h in full.history[15:]]  # bitwise equal
-    a = torch.load(tmp_path / "a" / "checkpoint-00000030" / "trainer_state.pt", weights_only=False)
-    b = torch.load(part / "checkpoint-00000030" / "trainer_state.pt", weights_only=False)
+    a = torch.load(tmp_path / "a" / "checkpoint-00000030" / "trainer_state.pt", weights_only=True)
+    b = torch.load(part / "checkpoint-00000030" / "trainer_state.pt", weights_only=True)
     assert a["scheduler"] == b["scheduler"]
     log = [json.loads(x)["step"] for x in (part / "log.jsonl").read_text().splitlines()]
     assert log == list(range(1, 31))  # lines after the checkpoint were rewritten, not duplicated
@@ -331,7 +331,7 @@ def test_qat_glue_cli_bad_input(tmp_path, capsys):
     assert "lacks column(s) ['sentence']" in capsys.readouterr().err
     assert cli.run_qat_glue(_parse("qat_glue", base + ["--teacher", str(tmp_path / "nope"), "--tokenizer",
                                                        str(model), "--data-dir", str(_glue_dir(tmp_path / "x"))])) == 2
-    assert "cannot load" in capsys.readouterr().err
+    assert "--teacher" in (err := capsys.readouterr().err) and "no such directory" in err
     assert not (tmp_path / "o").exists() or not list_checkpoints(tmp_path / "o")
 
 

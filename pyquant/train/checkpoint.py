@@ -3,8 +3,13 @@
 Layout of ``<output_dir>/checkpoint-<step:08d>/``:
 
 * ``model.safetensors``  the student's tensors (safetensors; tied tensors stored once per name)
-* ``trainer_state.pt``   optimizer, scheduler, RNG states (torch / CUDA / python), data position
+* ``trainer_state.pt``   optimizer, scheduler, RNG states (torch / CUDA / python): tensors and plain containers only
 * ``meta.json``          step, epoch, batch index in the epoch, the run's config fingerprint
+
+No code runs from a checkpoint: ``trainer_state.pt`` is read with ``torch.load(..., weights_only=True)``, whose
+unpickler rebuilds only tensors, numbers, strings and containers and refuses every other object (a crafted file with a
+pickled callable is rejected with :class:`CheckpointError` before anything in it runs); ``meta.json`` is JSON and the
+tensors are safetensors.  The data position is ``meta["step"]`` (the loop derives the epoch's order from the seed).
 
 A checkpoint is written into a temporary sibling directory and renamed into place (``os.replace`` of a directory is
 atomic on POSIX), so a checkpoint directory either exists complete or not at all; a crash leaves only a
@@ -175,6 +180,28 @@ def save_checkpoint(output_dir, step: int, model: torch.nn.Module, optimizer=Non
     return final
 
 
+def _load_trainer_state(f: Path) -> dict:
+    """``trainer_state.pt`` with ``weights_only=True``: a file that holds anything but tensors and plain containers
+    (e.g. a planted pickle payload) is refused, and nothing in it is executed."""
+    import pickle
+
+    try:
+        state = torch.load(f, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        why = [ln.strip() for ln in str(e).splitlines() if "Unsupported" in ln or "WeightsUnpickler" in ln]
+        first = why[0] if why else type(e).__name__
+        raise CheckpointError(
+            f"checkpoint {f.parent} is refused: {f.name} holds objects other than tensors and plain containers, "
+            f"which could run code when loaded; it was not loaded and nothing in it was executed ({first})") from e
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {f.parent} is unreadable ({f.name}: {e})") from e
+    rng = state.get("rng") if isinstance(state, dict) else None
+    if not isinstance(rng, dict) or not isinstance(rng.get("torch"), torch.Tensor) or "python" not in rng:
+        raise CheckpointError(f"checkpoint {f.parent} is unreadable ({f.name}: expected a dict with 'optimizer', "
+                              f"'scheduler' and 'rng' entries, got {type(state).__name__})")
+    return state
+
+
 def _flatten(d, prefix: str = "") -> dict:
     out = {}
     for k, v in (d or {}).items():
@@ -215,10 +242,7 @@ def load_checkpoint(path, model: torch.nn.Module, optimizer=None, scheduler=None
         tensors = load_file(str(p / "model.safetensors"))
     except Exception as e:  # safetensors raises its own error types
         raise CheckpointError(f"checkpoint {p} is unreadable (model.safetensors: {e})") from e
-    try:
-        state = torch.load(p / "trainer_state.pt", map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise CheckpointError(f"checkpoint {p} is unreadable (trainer_state.pt: {e})") from e
+    state = _load_trainer_state(p / "trainer_state.pt")
     own = model.state_dict()
     missing = [k for k in own if isinstance(own[k], torch.Tensor) and k not in tensors]
     unexpected = [k for k in tensors if k not in own]

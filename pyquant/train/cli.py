@@ -1,7 +1,12 @@
-"""Arguments and entry points of ``pyquant demo | qat-glue | qat-clm | finetune``.
+"""Arguments and entry points of ``pyquant demo | qat-glue | qat-clm | finetune | convert | generate | eval-ppl``.
 
 For each command: ``add_<name>_arguments(parser)`` and ``run_<name>(args) -> int`` (0 ok, 2 bad input: the error is
 printed before any training starts).  ``pyquant/cli.py`` wires them.
+
+Every argument that takes a model (``--teacher``, ``--student``, ``--model``, ``--tokenizer``) goes through
+:func:`resolve_model_arg`: a pyquant output directory (``pyquant finetune/qat-glue/qat-clm --output-dir T``, which
+writes the model to ``T/final``) resolves to ``T/final``; a directory that holds only training checkpoints, a file,
+or a missing local path is refused with a message that says what was found.
 """
 from __future__ import annotations
 
@@ -10,18 +15,74 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 __all__ = [
+    "resolve_model_arg",
     "add_demo_arguments", "run_demo",
     "add_qat_glue_arguments", "run_qat_glue",
     "add_qat_clm_arguments", "run_qat_clm",
     "add_finetune_arguments", "run_finetune",
+    "add_convert_arguments", "run_convert",
+    "add_generate_arguments", "run_generate",
+    "add_eval_ppl_arguments", "run_eval_ppl",
 ]
 
 
 def _fail(msg: str) -> int:
     print(f"error: {msg}", file=sys.stderr)
     return 2
+
+
+def _looks_local(value: str) -> bool:
+    return value.startswith(("/", ".", "~")) or "\\" in value or value.count("/") > 1
+
+
+def resolve_model_arg(value, flag: str):
+    """The model directory that ``value`` (given as ``flag``) names: itself when it holds a ``config.json``, its
+    ``final/`` model when it is a pyquant output directory, a hub name unchanged; otherwise ``ValueError``."""
+    if value is None:
+        return None
+    from .checkpoint import list_checkpoints
+
+    p = Path(value).expanduser()
+    if not p.exists():
+        if _looks_local(str(value)):
+            raise ValueError(f"{flag} {value!r}: no such directory")
+        return str(value)  # a hub name: transformers resolves it (and says so when it cannot)
+    if not p.is_dir():
+        raise ValueError(f"{flag} {value!r} is a file; expected a model directory (config.json + weights)")
+    if (p / "config.json").is_file():
+        return str(p)
+    final = p / "final"
+    if (final / "config.json").is_file():
+        print(f"{flag} {value}: a pyquant output directory; using its model {final}", file=sys.stderr)
+        return str(final)
+    ck = list_checkpoints(p)
+    if ck:
+        raise ValueError(f"{flag} {value!r} is a pyquant output directory without a final/ model: it holds "
+                         f"{ck[-1].name} (training state, not a model; the run writes {p / 'final'} when it "
+                         "finishes -- resume it with --resume to get there)")
+    raise ValueError(f"{flag} {value!r} is not a model directory: no config.json in it (nor in {final})")
+
+
+def _resolve_models(args) -> None:
+    """Resolve every model-valued argument of ``args`` in place (see :func:`resolve_model_arg`)."""
+    for name in ("teacher", "student", "model", "tokenizer"):
+        if getattr(args, name, None) is not None:
+            setattr(args, name, resolve_model_arg(getattr(args, name), "--" + name))
+
+
+def _save_final(model, tok, output_dir) -> Path:
+    """Write the trained model (+ tokenizer) to ``<output_dir>/final`` atomically (complete or absent); refuses to
+    overwrite an existing one."""
+    from .recipes import save_model_dir
+
+    final = Path(output_dir) / "final"
+    if final.exists():
+        raise ValueError(f"{final} already exists; not overwriting it")
+    save_model_dir(model, tok, final)
+    return final
 
 
 # ---- shared options ------------------------------------------------------------------------------------------------
@@ -154,6 +215,7 @@ def run_qat_glue(args) -> int:
     from .data import encode_pairs, glue_task, load_glue
 
     try:
+        _resolve_models(args)
         t = glue_task(args.task)
         if args.preset is not None:
             clash = [f for f, v in (("--method", args.method), ("--granularity", args.granularity),
@@ -204,13 +266,28 @@ def run_qat_glue(args) -> int:
     if dist_info()[0] != 0:  # rank 0 evaluates and writes
         return 0
     bl = recipes.best_and_last(t.name, res.history)
+    final = _final_student(student, tok, args)
     metrics = {"student": res.history[-1].get("eval"), "student_best": bl["best"], "student_last": bl["last"],
                "evals": [h for h in res.history if "eval" in h], "teacher": teacher_metrics, "steps": res.steps,
-               "checkpoint": res.checkpoint, "run": run}
+               "checkpoint": res.checkpoint, "model": final, "run": run}
     _write_json(Path(args.output_dir) / "metrics.json", metrics)
     print(json.dumps({"student": metrics["student"], "best": bl["best"], "last": bl["last"],
-                      "teacher": teacher_metrics}))
+                      "teacher": teacher_metrics, "model": final}))
     return 0
+
+
+def _final_student(student, tok, args):
+    """The QAT student as a HF checkpoint in ``<output-dir>/final`` (``pyquant convert`` packs it); not under FSDP,
+    whose parameters stay sharded after training (the last checkpoint holds them in full)."""
+    if getattr(args, "fsdp", False) and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        print("note: --fsdp: no final/ model written (parameters are sharded); the last checkpoint holds the "
+              "weights", file=sys.stderr)
+        return None
+    final = Path(args.output_dir) / "final"
+    if final.exists():  # a resumed run that already finished once: keep what is there
+        print(f"note: {final} already exists; not overwriting it", file=sys.stderr)
+        return str(final)
+    return str(_save_final(student, tok, args.output_dir))
 
 
 # ---- qat-clm -------------------------------------------------------------------------------------------------------
@@ -262,6 +339,7 @@ def run_qat_clm(args) -> int:
     from .data import sliding_window_perplexity
 
     try:
+        _resolve_models(args)
         weight = _weight_spec(args)
         tcfg = _train_config(args)
         tok = recipes.load_tokenizer(args.tokenizer or args.teacher)
@@ -288,10 +366,11 @@ def run_qat_clm(args) -> int:
 
     if dist_info()[0] != 0:
         return 0
+    final = _final_student(student, tok, args)
     metrics = {"student": res.history[-1].get("eval"), "teacher_perplexity": teacher_ppl, "steps": res.steps,
-               "checkpoint": res.checkpoint, "run": run}
+               "checkpoint": res.checkpoint, "model": final, "run": run}
     _write_json(Path(args.output_dir) / "metrics.json", metrics)
-    print(json.dumps({"student": metrics["student"], "teacher_perplexity": teacher_ppl}))
+    print(json.dumps({"student": metrics["student"], "teacher_perplexity": teacher_ppl, "model": final}))
     return 0
 
 
@@ -315,6 +394,7 @@ def run_finetune(args) -> int:
         sliding_window_perplexity
 
     try:
+        _resolve_models(args)
         tcfg = _train_config(args)
         tok = recipes.load_tokenizer(args.tokenizer or args.model)
         if args.task:
@@ -343,14 +423,270 @@ def run_finetune(args) -> int:
 
     if dist_info()[0] != 0:
         return 0
-    final = Path(args.output_dir) / "final"
-    if final.exists():
-        return _fail(f"{final} already exists; not overwriting it")
-    tmp = Path(args.output_dir) / ".tmp-final"
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    os.replace(tmp, final)  # the teacher folder appears complete or not at all
+    try:
+        final = _save_final(model, tok, args.output_dir)  # the teacher folder appears complete or not at all
+    except ValueError as e:
+        return _fail(str(e))
     ev_rec = res.history[-1].get("eval") if res.history else None
     _write_json(Path(args.output_dir) / "metrics.json", {"eval": ev_rec, "steps": res.steps, "model": str(final)})
     print(json.dumps({"eval": ev_rec, "model": str(final)}))
+    return 0
+
+
+# ---- convert / generate / eval-ppl: HF checkpoints in, HF checkpoints out ---------------------------------------------
+def _read_config(path: str, flag: str = "--model") -> dict:
+    """``config.json`` of a local model directory (after :func:`resolve_model_arg`), or ``{}`` for a hub name."""
+    f = Path(path) / "config.json"
+    if not Path(path).is_dir():
+        return {}
+    try:
+        with open(f) as fh:
+            cfg = json.load(fh)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{flag} {path!r}: config.json is unreadable ({e})") from e
+    if not isinstance(cfg, dict) or "model_type" not in cfg:
+        raise ValueError(f"{flag} {path!r}: config.json has no model_type; not a transformers model")
+    return cfg
+
+
+def _pyquant_state(cfg: dict) -> Optional[str]:
+    """"qat" / "packed" for a pyquant checkpoint, None for a full-precision one; other quantizers are refused."""
+    q = cfg.get("quantization_config")
+    if not q:
+        return None
+    method = q.get("quant_method") if isinstance(q, dict) else None
+    if method != "pyquant":
+        raise ValueError(f"--model is quantized with quant_method={method!r}; pyquant convert takes a full-precision "
+                         "model or a pyquant QAT checkpoint")
+    return q.get("state")
+
+
+def _model_class(cfg: dict, causal: bool):
+    """The transformers class that ``config.json`` names (``architectures[0]``), else AutoModelForCausalLM."""
+    import transformers
+
+    arch = (cfg.get("architectures") or [None])[0]
+    if causal:
+        from transformers import AutoModelForCausalLM
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        lm_arch = arch is None or arch.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration"))
+        if cfg and (cfg.get("model_type") not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or not lm_arch):
+            raise ValueError(f"--model is a {cfg.get('model_type')!r} model ({arch}), not a causal LM: generate and "
+                             "eval-ppl need a decoder")
+        return AutoModelForCausalLM
+    cls = getattr(transformers, arch, None) if arch else None
+    if cls is None:
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM
+    return cls
+
+
+def _load_hf(path: str, cls, **kw):
+    import pyquant  # noqa: F401  (registers the "pyquant" quantization method before from_pretrained)
+
+    try:
+        return cls.from_pretrained(path, **kw)
+    except Exception as e:  # transformers raises OSError/ValueError/... depending on the cause
+        raise ValueError(f"cannot load a model from {path!r}: {type(e).__name__}: {e}") from e
+
+
+def _load_tok(path: str, required: bool = True):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        if not required:
+            return None
+        raise ValueError(f"cannot load a tokenizer from {path!r} (pass --tokenizer): {e}") from e
+
+
+def _dir_bytes(d) -> int:
+    return sum(f.stat().st_size for f in Path(d).rglob("*") if f.is_file())
+
+
+def add_convert_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True,
+                   help="a pyquant QAT checkpoint (save_pretrained of a prepared model, or a qat-* --output-dir) -> "
+                        "packed; or a full-precision HF model -> post-training quantization with the spec below")
+    p.add_argument("--output-dir", required=True, help="where the packed checkpoint goes (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output-dir (atomically)")
+    p.add_argument("--tokenizer", default=None, help="copied next to the model (default: the model's, if any)")
+    g = p.add_argument_group("post-training quantization spec (full-precision --model only)")
+    g.add_argument("--method", default=None, choices=["twn", "absmean", "uniform", "seq"], help="default twn")
+    g.add_argument("--granularity", default=None, choices=["tensor", "channel", "group"], help="default channel")
+    g.add_argument("--group-size", type=int, default=None, help="with --granularity group")
+    g.add_argument("--act-quant", action="store_true", help="W2A8: 8-bit per-token activations (default W2A16)")
+    g.add_argument("--exclude", nargs="*", default=None,
+                   help="module-name patterns kept FP (default: embeddings, lm_head and classifier heads)")
+
+
+def run_convert(args) -> int:
+    from ..formats import ActivationQuantConfig, WeightQuantConfig
+
+    spec_given = [f"--{k.replace('_', '-')}" for k in ("method", "granularity", "group_size", "exclude")
+                  if getattr(args, k) is not None] + (["--act-quant"] if args.act_quant else [])
+    try:
+        _resolve_models(args)
+        cfg = _read_config(args.model)
+        if not cfg:
+            raise ValueError(f"--model {args.model!r}: no such directory (convert takes a local model directory)")
+        state = _pyquant_state(cfg)
+        if state == "packed":
+            raise ValueError(f"--model {args.model!r} is already a packed pyquant checkpoint; nothing to convert")
+        if state == "qat" and spec_given:
+            raise ValueError(f"{', '.join(spec_given)}: --model {args.model!r} is a QAT checkpoint, which carries its "
+                             "own quantization spec; these options apply to full-precision models only")
+        spec = act = None
+        if state is None:
+            spec = WeightQuantConfig(method=args.method or "twn", granularity=args.granularity or "channel",
+                                     group_size=args.group_size)
+            act = ActivationQuantConfig() if args.act_quant else None
+        out = Path(args.output_dir)
+        if out.resolve() == Path(args.model).resolve():
+            raise ValueError("--output-dir is --model; write the packed checkpoint to another directory")
+        if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+            raise ValueError(f"--output-dir {out} exists and is not empty; pass --overwrite to replace it")
+        tok = _load_tok(args.tokenizer or args.model, required=args.tokenizer is not None)
+        cls = _model_class(cfg, causal=False)
+        if state == "qat":
+            from ..convert import convert as _to_packed
+
+            model = _load_hf(args.model, cls)
+            report = _to_packed(model)
+        else:  # PTQ while loading, layer by layer: no full-precision copy of the whole model is ever held
+            from ..integrations.hf import PyquantConfig
+
+            qc = PyquantConfig(weight=spec, activation=act, state="packed", modules_to_not_convert=args.exclude)
+            model = _load_hf(args.model, cls, quantization_config=qc)
+            report = _packed_report(model)
+    except ValueError as e:
+        return _fail(str(e))
+    from .recipes import save_model_dir
+
+    save_model_dir(model, tok, out)
+    what = "QAT checkpoint -> packed" if state == "qat" else f"full precision -> packed PTQ ({spec.describe()})"
+    print(f"{what}: {report}")
+    print(f"wrote {out} ({_dir_bytes(out) / 1e6:.2f} MB on disk; {args.model}: "
+          f"{_dir_bytes(args.model) / 1e6:.2f} MB)" if Path(args.model).is_dir() else f"wrote {out}")
+    return 0
+
+
+def _packed_report(model):
+    """What PTQ at load did, as ``pyquant.quantize`` reports it (layers packed, parameters, layers kept FP)."""
+    from ..convert import SwapReport, _is_candidate
+    from ..nn.packed_linear import PackedLinear
+
+    packed = [(n, m) for n, m in model.named_modules() if isinstance(m, PackedLinear)]
+    kept = [n for n, m in model.named_modules() if n and _is_candidate(m)]
+    q = sum(m.in_features * m.out_features for _, m in packed)
+    return SwapReport("quantize (while loading)", [n for n, _ in packed], kept, q,
+                      q + sum(p.numel() for p in model.parameters()))
+
+
+def _device(name: Optional[str]):
+    import torch
+
+    if name:
+        try:
+            dev = torch.device(name)
+        except RuntimeError as e:
+            raise ValueError(f"--device {name!r} is invalid: {e}") from e
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: no CUDA GPU here (torch.cuda.is_available() is False)")
+        return dev
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def add_generate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model directory (packed, QAT or FP) or a pyquant --output-dir")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--tokenizer", default=None, help="default: the model's")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--no-echo", action="store_true", help="print only the generated text, not the prompt")
+
+
+def run_generate(args) -> int:
+    import time
+
+    import torch
+
+    try:
+        if not args.prompt:
+            raise ValueError("--prompt is empty")
+        if args.max_new_tokens <= 0:
+            raise ValueError(f"--max-new-tokens {args.max_new_tokens}: expected a positive int")
+        if args.temperature < 0 or not 0 < args.top_p <= 1:
+            raise ValueError("--temperature must be >= 0 and --top-p in (0, 1]")
+        _resolve_models(args)
+        cls = _model_class(_read_config(args.model), causal=True)
+        dev = _device(args.device)
+        tok = _load_tok(args.tokenizer or args.model)
+        model = _load_hf(args.model, cls).to(dev).eval()
+    except ValueError as e:
+        return _fail(str(e))
+    enc = tok(args.prompt, return_tensors="pt").to(dev)
+    n_prompt = int(enc["input_ids"].shape[1])
+    torch.manual_seed(args.seed)
+    kw = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p) if args.temperature > 0 \
+        else dict(do_sample=False)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=args.max_new_tokens, pad_token_id=pad, **kw)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    new = out[0, n_prompt:]
+    text = tok.decode(new, skip_special_tokens=True)
+    print(text if args.no_echo else args.prompt + text)
+    print(f"generated {new.numel()} tokens in {dt:.2f} s: {new.numel() / max(dt, 1e-9):.1f} tokens/s "
+          f"(batch 1, prompt {n_prompt} tokens, {dev.type}, prompt processing included)", file=sys.stderr)
+    return 0
+
+
+def add_eval_ppl_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model directory (packed, QAT or FP) or a pyquant --output-dir")
+    p.add_argument("--text-files", nargs="+", required=True, help="text files (or folders of *.txt)")
+    p.add_argument("--tokenizer", default=None, help="default: the model's")
+    p.add_argument("--block-size", type=int, default=512, help="window length (tokens)")
+    p.add_argument("--stride", type=int, default=None, help="window advance (default block/2), as the recipes")
+    p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward")
+    p.add_argument("--device", default=None)
+
+
+def run_eval_ppl(args) -> int:
+    from .data import read_text_files, sliding_window_perplexity
+
+    try:
+        if args.block_size < 2:
+            raise ValueError(f"--block-size {args.block_size}: expected >= 2")
+        if args.stride is not None and not 0 < args.stride <= args.block_size:
+            raise ValueError(f"--stride {args.stride}: expected 0 < stride <= --block-size {args.block_size}")
+        text = read_text_files(args.text_files)
+        _resolve_models(args)
+        mcfg = _read_config(args.model)
+        cls = _model_class(mcfg, causal=True)
+        n_pos = mcfg.get("max_position_embeddings", mcfg.get("n_positions"))
+        if isinstance(n_pos, int) and args.block_size > n_pos:
+            raise ValueError(f"--block-size {args.block_size} exceeds the model's {n_pos} positions")
+        tok = _load_tok(args.tokenizer or args.model)
+        ids = tok(text)["input_ids"][:args.max_tokens]
+        if len(ids) < 2:
+            raise ValueError(f"--text-files hold {len(ids)} tokens; need at least 2")
+        dev = _device(args.device)
+        model = _load_hf(args.model, cls).to(dev).eval()
+    except ValueError as e:
+        return _fail(str(e))
+    stride = args.stride or args.block_size // 2
+    ppl = sliding_window_perplexity(model, ids, args.block_size, stride, batch_size=args.batch_size, device=dev)
+    print(json.dumps({"perplexity": ppl, "tokens": len(ids), "block_size": args.block_size, "stride": stride,
+                      "model": args.model, "files": list(args.text_files)}))
     return 0

@@ -8,6 +8,10 @@
 4. The QAT students are converted to ``PackedLinear`` (2 bits/weight) and evaluated as packed models.
 5. One table: validation perplexity (sliding window), size in MB (FP parameter bytes vs packed bytes: codes + scales +
    FP embeddings/norms/head), decode speed when a GPU is present; plus a PNG of the loss curves.
+6. The journey out of the process: the packed QAT+KD student is saved with ``save_pretrained`` (``out_dir/student``,
+   tokenizer included; the FP teacher next to it in ``out_dir/teacher``), reloaded with ``from_pretrained`` in a
+   fresh Python process (``pyquant generate``), which writes a line of text from a prompt; the demo checks that
+   line against the in-process model's and prints both checkpoints' sizes on disk.
 
 ``--smoke`` runs a tiny configuration (seconds) to exercise the code path in CI.
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -116,6 +121,50 @@ def _fmt_table(rows: List[dict]) -> str:
     return "\n".join([line(head), sep] + [line(b) for b in body])
 
 
+PROMPT = "Return the"
+
+
+def _dir_mb(d: Path) -> float:
+    return sum(f.stat().st_size for f in d.rglob("*") if f.is_file()) / 1e6
+
+
+def _save_reload_generate(student, teacher, tok, out: Path, new_tokens: int, prompt: str = PROMPT) -> dict:
+    """save_pretrained the packed student and the FP teacher, generate from the student in a fresh process
+    (``pyquant generate``: from_pretrained + generate), compare with the in-process model, print the disk sizes."""
+    import subprocess
+    import sys
+
+    from .recipes import save_model_dir
+
+    s_dir, t_dir = out / "student", out / "teacher"
+    save_model_dir(student.cpu(), tok, s_dir)
+    save_model_dir(teacher.cpu(), tok, t_dir)
+    print(f"\n[5/5] saved the packed QAT+KD student with save_pretrained to {s_dir}; reloading it with from_pretrained "
+          "in a fresh process (pyquant generate):", flush=True)
+    cmd = [sys.executable, "-m", "pyquant.cli", "generate", "--model", str(s_dir), "--prompt", prompt,
+           "--max-new-tokens", str(new_tokens), "--device", "cpu"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if p.returncode != 0:
+        raise RuntimeError(f"reloading the saved student in a fresh process failed ({' '.join(cmd)}):\n{p.stderr}")
+    text = p.stdout.rstrip("\n")
+    speed = next((ln for ln in p.stderr.splitlines() if "tokens/s" in ln), "")
+    enc = tok(prompt, return_tensors="pt")
+    with torch.no_grad():
+        ids = student.eval().generate(**enc, max_new_tokens=new_tokens, do_sample=False,
+                                      pad_token_id=tok.pad_token_id)
+    here = prompt + tok.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    same = text == here
+    s_mb, t_mb = _dir_mb(s_dir), _dir_mb(t_dir)
+    print(f"  {text!r}\n  ({speed.strip()}; {'identical to' if same else 'DIFFERS from'} the in-process model's "
+          f"text)\n  checkpoint on disk: packed student {s_mb:.3f} MB, FP teacher {t_mb:.3f} MB "
+          f"({t_mb / s_mb:.1f}x smaller)", flush=True)
+    if not same:
+        raise RuntimeError(f"the reloaded student generated {text!r}, the in-process one {here!r}")
+    return {"student_dir": str(s_dir), "teacher_dir": str(t_dir), "prompt": prompt, "text": text,
+            "speed": speed.strip(), "identical_to_in_process": same, "student_disk_mb": s_mb,
+            "teacher_disk_mb": t_mb}
+
+
 def run_demo(out_dir: str = "pyquant-demo", smoke: bool = False, seed: int = 0, threads: Optional[int] = None,
              config: Optional[DemoConfig] = None, progress: bool = True) -> dict:
     """Run the demo; returns the results dict (also written to ``out_dir/results.json``)."""
@@ -159,7 +208,7 @@ def run_demo(out_dir: str = "pyquant-demo", smoke: bool = False, seed: int = 0, 
     torch.manual_seed(seed)
     teacher = _llama(cfg, vocab, tok.pad_token_id)
     fp_bytes = model_nbytes(teacher)
-    print(f"[1/4] FP teacher: {sum(p.numel() for p in teacher.parameters()):,} parameters, "
+    print(f"[1/5] FP teacher: {sum(p.numel() for p in teacher.parameters()):,} parameters, "
           f"{cfg.teacher_steps} steps", flush=True)
     r_t = train(Distiller(teacher, None, DistillConfig(task="causal_lm", ce=1.0)), examples, coll,
                 tcfg("teacher", cfg.teacher_steps, cfg.teacher_lr))
@@ -168,7 +217,7 @@ def run_demo(out_dir: str = "pyquant-demo", smoke: bool = False, seed: int = 0, 
     rows = [{"model": "FP teacher", "perplexity": ppl(teacher), "size_mb": fp_bytes / 1e6,
              "decode_tok_s": _decode_tok_s(teacher, valid_ids[:16])}]
 
-    print("[2/4] ternary PTQ (no training)", flush=True)
+    print("[2/5] ternary PTQ (no training)", flush=True)
     ptq = ptq_to_packed(copy.deepcopy(teacher).cpu(), spec)
     rows.append({"model": "ternary PTQ (no training)", "perplexity": ppl(ptq), "size_mb": model_nbytes(ptq) / 1e6,
                  "decode_tok_s": _decode_tok_s(ptq, valid_ids[:16])})
@@ -177,7 +226,7 @@ def run_demo(out_dir: str = "pyquant-demo", smoke: bool = False, seed: int = 0, 
     attn = 1.0 if attention_kd_available() else 0.0
     curves = {"FP teacher (CE)": [h["total"] for h in r_t.history if "total" in h]}
     for i, (name, kd) in enumerate((("ternary QAT, no KD", False), ("ternary QAT + KD (TSLD + attn map)", True))):
-        print(f"[{3 + i}/4] {name}: {cfg.qat_steps} steps", flush=True)
+        print(f"[{3 + i}/5] {name}: {cfg.qat_steps} steps", flush=True)
         student = copy.deepcopy(teacher).cpu()
         prepare_student(student, spec, None)
         dc = DistillConfig(task="causal_lm", ce=1.0, tsld=1.0 if kd else 0.0, attn_map=attn if kd else 0.0)
@@ -190,16 +239,21 @@ def run_demo(out_dir: str = "pyquant-demo", smoke: bool = False, seed: int = 0, 
         convert_to_packed(student)
         rows.append({"model": name + " [packed]", "perplexity": ppl(student), "size_mb": model_nbytes(student) / 1e6,
                      "decode_tok_s": _decode_tok_s(student, valid_ids[:16])})
+        if kd:
+            kd_student = student
         del student
     png = _plot(curves, out / "loss_curves.png")
     table = _fmt_table(rows)
     print("\n" + table)
+    reload = _save_reload_generate(kd_student, teacher, tok, out, new_tokens=8 if smoke else 24)
+    del kd_student
     result = {"table": rows, "corpus": info, "config": asdict(cfg), "smoke": smoke, "seed": seed,
               "attention_map_kd": bool(attn), "weight_format": spec.describe(), "device": device,
-              "elapsed_s": round(time.time() - t_start, 1),
+              "elapsed_s": round(time.time() - t_start, 1), "reload": reload,
               "loss_png": None if png is None else str(png)}
-    with open(out / "results.json", "w") as f:
+    with open(out / "results.json.tmp", "w") as f:
         json.dump(result, f, indent=1)
+    os.replace(out / "results.json.tmp", out / "results.json")  # atomic: a killed run keeps the previous results
     print(f"\nloss curves: {png}\nresults: {out / 'results.json'}  ({result['elapsed_s']:.0f} s)")
     if not attn:
         print("note: attention-map KD is unavailable in this build (pyquant.distill.capture missing); KD = TSLD only")

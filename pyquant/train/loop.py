@@ -258,8 +258,10 @@ def train(
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         _truncate_log(log_path, start)
-        with open(out_dir / "run_config.json", "w") as f:
+        tmp = out_dir / "run_config.json.tmp"
+        with open(tmp, "w") as f:
             json.dump(fingerprint, f, indent=1, sort_keys=True)
+        os.replace(tmp, out_dir / "run_config.json")  # atomic: the previous file or the new one
 
     use_bf16 = bool(cfg.bf16)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext

@@ -29,7 +29,7 @@ from .data import (CausalCollator, PadCollator, block_examples, encode_pairs, gl
 from .loop import TrainConfig, TrainResult, train
 from .quant import prepare_student
 
-__all__ = ["load_model", "load_tokenizer", "evaluate_glue", "finetune", "qat_glue", "qat_clm",
+__all__ = ["save_model_dir", "load_model", "load_tokenizer", "evaluate_glue", "finetune", "qat_glue", "qat_clm",
            "glue_distill_config", "attention_kd_available", "best_and_last"]
 
 
@@ -39,6 +39,25 @@ def attention_kd_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def save_model_dir(model: nn.Module, tokenizer, directory) -> None:
+    """``save_pretrained`` of ``model`` (+ ``tokenizer``) into ``directory`` atomically: the directory holds the
+    previous files or the complete new ones, never a mix (``pyquant.integrations.atomic``)."""
+    from transformers.utils import logging as hf_logging
+
+    from ..integrations.atomic import atomic_directory
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # no "Writing model shards" bar between the commands' own lines
+    try:
+        with atomic_directory(directory) as tmp:
+            type(model).save_pretrained(model, tmp)  # the class method: this block already makes the write atomic
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def load_tokenizer(name_or_path: str):
