@@ -611,3 +611,58 @@ def attention_kd_bwd(
         CAUSAL=bool(causal), BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, **meta,
     )
     return dq, dk
+
+
+# ---- static-analysis launch descriptors (`pyquant bench static`) -------------------------------------------------
+def static_launches(B: int, H: int, L: int, d: int, dtype: str = "bf16") -> list:
+    """The forward call and the backward call (dQ + dK kernels) ``attention_kd_fwd`` / ``attention_kd_bwd`` make for
+    teacher and student Q/K of shape [B, H, L, d] (contiguous, no GQA, no key-padding mask, not causal), in the
+    schema of ``pyquant.bench.static``.  ``weights`` counts score elements (B * H * L * L), the unit of the
+    per-"weight" figures for these kernels; ``bytes`` counts unique HBM bytes (K tiles re-read by every query block
+    are assumed to hit L2).  Plain data: nothing is compiled or launched."""
+    for name, v in (("B", B), ("H", H), ("L", L), ("d", d)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}={v!r} must be an int >= 1")
+    if d > MAX_HEAD_DIM:
+        raise ValueError(f"d={d} exceeds the kernel's maximum {MAX_HEAD_DIM}")
+    ty = {"bf16": ("*bf16", 2), "fp16": ("*fp16", 2), "fp32": ("*fp32", 4)}
+    if dtype not in ty:
+        raise ValueError(f"dtype={dtype!r}: expected one of {sorted(ty)}")
+    pt, eb = ty[dtype]
+    bm, bn, nw = _blocks(L, L, d)
+    blk = max(16, triton.next_power_of_2(d))
+    strides = dict(zip(["b", "h", "m", "d"], [H * L * d, L * d, d, 1]))
+    spec = {}
+    for pre, names in (("sqs", "bhmd"), ("sks", "bhnd"), ("sqt", "bhmd"), ("skt", "bhnd")):
+        for n, key in zip(names, "bhmd"):
+            spec[f"{pre}_{n}"] = strides[key]
+    spec.update(skpm_b=0, skpm_n=0, H=H, HK=H, G_S=1, G_T=1, LQ=L, LK=L, DS=d, DT=d)
+    meta = dict(HAS_KPM=False, CAUSAL=False, IEEE=dtype == "fp32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_DS=blk,
+                BLOCK_DT=blk)
+    ptr = dict(qs_ptr=pt, ks_ptr=pt, qt_ptr=pt, kt_ptr=pt, kpm_ptr="*i8", kl_ptr="*fp32", lses_ptr="*fp32",
+               lset_ptr="*fp32", g_ptr="*fp32", dq_ptr=pt, dk_ptr=pt)
+
+    def tri(fn):
+        sig = {a: ("constexpr" if a in meta else ptr.get(a, "fp32" if a.startswith("sc_") else "i32"))
+               for a in fn.arg_names}
+        return dict(fn=fn, signature=sig, constexprs=dict(meta), specialize={a: v for a, v in spec.items()
+                                                                             if a in sig}, num_warps=nw,
+                    num_stages=3, weight_arg=None)
+
+    bh, tiles_q, tiles_k = B * H, triton.cdiv(L, bm), triton.cdiv(L, bn)
+    qk = B * H * L * d * eb  # one of q_s, k_s, q_t, k_t
+    rows = B * H * L * 4  # one fp32 row vector
+    scores = B * H * L * L
+    tile_mma = 2 * bm * bn * blk
+    fwd = dict(name="_attention_kd_fwd_kernel", triton=tri(_attention_kd_fwd_kernel), grid=[tiles_q, bh, 1],
+               threads_per_cta=32 * nw, loop_trips=[tiles_k, tiles_k], weights=scores, bytes=4 * qk + 3 * rows,
+               mma_flops=2 * 2 * tile_mma * tiles_q * tiles_k * bh)  # 2 passes x (teacher + student) QK^T
+    dq = dict(name="_attention_kd_bwd_dq_kernel", triton=tri(_attention_kd_bwd_dq_kernel), grid=[tiles_q, bh, 1],
+              threads_per_cta=32 * nw, loop_trips=tiles_k, weights=scores, bytes=4 * qk + 3 * rows + qk,
+              mma_flops=3 * tile_mma * tiles_q * tiles_k * bh)  # QK^T of both maps + dS @ K
+    dk = dict(name="_attention_kd_bwd_dk_kernel", triton=tri(_attention_kd_bwd_dk_kernel), grid=[tiles_k, bh, 1],
+              threads_per_cta=32 * nw, loop_trips=tiles_q, weights=0, bytes=4 * qk + 3 * rows + qk,
+              mma_flops=3 * tile_mma * tiles_q * tiles_k * bh)  # QK^T of both maps + dS^T @ Q
+    cfg = f"BM={bm} BN={bn} BD={blk} w{nw}"
+    return [dict(kernel="attention_kd_fwd", backend="triton", config=cfg, launches=[fwd]),
+            dict(kernel="attention_kd_bwd", backend="triton", config=cfg, launches=[dq, dk])]

@@ -445,3 +445,121 @@ def packed_matmul_a8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor
     M, N, K, G, gs = _check(x, qweight, scale, zero_point, bias, in_features, code_offset)
     q, s = quantize_rows_int8(x)
     return _launch(q, s, qweight, scale, zero_point, bias, code_offset, M, N, K, G, gs, x.dtype, config)
+
+
+# ---- static-analysis launch descriptors (`pyquant bench static`) -------------------------------------------------
+# (format name -> HAS_ZERO); symmetric formats pass their code offset as a runtime float, so only HAS_ZERO changes
+# the compiled code.  Names as in the tests; kept here because kernels do not import pyquant.formats.
+_STATIC_FORMATS = {"twn": False, "absmean": False, "int2-sym": False, "seq3": False, "seq4": False,
+                   "int2-asym": True}
+_STATIC_SMEM = 232448  # sm_90 opt-in shared memory per block (227 KiB): what _prune_gemm reads from an H200
+_STATIC_X = {"bf16": ("*bf16", 2), "fp16": ("*fp16", 2), "int8": ("*i8", 1)}
+
+
+def static_launches(M: int, N: int, K: int, fmt: str, group_size: Optional[int], x_dtype: str = "bf16") -> List[Dict]:
+    """Every call ``packed_matmul`` (``x_dtype`` bf16/fp16) or ``packed_matmul_a8`` (``x_dtype="int8"``, W2A8) could
+    make for x [M, K] and a packed weight [N, K] of format ``fmt`` with ``group_size`` (None: per-channel): one dict
+    per config the autotuner can choose after the launcher's pruning (the interpreter's single-config shortcut is
+    not applied), in the schema of ``pyquant.bench.static`` (plain data; nothing is compiled or launched here).
+    Scales and zero points are fp16, y is bf16 (fp16 for fp16 x); a split-K call lists its workspace memset and
+    cast-copy (torch kernels) as ``builtin`` launches."""
+    for name, v in (("M", M), ("N", N), ("K", K)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}={v!r} must be an int >= 1")
+    if fmt not in _STATIC_FORMATS:
+        raise ValueError(f"fmt={fmt!r}: expected one of {sorted(_STATIC_FORMATS)}")
+    if x_dtype not in _STATIC_X:
+        raise ValueError(f"x_dtype={x_dtype!r}: expected one of {sorted(_STATIC_X)}")
+    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int)
+                                   or group_size < 1 or K % group_size):
+        raise ValueError(f"group_size={group_size!r} must be None or a positive divisor of K={K}")
+    gs = K if group_size is None else group_size
+    G = K // gs
+    if G > 1 and gs % 16:
+        return []  # declined: runs on the reference
+    has_zero = _STATIC_FORMATS[fmt]
+    x_int8 = x_dtype == "int8"
+    xt, xb = _STATIC_X[x_dtype]
+    yt = "*fp16" if x_dtype == "fp16" else "*bf16"
+    row_bytes = -(-K // 64) * 16
+    skinny = M <= 16
+    sig = dict(x_ptr=xt, xs_ptr="*fp32", qw_ptr="*u8", scale_ptr="*fp16", zero_ptr="*fp16", bias_ptr=yt, y_ptr=yt,
+               ws_ptr="*fp32", M="i32", N="i32", K="i32", G="i32", group_size="i32", code_offset="fp32",
+               M_BUCKET="i32", stride_xm="i32", stride_qn="i32", stride_ym="i32")
+    const = dict(HAS_ZERO=has_zero, HAS_BIAS=False, X_INT8=x_int8, bias_ptr=None)
+    if not has_zero:
+        const["zero_ptr"] = None
+    if not x_int8:
+        const["xs_ptr"] = None
+    if not skinny:
+        const["ws_ptr"] = None
+    spec_vals = dict(M=M, N=N, K=K, G=G, group_size=gs, stride_xm=K, stride_qn=row_bytes, stride_ym=N)
+    w_bytes = N * row_bytes + N * G * 2 * (2 if has_zero else 1)
+    pre = []
+    if x_int8:
+        bk_q = min(1024, max(16, _next_pow2(K)))
+        qfn = _packed_matmul_a8_quant_kernel
+        pre.append(dict(
+            name="quantize_rows_int8",
+            triton=dict(fn=qfn, signature=dict(x_ptr="*bf16", q_ptr="*i8", s_ptr="*fp32", K="i32", stride_xm="i32",
+                                               TINY="fp32", BLOCK_K="constexpr"),
+                        constexprs=dict(BLOCK_K=bk_q), specialize=dict(K=K, stride_xm=K), num_warps=4, num_stages=3,
+                        weight_arg=None),
+            grid=[M, 1, 1], threads_per_cta=128, loop_trips=[triton.cdiv(K, bk_q)] * 2, weights=0,
+            bytes=2 * M * K * 2 + M * K + 4 * M, mma_flops=0))
+
+    def call(kernel, fn, cfg, grid, trips, mma, extra_const, extra_spec, label):
+        kw = dict(cfg.kwargs)
+        split = kw["SPLIT_K"]
+        out = M * N * (4 if split > 1 else 2)
+        main = dict(name=kernel, triton=dict(fn=fn, signature={a: ("constexpr" if a in {**const, **kw, **extra_const}
+                                                                   else sig[a]) for a in fn.arg_names},
+                                             constexprs={**const, **extra_const, **kw},
+                                             specialize={**spec_vals, **extra_spec}, num_warps=cfg.num_warps,
+                                             num_stages=cfg.num_stages, weight_arg="qw_ptr"),
+                    grid=list(grid), threads_per_cta=32 * cfg.num_warps, loop_trips=trips, weights=N * K,
+                    bytes=w_bytes + M * K * xb + out, mma_flops=mma)
+        launches = list(pre)
+        if split > 1:
+            launches.append(dict(name="workspace zero_ (pre_hook)", builtin="memset",
+                                 grid=[max(1, M * N // 4096), 1, 1], threads_per_cta=128, loop_trips=0, weights=0,
+                                 bytes=4 * M * N, mma_flops=0))
+        launches.append(main)
+        if split > 1:
+            launches.append(dict(name="y.copy_(ws)", builtin="copy", grid=[max(1, M * N // 4096), 1, 1],
+                                 threads_per_cta=128, loop_trips=0, weights=0, bytes=6 * M * N, mma_flops=0))
+        return dict(kernel=kernel, backend="triton", config=label, launches=launches)
+
+    n_tiles = lambda bk: triton.cdiv(K, bk)  # noqa: E731
+    calls = []
+    if M <= GEMV_MAX_M:
+        bm = _next_pow2(M)
+        keep = [c for c in _GEMV_CONFIGS if _k_fits(c.kwargs["BLOCK_K"], K, G, gs)
+                and bm * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= _GEMV_MAX_ELEMS]
+        if not keep:
+            keep = [_cfg(1, 2, 2, BLOCK_N=16, BLOCK_K=min(_fallback_bk(gs), _GEMV_MAX_ELEMS // (16 * bm)))]
+        for c in keep:
+            bn, bk, sk = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["SPLIT_K"]
+            calls.append(call("packed_gemv", _packed_gemv_kernel, c, (triton.cdiv(N, bn), sk, 1), n_tiles(bk) / sk, 0,
+                              dict(BLOCK_M=bm), {}, f"BM={bm} BN={bn} BK={bk} SK={sk} w{c.num_warps} s{c.num_stages}"))
+        return calls
+    mb = min(_next_pow2(M), _M_BUCKET_CAP)
+    keep = []
+    for c in _GEMM_CONFIGS:
+        bm, bn, bk, sk = (c.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K"))
+        if not _k_fits(bk, K, G, gs) or (mb <= 16 and bm != 16) or \
+                (mb > 16 and (bm == 16 or bm > max(32, mb) or sk != 1)):
+            continue
+        if c.num_stages * (bm * bk * xb + bk * bn) + bk * bn * 2 > _STATIC_SMEM:
+            continue
+        keep.append(c)
+    if not keep:
+        keep = [_cfg(1, 4, 2, BLOCK_M=16 if mb <= 16 else 32, BLOCK_N=32, BLOCK_K=_fallback_bk(gs), GROUP_M=8)]
+    for c in keep:
+        bm, bn, bk, sk = (c.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K"))
+        tiles_m, tiles_n = triton.cdiv(M, bm), triton.cdiv(N, bn)
+        mma = 2 * tiles_m * bm * tiles_n * bn * n_tiles(bk) * bk
+        calls.append(call("packed_matmul", _packed_matmul_kernel, c, (tiles_m * tiles_n, sk, 1), n_tiles(bk) / sk,
+                          mma, dict(DOT_F32=False), dict(M_BUCKET=mb),
+                          f"BM={bm} BN={bn} BK={bk} SK={sk} G{c.kwargs['GROUP_M']} w{c.num_warps} s{c.num_stages}"))
+    return calls

@@ -179,3 +179,43 @@ def _reset() -> None:
         _prebuilt = _UNSET
         _jit = _UNSET
         _torch_cuda_reason.cache_clear()
+
+
+# ---- static-analysis launch descriptors (`pyquant bench static`) -------------------------------------------------
+# Mirrors csrc/packed_gemv.cu: 128 threads, 16 rows per block, K tiles of 2048 * kU weights (kU = 2 for M <= 2),
+# one staging loop (x -> shared memory) per tile of M * kTileK / 4 / 128 iterations.  Symmetric formats pass a
+# runtime code offset, so only the scale dtype and M select the instantiation (x bf16, scales fp16 here).
+_STATIC_ASYM = {"int2-asym"}
+_STATIC_SYM = {"twn", "absmean", "int2-sym", "seq3", "seq4"}
+
+
+def static_launches(M: int, N: int, K: int, fmt: str, group_size: Optional[int]) -> List[dict]:
+    """The call ``pyquant._C.packed_gemv`` makes for x [M, K] (bf16) and a packed [N, K] weight of format ``fmt``
+    (fp16 scales, ``group_size`` None = per-channel), in the schema of ``pyquant.bench.static``; [] where the kernel
+    declines (M > 8, a group size that is not a multiple of 32).  Plain data: nothing is compiled or launched."""
+    for name, v in (("M", M), ("N", N), ("K", K)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}={v!r} must be an int >= 1")
+    if fmt not in _STATIC_ASYM | _STATIC_SYM:
+        raise ValueError(f"fmt={fmt!r}: expected one of {sorted(_STATIC_ASYM | _STATIC_SYM)}")
+    gs = K if group_size is None else group_size
+    if isinstance(gs, bool) or not isinstance(gs, int) or gs < 1 or K % gs:
+        raise ValueError(f"group_size={group_size!r} must be None or a positive divisor of K={K}")
+    if M > 8 or (gs % 32 and gs != K):
+        return []
+    k_u = 2 if M <= 2 else 1
+    tile_k = 2048 * k_u
+    n_chunks = -(-K // 64)
+    n_tiles = -(-n_chunks // (32 * k_u))
+    G = K // gs
+    has_zero = fmt in _STATIC_ASYM
+    nbytes = N * n_chunks * 16 + N * G * 2 * (2 if has_zero else 1) + 2 * M * K + 2 * M * N
+    smem = 4 * M * (32 * k_u * 68 + 64 * k_u)
+    launch = dict(
+        name="packed_gemv_kernel",
+        cuda=dict(source="csrc/packed_gemv.cu", kernel_regex=rf"packed_gemv_kernelILi{M}E13__nv_bfloat166__halfEE",
+                  nvcc_flags=["-std=c++17", "-O3"], weight_arg=1, dynamic_smem_bytes=smem),
+        grid=[-(-N // 16), 1, 1], threads_per_cta=128, loop_trips=n_tiles, inner_loop_trips=[M * tile_k / 4 / 128],
+        weights=N * K, bytes=nbytes, mma_flops=0)
+    return [dict(kernel="packed_gemv_cuda", backend="cuda", config=f"M={M} kU={k_u} rows/block=16 tileK={tile_k}",
+                 launches=[launch])]

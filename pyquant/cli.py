@@ -16,6 +16,7 @@ BENCHES = {
     "fake-quant": "pyquant.bench.fake_quant",
     "attention-kd": "pyquant.bench.attention_kd",
     "decode": "pyquant.bench.decode",
+    "static": "pyquant.bench.static",  # no GPU: predicted from sm_90 SASS
 }
 
 

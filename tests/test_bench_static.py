@@ -1,0 +1,408 @@
+"""`pyquant bench static`: the SASS parser and loop finder on canned SASS, the roofline math, the launch descriptors of
+the landed kernels, a tiny Triton and a tiny CUDA kernel of known instruction count compiled for sm_90 and counted,
+and `--quick` end to end (the compiling tests run in a subprocess without TRITON_INTERPRET and skip cleanly when
+ptxas / nvcc / cuobjdump are missing)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from pyquant.bench import static as S
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# nvdisasm style: a guarded loop of 12 instructions (4 FFMA, one 16-byte weight load, one 4-byte x load) between
+# 12 instructions of prologue and 2 of epilogue; the BRA-to-itself after EXIT and the NOP are not executed code.
+NVDISASM = r"""
+//--------------------- .text.toy --------------------------
+        .section        .text.toy,"ax",@progbits
+toy:
+.text.toy:
+        /*0000*/                   LDC R1, c[0x0][0x28] ;
+        /*0010*/                   ULDC.64 UR4, c[0x0][0x218] ;
+        /*0020*/                   ULDC.64 UR6, c[0x0][0x210] ;
+        /*0030*/                   S2R R0, SR_TID.X ;
+        /*0040*/                   IMAD.WIDE R2, R0, 0x10, RZ ;
+        /*0050*/                   IADD3 R4, P0, R2, UR4, RZ ;
+        /*0060*/                   IADD3.X R5, R3, UR5, RZ, P0, !PT ;
+        /*0070*/                   IADD3 R6, P0, R2, UR6, RZ ;
+        /*0080*/                   IADD3.X R7, R3, UR7, RZ, P0, !PT ;
+        /*0090*/                   MOV R8, RZ ;
+        /*00a0*/                   ISETP.GE.AND P1, PT, R0, 0x20, PT ;
+        /*00b0*/               @P1 BRA `(.L_x_1) ;
+.L_x_0:
+        /*00c0*/                   LDG.E.128 R12, desc[UR8][R4.64] ;
+        /*00d0*/                   LDG.E R9, desc[UR8][R6.64] ;
+        /*00e0*/                   FFMA R8, R12, R9, R8 ;
+        /*00f0*/                   FFMA R8, R13, R9, R8 ;
+        /*0100*/                   FFMA R8, R14, R9, R8 ;
+        /*0110*/                   FFMA R8, R15, R9, R8 ;
+        /*0120*/                   IADD3 R4, P0, R4, 0x200, RZ ;
+        /*0130*/                   IADD3.X R5, RZ, R5, RZ, P0, !PT ;
+        /*0140*/                   IADD3 R6, P0, R6, 0x200, RZ ;
+        /*0150*/                   IADD3.X R7, RZ, R7, RZ, P0, !PT ;
+        /*0160*/                   ISETP.NE.AND P2, PT, R0, RZ, PT ;
+        /*0170*/               @P2 BRA `(.L_x_0) ;
+.L_x_1:
+        /*0180*/                   STG.E desc[UR8][R6.64], R8 ;
+        /*0190*/                   EXIT ;
+.L_x_2:
+        /*01a0*/                   BRA `(.L_x_2);
+        /*01b0*/                   NOP;
+"""
+
+CUOBJDUMP = """
+\tcode for sm_90a
+\t\tFunction : toy2
+\t.headerflags\t@"EF_CUDA_TEXMODE_UNIFIED EF_CUDA_64BIT_ADDRESS"
+        /*0000*/                   MOV R1, c[0x0][0x28] ;                  /* 0x00000a0000017a02 */
+        /*0010*/                   MOV R0, RZ ;                            /* 0x000fe20000000f00 */
+        /*0020*/                   FADD R0, R0, 1 ;                        /* 0x000fe20000000f00 */
+        /*0030*/                   ISETP.LT.AND P0, PT, R0, 0x10, PT ;     /* 0x000fe20000000f00 */
+        /*0040*/                   LDG.E.64 R2, desc[UR4][R4.64] ;         /* 0x000fe20000000f00 */
+        /*0050*/               @P0 BRA 0x20 ;                              /* 0x000fe20000000f00 */
+        /*0060*/                   EXIT ;                                  /* 0x000fe20000000f00 */
+        /*0070*/                   BRA 0x70;                               /* 0x000fe20000000f00 */
+"""
+
+# two versions of one loop (the compiler unswitched it on a runtime flag: neither reaches the other), the first with a
+# nested loop; then (SEQUENTIAL) two loops one after the other, as in a two-pass kernel
+ALTERNATIVES = r"""
+.text.alt:
+        /*0000*/                   S2R R0, SR_TID.X ;
+        /*0010*/                   ISETP.NE.AND P0, PT, R0, RZ, PT ;
+        /*0020*/               @P0 BRA `(.L_alt) ;
+.L_a:
+        /*0030*/                   LDG.E R2, desc[UR4][R4.64] ;
+.L_in:
+        /*0040*/                   FFMA R3, R2, R2, R3 ;
+        /*0050*/               @P1 BRA `(.L_in) ;
+        /*0060*/               @P2 BRA `(.L_a) ;
+        /*0070*/                   BRA `(.L_end) ;
+.L_alt:
+        /*0080*/                   LDG.E R2, desc[UR4][R4.64] ;
+        /*0090*/                   FADD R3, R2, R3 ;
+        /*00a0*/               @P2 BRA `(.L_alt) ;
+.L_end:
+        /*00b0*/                   EXIT ;
+"""
+SEQUENTIAL = r"""
+.text.seq:
+        /*0000*/                   S2R R0, SR_TID.X ;
+.L_p1:
+        /*0010*/                   LDG.E R2, desc[UR4][R4.64] ;
+        /*0020*/                   FMNMX R3, R2, R3, !PT ;
+        /*0030*/               @P2 BRA `(.L_p1) ;
+.L_p2:
+        /*0040*/                   LDG.E R2, desc[UR4][R4.64] ;
+        /*0050*/                   FADD R6, R2, R6 ;
+        /*0060*/                   FMUL R6, R6, R3 ;
+        /*0070*/               @P2 BRA `(.L_p2) ;
+        /*0080*/                   EXIT ;
+"""
+
+UNROLLED = r"""
+.text.unr:
+        /*0000*/                   S2R R0, SR_TID.X ;
+.L_u:
+        /*0010*/                   LDG.E R2, desc[UR4][R4.64] ;
+        /*0020*/                   LDG.E R3, desc[UR4][R4.64+0x4] ;
+        /*0030*/                   FFMA R6, R2, R2, R6 ;
+        /*0040*/                   FFMA R6, R3, R3, R6 ;
+        /*0050*/               @P2 BRA `(.L_u) ;
+        /*0060*/               @!P3 BRA `(.L_end) ;
+.L_r:
+        /*0070*/                   LDG.E R2, desc[UR4][R4.64] ;
+        /*0080*/                   FFMA R6, R2, R2, R6 ;
+        /*0090*/               @P2 BRA `(.L_r) ;
+.L_end:
+        /*00a0*/                   EXIT ;
+"""
+
+
+def test_parse_nvdisasm_loop_mix_and_weight_taint():
+    funcs = S.parse_sass(NVDISASM)
+    ins = funcs["toy"]
+    assert len(ins) == 28 and ins[11].target == 0x180 and ins[23].target == 0xC0 and ins[11].pred == "@P1"
+    assert ins[12].width_bytes == 16 and ins[12].mix_key == "LDG.128" and ins[13].mix_key == "LDG.32"
+    top = S.find_loops(ins)
+    assert len(top) == 1 and top[0].header == 0xC0 and (top[0].start, top[0].end) == (0xC0, 0x170)
+    st = S.analyze(ins, weight_param_offsets=[8])  # the weight pointer is parameter 1, at c[0x0][0x218]
+    assert st.main_loops == [(0xC0, 12)] and st.outside == 14 and st.n_instrs == 26
+    assert st.loop_mix == {"LDG.128": 1, "LDG.32": 1, "FFMA": 4, "IADD3": 4, "ISETP": 1, "BRA": 1}
+    assert st.widest_weight_load_bytes == 16 and st.widest_loop_load_bytes == 16
+    assert S.analyze(ins, weight_param_offsets=[0]).widest_weight_load_bytes == 4  # x at c[0x0][0x210]
+    assert S.analyze(ins, weight_param_offsets=[16]).widest_weight_load_bytes is None  # no load from there
+    per_thread, mix, load_bytes, notes = S.executed_per_thread(st, 10)
+    assert per_thread == 14 + 12 * 10 and mix["FFMA"] == 40 and load_bytes == 20 * 10 and notes == []
+    with pytest.raises(ValueError, match="loop_trips has 2 values"):
+        S.executed_per_thread(st, [1, 2])
+
+
+def test_parse_cuobjdump_hex_targets():
+    ins = S.parse_sass(CUOBJDUMP)["toy2"]
+    assert [i.target for i in ins if i.base == "BRA"] == [0x20, 0x70]
+    st = S.analyze(ins)
+    assert st.main_loops == [(0x20, 4)] and st.outside == 3  # the trailing BRA 0x70 is unreachable
+    assert st.widest_weight_load_bytes == 8 and "not named" in st.weight_load_source
+
+
+def test_alternative_and_nested_loops():
+    st = S.analyze(S.parse_sass(ALTERNATIVES)["alt"])
+    assert [h for h, _ in st.main_loops] == [0x30] and "alternatives" in st.notes[0]
+    assert st.main_loops == [(0x30, 2)] and st.inner_loops == [(0x40, 0, 2)] and st.outside == 5
+    per_thread, mix, _, notes = S.executed_per_thread(st, 10, [3])
+    assert per_thread == 5 + 2 * 10 + 2 * 10 * 3 and mix["FFMA"] == 30 and mix.get("FADD", 0) == 0
+    _, _, _, notes = S.executed_per_thread(st, 10)
+    assert any("inner loop" in n for n in notes)
+    seq = S.analyze(S.parse_sass(SEQUENTIAL)["seq"])
+    assert [n for _, n in seq.main_loops] == [3, 4] and seq.notes == []
+    assert S.executed_per_thread(seq, [5, 7])[0] == 2 + 3 * 5 + 4 * 7
+    unr = S.analyze(S.parse_sass(UNROLLED)["unr"])  # unrolled 2x + remainder: one source loop of 7 trips
+    assert unr.unroll == [(2, "unrolled"), (2, "remainder")] and "unrolled 2x" in unr.notes[0]
+    per_thread, mix, _, _ = S.executed_per_thread(unr, 7)
+    assert mix["FFMA"] == 7 and per_thread == 3 + 5 * 3 + 3 * 1
+    assert S.executed_per_thread(unr, [7])[0] == per_thread  # one value per source loop
+
+
+def test_roofline_math_and_constants(tmp_path):
+    c = S.Constants()
+    assert math.isclose(c.issue_rate, 132 * 4 * 32 * 1.98e9)
+    oh = c.launch_overhead_us
+    # memory-bound: 4 MB at 4 TB/s is 1 us, on every SM
+    p = S.predict_launch(c, thread_instrs_per_cta=0, ctas=528, threads_per_cta=128, nbytes=4e6)
+    assert p["bound"] == "memory" and math.isclose(p["us"], 1.0 + oh)
+    # issue-bound: one CTA of 4 warps per SM issuing 10 us of warp instructions; one CTA more doubles the busiest SM
+    x = 32 * 4 * 1.98e9 * 1e-5
+    p = S.predict_launch(c, thread_instrs_per_cta=x, ctas=132, threads_per_cta=128, nbytes=0)
+    assert p["bound"] == "issue" and math.isclose(p["us"], 10.0 + oh)
+    assert math.isclose(S.predict_launch(c, thread_instrs_per_cta=x, ctas=133, threads_per_cta=128,
+                                         nbytes=0)["us"], 20.0 + oh)
+    # a 1-warp CTA uses one scheduler of its SM
+    assert math.isclose(S.predict_launch(c, thread_instrs_per_cta=x / 4, ctas=132, threads_per_cta=32,
+                                         nbytes=0)["us"], 10.0 + oh)
+    # tensor-bound at the stated efficiency; few CTAs also cap the bandwidth
+    f = c.bf16_tc_flops * c.tc_efficiency * 1e-5
+    p = S.predict_launch(c, thread_instrs_per_cta=0, ctas=132, threads_per_cta=128, nbytes=0, mma_flops=f)
+    assert p["bound"] == "tensor" and math.isclose(p["us"], 10.0 + oh)
+    p = S.predict_launch(c, thread_instrs_per_cta=0, ctas=33, threads_per_cta=128, nbytes=4e6)
+    assert math.isclose(p["memory_us"], 2.0)  # 33 SMs x 2x their share = half the bandwidth
+    # cuBLAS bf16: memory-bound at M=1, tensor-bound at M=4096
+    n = k = 4096
+    assert math.isclose(S.cublas_bf16_us(c, 1, n, k), (2 * n * k + 2 * k + 2 * n) / 4e12 * 1e6 + oh)
+    assert math.isclose(S.cublas_bf16_us(c, 4096, n, k), 2 * 4096 ** 3 / (989e12 * 0.8) * 1e6 + oh)
+    f = tmp_path / "measured.json"
+    f.write_text(json.dumps({"hbm_Bps": 3.0e12, "launch_overhead_us": 0}))
+    m = S.Constants.from_json(f)
+    assert m.hbm_Bps == 3.0e12 and m.sms == 132 and math.isclose(S.cublas_bf16_us(m, 1, n, k),
+                                                                  (2 * n * k + 2 * k + 2 * n) / 3e12 * 1e6)
+    f.write_text(json.dumps({"hbm_bw": 3.0e12}))
+    with pytest.raises(ValueError, match="unknown constant.*hbm_bw"):
+        S.Constants.from_json(f)
+    f.write_text(json.dumps({"sms": -1}))
+    with pytest.raises(ValueError, match="sms=-1"):
+        S.Constants.from_json(f)
+
+
+def test_res_usage_kparams_and_ptxas_parsers():
+    ru = S.parse_res_usage(" Function _k:\n  REG:95 STACK:8 SHARED:1024 LOCAL:8 CONSTANT[0]:616 TEXTURE:0\n")
+    assert ru == {"_k": {"REG": 95, "STACK": 8, "SHARED": 1024, "LOCAL": 8}}
+    kp = S.parse_kparams(".nv.info._k\n\tAttribute:\tEIATTR_KPARAM_INFO\n"
+                         "\tValue:\tIndex : 0x0\tOrdinal : 0x1\tOffset  : 0x8\tSize    : 0x8\n")
+    assert kp == {"_k": {1: (8, 8)}}
+    log = ("ptxas info    : Compiling entry function '_Z1kPf' for 'sm_90a'\n"
+           "ptxas info    : Function properties for _Z1kPf\n    16 bytes stack frame, 12 bytes spill stores, "
+           "12 bytes spill loads\n")
+    assert S.parse_ptxas_spills(log) == {"_Z1kPf": 12}
+
+
+def test_descriptors_of_the_landed_kernels_mirror_the_autotuner(monkeypatch):
+    from pyquant import _cuda_ext
+    from pyquant.ops._dispatch import kernel_module
+
+    pm = kernel_module("packed_matmul")
+    monkeypatch.setattr(pm, "_interpret", lambda: False)  # the launcher's pruning as on a GPU
+
+    def kw(cfgs, keys):
+        return sorted(tuple(c.kwargs[k] for k in keys) + (c.num_warps, c.num_stages) for c in cfgs)
+
+    for m, fmt, gs in ((1, "twn", None), (4, "int2-asym", 32), (8, "absmean", 128)):
+        K, G = 4096, 4096 // (gs or 4096)
+        calls = pm.static_launches(m, 1024, K, fmt, gs)
+        want = pm._prune_gemv(pm._GEMV_CONFIGS, dict(K=K, G=G, group_size=gs or K), BLOCK_M=pm._next_pow2(m))
+        got = [tuple(int(p[3:]) for p in c["config"].split()[1:4]) for c in calls]
+        assert sorted(got) == sorted(tuple(c.kwargs[k] for k in ("BLOCK_N", "BLOCK_K", "SPLIT_K")) for c in want)
+    import torch
+
+    for m, gs in ((16, 128), (64, None), (4096, 32)):
+        K = 4096
+        calls = pm.static_launches(m, 4096, K, "twn", gs)
+        args = dict(K=K, G=K // (gs or K), group_size=gs or K, M_BUCKET=min(pm._next_pow2(m), 4096),
+                    x_ptr=torch.empty(1))
+        want = pm._prune_gemm(pm._GEMM_CONFIGS, args)
+        got = sorted(tuple(int(p[3:]) for p in c["config"].split()[:4]) for c in calls)
+        assert got == sorted(tuple(c.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K")) for c in want)
+    for call in pm.static_launches(4, 4096, 4096, "int2-asym", 128) + pm.static_launches(64, 4096, 4096, "twn", 128,
+                                                                                          x_dtype="int8"):
+        S.check_call(call)
+        names = [la["name"] for la in call["launches"]]
+        split = int(call["config"].split("SK=")[1].split()[0])
+        assert (len(names) == 3) == (split > 1) or names[0] == "quantize_rows_int8"
+        assert sum(la["weights"] for la in call["launches"]) == 4096 * 4096
+    with pytest.raises(ValueError, match="fmt="):
+        pm.static_launches(1, 16, 64, "int3", None)
+    with pytest.raises(ValueError, match="group_size"):
+        pm.static_launches(1, 16, 64, "twn", 48)
+    (cu,) = _cuda_ext.static_launches(3, 1000, 4096, "twn", 128)
+    S.check_call(cu)
+    la = cu["launches"][0]
+    assert la["grid"] == [63, 1, 1] and la["loop_trips"] == 2 and la["inner_loop_trips"] == [3 * 2048 / 512]
+    assert _cuda_ext.static_launches(9, 1000, 4096, "twn", 128) == []
+    assert _cuda_ext.static_launches(1, 1000, 4096, "twn", 16) == []
+    fwd, bwd = kernel_module("attention_kd").static_launches(2, 4, 256, 64)
+    S.check_call(fwd)
+    S.check_call(bwd)
+    assert fwd["launches"][0]["loop_trips"] == [4, 4] and len(bwd["launches"]) == 2
+
+
+# ---- compiled for sm_90 (subprocess without TRITON_INTERPRET) -------------------------------------------------------
+_TINY = r"""
+import json, sys, tempfile
+from pathlib import Path
+import triton
+import triton.language as tl
+from pyquant.bench import static as S
+
+@triton.jit
+def fma_loop(x_ptr, y_ptr, n_iter, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    a = tl.load(x_ptr + offs)
+    b = tl.load(x_ptr + BLOCK + offs)
+    acc = tl.zeros([BLOCK], tl.float32)
+    for i in range(n_iter):
+        v = tl.load(x_ptr + (i + 2) * BLOCK + offs)
+        acc = acc * a + v
+        acc = acc * b + v
+        acc = acc * a + v
+        acc = acc * b + v
+        acc = acc * a + v
+        acc = acc * b + v
+        acc = acc * a + v
+        acc = acc * b + v
+    tl.store(y_ptr + offs, acc)
+
+CU = '''
+extern "C" __global__ void fma_loop_cu(const float* __restrict__ x, float* __restrict__ y, int n) {
+    const int t = threadIdx.x;
+    const float a = x[t], b = x[128 + t];
+    float acc = 0.f;
+#pragma unroll 1
+    for (int i = 0; i < n; ++i) {
+        const float v = x[(i + 2) * 128 + t];
+        acc = fmaf(acc, a, v); acc = fmaf(acc, b, v); acc = fmaf(acc, a, v); acc = fmaf(acc, b, v);
+        acc = fmaf(acc, a, v); acc = fmaf(acc, b, v); acc = fmaf(acc, a, v); acc = fmaf(acc, b, v);
+    }
+    y[t] = acc;
+}
+'''
+out = {}
+try:
+    comp = S.Compiler("sm_90a")
+    comp.tools.need("cuobjdump")
+except S.ToolMissing as e:
+    print("SKIP", e); sys.exit(3)
+trips = 103  # not a multiple of 4: LLVM unrolls this loop 4x, so its remainder loop runs too
+tri = dict(fn=fma_loop, signature=dict(x_ptr="*fp32", y_ptr="*fp32", n_iter="i32", BLOCK="constexpr"),
+           constexprs=dict(BLOCK=128), num_warps=4, num_stages=1, weight_arg="x_ptr")
+launch = dict(name="fma_loop", triton=tri, grid=[2, 1, 1], threads_per_cta=128, loop_trips=trips,
+              weights=2 * 128 * trips, bytes=4 * 128 * (trips + 3), mma_flops=0)
+call = dict(kernel="fma_loop", backend="triton", config="-", launches=[launch])
+r = S.score_call(comp, S.Constants(), call)
+b = comp.triton(tri)
+
+def summary(st):
+    per_thread, mix, _, _ = S.executed_per_thread(st, trips)
+    return dict(loop_ffma=[m.get("FFMA", 0) for m in st.main_mix], unroll=st.unroll, per_thread=per_thread,
+                ffma_in_loops=mix["FFMA"] - st.outside_mix.get("FFMA", 0), loop_ldg=st.loop_mix.get("LDG.32"))
+
+st = S.analyze(b.instrs, [0], b.name)
+out["triton"] = dict(summary(st), ipw=r["sass_instr_per_weight"], widest=r["widest_weight_load_bytes"])
+d = Path(tempfile.mkdtemp())
+(d / "tiny.cu").write_text(CU)
+cu = dict(source=str(d / "tiny.cu"), kernel_regex="fma_loop_cu", nvcc_flags=["-O3"], weight_arg=0)
+try:
+    bc = comp.cuda(cu)
+except S.ToolMissing as e:
+    out["cuda"] = "SKIP " + str(e)
+else:
+    stc = S.analyze(bc.instrs, [0], bc.name)
+    out["cuda"] = dict(summary(stc), outside_ffma=stc.outside_mix.get("FFMA", 0), spill=bc.spill_bytes,
+                       regs=bc.registers)
+print("JSON" + json.dumps(out))
+"""
+
+
+def _clean_env():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    return env
+
+
+def _run_py(args, timeout):
+    pytest.importorskip("triton")
+    r = subprocess.run([sys.executable, *args], env=_clean_env(), capture_output=True, text=True, timeout=timeout,
+                       cwd=ROOT)
+    if r.returncode == 3:
+        pytest.skip((r.stdout + r.stderr).strip().splitlines()[-1])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout
+
+
+def test_tiny_kernels_of_known_instruction_count_are_counted_right(tmp_path):
+    script = tmp_path / "tiny_static.py"  # @triton.jit needs its source in a file
+    script.write_text(textwrap.dedent(_TINY))
+    out = _run_py([str(script)], timeout=600)
+    res = json.loads(out.split("JSON", 1)[1])
+    t = res["triton"]
+    # 8 FMAs per source iteration (one element per thread); the compiler may unroll the loop (then a remainder loop
+    # runs the leftover trips): either way the loops execute exactly 8 x 103 FFMAs per thread
+    assert sorted(t["loop_ffma"]) in ([8], [8, 32]) and t["ffma_in_loops"] == 8 * 103
+    if len(t["loop_ffma"]) == 2:
+        assert sorted(role for _, role in t["unroll"]) == ["remainder", "unrolled"]
+    assert t["widest"] == 4
+    # trips math: instructions per thread x 128 threads x 2 CTAs / (2 x 128 x 103 weights)
+    assert math.isclose(t["ipw"], t["per_thread"] / 103)
+    if isinstance(res["cuda"], str):
+        pytest.skip(res["cuda"])
+    cu = res["cuda"]  # `#pragma unroll 1`: one loop of exactly 8 FFMAs and one 4-byte load
+    assert cu["loop_ffma"] == [8] and cu["loop_ldg"] == 1 and cu["outside_ffma"] == 0
+    assert cu["ffma_in_loops"] == 8 * 103 and cu["spill"] == 0 and cu["regs"] > 0
+
+
+def test_quick_end_to_end_writes_valid_json(tmp_path):
+    out = _run_py(["-m", "pyquant.bench.static", "--quick", "--out", str(tmp_path)], timeout=900)
+    assert "predicted, sm_90, not measured" in out
+    (path,) = tmp_path.glob("static-sm90-quick-*.json")
+    data = json.loads(path.read_text())
+    assert data["meta"]["label"] == "predicted, sm_90, not measured" and data["meta"]["constants"]["sms"] == 132
+    rows = [r for r in data["rows"] if not r.get("error")]
+    assert rows and len(rows) == len(data["rows"])
+    need = ("kernel", "backend", "config", "M", "N", "K", "format", "registers", "spill_bytes", "smem_bytes",
+            "widest_weight_load_bytes", "sass_instr_per_weight", "predicted_us", "predicted_speedup_vs_bf16",
+            "mix_per_weight", "best")
+    for r in rows:
+        assert all(k in r for k in need), sorted(set(need) - set(r))
+        assert r["predicted_us"] > 0 and r["registers"] > 0
+    mm = [r for r in rows if r["format"] != "attention"]
+    assert {r["backend"] for r in mm} == {"triton", "cuda"}
+    for r in mm:
+        assert r["sass_instr_per_weight"] > 0.5 and r["predicted_speedup_vs_bf16"] > 0
+    groups = {(r["backend"], r["M"], r["N"], r["K"], r["format"], r["group_size"], r["x_dtype"]) for r in mm}
+    assert sum(r["best"] for r in mm) == len(groups)
