@@ -306,11 +306,17 @@ def _packed_matmul_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # per-channel: row sums of x accumulate elementwise (one add per element, reduced once after the loop)
+    # row sums of x (for z * sum_k x) come from the tensor cores too: x @ ones[BLOCK_K, 16] is a few extra MMAs per
+    # tile instead of BLOCK_M * BLOCK_K adds and a cross-lane reduction (all 16 columns are equal: max reads one)
     if X_INT8:
-        xacc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.int32)
+        ones = tl.full((BLOCK_K, 16), 1, dtype=tl.int8)
+        xs_acc = tl.zeros((BLOCK_M, 16), dtype=tl.int32)
+    elif DOT_F32 or x_ptr.dtype.element_ty == tl.float32:
+        ones = tl.full((BLOCK_K, 16), 1.0, dtype=tl.float32)
+        xs_acc = tl.zeros((BLOCK_M, 16), dtype=tl.float32)
     else:
-        xacc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        ones = tl.full((BLOCK_K, 16), 1.0, dtype=DT)
+        xs_acc = tl.zeros((BLOCK_M, 16), dtype=tl.float32)
     for t in range(t_begin, t_end):
         offs_k = t * BLOCK_K + rk
         x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & (offs_k < K)[None, :], other=0)
@@ -321,12 +327,13 @@ def _packed_matmul_kernel(
             c = tl.trans(_gemm_codes_i8(w, BLOCK_N, BLOCK_K))
             if PER_CHANNEL:
                 acc = tl.dot(x, c, acc, out_dtype=tl.int32)
-                xacc += x.to(tl.int32)
+                xs_acc = tl.dot(x, ones, xs_acc, out_dtype=tl.int32)
             else:
                 part = tl.dot(x, c, out_dtype=tl.int32).to(tl.float32)
                 s, z = _tile_group_params(scale_ptr, zero_ptr, offs_n, n_mask, (t * BLOCK_K) // group_size, G,
                                           HAS_ZERO)
-                xs_t = tl.sum(x.to(tl.int32), axis=1).to(tl.float32)
+                xs_t = tl.max(tl.dot(x, ones, tl.zeros((BLOCK_M, 16), dtype=tl.int32), out_dtype=tl.int32),
+                              axis=1).to(tl.float32)
                 if HAS_ZERO:
                     part = part - xs_t[:, None] * z[None, :]
                 else:
@@ -341,25 +348,26 @@ def _packed_matmul_kernel(
             if PER_CHANNEL:
                 acc = _gemm_dot(x, c, acc)
                 if HAS_ZERO:
-                    xacc += x.to(tl.float32)
+                    xs_acc = _gemm_dot(x, ones, xs_acc)
             else:
                 # one scale group per tile (BLOCK_K divides group_size): scale applied once per tile
                 part = _gemm_dot(x, c, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32))
                 s, z = _tile_group_params(scale_ptr, zero_ptr, offs_n, n_mask, (t * BLOCK_K) // group_size, G,
                                           HAS_ZERO)
                 if HAS_ZERO:
-                    part = part - tl.sum(x.to(tl.float32), axis=1)[:, None] * z[None, :]
+                    xs_t = tl.max(_gemm_dot(x, ones, tl.zeros((BLOCK_M, 16), dtype=tl.float32)), axis=1)
+                    part = part - xs_t[:, None] * z[None, :]
                 acc += part * s[None, :]
     if PER_CHANNEL:  # the per-channel scale (and zero point) applied ONCE, here, not per K step
         s, z = _tile_group_params(scale_ptr, zero_ptr, offs_n, n_mask, 0, G, HAS_ZERO)
         if X_INT8:
-            xsum = tl.sum(xacc, axis=1).to(tl.float32)
+            xsum = tl.max(xs_acc, axis=1).to(tl.float32)
             if HAS_ZERO:
                 out = acc.to(tl.float32) - xsum[:, None] * z[None, :]
             else:
                 out = acc.to(tl.float32) - xsum[:, None] * code_offset
         elif HAS_ZERO:
-            out = acc - tl.sum(xacc, axis=1)[:, None] * z[None, :]
+            out = acc - tl.max(xs_acc, axis=1)[:, None] * z[None, :]
         else:
             out = acc
         out = out * s[None, :]
@@ -475,16 +483,18 @@ _GEMM_CONFIGS = [_gemm_cfg(*c) for c in [
     (16, 32, 64, 2, 4, 2),  # interpreter config for M <= 16
     (16, 64, 128, 1, 4, 3), (16, 128, 128, 1, 4, 3), (16, 32, 128, 1, 4, 3), (16, 64, 256, 1, 4, 3),
     (16, 64, 128, 2, 4, 3), (16, 128, 128, 2, 4, 3), (16, 64, 128, 4, 4, 3), (16, 128, 128, 4, 4, 3),
-    (16, 32, 128, 4, 4, 3), (16, 64, 256, 4, 4, 3), (16, 64, 128, 8, 4, 3), (16, 128, 64, 4, 4, 4),
-    (16, 64, 64, 4, 4, 4), (16, 64, 32, 2, 4, 4), (16, 128, 32, 4, 4, 4),
-    # 16 < M <= 64
+    (16, 32, 128, 4, 4, 3), (16, 64, 256, 4, 4, 3), (16, 64, 128, 8, 4, 3), (16, 128, 256, 2, 4, 3),
+    (16, 128, 256, 4, 4, 3), (16, 128, 64, 4, 4, 4), (16, 64, 64, 4, 4, 4), (16, 64, 32, 2, 4, 4),
+    (16, 128, 32, 4, 4, 4),
+    # 16 < M <= 64 (BLOCK_M = 64: wgmma; BLOCK_N = 128 with BLOCK_K < 128 does not compile for sm_90 in Triton 3.9)
     (32, 32, 64, 1, 4, 2),  # interpreter config for M > 16
     (64, 64, 128, 1, 4, 3), (64, 128, 128, 1, 4, 3), (64, 128, 128, 2, 4, 3), (64, 64, 128, 2, 4, 3),
-    (64, 64, 128, 4, 4, 3), (64, 128, 64, 2, 4, 4), (32, 128, 128, 1, 4, 3), (32, 128, 128, 2, 4, 3),
-    (64, 128, 32, 2, 4, 4), (64, 64, 32, 4, 4, 4),
+    (64, 64, 128, 4, 4, 3), (64, 128, 128, 4, 4, 3), (64, 64, 128, 8, 4, 3), (64, 128, 256, 2, 4, 3),
+    (64, 128, 256, 4, 4, 3), (32, 128, 128, 1, 4, 3), (32, 128, 128, 2, 4, 3), (64, 64, 64, 4, 4, 4),
+    (64, 64, 32, 4, 4, 4), (64, 64, 32, 2, 4, 4),
     # M > 64 (wgmma on Hopper)
     (128, 128, 64, 1, 8, 3), (128, 128, 128, 1, 8, 3), (128, 256, 64, 1, 8, 3), (64, 256, 64, 1, 4, 4),
-    (128, 64, 128, 1, 4, 3), (256, 128, 64, 1, 8, 3), (128, 128, 32, 1, 8, 4), (64, 128, 32, 1, 4, 4),
+    (128, 64, 128, 1, 4, 3), (256, 128, 64, 1, 8, 3), (128, 128, 32, 1, 8, 4), (128, 64, 32, 1, 4, 4),
 ]]
 _GEMV_MAX_ELEMS = 16384  # BLOCK_M * BLOCK_N * BLOCK_K of the FMA broadcast (register budget)
 
@@ -530,11 +540,11 @@ def _gemm_block_m_ok(bm: int, m_bucket: int) -> bool:
     return bm >= 64
 
 
-def _prune_gemm(configs: List[triton.Config], named_args: Dict, **kwargs) -> List[triton.Config]:
-    K, G, gs, mb = named_args["K"], named_args["G"], named_args["group_size"], named_args["M_BUCKET"]
-    x = named_args["x_ptr"]
+def _gemm_candidates(configs: List[triton.Config], K: int, G: int, gs: int, mb: int, x_bytes: int,
+                     smem: Optional[int]) -> List[triton.Config]:
+    """The configs the GEMM autotuner may choose for (K, group layout, M bucket), given the device's shared memory
+    (None: unknown, no limit)."""
     keep = []
-    smem = None if _interpret() or not x.is_cuda else _max_shared_mem(x.device.index or 0)
     for c in configs:
         bm, bn, bk, sk = (c.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K"))
         if not _k_fits(bk, K, G, gs) or not _gemm_block_m_ok(bm, mb):
@@ -543,12 +553,20 @@ def _prune_gemm(configs: List[triton.Config], named_args: Dict, **kwargs) -> Lis
             continue
         if smem is not None:
             # pipelined x and packed-word tiles, plus the dequantized [BK, BN] operand staged for the MMA
-            need = c.num_stages * (bm * bk * x.element_size() + bk * bn // 4) + bk * bn * 2
+            need = c.num_stages * (bm * bk * x_bytes + bk * bn // 4) + bk * bn * 2
             if need > smem:
                 continue
         keep.append(c)
     if not keep:
         keep = [_gemm_cfg(16 if mb <= 16 else 32, 32, _fallback_bk(gs), 1, 4, 2)]
+    return keep
+
+
+def _prune_gemm(configs: List[triton.Config], named_args: Dict, **kwargs) -> List[triton.Config]:
+    x = named_args["x_ptr"]
+    smem = None if _interpret() or not x.is_cuda else _max_shared_mem(x.device.index or 0)
+    keep = _gemm_candidates(configs, named_args["K"], named_args["G"], named_args["group_size"],
+                            named_args["M_BUCKET"], x.element_size(), smem)
     return keep[:1] if _interpret() else keep
 
 
@@ -734,3 +752,106 @@ def packed_matmul_a8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor
     M, N, K, G, gs = _check(x, qweight, scale, zero_point, bias, in_features, code_offset)
     q, s = quantize_rows_int8(x)
     return _launch(q, s, qweight, scale, zero_point, bias, code_offset, M, N, K, G, gs, x.dtype, config)
+
+
+# ---- static-analysis launch descriptors (issue #10: pyquant.bench.static compiles and counts these) -------------
+_STATIC_FORMATS = {"twn": 1.0, "absmean": 1.0, "seq3": 1.0, "seq4": 1.5, "int2-sym": 2.0, "int2-asym": None}
+_STATIC_X = {"bf16": (torch.bfloat16, "*bf16", 2), "fp16": (torch.float16, "*fp16", 2), "int8": (torch.int8, "*i8", 1)}
+_H100_SMEM = 232448  # sm_90 opt-in shared memory per block (bytes): the pruning limit the GPU would apply
+
+
+def _static_gemm_call(M, N, K, G, gs, has_zero, co, x_dtype, c) -> Dict:
+    torch_dt, x_ty, x_bytes = _STATIC_X[x_dtype]
+    x_int8 = x_dtype == "int8"
+    y_ty = "*bf16" if x_int8 else x_ty
+    kw = dict(c.kwargs)
+    bm, bn, bk, sk = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], kw["SPLIT_K"]
+    consts = dict(HAS_ZERO=has_zero, HAS_BIAS=False, X_INT8=x_int8, DOT_F32=False, PER_CHANNEL=G == 1, **kw,
+                  bias_ptr=None)
+    if not has_zero:
+        consts["zero_ptr"] = None
+    if not x_int8:
+        consts["xs_ptr"] = None
+    if sk == 1:
+        consts["ws_ptr"] = None
+        consts["lock_ptr"] = None
+    types = dict(x_ptr=x_ty, xs_ptr="*fp32", qw_ptr="*u8", scale_ptr="*fp16", zero_ptr="*fp16", bias_ptr=y_ty,
+                 y_ptr=y_ty, ws_ptr="*fp32", lock_ptr="*i32", M="i32", N="i32", K="i32", G="i32", group_size="i32",
+                 code_offset="fp32", magic="i32", M_BUCKET="i32", stride_xm="i32", stride_qn="i32", stride_ym="i32")
+    fn = _packed_matmul_kernel
+    sig = {a: ("constexpr" if a in consts else types[a]) for a in fn.arg_names}
+    # what the JIT specializes at run time for these shapes: 16-byte aligned pointers, ints divisible by 16
+    ints = dict(M=M, N=N, K=K, G=G, group_size=gs, M_BUCKET=min(_next_pow2(M), _M_BUCKET_CAP), stride_xm=K,
+                stride_qn=-(-K // 64) * 16, stride_ym=N, magic=_gemm_magic(torch.empty(0, dtype=torch_dt)))
+    div16 = [a for a in fn.arg_names if sig[a] != "constexpr" and (sig[a].startswith("*") or
+                                                                   (a in ints and ints[a] % 16 == 0))]
+    grid = [triton.cdiv(M, bm) * triton.cdiv(N, bn), sk, 1]
+    n_tiles = triton.cdiv(K, bk)
+    nbytes = (N * (-(-K // 64) * 16) + N * G * 2 * (2 if has_zero else 1) + M * K * x_bytes + M * N * 2
+              + (M * 4 if x_int8 else 0))
+    if sk > 1:
+        nbytes += 2 * sk * M * N * 4 + grid[0] * 8  # partial slices written once, read once; counters
+    launch = dict(name="packed_matmul_gemm",
+                  triton=dict(fn=fn, signature=sig, constexprs={k: v for k, v in consts.items()},
+                              num_warps=c.num_warps, num_stages=c.num_stages, divisibility=div16),
+                  grid=grid, threads_per_cta=32 * c.num_warps, loop_trips=n_tiles / sk, weights=N * K,
+                  bytes=nbytes, mma_flops=2 * triton.cdiv(M, bm) * bm * N * K,
+                  mma_dtype="int8" if x_int8 else "bf16")
+    cfg = f"BLOCK_M={bm} BLOCK_N={bn} BLOCK_K={bk} SPLIT_K={sk} warps={c.num_warps} stages={c.num_stages}"
+    return dict(kernel="packed_matmul_gemm", backend="triton", config=cfg, launches=[launch])
+
+
+def _static_dequant_call(M, N, K, G, gs, has_zero, co, x_dtype) -> Dict:
+    _, x_ty, x_bytes = _STATIC_X[x_dtype]
+    fn = _packed_dequant_kernel
+    consts = dict(HAS_ZERO=has_zero, BLOCK_N=32, BLOCK_K=256)
+    if not has_zero:
+        consts["zero_ptr"] = None
+    types = dict(qw_ptr="*u8", scale_ptr="*fp16", zero_ptr="*fp16", w_ptr=x_ty, N="i32", K="i32", G="i32",
+                 group_size="i32", code_offset="fp32", magic="i32", stride_qn="i32")
+    sig = {a: ("constexpr" if a in consts else types[a]) for a in fn.arg_names}
+    ints = dict(N=N, K=K, G=G, group_size=gs, stride_qn=-(-K // 64) * 16, magic=_FP16_MAGIC)
+    div16 = [a for a in fn.arg_names if sig[a] != "constexpr" and (sig[a].startswith("*") or
+                                                                   (a in ints and ints[a] % 16 == 0))]
+    dequant = dict(name="packed_dequant",
+                   triton=dict(fn=fn, signature=sig, constexprs=consts, num_warps=4, num_stages=2, divisibility=div16),
+                   grid=[triton.cdiv(N, 32), triton.cdiv(K, 256), 1], threads_per_cta=128, loop_trips=0.0,
+                   weights=N * K, bytes=N * (-(-K // 64) * 16) + N * G * 2 * (2 if has_zero else 1) + N * K * x_bytes,
+                   mma_flops=0)
+    # cuBLAS itself: no source to compile; the static tool bounds it like its cuBLAS baseline (bytes, MMA rate)
+    gemm = dict(name="cublas_gemm", library=dict(name="cublas", op="gemm", M=M, N=N, K=K, dtype=x_dtype),
+                grid=None, threads_per_cta=None, loop_trips=0.0, weights=N * K,
+                bytes=N * K * x_bytes + M * K * x_bytes + M * N * x_bytes, mma_flops=2 * M * N * K, mma_dtype=x_dtype)
+    return dict(kernel="packed_dequant+cublas", backend="triton", config="dequant BLOCK_N=32 BLOCK_K=256; cuBLAS",
+                launches=[dequant, gemm])
+
+
+def _static_launches_gemm(M: int, N: int, K: int, fmt: str, group_size: Optional[int], x_dtype: str = "bf16",
+                          path: Optional[str] = None) -> List[Dict]:
+    """Descriptors (schema: issue #10's static tool) of every call the launcher could make for M > 8: each GEMM
+    config the autotuner may choose after pruning on an sm_90 GPU, or, for 16-bit x and M >= 1024, the dequantize
+    + cuBLAS pair it dispatches to.  ``path="fused"`` / ``"dequant+cublas"`` forces one path (the comparison the
+    module docstring reports)."""
+    if fmt not in _STATIC_FORMATS:
+        raise ValueError(f"fmt={fmt!r}: expected one of {sorted(_STATIC_FORMATS)}")
+    if x_dtype not in _STATIC_X:
+        raise ValueError(f"x_dtype={x_dtype!r}: expected one of {sorted(_STATIC_X)}")
+    if M <= GEMV_MAX_M:
+        raise ValueError(f"M={M}: the GEMM handles M > {GEMV_MAX_M}")
+    if group_size is not None and (K % group_size or group_size % 16):
+        raise ValueError(f"group_size={group_size} must divide K={K} and be a multiple of 16")
+    co = _STATIC_FORMATS[fmt]
+    has_zero = co is None
+    G = 1 if group_size is None else K // group_size
+    gs = K if group_size is None else group_size
+    if path is None:
+        path = "dequant+cublas" if x_dtype != "int8" and M >= _DEQUANT_MATMUL_MIN_M else "fused"
+    if path == "dequant+cublas":
+        if x_dtype == "int8":
+            raise ValueError("W2A8 (x_dtype='int8') always runs the fused int8 kernel")
+        return [_static_dequant_call(M, N, K, G, gs, has_zero, co, x_dtype)]
+    if path != "fused":
+        raise ValueError(f"path={path!r}: expected None, 'fused' or 'dequant+cublas'")
+    cands = _gemm_candidates(_GEMM_CONFIGS, K, G, gs, min(_next_pow2(M), _M_BUCKET_CAP), _STATIC_X[x_dtype][2],
+                             _H100_SMEM)
+    return [_static_gemm_call(M, N, K, G, gs, has_zero, co, x_dtype, c) for c in cands]
