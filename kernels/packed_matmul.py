@@ -150,13 +150,109 @@ def _packed_gemv_kernel(
         tl.atomic_add(ws, acc, mask=out_mask)
 
 
-# ---- GEMM: tl.dot on dequantized tiles (split-K allowed for BLOCK_M = 16) ---------------------------------------
+# ---- GEMM: M > 8, tensor cores on magic-number-dequantized tiles; fused split-K --------------------------------
+# The packed weight is read as int32 words (16 codes each, K-contiguous; rows are whole 16-byte vectors, so a K tile
+# of BLOCK_K >= 64 is one 16-byte load per row and thread).  Code e (0..7) of each 16-bit half of a word sits at bits
+# 2e; weight k of the word is half k // 8, code k % 8.
+_BF16_MAGIC = 0x43004300  # bf16x2 (128, 128): ulp 1, 7 mantissa bits; code bits 2-5 stay inside the mantissa
+_FP16_MAGIC = 0x64006400  # fp16x2 (1024, 1024): ulp 1, 10 mantissa bits; code bits 2-9 stay inside the mantissa
+
+
+@triton.jit
+def _gemm_magic_pair(S, mask: tl.constexpr, mul: tl.constexpr, add, magic, DT: tl.constexpr,
+                     F32_MATH: tl.constexpr):
+    """One code per 16-bit half of ``S`` (selected by ``mask``, a 2-bit field at bits 2..9) -> [..., 2] values
+    ``c - z``.  Why this shape: ``(S & mask) | magic`` is ONE LOP3 per two weights (mask immediate, magic in a
+    register: it is a kernel argument, so the compiler cannot rematerialize it), and it yields two 16-bit floats
+    ``M + c * 4**p`` exactly (the code lands in the mantissa; M = 128 for bf16, 1024 for fp16).  One packed FMA
+    (HFMA2) then computes ``v * 4**-p + add`` with ``add = -(M * 4**-p + z)``: both terms are exact, so the result
+    ``c - z`` is exact (z in {0, 1, 1.5, 2}; ``M * 4**-p + z`` is representable because p >= 1).  No per-weight
+    int->float convert and no byte permutes.  ``F32_MATH`` (interpreter, bf16 only: its bf16 arithmetic is broken)
+    does the same FMA in fp32 on the same bit patterns."""
+    u = (S & mask) | magic
+    v = tl.join(u.to(tl.int16), (u >> 16).to(tl.int16)).to(DT, bitcast=True)
+    if F32_MATH:
+        return tl.fma(v.to(tl.float32), mul, add)
+    return tl.fma(v, tl.full(v.shape, mul, DT), add)
+
+
+@triton.jit
+def _gemm_dequant(w, magic, a_4, a_16, a_64, a_256, DT: tl.constexpr, F32_MATH: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """int32 words [BLOCK_N, BLOCK_K // 16] -> ``c - z`` [BLOCK_N, BLOCK_K] (DT, exact), natural K order.
+
+    Each code is first moved to bits 2..9 of its half by one shift per word shared by several codes (bf16 has room
+    for 2 codes per shift, fp16 for 4), so per 16 weights: 4 (bf16) / 2 (fp16) shifts + 8 LOP3 + 8 HFMA2."""
+    if DT == tl.bfloat16:
+        s0 = w << 2
+        s1 = w >> 2
+        s2 = w >> 6
+        s3 = w >> 10
+        v0 = _gemm_magic_pair(s0, 0x000C000C, 0.25, a_4, magic, DT, F32_MATH)
+        v1 = _gemm_magic_pair(s0, 0x00300030, 0.0625, a_16, magic, DT, F32_MATH)
+        v2 = _gemm_magic_pair(s1, 0x000C000C, 0.25, a_4, magic, DT, F32_MATH)
+        v3 = _gemm_magic_pair(s1, 0x00300030, 0.0625, a_16, magic, DT, F32_MATH)
+        v4 = _gemm_magic_pair(s2, 0x000C000C, 0.25, a_4, magic, DT, F32_MATH)
+        v5 = _gemm_magic_pair(s2, 0x00300030, 0.0625, a_16, magic, DT, F32_MATH)
+        v6 = _gemm_magic_pair(s3, 0x000C000C, 0.25, a_4, magic, DT, F32_MATH)
+        v7 = _gemm_magic_pair(s3, 0x00300030, 0.0625, a_16, magic, DT, F32_MATH)
+    else:
+        s0 = w << 2
+        s1 = w >> 6
+        v0 = _gemm_magic_pair(s0, 0x000C000C, 0.25, a_4, magic, DT, F32_MATH)
+        v1 = _gemm_magic_pair(s0, 0x00300030, 0.0625, a_16, magic, DT, F32_MATH)
+        v2 = _gemm_magic_pair(s0, 0x00C000C0, 0.015625, a_64, magic, DT, F32_MATH)
+        v3 = _gemm_magic_pair(s0, 0x03000300, 0.00390625, a_256, magic, DT, F32_MATH)
+        v4 = _gemm_magic_pair(s1, 0x000C000C, 0.25, a_4, magic, DT, F32_MATH)
+        v5 = _gemm_magic_pair(s1, 0x00300030, 0.0625, a_16, magic, DT, F32_MATH)
+        v6 = _gemm_magic_pair(s1, 0x00C000C0, 0.015625, a_64, magic, DT, F32_MATH)
+        v7 = _gemm_magic_pair(s1, 0x03000300, 0.00390625, a_256, magic, DT, F32_MATH)
+    # v_e: [BN, W, 2 (half)]; each join appends a last axis, so this tree's axes are (half, e & 4, e & 2, e & 1)
+    # after the word axis and the reshape reads k = 16 word + 8 half + e: the layout's order, no permutation of x
+    c = tl.join(tl.join(tl.join(v0, v4), tl.join(v2, v6)), tl.join(tl.join(v1, v5), tl.join(v3, v7)))
+    return tl.reshape(c, (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def _gemm_codes_i8(w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """int32 words [BLOCK_N, BLOCK_K // 16] -> unsigned codes [BLOCK_N, BLOCK_K] as int8 (W2A8's int8 MMA operand;
+    the code offset is applied through the row sums of x).  ``(w >> 2p) & 0x03030303`` extracts 4 codes per op,
+    one per byte (k = 4 byte + p of the word's 16)."""
+    q0 = (w & 0x03030303)
+    q1 = ((w >> 2) & 0x03030303)
+    q2 = ((w >> 4) & 0x03030303)
+    q3 = ((w >> 6) & 0x03030303)
+    # bytes of each q_p: join(join(b0, b2), join(b1, b3)) has axes (byte & 1, byte & 2) -> flat index = byte
+    b0 = tl.join(tl.join(q0.to(tl.int8), (q0 >> 16).to(tl.int8)), tl.join((q0 >> 8).to(tl.int8),
+                                                                        (q0 >> 24).to(tl.int8)))
+    b1 = tl.join(tl.join(q1.to(tl.int8), (q1 >> 16).to(tl.int8)), tl.join((q1 >> 8).to(tl.int8),
+                                                                        (q1 >> 24).to(tl.int8)))
+    b2 = tl.join(tl.join(q2.to(tl.int8), (q2 >> 16).to(tl.int8)), tl.join((q2 >> 8).to(tl.int8),
+                                                                        (q2 >> 24).to(tl.int8)))
+    b3 = tl.join(tl.join(q3.to(tl.int8), (q3 >> 16).to(tl.int8)), tl.join((q3 >> 8).to(tl.int8),
+                                                                        (q3 >> 24).to(tl.int8)))
+    # axes after the word: (byte: 2 axes, p & 2, p & 1) -> k = 16 word + 4 byte + p
+    c = tl.join(tl.join(b0, b2), tl.join(b1, b3))
+    return tl.reshape(c, (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def _gemm_dot(a, b, acc):
+    """``acc + a @ b`` with fp32 (or int32 for int8 operands) accumulation in the tensor cores; fp32 operands use
+    exact IEEE products (TF32 would round x)."""
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
 @triton.jit
 def _packed_matmul_kernel(
-    x_ptr, xs_ptr, qw_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr, ws_ptr,
-    M, N, K, G, group_size, code_offset, M_BUCKET,
+    x_ptr, xs_ptr, qw_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr, ws_ptr, lock_ptr,
+    M, N, K, G, group_size, code_offset, magic, M_BUCKET,
     stride_xm, stride_qn, stride_ym,
     HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, X_INT8: tl.constexpr, DOT_F32: tl.constexpr,
+    PER_CHANNEL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SPLIT_K: tl.constexpr,
 ):
@@ -172,48 +268,166 @@ def _packed_matmul_kernel(
     pid_m = first_pid_m + ((pid % num_pid_in_group) % group_m)
     pid_n = (pid % num_pid_in_group) // group_m
 
+    WORDS: tl.constexpr = BLOCK_K // 16
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
+    rw = tl.arange(0, WORDS)
     m_mask = offs_m < M
     n_mask = offs_n < N
     n_tiles = tl.cdiv(K, BLOCK_K)
     per_split = tl.cdiv(n_tiles, SPLIT_K)
     t_begin = pid_k * per_split
     t_end = tl.minimum(t_begin + per_split, n_tiles)
+    row_words = stride_qn // 4
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
-    w_rows = qw_ptr + offs_n.to(tl.int64)[:, None] * stride_qn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    w_rows = qw_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + offs_n.to(tl.int64)[:, None] * row_words
+    # dequantized operand dtype: x's 16-bit type (fp16 for fp32 x: c - z is exact in fp16, then widened)
+    if x_ptr.dtype.element_ty == tl.bfloat16:
+        DT: tl.constexpr = tl.bfloat16
+        MB: tl.constexpr = 128.0
+    else:
+        DT: tl.constexpr = tl.float16
+        MB: tl.constexpr = 1024.0
+    # FMA addends -(M 4**-p + z): symmetric formats fold z = code_offset in; asymmetric ones dequantize the raw
+    # code c (z = 0 here) and subtract z * sum_k(x) per group (exact: codes are exact, z is one float per group)
+    zc = 0.0 if HAS_ZERO else code_offset
+    if DOT_F32:
+        a_4 = -(MB * 0.25 + zc)
+        a_16 = -(MB * 0.0625 + zc)
+        a_64 = -(MB * 0.015625 + zc)
+        a_256 = -(MB * 0.00390625 + zc)
+    else:
+        a_4 = (-(MB * 0.25 + zc)).to(DT)
+        a_16 = (-(MB * 0.0625 + zc)).to(DT)
+        a_64 = (-(MB * 0.015625 + zc)).to(DT)
+        a_256 = (-(MB * 0.00390625 + zc)).to(DT)
+    if X_INT8 and PER_CHANNEL:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # row sums of x (for z * sum_k x) come from the tensor cores too: x @ ones[BLOCK_K, 16] is a few extra MMAs per
+    # tile instead of BLOCK_M * BLOCK_K adds and a cross-lane reduction (all 16 columns are equal: max reads one)
+    if X_INT8:
+        ones = tl.full((BLOCK_K, 16), 1, dtype=tl.int8)
+        xs_acc = tl.zeros((BLOCK_M, 16), dtype=tl.int32)
+    elif DOT_F32 or x_ptr.dtype.element_ty == tl.float32:
+        ones = tl.full((BLOCK_K, 16), 1.0, dtype=tl.float32)
+        xs_acc = tl.zeros((BLOCK_M, 16), dtype=tl.float32)
+    else:
+        ones = tl.full((BLOCK_K, 16), 1.0, dtype=DT)
+        xs_acc = tl.zeros((BLOCK_M, 16), dtype=tl.float32)
     for t in range(t_begin, t_end):
         offs_k = t * BLOCK_K + rk
-        k_mask = offs_k < K
-        x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0)
+        x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & (offs_k < K)[None, :], other=0)
+        offs_w = t * WORDS + rw
+        w = tl.load(w_rows + offs_w[None, :], mask=n_mask[:, None] & (offs_w < row_words)[None, :], other=0)
         if X_INT8:
-            x = x.to(tl.float16)  # |q| <= 127: exact
-        if DOT_F32:  # interpreter only: its tl.dot multiplies bf16 bit patterns (triton-lang/triton#11584)
-            x = x.to(tl.float32)
-        c = tl.trans(_load_codes(w_rows, n_mask, t, stride_qn, BLOCK_N, BLOCK_K))  # W^T tile [BLOCK_K, BLOCK_N]
-        s, z = _tile_group_params(scale_ptr, zero_ptr, offs_n, n_mask, (t * BLOCK_K) // group_size, G, HAS_ZERO)
-        if HAS_ZERO:
-            part = _dot(x, c.to(x.dtype))
-            xsum = tl.sum(x.to(tl.float32), axis=1)
-            part = part - xsum[:, None] * z[None, :]
+            # int8 x int8 -> int32 tensor-core MMA on the unsigned codes (0..3 fit int8 exactly)
+            c = tl.trans(_gemm_codes_i8(w, BLOCK_N, BLOCK_K))
+            if PER_CHANNEL:
+                acc = tl.dot(x, c, acc, out_dtype=tl.int32)
+                xs_acc = tl.dot(x, ones, xs_acc, out_dtype=tl.int32)
+            else:
+                part = tl.dot(x, c, out_dtype=tl.int32).to(tl.float32)
+                s, z = _tile_group_params(scale_ptr, zero_ptr, offs_n, n_mask, (t * BLOCK_K) // group_size, G,
+                                          HAS_ZERO)
+                xs_t = tl.max(tl.dot(x, ones, tl.zeros((BLOCK_M, 16), dtype=tl.int32), out_dtype=tl.int32),
+                              axis=1).to(tl.float32)
+                if HAS_ZERO:
+                    part = part - xs_t[:, None] * z[None, :]
+                else:
+                    part = part - xs_t[:, None] * code_offset
+                acc += part * s[None, :]
         else:
-            part = _dot(x, (c.to(tl.float32) - code_offset).to(x.dtype))
-        acc += part * s[None, :]
+            c = _gemm_dequant(w, magic, a_4, a_16, a_64, a_256, DT, DOT_F32, BLOCK_N, BLOCK_K)
+            if DOT_F32 or x.dtype == tl.float32:  # interpreter bf16 (triton-lang/triton#11584) or fp32 x
+                x = x.to(tl.float32)
+                c = c.to(tl.float32)
+            c = tl.trans(c)  # W^T tile [BLOCK_K, BLOCK_N]
+            if PER_CHANNEL:
+                acc = _gemm_dot(x, c, acc)
+                if HAS_ZERO:
+                    xs_acc = _gemm_dot(x, ones, xs_acc)
+            else:
+                # one scale group per tile (BLOCK_K divides group_size): scale applied once per tile
+                part = _gemm_dot(x, c, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32))
+                s, z = _tile_group_params(scale_ptr, zero_ptr, offs_n, n_mask, (t * BLOCK_K) // group_size, G,
+                                          HAS_ZERO)
+                if HAS_ZERO:
+                    xs_t = tl.max(_gemm_dot(x, ones, tl.zeros((BLOCK_M, 16), dtype=tl.float32)), axis=1)
+                    part = part - xs_t[:, None] * z[None, :]
+                acc += part * s[None, :]
+    if PER_CHANNEL:  # the per-channel scale (and zero point) applied ONCE, here, not per K step
+        s, z = _tile_group_params(scale_ptr, zero_ptr, offs_n, n_mask, 0, G, HAS_ZERO)
+        if X_INT8:
+            xsum = tl.max(xs_acc, axis=1).to(tl.float32)
+            if HAS_ZERO:
+                out = acc.to(tl.float32) - xsum[:, None] * z[None, :]
+            else:
+                out = acc.to(tl.float32) - xsum[:, None] * code_offset
+        elif HAS_ZERO:
+            out = acc - tl.max(xs_acc, axis=1)[:, None] * z[None, :]
+        else:
+            out = acc
+        out = out * s[None, :]
+    else:
+        out = acc
     if X_INT8:
         xs = tl.load(xs_ptr + offs_m, mask=m_mask, other=0.0)
-        acc = acc * xs[:, None]
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=n_mask & ((offs_n * 0 + pid_k) == 0), other=0.0).to(tl.float32)
-        acc += bias[None, :]
+        out = out * xs[:, None]
     out_mask = m_mask[:, None] & n_mask[None, :]
-    if SPLIT_K == 1:
-        y = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
-        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+    tile_off = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    if SPLIT_K > 1:
+        # fused split-K: every split stores its fp32 partial tile to its own workspace slice (no zeroing needed),
+        # then bumps the tile's arrival counter; the last split to arrive sums the slices, adds the bias, writes
+        # y and resets the counter to 0 for the next call.  No memset or cast kernel per call; the sum order is
+        # fixed (slice 0, 1, ...), so the result is deterministic.
+        MN = M.to(tl.int64) * N
+        tl.store(ws_ptr + pid_k * MN + tile_off, out, mask=out_mask)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(lock_ptr + pid, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            out = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for i in tl.static_range(SPLIT_K):
+                out += tl.load(ws_ptr + i * MN + tile_off, mask=out_mask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                out += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            y = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+            tl.store(y, out.to(y_ptr.dtype.element_ty), mask=out_mask)
+            tl.atomic_xchg(lock_ptr + pid, 0)
     else:
-        ws = ws_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-        tl.atomic_add(ws, acc, mask=out_mask)
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        y = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+        tl.store(y, out.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+
+# ---- large M: dequantize once to x's dtype, then cuBLAS (torch.matmul) -----------------------------------------
+@triton.jit
+def _packed_dequant_kernel(qw_ptr, scale_ptr, zero_ptr, w_ptr, N, K, G, group_size, code_offset, magic, stride_qn,
+                           HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """w [N, K] (w_ptr's dtype) = (c - z) * s, rounded once from fp32; codes by the magic-number trick (fp16, so
+    ``magic`` is the fp16 one); memory-bound (2-byte writes per weight dominate)."""
+    WORDS: tl.constexpr = BLOCK_K // 16
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_w = tl.program_id(1) * WORDS + tl.arange(0, WORDS)
+    n_mask = offs_n < N
+    row_words = stride_qn // 4
+    w_rows = qw_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + offs_n.to(tl.int64)[:, None] * row_words
+    w = tl.load(w_rows + offs_w[None, :], mask=n_mask[:, None] & (offs_w < row_words)[None, :], other=0)
+    c = _gemm_dequant(w, magic, (-256.0).to(tl.float16), (-64.0).to(tl.float16), (-16.0).to(tl.float16),
+                      (-4.0).to(tl.float16), tl.float16, False, BLOCK_N, BLOCK_K).to(tl.float32)
+    g = offs_k // group_size
+    mask = n_mask[:, None] & (offs_k < K)[None, :]
+    s = tl.load(scale_ptr + offs_n[:, None] * G + g[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_ZERO:
+        z = tl.load(zero_ptr + offs_n[:, None] * G + g[None, :], mask=mask, other=0.0).to(tl.float32)
+    else:
+        z = code_offset
+    out = w_ptr + offs_n.to(tl.int64)[:, None] * K + offs_k[None, :]
+    tl.store(out, ((c - z) * s).to(w_ptr.dtype.element_ty), mask=mask)
 
 
 # ---- W2A8: per-token int8 quantization of x ---------------------------------------------------------------------
@@ -255,19 +469,32 @@ _GEMV_CONFIGS = [_cfg(sk, w, st, BLOCK_N=bn, BLOCK_K=bk) for bn, bk, sk, w, st i
     # BLOCK_K = 32 for group size 32
     (64, 32, 1, 4, 2), (128, 32, 1, 4, 2), (64, 32, 4, 4, 2), (32, 32, 8, 2, 2),
 ]]
-# (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, warps, stages)
-_GEMM_CONFIGS = [_cfg(sk, w, st, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8) for bm, bn, bk, sk, w, st in [
-    (16, 64, 64, 2, 4, 2),  # interpreter config for M <= 16
-    (16, 64, 128, 1, 4, 4), (16, 128, 128, 1, 4, 3), (16, 64, 64, 1, 4, 4), (16, 64, 128, 4, 4, 4),
-    (16, 32, 128, 8, 4, 4), (16, 128, 64, 2, 4, 4), (16, 64, 256, 4, 4, 3),
-    (32, 64, 64, 1, 4, 4),  # interpreter config for M > 16
-    (64, 64, 64, 1, 4, 4), (64, 128, 64, 1, 4, 4), (128, 64, 64, 1, 4, 4), (128, 128, 64, 1, 8, 3),
-    (64, 256, 64, 1, 8, 4), (128, 256, 64, 1, 8, 3), (128, 128, 128, 1, 8, 3), (256, 128, 64, 1, 8, 3),
-    (32, 128, 128, 1, 4, 4), (64, 128, 128, 1, 4, 3), (32, 128, 64, 1, 4, 4), (32, 256, 64, 1, 8, 3),
-    # BLOCK_K = 32 for group size 32
-    (16, 64, 32, 1, 4, 4), (16, 128, 32, 2, 4, 4), (16, 64, 32, 4, 4, 4),
-    (32, 64, 32, 1, 4, 4), (32, 128, 32, 1, 4, 4), (32, 256, 32, 1, 8, 4),
-    (64, 128, 32, 1, 4, 4), (128, 64, 32, 1, 4, 4), (128, 128, 32, 1, 8, 4), (128, 256, 32, 1, 8, 4),
+def _gemm_cfg(bm: int, bn: int, bk: int, split_k: int, num_warps: int, num_stages: int) -> triton.Config:
+    """GEMM configs carry no pre-hook: split-K reduces inside the kernel (no workspace memset)."""
+    return triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, SPLIT_K=split_k),
+                         num_warps=num_warps, num_stages=num_stages)
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, warps, stages).  The first entry of each M class that survives pruning is
+# the interpreter's config.  M <= 16 and M <= 64 split K (fused reduction) so that N / BLOCK_N tiles fill the GPU
+# for N = 1024..4096; large M does not need to.
+_GEMM_CONFIGS = [_gemm_cfg(*c) for c in [
+    # M <= 16 (BLOCK_M = 16, mma.sync m16n8k16)
+    (16, 32, 64, 2, 4, 2),  # interpreter config for M <= 16
+    (16, 64, 128, 1, 4, 3), (16, 128, 128, 1, 4, 3), (16, 32, 128, 1, 4, 3), (16, 64, 256, 1, 4, 3),
+    (16, 64, 128, 2, 4, 3), (16, 128, 128, 2, 4, 3), (16, 64, 128, 4, 4, 3), (16, 128, 128, 4, 4, 3),
+    (16, 32, 128, 4, 4, 3), (16, 64, 256, 4, 4, 3), (16, 64, 128, 8, 4, 3), (16, 128, 256, 2, 4, 3),
+    (16, 128, 256, 4, 4, 3), (16, 128, 64, 4, 4, 4), (16, 64, 64, 4, 4, 4), (16, 64, 32, 2, 4, 4),
+    (16, 128, 32, 4, 4, 4),
+    # 16 < M <= 64 (BLOCK_M = 64: wgmma; BLOCK_N = 128 with BLOCK_K < 128 does not compile for sm_90 in Triton 3.9)
+    (32, 32, 64, 1, 4, 2),  # interpreter config for M > 16
+    (64, 64, 128, 1, 4, 3), (64, 128, 128, 1, 4, 3), (64, 128, 128, 2, 4, 3), (64, 64, 128, 2, 4, 3),
+    (64, 64, 128, 4, 4, 3), (64, 128, 128, 4, 4, 3), (64, 64, 128, 8, 4, 3), (64, 128, 256, 2, 4, 3),
+    (64, 128, 256, 4, 4, 3), (32, 128, 128, 1, 4, 3), (32, 128, 128, 2, 4, 3), (64, 64, 64, 4, 4, 4),
+    (64, 64, 32, 4, 4, 4), (64, 64, 32, 2, 4, 4),
+    # M > 64 (wgmma on Hopper)
+    (128, 128, 64, 1, 8, 3), (128, 128, 128, 1, 8, 3), (128, 256, 64, 1, 8, 3), (64, 256, 64, 1, 4, 4),
+    (128, 64, 128, 1, 4, 3), (256, 128, 64, 1, 8, 3), (128, 128, 32, 1, 8, 4), (128, 64, 32, 1, 4, 4),
 ]]
 _GEMV_MAX_ELEMS = 16384  # BLOCK_M * BLOCK_N * BLOCK_K of the FMA broadcast (register budget)
 
@@ -300,33 +527,52 @@ def _prune_gemv(configs: List[triton.Config], named_args: Dict, **kwargs) -> Lis
     return keep[:1] if _interpret() else keep
 
 
-def _prune_gemm(configs: List[triton.Config], named_args: Dict, **kwargs) -> List[triton.Config]:
-    K, G, gs, mb = named_args["K"], named_args["G"], named_args["group_size"], named_args["M_BUCKET"]
-    x = named_args["x_ptr"]
+def _gemm_m_class(m_bucket: int) -> int:
+    return 0 if m_bucket <= 16 else (1 if m_bucket <= 64 else 2)
+
+
+def _gemm_block_m_ok(bm: int, m_bucket: int) -> bool:
+    cls = _gemm_m_class(m_bucket)
+    if cls == 0:
+        return bm == 16
+    if cls == 1:
+        return 16 < bm <= max(32, m_bucket)
+    return bm >= 64
+
+
+def _gemm_candidates(configs: List[triton.Config], K: int, G: int, gs: int, mb: int, x_bytes: int,
+                     smem: Optional[int]) -> List[triton.Config]:
+    """The configs the GEMM autotuner may choose for (K, group layout, M bucket), given the device's shared memory
+    (None: unknown, no limit)."""
     keep = []
-    smem = None if _interpret() or not x.is_cuda else _max_shared_mem(x.device.index or 0)
     for c in configs:
         bm, bn, bk, sk = (c.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K"))
-        if not _k_fits(bk, K, G, gs):
+        if not _k_fits(bk, K, G, gs) or not _gemm_block_m_ok(bm, mb):
             continue
-        if mb <= 16 and bm != 16:
-            continue
-        if mb > 16 and (bm == 16 or bm > max(32, mb) or sk != 1):
+        if sk > 1 and (_gemm_m_class(mb) == 2 or -(-K // bk) < 2 * sk):  # every split gets >= 2 K tiles
             continue
         if smem is not None:
-            # pipelined x and packed-byte tiles, plus the dequantized [BK, BN] operand staged for the MMA
-            need = c.num_stages * (bm * bk * x.element_size() + bk * bn) + bk * bn * 2
+            # pipelined x and packed-word tiles, plus the dequantized [BK, BN] operand staged for the MMA
+            need = c.num_stages * (bm * bk * x_bytes + bk * bn // 4) + bk * bn * 2
             if need > smem:
                 continue
         keep.append(c)
     if not keep:
-        keep = [_cfg(1, 4, 2, BLOCK_M=16 if mb <= 16 else 32, BLOCK_N=32, BLOCK_K=_fallback_bk(gs), GROUP_M=8)]
+        keep = [_gemm_cfg(16 if mb <= 16 else 32, 32, _fallback_bk(gs), 1, 4, 2)]
+    return keep
+
+
+def _prune_gemm(configs: List[triton.Config], named_args: Dict, **kwargs) -> List[triton.Config]:
+    x = named_args["x_ptr"]
+    smem = None if _interpret() or not x.is_cuda else _max_shared_mem(x.device.index or 0)
+    keep = _gemm_candidates(configs, named_args["K"], named_args["G"], named_args["group_size"],
+                            named_args["M_BUCKET"], x.element_size(), smem)
     return keep[:1] if _interpret() else keep
 
 
 _gemv = triton.autotune(configs=_GEMV_CONFIGS, key=["BLOCK_M", "N", "K", "G", "HAS_ZERO", "X_INT8"],
                         prune_configs_by={"early_config_prune": _prune_gemv})(_packed_gemv_kernel)
-_gemm = triton.autotune(configs=_GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "G", "HAS_ZERO", "X_INT8"],
+_gemm = triton.autotune(configs=_GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "G", "HAS_ZERO", "X_INT8", "DOT_F32"],
                         prune_configs_by={"early_config_prune": _prune_gemm})(_packed_matmul_kernel)
 
 
@@ -373,8 +619,79 @@ def _alloc(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+_DEQUANT_MATMUL_MIN_M = 1024  # from here on (16-bit x): dequantize once + cuBLAS; see _launch_gemm
+_split_k_locks: Dict[str, torch.Tensor] = {}
+
+
+def _split_locks(device: torch.device, n: int) -> torch.Tensor:
+    """Per-device arrival counters of the fused split-K reduction: zeroed ONCE when first needed (not per call);
+    every reducing program leaves its counter at 0 again.  Calls on concurrent streams of one device would share
+    them: run split-K GEMMs of one device on one stream (as eager and CUDA-graph inference do)."""
+    key = str(device)
+    buf = _split_k_locks.get(key)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _split_k_locks[key] = buf
+    return buf
+
+
+def _gemm_magic(x: torch.Tensor) -> int:
+    return _BF16_MAGIC if x.dtype == torch.bfloat16 else _FP16_MAGIC
+
+
+def _dequant_matmul(x, qweight, scale, zero_point, bias, co, N, K, G, gs) -> torch.Tensor:
+    """Large M: one small kernel writes W = dequant(Wq) in x's dtype (N*K*2 bytes, ~8% of a bf16 GEMM's time at
+    M = 4096), then cuBLAS runs at its bf16 tensor-core rate.  Chosen over the fused kernel by prediction (see the
+    module docstring); rounding W once to x's dtype is the only difference from the fused path."""
+    w = _alloc((N, K), x.dtype, x.device)
+    block_n, block_k = 32, 256
+    grid = (triton.cdiv(N, block_n), triton.cdiv(K, block_k))
+    _packed_dequant_kernel[grid](qweight, scale, zero_point, w, N, K, G, gs, co, _FP16_MAGIC, qweight.stride(0),
+                                 HAS_ZERO=zero_point is not None, BLOCK_N=block_n, BLOCK_K=block_k)
+    if bias is None:
+        return torch.matmul(x, w.t())
+    return torch.addmm(bias.to(x.dtype), x, w.t())
+
+
+def _launch_gemm(x, x_scale, qweight, scale, zero_point, bias, code_offset, M, N, K, G, gs, out_dtype,
+                 config: Optional[Dict] = None) -> torch.Tensor:
+    co = 0.0 if code_offset is None else float(code_offset)
+    if x_scale is None and config is None and M >= _DEQUANT_MATMUL_MIN_M and N > 0:
+        return _dequant_matmul(x, qweight, scale, zero_point, bias, co, N, K, G, gs)
+    y = _alloc((M, N), out_dtype, x.device)
+    if N == 0:
+        return y
+    # the interpreter's tl.dot is wrong for bf16 (triton-lang/triton#11584), and so is its bf16 arithmetic: there,
+    # bf16 tiles are dequantized and multiplied in fp32 (same bits, exact products), compiled code stays bf16
+    common = dict(HAS_ZERO=zero_point is not None, HAS_BIAS=bias is not None, X_INT8=x_scale is not None,
+                  DOT_F32=x_scale is None and x.dtype == torch.bfloat16 and _interpret(), PER_CHANNEL=G == 1)
+    m_bucket = min(_next_pow2(M), _M_BUCKET_CAP)
+    if config is not None:
+        max_split = config.get("SPLIT_K", 1)
+    else:
+        max_split = max(c.kwargs["SPLIT_K"] for c in _GEMM_CONFIGS if _gemm_block_m_ok(c.kwargs["BLOCK_M"], m_bucket))
+    # split-K workspace: one fp32 slice per split, every element written before it is read (never zeroed)
+    ws = _alloc((max_split, M, N), torch.float32, x.device) if max_split > 1 else None
+    locks = _split_locks(x.device, triton.cdiv(M, 16) * triton.cdiv(N, 16)) if max_split > 1 else None
+    args = (x, x_scale, qweight, scale, zero_point, bias, y, ws, locks, M, N, K, G, gs, co, _gemm_magic(x), m_bucket,
+            x.stride(0), qweight.stride(0), y.stride(0))
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),  # noqa: E731
+                         meta["SPLIT_K"])
+    if config is not None:  # explicit meta-parameters (tests, benchmarks): bypass the autotuner
+        meta = dict(config)
+        num_warps, num_stages = meta.pop("num_warps", 4), meta.pop("num_stages", 2)
+        _packed_matmul_kernel[grid({**common, **meta})](*args, **common, **meta, num_warps=num_warps,
+                                                         num_stages=num_stages)
+    else:
+        _gemm[grid](*args, **common)
+    return y
+
+
 def _launch(x, x_scale, qweight, scale, zero_point, bias, code_offset, M, N, K, G, gs, out_dtype,
             config: Optional[Dict] = None) -> torch.Tensor:
+    if M > GEMV_MAX_M:
+        return _launch_gemm(x, x_scale, qweight, scale, zero_point, bias, code_offset, M, N, K, G, gs, out_dtype,
+                            config)
     y = _alloc((M, N), out_dtype, x.device)
     if N == 0:
         return y
@@ -388,16 +705,6 @@ def _launch(x, x_scale, qweight, scale, zero_point, bias, code_offset, M, N, K, 
                 x.stride(0), qweight.stride(0), y.stride(0))
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
         common["BLOCK_M"] = block_m
-    else:
-        kernel = _gemm
-        # the interpreter's tl.dot is wrong for bf16 (triton-lang/triton#11584): there, bf16 tiles are multiplied in
-        # fp32, which gives the same result (bf16 x and small codes have exact fp32 products)
-        common["DOT_F32"] = x_scale is None and x.dtype == torch.bfloat16 and _interpret()
-        m_bucket = min(_next_pow2(M), _M_BUCKET_CAP)
-        args = (x, x_scale, qweight, scale, zero_point, bias, y, ws, M, N, K, G, gs, co, m_bucket,
-                x.stride(0), qweight.stride(0), y.stride(0))
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),  # noqa: E731
-                             meta["SPLIT_K"])
     if config is not None:  # explicit meta-parameters (tests, benchmarks): bypass the autotuner
         meta = dict(config)
         num_warps, num_stages = meta.pop("num_warps", 4), meta.pop("num_stages", 2)
@@ -447,119 +754,104 @@ def packed_matmul_a8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor
     return _launch(q, s, qweight, scale, zero_point, bias, code_offset, M, N, K, G, gs, x.dtype, config)
 
 
-# ---- static-analysis launch descriptors (`pyquant bench static`) -------------------------------------------------
-# (format name -> HAS_ZERO); symmetric formats pass their code offset as a runtime float, so only HAS_ZERO changes
-# the compiled code.  Names as in the tests; kept here because kernels do not import pyquant.formats.
-_STATIC_FORMATS = {"twn": False, "absmean": False, "int2-sym": False, "seq3": False, "seq4": False,
-                   "int2-asym": True}
-_STATIC_SMEM = 232448  # sm_90 opt-in shared memory per block (227 KiB): what _prune_gemm reads from an H200
-_STATIC_X = {"bf16": ("*bf16", 2), "fp16": ("*fp16", 2), "int8": ("*i8", 1)}
+# ---- static-analysis launch descriptors (issue #10: pyquant.bench.static compiles and counts these) -------------
+_STATIC_FORMATS = {"twn": 1.0, "absmean": 1.0, "seq3": 1.0, "seq4": 1.5, "int2-sym": 2.0, "int2-asym": None}
+_STATIC_X = {"bf16": (torch.bfloat16, "*bf16", 2), "fp16": (torch.float16, "*fp16", 2), "int8": (torch.int8, "*i8", 1)}
+_H100_SMEM = 232448  # sm_90 opt-in shared memory per block (bytes): the pruning limit the GPU would apply
 
 
-def static_launches(M: int, N: int, K: int, fmt: str, group_size: Optional[int], x_dtype: str = "bf16") -> List[Dict]:
-    """Every call ``packed_matmul`` (``x_dtype`` bf16/fp16) or ``packed_matmul_a8`` (``x_dtype="int8"``, W2A8) could
-    make for x [M, K] and a packed weight [N, K] of format ``fmt`` with ``group_size`` (None: per-channel): one dict
-    per config the autotuner can choose after the launcher's pruning (the interpreter's single-config shortcut is
-    not applied), in the schema of ``pyquant.bench.static`` (plain data; nothing is compiled or launched here).
-    Scales and zero points are fp16, y is bf16 (fp16 for fp16 x); a split-K call lists its workspace memset and
-    cast-copy (torch kernels) as ``builtin`` launches."""
-    for name, v in (("M", M), ("N", N), ("K", K)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name}={v!r} must be an int >= 1")
+def _static_gemm_call(M, N, K, G, gs, has_zero, co, x_dtype, c) -> Dict:
+    torch_dt, x_ty, x_bytes = _STATIC_X[x_dtype]
+    x_int8 = x_dtype == "int8"
+    y_ty = "*bf16" if x_int8 else x_ty
+    kw = dict(c.kwargs)
+    bm, bn, bk, sk = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], kw["SPLIT_K"]
+    consts = dict(HAS_ZERO=has_zero, HAS_BIAS=False, X_INT8=x_int8, DOT_F32=False, PER_CHANNEL=G == 1, **kw,
+                  bias_ptr=None)
+    if not has_zero:
+        consts["zero_ptr"] = None
+    if not x_int8:
+        consts["xs_ptr"] = None
+    if sk == 1:
+        consts["ws_ptr"] = None
+        consts["lock_ptr"] = None
+    types = dict(x_ptr=x_ty, xs_ptr="*fp32", qw_ptr="*u8", scale_ptr="*fp16", zero_ptr="*fp16", bias_ptr=y_ty,
+                 y_ptr=y_ty, ws_ptr="*fp32", lock_ptr="*i32", M="i32", N="i32", K="i32", G="i32", group_size="i32",
+                 code_offset="fp32", magic="i32", M_BUCKET="i32", stride_xm="i32", stride_qn="i32", stride_ym="i32")
+    fn = _packed_matmul_kernel
+    sig = {a: ("constexpr" if a in consts else types[a]) for a in fn.arg_names}
+    # what the JIT specializes at run time for these shapes: 16-byte aligned pointers, ints divisible by 16
+    ints = dict(M=M, N=N, K=K, G=G, group_size=gs, M_BUCKET=min(_next_pow2(M), _M_BUCKET_CAP), stride_xm=K,
+                stride_qn=-(-K // 64) * 16, stride_ym=N, magic=_gemm_magic(torch.empty(0, dtype=torch_dt)))
+    div16 = [a for a in fn.arg_names if sig[a] != "constexpr" and (sig[a].startswith("*") or
+                                                                   (a in ints and ints[a] % 16 == 0))]
+    grid = [triton.cdiv(M, bm) * triton.cdiv(N, bn), sk, 1]
+    n_tiles = triton.cdiv(K, bk)
+    nbytes = (N * (-(-K // 64) * 16) + N * G * 2 * (2 if has_zero else 1) + M * K * x_bytes + M * N * 2
+              + (M * 4 if x_int8 else 0))
+    if sk > 1:
+        nbytes += 2 * sk * M * N * 4 + grid[0] * 8  # partial slices written once, read once; counters
+    launch = dict(name="packed_matmul_gemm",
+                  triton=dict(fn=fn, signature=sig, constexprs={k: v for k, v in consts.items()},
+                              num_warps=c.num_warps, num_stages=c.num_stages, divisibility=div16),
+                  grid=grid, threads_per_cta=32 * c.num_warps, loop_trips=n_tiles / sk, weights=N * K,
+                  bytes=nbytes, mma_flops=2 * triton.cdiv(M, bm) * bm * N * K,
+                  mma_dtype="int8" if x_int8 else "bf16")
+    cfg = f"BLOCK_M={bm} BLOCK_N={bn} BLOCK_K={bk} SPLIT_K={sk} warps={c.num_warps} stages={c.num_stages}"
+    return dict(kernel="packed_matmul_gemm", backend="triton", config=cfg, launches=[launch])
+
+
+def _static_dequant_call(M, N, K, G, gs, has_zero, co, x_dtype) -> Dict:
+    _, x_ty, x_bytes = _STATIC_X[x_dtype]
+    fn = _packed_dequant_kernel
+    consts = dict(HAS_ZERO=has_zero, BLOCK_N=32, BLOCK_K=256)
+    if not has_zero:
+        consts["zero_ptr"] = None
+    types = dict(qw_ptr="*u8", scale_ptr="*fp16", zero_ptr="*fp16", w_ptr=x_ty, N="i32", K="i32", G="i32",
+                 group_size="i32", code_offset="fp32", magic="i32", stride_qn="i32")
+    sig = {a: ("constexpr" if a in consts else types[a]) for a in fn.arg_names}
+    ints = dict(N=N, K=K, G=G, group_size=gs, stride_qn=-(-K // 64) * 16, magic=_FP16_MAGIC)
+    div16 = [a for a in fn.arg_names if sig[a] != "constexpr" and (sig[a].startswith("*") or
+                                                                   (a in ints and ints[a] % 16 == 0))]
+    dequant = dict(name="packed_dequant",
+                   triton=dict(fn=fn, signature=sig, constexprs=consts, num_warps=4, num_stages=2, divisibility=div16),
+                   grid=[triton.cdiv(N, 32), triton.cdiv(K, 256), 1], threads_per_cta=128, loop_trips=0.0,
+                   weights=N * K, bytes=N * (-(-K // 64) * 16) + N * G * 2 * (2 if has_zero else 1) + N * K * x_bytes,
+                   mma_flops=0)
+    # cuBLAS itself: no source to compile; the static tool bounds it like its cuBLAS baseline (bytes, MMA rate)
+    gemm = dict(name="cublas_gemm", library=dict(name="cublas", op="gemm", M=M, N=N, K=K, dtype=x_dtype),
+                grid=None, threads_per_cta=None, loop_trips=0.0, weights=N * K,
+                bytes=N * K * x_bytes + M * K * x_bytes + M * N * x_bytes, mma_flops=2 * M * N * K, mma_dtype=x_dtype)
+    return dict(kernel="packed_dequant+cublas", backend="triton", config="dequant BLOCK_N=32 BLOCK_K=256; cuBLAS",
+                launches=[dequant, gemm])
+
+
+def _static_launches_gemm(M: int, N: int, K: int, fmt: str, group_size: Optional[int], x_dtype: str = "bf16",
+                          path: Optional[str] = None) -> List[Dict]:
+    """Descriptors (schema: issue #10's static tool) of every call the launcher could make for M > 8: each GEMM
+    config the autotuner may choose after pruning on an sm_90 GPU, or, for 16-bit x and M >= 1024, the dequantize
+    + cuBLAS pair it dispatches to.  ``path="fused"`` / ``"dequant+cublas"`` forces one path (the comparison the
+    module docstring reports)."""
     if fmt not in _STATIC_FORMATS:
         raise ValueError(f"fmt={fmt!r}: expected one of {sorted(_STATIC_FORMATS)}")
     if x_dtype not in _STATIC_X:
         raise ValueError(f"x_dtype={x_dtype!r}: expected one of {sorted(_STATIC_X)}")
-    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int)
-                                   or group_size < 1 or K % group_size):
-        raise ValueError(f"group_size={group_size!r} must be None or a positive divisor of K={K}")
-    gs = K if group_size is None else group_size
-    G = K // gs
-    if G > 1 and gs % 16:
-        return []  # declined: runs on the reference
-    has_zero = _STATIC_FORMATS[fmt]
-    x_int8 = x_dtype == "int8"
-    xt, xb = _STATIC_X[x_dtype]
-    yt = "*fp16" if x_dtype == "fp16" else "*bf16"
-    row_bytes = -(-K // 64) * 16
-    skinny = M <= 16
-    sig = dict(x_ptr=xt, xs_ptr="*fp32", qw_ptr="*u8", scale_ptr="*fp16", zero_ptr="*fp16", bias_ptr=yt, y_ptr=yt,
-               ws_ptr="*fp32", M="i32", N="i32", K="i32", G="i32", group_size="i32", code_offset="fp32",
-               M_BUCKET="i32", stride_xm="i32", stride_qn="i32", stride_ym="i32")
-    const = dict(HAS_ZERO=has_zero, HAS_BIAS=False, X_INT8=x_int8, bias_ptr=None)
-    if not has_zero:
-        const["zero_ptr"] = None
-    if not x_int8:
-        const["xs_ptr"] = None
-    if not skinny:
-        const["ws_ptr"] = None
-    spec_vals = dict(M=M, N=N, K=K, G=G, group_size=gs, stride_xm=K, stride_qn=row_bytes, stride_ym=N)
-    w_bytes = N * row_bytes + N * G * 2 * (2 if has_zero else 1)
-    pre = []
-    if x_int8:
-        bk_q = min(1024, max(16, _next_pow2(K)))
-        qfn = _packed_matmul_a8_quant_kernel
-        pre.append(dict(
-            name="quantize_rows_int8",
-            triton=dict(fn=qfn, signature=dict(x_ptr="*bf16", q_ptr="*i8", s_ptr="*fp32", K="i32", stride_xm="i32",
-                                               TINY="fp32", BLOCK_K="constexpr"),
-                        constexprs=dict(BLOCK_K=bk_q), specialize=dict(K=K, stride_xm=K), num_warps=4, num_stages=3,
-                        weight_arg=None),
-            grid=[M, 1, 1], threads_per_cta=128, loop_trips=[triton.cdiv(K, bk_q)] * 2, weights=0,
-            bytes=2 * M * K * 2 + M * K + 4 * M, mma_flops=0))
-
-    def call(kernel, fn, cfg, grid, trips, mma, extra_const, extra_spec, label):
-        kw = dict(cfg.kwargs)
-        split = kw["SPLIT_K"]
-        out = M * N * (4 if split > 1 else 2)
-        main = dict(name=kernel, triton=dict(fn=fn, signature={a: ("constexpr" if a in {**const, **kw, **extra_const}
-                                                                   else sig[a]) for a in fn.arg_names},
-                                             constexprs={**const, **extra_const, **kw},
-                                             specialize={**spec_vals, **extra_spec}, num_warps=cfg.num_warps,
-                                             num_stages=cfg.num_stages, weight_arg="qw_ptr"),
-                    grid=list(grid), threads_per_cta=32 * cfg.num_warps, loop_trips=trips, weights=N * K,
-                    bytes=w_bytes + M * K * xb + out, mma_flops=mma)
-        launches = list(pre)
-        if split > 1:
-            launches.append(dict(name="workspace zero_ (pre_hook)", builtin="memset",
-                                 grid=[max(1, M * N // 4096), 1, 1], threads_per_cta=128, loop_trips=0, weights=0,
-                                 bytes=4 * M * N, mma_flops=0))
-        launches.append(main)
-        if split > 1:
-            launches.append(dict(name="y.copy_(ws)", builtin="copy", grid=[max(1, M * N // 4096), 1, 1],
-                                 threads_per_cta=128, loop_trips=0, weights=0, bytes=6 * M * N, mma_flops=0))
-        return dict(kernel=kernel, backend="triton", config=label, launches=launches)
-
-    n_tiles = lambda bk: triton.cdiv(K, bk)  # noqa: E731
-    calls = []
     if M <= GEMV_MAX_M:
-        bm = _next_pow2(M)
-        keep = [c for c in _GEMV_CONFIGS if _k_fits(c.kwargs["BLOCK_K"], K, G, gs)
-                and bm * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= _GEMV_MAX_ELEMS]
-        if not keep:
-            keep = [_cfg(1, 2, 2, BLOCK_N=16, BLOCK_K=min(_fallback_bk(gs), _GEMV_MAX_ELEMS // (16 * bm)))]
-        for c in keep:
-            bn, bk, sk = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["SPLIT_K"]
-            calls.append(call("packed_gemv", _packed_gemv_kernel, c, (triton.cdiv(N, bn), sk, 1), n_tiles(bk) / sk, 0,
-                              dict(BLOCK_M=bm), {}, f"BM={bm} BN={bn} BK={bk} SK={sk} w{c.num_warps} s{c.num_stages}"))
-        return calls
-    mb = min(_next_pow2(M), _M_BUCKET_CAP)
-    keep = []
-    for c in _GEMM_CONFIGS:
-        bm, bn, bk, sk = (c.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K"))
-        if not _k_fits(bk, K, G, gs) or (mb <= 16 and bm != 16) or \
-                (mb > 16 and (bm == 16 or bm > max(32, mb) or sk != 1)):
-            continue
-        if c.num_stages * (bm * bk * xb + bk * bn) + bk * bn * 2 > _STATIC_SMEM:
-            continue
-        keep.append(c)
-    if not keep:
-        keep = [_cfg(1, 4, 2, BLOCK_M=16 if mb <= 16 else 32, BLOCK_N=32, BLOCK_K=_fallback_bk(gs), GROUP_M=8)]
-    for c in keep:
-        bm, bn, bk, sk = (c.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K"))
-        tiles_m, tiles_n = triton.cdiv(M, bm), triton.cdiv(N, bn)
-        mma = 2 * tiles_m * bm * tiles_n * bn * n_tiles(bk) * bk
-        calls.append(call("packed_matmul", _packed_matmul_kernel, c, (tiles_m * tiles_n, sk, 1), n_tiles(bk) / sk,
-                          mma, dict(DOT_F32=False), dict(M_BUCKET=mb),
-                          f"BM={bm} BN={bn} BK={bk} SK={sk} G{c.kwargs['GROUP_M']} w{c.num_warps} s{c.num_stages}"))
-    return calls
+        raise ValueError(f"M={M}: the GEMM handles M > {GEMV_MAX_M}")
+    if group_size is not None and (K % group_size or group_size % 16):
+        raise ValueError(f"group_size={group_size} must divide K={K} and be a multiple of 16")
+    co = _STATIC_FORMATS[fmt]
+    has_zero = co is None
+    G = 1 if group_size is None else K // group_size
+    gs = K if group_size is None else group_size
+    if path is None:
+        path = "dequant+cublas" if x_dtype != "int8" and M >= _DEQUANT_MATMUL_MIN_M else "fused"
+    if path == "dequant+cublas":
+        if x_dtype == "int8":
+            raise ValueError("W2A8 (x_dtype='int8') always runs the fused int8 kernel")
+        return [_static_dequant_call(M, N, K, G, gs, has_zero, co, x_dtype)]
+    if path != "fused":
+        raise ValueError(f"path={path!r}: expected None, 'fused' or 'dequant+cublas'")
+    cands = _gemm_candidates(_GEMM_CONFIGS, K, G, gs, min(_next_pow2(M), _M_BUCKET_CAP), _STATIC_X[x_dtype][2],
+                             _H100_SMEM)
+    return [_static_gemm_call(M, N, K, G, gs, has_zero, co, x_dtype, c) for c in cands]
