@@ -14,6 +14,7 @@ BENCHES = {
     "matmul": "pyquant.bench.matmul",
     "fake-quant": "pyquant.bench.fake_quant",
     "attention-kd": "pyquant.bench.attention_kd",
+    "moe": "pyquant.bench.moe",
 }
 
 

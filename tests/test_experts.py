@@ -195,3 +195,12 @@ def test_report_warns_about_uncovered_block_weights():
     assert report.uncovered == ["0.mix"]
     assert report.block_params == 512 and report.block_params_quantized == 256
     assert "WARNING: block weights left full precision without an exclude pattern naming them: 0.mix" in str(report)
+
+
+def test_bench_moe_smoke(capsys):
+    from pyquant.bench import moe
+
+    assert moe.main(["--smoke"]) == 0
+    out = capsys.readouterr().out
+    assert "reference-loop" in out and "nothing written" in out
+    assert "smoke" not in moe.MOE_SHAPES  # the tiny case does not leak into the real shape table
