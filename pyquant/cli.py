@@ -17,6 +17,7 @@ BENCHES = {
     "attention-kd": "pyquant.bench.attention_kd",
     "decode": "pyquant.bench.decode",
     "static": "pyquant.bench.static",  # no GPU: predicted from sm_90 SASS
+    "moe": "pyquant.bench.moe",
 }
 
 

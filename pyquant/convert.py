@@ -7,11 +7,16 @@ Which layers are quantized (defaults follow TernaryBERT / the EMNLP'22 KD-QAT pr
 every linear layer inside the Transformer blocks is quantized; embeddings and the task head stay full precision):
 
 * candidates are ``nn.Linear`` and HF GPT-2 ``Conv1D`` modules (embeddings are not linear: only the word embedding
-  is quantized, per row, and only when ``QATConfig.embeddings`` is set -- e.g. by ``preset="kdqat-emnlp22"``);
+  is quantized, per row, and only when ``QATConfig.embeddings`` is set -- e.g. by ``preset="kdqat-emnlp22"``),
+  and transformers' fused mixture-of-experts modules (3-D ``gate_up_proj``/``up_proj``/``down_proj``; see
+  ``pyquant/nn/experts.py``: one mechanism for every family built with ``use_experts_implementation``);
 * ``QATConfig.exclude=None`` means :data:`DEFAULT_EXCLUDE`: ``lm_head`` (incl. T5's and RoBERTa's LM head), the
   classifier heads (``classifier``, ``score``, ``qa_outputs``, BERT's ``cls`` MLM head), BERT's ``pooler`` (part of the
   classification head), and the embedding-side projections (OPT ``project_in``/``project_out``, GPT-NeoX
-  ``embed_out``).
+  ``embed_out``), and the MoE routers (``gate``, ``router``, ``shared_expert_gate``: like heads, they stay FP).
+
+Every report says how much of the model's *block weights* it covers: every >= 2-D floating parameter outside the
+embeddings and the heads; block weights left full precision that no exclude pattern names are listed by name.
 
 Patterns are shell-style globs (``fnmatch``, case-sensitive) over dotted module names.  A pattern selects a module
 when it matches the module's full name or a trailing part of it at a dot boundary (``"q_proj"`` matches
@@ -34,6 +39,7 @@ import torch
 from torch import nn
 
 from .formats import ActivationQuantConfig, WeightQuantConfig
+from .nn import experts as _experts
 from .nn.embedding import PackedEmbedding, QATEmbedding, check_embedding_spec
 from .nn.packed_linear import PackedLinear
 from .nn.qat_linear import QATLinear, is_conv1d
@@ -46,9 +52,11 @@ __all__ = ["QATConfig", "SwapReport", "prepare_qat", "convert", "quantize", "DEF
 # transformers' API (dependency inversion: integrations sit above convert).
 AFTER_SWAP: List = []
 
-DEFAULT_EXCLUDE: Tuple[str, ...] = (
+HEADS: Tuple[str, ...] = (
     "lm_head", "classifier", "score", "qa_outputs", "cls", "pooler", "project_in", "project_out", "embed_out",
 )
+ROUTERS: Tuple[str, ...] = ("gate", "router", "shared_expert_gate")  # MoE routing layers stay FP, like heads
+DEFAULT_EXCLUDE: Tuple[str, ...] = HEADS + ROUTERS
 
 # The EMNLP'22 KD-QAT setting (MarsJacobs/kd-qat-large-enc, run_kd_qat_*.sh: weight_bits=2, input_bits=8,
 # clip_val=2.5 from main.py:212-215):
@@ -200,6 +208,13 @@ class SwapReport:
     kept: List[str]
     params_quantized: int
     params_total: int
+    block_params: int = 0  # >= 2-D float weights outside embeddings and heads (see the module doc)
+    block_params_quantized: int = 0
+    uncovered: List[str] = field(default_factory=list)  # block weights left FP that no exclude pattern names
+
+    @property
+    def block_coverage(self) -> float:
+        return self.block_params_quantized / self.block_params if self.block_params else 0.0
 
     @property
     def count(self) -> int:
@@ -210,9 +225,17 @@ class SwapReport:
         return self.params_quantized / self.params_total if self.params_total else 0.0
 
     def __str__(self) -> str:
-        return (f"{self.action}: {self.count} layers swapped, {self.params_quantized:,} of {self.params_total:,} "
-                f"parameters quantized ({100 * self.fraction_quantized:.1f}%); kept full precision: "
-                f"{', '.join(self.kept) if self.kept else 'none'}")
+        s = (f"{self.action}: {self.count} layers swapped, {self.params_quantized:,} of {self.params_total:,} "
+             f"parameters quantized ({100 * self.fraction_quantized:.1f}%); kept full precision: "
+             f"{', '.join(self.kept) if self.kept else 'none'}")
+        if self.block_params:
+            s += (f"\nblock weights quantized: {self.block_params_quantized:,} of {self.block_params:,} "
+                  f"({100 * self.block_coverage:.1f}%)")
+        if self.uncovered:
+            shown = ", ".join(self.uncovered[:6]) + (f" and {len(self.uncovered) - 6} more"
+                                                     if len(self.uncovered) > 6 else "")
+            s += f"\nWARNING: block weights left full precision without an exclude pattern naming them: {shown}"
+        return s
 
 
 # ---- the walker --------------------------------------------------------------------------------------------------
@@ -257,18 +280,81 @@ def _select(model: nn.Module, cfg: QATConfig) -> Tuple[List[Tuple[str, nn.Module
             continue  # named_modules() already lists a shared module once; _set replaces it under every name
         seen.add(id(m))
         targets.append((n, m))
-    if not targets:
-        raise ValueError(f"the config matches no nn.Linear/Conv1D layer of {type(model).__name__} "
-                         f"(include={cfg.include!r}, exclude={cfg.resolved_exclude!r})")
     return targets, kept
+
+
+def _select_experts(model: nn.Module, cfg: QATConfig) -> Tuple[List[Tuple[str, nn.Module]], List[str]]:
+    """Fused MoE experts modules selected by the same include / exclude patterns as the linear layers."""
+    targets, kept = [], []
+    for n, m in model.named_modules():
+        if not n or not _experts.is_experts(m):
+            continue
+        if cfg.include and not any(matches(n, p) for p in cfg.include):
+            continue
+        if any(matches(n, p) for p in cfg.resolved_exclude):
+            kept.append(n)
+            continue
+        targets.append((n, m))
+    return targets, kept
+
+
+def _nothing_selected(model: nn.Module, cfg: QATConfig) -> ValueError:
+    return ValueError(f"the config matches no nn.Linear/Conv1D layer or MoE experts module of {type(model).__name__} "
+                      f"(include={cfg.include!r}, exclude={cfg.resolved_exclude!r})")
+
+
+def _coverage(model: nn.Module, quantized: List[str], on_purpose) -> Tuple[int, int, List[str], List[str]]:
+    """(block weights, of which quantized, block weights left FP that nothing excludes on purpose, modules holding
+    block weights kept FP on purpose).
+
+    Block weights: every >= 2-D floating Parameter outside embeddings and heads.  ``quantized``: names of swapped
+    modules (their weights count as quantized); ``on_purpose(name)``: True for modules kept FP deliberately."""
+    qset = set(quantized)
+    total = done = 0
+    uncovered, seen, kept = [], set(), []
+    for mname, mod in model.named_modules():
+        if isinstance(mod, nn.Embedding) or any(matches(mname, p) for p in HEADS):
+            continue
+        for pname, prm in mod.named_parameters(recurse=False):
+            if id(prm) in seen or prm.dim() < 2 or not prm.dtype.is_floating_point:
+                continue
+            seen.add(id(prm))
+            if pname.endswith(("bias", "_weight_scale", "_weight_zero_point")):
+                continue  # biases (MoE experts hold 2-D ones) and learnable quantization scales stay FP by design
+            total += prm.numel()
+            if mname in qset:
+                done += prm.numel()
+            elif on_purpose(mname):
+                if mname not in kept:
+                    kept.append(mname)
+            else:
+                uncovered.append(f"{mname}.{pname}" if mname else pname)
+    return total, done, uncovered, kept
+
+
+def _report(action: str, model: nn.Module, swapped: List[str], kept: List[str], quantized: int, total: int,
+            on_purpose) -> SwapReport:
+    b_total, b_done, unc, fp = _coverage(model, swapped, on_purpose)
+    kept = kept + [n for n in fp if n not in kept]
+    return SwapReport(action, swapped, kept, quantized, total, b_total, b_done, unc)
+
+
+def _on_purpose(cfg: QATConfig):
+    def check(name: str) -> bool:
+        if any(matches(name, p) for p in cfg.resolved_exclude):
+            return True
+        return bool(cfg.include) and not any(matches(name, p) for p in cfg.include)
+    return check
 
 
 def _in_features(m: nn.Module) -> int:
     return int(m.weight.shape[0] if is_conv1d(m) else m.weight.shape[1])
 
 
-def _validate_targets(targets, spec: WeightQuantConfig) -> None:
+def _validate_targets(targets, spec: WeightQuantConfig, experts_targets=()) -> None:
     problems = []
+    for n, m in experts_targets:
+        problems += _experts.validate_experts(n, m, spec)
     for n, m in targets:
         if not m.weight.dtype.is_floating_point:
             problems.append(f"{n}: weight dtype {m.weight.dtype} is not floating point")
@@ -304,11 +390,12 @@ def _notify(model: nn.Module, report: "SwapReport") -> "SwapReport":
 
 
 def _refuse_quantized(model: nn.Module, action: str) -> None:
-    done = [n for n, m in model.named_modules()
-            if isinstance(m, (QATLinear, PackedLinear, QATEmbedding, PackedEmbedding))]
+    quantized = (QATLinear, PackedLinear, QATEmbedding, PackedEmbedding, _experts.QATExpertsMixin,
+                 _experts.PackedExpertsMixin)
+    done = [n for n, m in model.named_modules() if isinstance(m, quantized)]
     if done:
-        kinds = {type(m).__name__: None for _, m in model.named_modules()
-                 if isinstance(m, (QATLinear, PackedLinear, QATEmbedding, PackedEmbedding))}
+        kinds = {("QAT experts" if _experts.is_qat_experts(m) else "packed experts" if _experts.is_packed_experts(m)
+                  else type(m).__name__): None for _, m in model.named_modules() if isinstance(m, quantized)}
         kind = "/".join(kinds)
         raise ValueError(f"{action}: the model already holds {len(done)} {kind} layer(s) (e.g. {done[0]!r}); "
                          f"it was already prepared/converted -- nothing was swapped")
@@ -384,7 +471,10 @@ def prepare_qat(model: nn.Module, config: Optional[QATConfig] = None) -> SwapRep
         raise TypeError(f"config must be a QATConfig, got {type(config).__name__}")
     _refuse_quantized(model, "prepare_qat")
     targets, kept = _select(model, config)
-    _validate_targets(targets, config.weight)
+    etargets, ekept = _select_experts(model, config)
+    if not targets and not etargets:
+        raise _nothing_selected(model, config)
+    _validate_targets(targets, config.weight, etargets)
     emb = _word_embedding(model) if config.embeddings is not None else None
     if config.attention_activation is not None:
         from .nn.qat_attention import attention_modules
@@ -397,6 +487,9 @@ def prepare_qat(model: nn.Module, config: Optional[QATConfig] = None) -> SwapRep
     for n, q in new:
         _set(model, n, q)
     names, count = [n for n, _ in new], sum(q.weight.numel() for _, q in new)
+    for n, m in etargets:
+        count += _experts.prepare_qat_experts(n, m, config.weight)
+        names.append(n)
     if emb is not None:
         _set(model, emb[0], QATEmbedding(emb[1], config.embeddings))
         names.append(emb[0])
@@ -405,7 +498,7 @@ def prepare_qat(model: nn.Module, config: Optional[QATConfig] = None) -> SwapRep
         from .nn.qat_attention import enable_attention_quant
 
         enable_attention_quant(model, config.attention_activation)
-    return _notify(model, SwapReport("prepare_qat", names, kept, count, total))
+    return _notify(model, _report("prepare_qat", model, names, kept + ekept, count, total, _on_purpose(config)))
 
 
 def convert(model: nn.Module) -> SwapReport:
@@ -420,7 +513,8 @@ def convert(model: nn.Module) -> SwapReport:
     _check_model(model)
     targets = [(n, m) for n, m in model.named_modules() if isinstance(m, QATLinear)]
     embs = [(n, m) for n, m in model.named_modules() if isinstance(m, QATEmbedding)]
-    if not targets and not embs:
+    etargets = [(n, m) for n, m in model.named_modules() if _experts.is_qat_experts(m)]
+    if not targets and not embs and not etargets:
         raise ValueError(f"convert: {type(model).__name__} holds no QATLinear layer (run prepare_qat first, or use "
                          f"quantize() for post-training quantization)")
     _check_finite(targets, "convert")
@@ -435,10 +529,15 @@ def convert(model: nn.Module) -> SwapReport:
             new.append((n, p, q.weight.numel()))
         # QATEmbedding -> PackedEmbedding: 2-bit codes + one scale per row (same codes and scales as the QAT forward)
         new += [(n, PackedEmbedding.from_qat(e), e.weight.numel()) for n, e in embs]
+    swapped = [n for n, _, _ in new] + [n for n, _ in etargets]
+    b_total, b_done, unc, _ = _coverage(model, swapped, _on_purpose(QATConfig()))  # before the swap (Parameters)
     for n, p, _ in new:
         _set(model, n, p)
-    kept = [n for n, m in model.named_modules() if n and _is_candidate(m)]
-    return _notify(model, SwapReport("convert", [n for n, _, _ in new], kept, sum(c for *_, c in new), total))
+    count = sum(c for *_, c in new)
+    for n, m in etargets:
+        count += _experts.convert_experts(n, m)
+    kept = [n for n, m in model.named_modules() if n and (_is_candidate(m) or _experts.is_experts(m))]
+    return _notify(model, SwapReport("convert", swapped, kept, count, total, b_total, b_done, unc))
 
 
 def quantize(model: nn.Module, spec: Union[WeightQuantConfig, QATConfig, None] = None) -> SwapReport:
@@ -455,9 +554,16 @@ def quantize(model: nn.Module, spec: Union[WeightQuantConfig, QATConfig, None] =
         raise TypeError(f"spec must be a WeightQuantConfig or QATConfig, got {type(spec).__name__}")
     _refuse_quantized(model, "quantize")
     targets, kept = _select(model, spec)
-    _validate_targets(targets, spec.weight)
+    etargets, ekept = _select_experts(model, spec)
+    if not targets and not etargets:
+        raise _nothing_selected(model, spec)
+    _validate_targets(targets, spec.weight, etargets)
     _check_finite(targets, "quantize")
+    for n, m in etargets:
+        _experts._check_finite_all(n, m)
     total = _total_params(model)
+    swapped = [n for n, _ in targets] + [n for n, _ in etargets]
+    b_total, b_done, unc, fp = _coverage(model, swapped, _on_purpose(spec))
     new = []
     with torch.no_grad():
         for n, m in targets:
@@ -475,11 +581,17 @@ def quantize(model: nn.Module, spec: Union[WeightQuantConfig, QATConfig, None] =
             new.append((en, PackedEmbedding.from_qat(QATEmbedding(e, spec.embeddings)), e.weight.numel()))
     for n, p, _ in new:
         _set(model, n, p)
+    count = sum(c for *_, c in new)
+    for n, m in etargets:
+        count += _experts.quantize_experts(n, m, spec.weight)
     if spec.attention_activation is not None:
         from .nn.qat_attention import enable_attention_quant
 
         enable_attention_quant(model, spec.attention_activation)
-    return _notify(model, SwapReport("quantize", [n for n, _, _ in new], kept, sum(c for *_, c in new), total))
+    kept = kept + ekept
+    swapped = [n for n, _, _ in new] + [n for n, _ in etargets]
+    return _notify(model, SwapReport("quantize", swapped, kept + [n for n in fp if n not in kept], count, total,
+                                     b_total, b_done, unc))
 
 
 class _CallableModule(types.ModuleType):

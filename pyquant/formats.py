@@ -34,6 +34,17 @@ For a weight ``W`` of shape ``[N, K]`` (``nn.Linear`` convention: out_features x
 * ``zero_point``: same shape and dtype as ``scale`` for asymmetric formats, else absent (the constant code offset
   above is used).
 
+Packed experts (mixture-of-experts modules, ``pyquant/nn/experts.py``)
+--------------------------------------------------------------------
+A fused expert weight of ``E`` experts with ``N`` outputs and ``K`` inputs each (transformers stores
+``[E, N, K]``, or ``[E, K, N]`` when the experts module is ``is_transposed``) is stored per expert in exactly the 2-D
+layout above, stacked along a leading expert axis:
+
+* ``<name>_qweight``: ``torch.uint8`` ``[E, N, packed_cols(K)]`` (``qweight[e]`` is expert e's ``[N, K]`` packed
+  weight in the ``nn.Linear`` orientation, whatever the orientation transformers stores);
+* ``<name>_scale`` (and ``<name>_zero_point``): ``[E, N, K // group_size]`` in ``scale_dtype``.  Per-tensor
+  formats hold one scale per expert, repeated over its rows.
+
 Rounding is "half up" (``floor(v + 0.5)``) everywhere, in the reference and in every kernel, so codes agree exactly.
 """
 from __future__ import annotations

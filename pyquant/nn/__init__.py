@@ -1,6 +1,7 @@
 """Thin modules: parameters and buffers, the math lives in ``pyquant.ops``."""
 from .embedding import PackedEmbedding, QATEmbedding
+from .experts import PackedExpertsMixin, QATExpertsMixin
 from .packed_linear import PackedLinear
 from .qat_linear import QATLinear
 
-__all__ = ["PackedEmbedding", "PackedLinear", "QATEmbedding", "QATLinear"]
+__all__ = ["PackedEmbedding", "PackedLinear", "QATEmbedding", "QATLinear", "QATExpertsMixin", "PackedExpertsMixin"]
