@@ -21,7 +21,8 @@ import pyquant  # noqa: E402
 from pyquant.integrations.bitnet import BITNET_SPEC  # noqa: E402
 from pyquant.nn import PackedLinear  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
-from transformers.integrations.bitnet import AutoBitLinear, BitLinear, pack_weights, replace_with_bitnet_linear  # noqa: E402,E501
+from transformers.integrations.bitnet import (  # noqa: E402
+    AutoBitLinear, BitLinear, pack_weights, replace_with_bitnet_linear)
 from transformers.utils.quantization_config import BitNetQuantConfig  # noqa: E402
 
 V = 80
