@@ -619,8 +619,13 @@ def attach(model: nn.Module, report=None) -> None:
     from transformers import PreTrainedModel
     if not isinstance(model, PreTrainedModel):
         return
-    model.config.quantization_config = describe(model, modules_to_not_convert=None if report is None
-                                                else list(report.kept))
+    try:
+        cfg = describe(model, modules_to_not_convert=None if report is None else list(report.kept))
+    except ValueError as e:  # e.g. QAT and packed layers mixed by hand: the swap stands, save_pretrained will refuse
+        import warnings
+        warnings.warn(f"pyquant: no quantization_config recorded for this model ({e})", RuntimeWarning, stacklevel=3)
+        return
+    model.config.quantization_config = cfg
     hq = getattr(model, "hf_quantizer", None)
     if isinstance(hq, PyquantHfQuantizer):
         hq.quantization_config = model.config.quantization_config
