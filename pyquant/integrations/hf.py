@@ -644,6 +644,11 @@ def save_pretrained(model, save_directory, **kwargs) -> None:
     if not kwargs.get("is_main_process", True):
         return type(model).save_pretrained(model, save_directory, **kwargs)
     if any(isinstance(m, (QATLinear, PackedLinear)) for m in model.modules()):
+        bad = [f"{n}.scale is {m.scale.dtype}, its spec says {m.spec.scale_dtype}" for n, m in model.named_modules()
+               if isinstance(m, PackedLinear) and m.scale.dtype != m.spec.torch_scale_dtype]
+        if bad:  # e.g. model.to(dtype) cast the packed scales: such a checkpoint would not reload
+            raise ValueError("refusing to save packed layers whose tensors disagree with their spec (nothing was "
+                             "written): " + "; ".join(bad[:5]))
         # the config always describes the layers the model holds now (also after a hand-made module swap)
         old = getattr(model.config, "quantization_config", None)
         keep = old.modules_to_not_convert if isinstance(old, PyquantConfig) else None
