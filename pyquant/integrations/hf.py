@@ -12,7 +12,9 @@
   refused before anything loads -- and lets transformers load the tensors as stored (``dtype``, ``device_map``,
   ``low_cpu_mem_usage`` work as for any model).  ``from_pretrained(fp_dir, quantization_config=PyquantConfig(...))``
   quantizes at load time, one weight at a time as transformers materialises it (post-training, the ``quantize``
-  path; ``state="qat"`` gives a ``prepare_qat`` model instead).
+  path; ``state="qat"`` gives a ``prepare_qat`` model instead).  transformers loads sequentially when a quantizer
+  quantizes on the fly (``core_model_loading``: no thread pool), so only the weight being quantized is in memory in
+  full precision.
 * ``prepare_qat`` / ``convert`` / ``quantize`` of a transformers model attach a matching ``PyquantConfig`` to
   ``model.config`` (see :func:`attach`), so ``save_pretrained`` writes it; the model's ``save_pretrained`` is made
   atomic (:mod:`pyquant.integrations.atomic`).
@@ -466,9 +468,8 @@ class PyquantHfQuantizer(HfQuantizer):
             return model
         # not pre-quantized: PTQ (state "packed") or prepare_qat (state "qat") at load time
         qc = cfg.qat_config()
-        targets, kept = _select(model, qc)
+        targets, _ = _select(model, qc)
         _validate_targets(targets, qc.weight)
-        self._ptq_kept = kept
         for n, m in targets:
             if cfg.state == "qat":
                 new = _new_qat(m, qc.weight, qc.activation)  # the learnable scale is initialised after the load
