@@ -39,6 +39,8 @@ from transformers.quantizers.base import HfQuantizer
 from ..formats import ActivationQuantConfig, WeightQuantConfig, packed_cols
 from .. import convert as _convert
 from ..convert import QATConfig, _attach_act_quant, _native_act, _packed_exceptions, _select, _validate_targets
+from ..nn import experts as _experts
+from ..nn.embedding import PackedEmbedding, QATEmbedding
 from ..nn.packed_linear import PackedLinear
 from ..nn.qat_linear import QATLinear, is_conv1d
 from .atomic import atomic_directory
@@ -50,6 +52,7 @@ FORMAT_VERSION = 1
 QUANT_METHOD = "pyquant"
 STATES = ("qat", "packed")
 _FIELDS = ("quant_method", "format_version", "state", "weight", "activation", "modules", "module_overrides",
+           "experts", "embeddings", "attention_activation",
            "modules_to_not_convert", "include", "bitnet")
 _ST_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.uint8: "U8"}
 _ST_FLOATS = ("F16", "BF16", "F32", "F64")
@@ -102,7 +105,8 @@ class PyquantConfig(QuantizationConfigMixin):
 
     def __init__(self, weight=None, activation=None, state: str = "packed", modules=None, module_overrides=None,
                  modules_to_not_convert=None, include=None, format_version: int = FORMAT_VERSION,
-                 quant_method: str = QUANT_METHOD, bitnet=None, **kwargs):
+                 quant_method: str = QUANT_METHOD, bitnet=None, experts=None, embeddings=None,
+                 attention_activation=None, **kwargs):
         if kwargs:
             raise ValueError(f"PyquantConfig: unknown field(s) {sorted(kwargs)} in quantization_config; known "
                              f"fields: {sorted(_FIELDS)} (written by a newer pyquant? then upgrade pyquant)")
@@ -140,6 +144,15 @@ class PyquantConfig(QuantizationConfigMixin):
                                             f"module_overrides[{name!r}].activation")}
         self.modules_to_not_convert = _patterns(modules_to_not_convert, "modules_to_not_convert")
         self.include = _patterns(include, "include") or []
+        # which of ``modules`` are MoE experts modules / word embeddings (the rest are Linear/Conv1D layers), and the
+        # Q/K/V/probability fake-quant of the attention (QATConfig.attention_activation), restored after a load
+        self.experts = _patterns(experts, "experts") or []
+        self.embeddings = _patterns(embeddings, "embeddings") or []
+        for what, names in (("experts", self.experts), ("embeddings", self.embeddings)):
+            stray = [n for n in names if self.modules is None or n not in self.modules]
+            if stray:
+                raise ValueError(f"PyquantConfig.{what} lists {stray[:5]}, which are not in PyquantConfig.modules")
+        self.attention_activation = _act_spec(attention_activation, "attention_activation")
         if bitnet is not None:  # set by from_bitnet only: the BitNet quantization_config being imported
             from .bitnet import check_bitnet_config
             bitnet = check_bitnet_config(bitnet)
@@ -167,6 +180,9 @@ class PyquantConfig(QuantizationConfigMixin):
             "modules_to_not_convert": None if self.modules_to_not_convert is None
             else list(self.modules_to_not_convert),
             "include": list(self.include),
+            "experts": list(self.experts), "embeddings": list(self.embeddings),
+            "attention_activation": None if self.attention_activation is None
+            else self.attention_activation.to_dict(),
             **({} if self.bitnet is None else {"bitnet": dict(self.bitnet)}),
         }
 
@@ -216,6 +232,17 @@ def _new_packed(mod: nn.Module, spec: WeightQuantConfig, act: Optional[Activatio
     return p
 
 
+def _new_embedding(mod: nn.Embedding, spec: WeightQuantConfig, state: str) -> nn.Module:
+    """QATEmbedding around the (meta) embedding, or a PackedEmbedding with empty buffers of the packed shapes."""
+    if state == "qat":
+        return QATEmbedding(mod, spec)
+    v, d = mod.weight.shape
+    dev = mod.weight.device
+    return PackedEmbedding(torch.empty(v, packed_cols(d), dtype=torch.uint8, device=dev),
+                           torch.empty(v, 1, dtype=spec.torch_scale_dtype, device=dev), d, spec, mod.padding_idx,
+                           dtype=mod.weight.dtype)
+
+
 def _init_placeholder() -> torch.Tensor:
     """What a packed layer's ``weight`` reads during loading: some models' ``_init_weights`` touch
     ``module.<linear>.weight`` of a parent module (GPT-2's c_proj); flagged initialised, so transformers skips it.
@@ -244,8 +271,38 @@ def _new_qat(mod: nn.Module, spec: WeightQuantConfig, act: Optional[ActivationQu
     return q
 
 
+def _expected_experts(state: str, mod: nn.Module, spec: WeightQuantConfig) -> Dict[str, Tuple[Tuple[str, ...], tuple]]:
+    out = {}
+    sd = _ST_DTYPES[spec.torch_scale_dtype]
+    for w, (e, n, k) in _experts.expert_shapes(mod).items():
+        g = 1 if spec.granularity == "tensor" else k // spec.resolve_group_size(k)
+        if state == "packed":
+            out[f"{w}_qweight"] = (("U8",), (e, n, packed_cols(k)))
+            out[f"{w}_scale"] = ((sd,), (e, n, g))
+            if not spec.symmetric:
+                out[f"{w}_zero_point"] = ((sd,), (e, n, g))
+        else:
+            out[w] = (_ST_FLOATS, tuple(mod._parameters[w].shape))
+            if spec.learnable_scale:
+                shape = (e, 1, 1) if spec.granularity == "tensor" else (e, n, g)
+                out[f"{w}_weight_scale"] = (_ST_FLOATS, shape)
+                if not spec.symmetric:
+                    out[f"{w}_weight_zero_point"] = (_ST_FLOATS, shape)
+        b = mod._parameters.get(f"{w}_bias")
+        if b is not None:
+            out[f"{w}_bias"] = (_ST_FLOATS, tuple(b.shape))
+    return out
+
+
 def _expected_tensors(kind: str, mod: nn.Module, spec: WeightQuantConfig) -> Dict[str, Tuple[Tuple[str, ...], tuple]]:
     """{tensor name: (allowed safetensors dtypes, shape or None)} a module of this kind must find in the checkpoint."""
+    if _experts.is_experts(mod):
+        return _expected_experts(kind, mod, spec)
+    if isinstance(mod, nn.Embedding):
+        v, d = mod.weight.shape
+        if kind == "packed":
+            return {"qweight": (("U8",), (v, packed_cols(d))), "scale": ((_ST_DTYPES[spec.torch_scale_dtype],), (v, 1))}
+        return {"weight": (_ST_FLOATS, (v, d))}
     k, n = _dims(mod)
     out = {}
     if kind == "packed":
@@ -280,7 +337,31 @@ def _read_headers(files) -> Dict[str, Tuple[str, tuple]]:
     return header
 
 
-_QUANT_SUFFIXES = (".qweight", ".zero_point", ".weight_scale", ".weight_zero_point")
+_QUANT_SUFFIXES = (".qweight", ".zero_point", ".weight_scale", ".weight_zero_point",
+                   "_qweight", "_weight_scale", "_weight_zero_point")  # the last three: packed / QAT MoE experts
+
+
+def _renamed(model: nn.Module, header: Dict[str, Tuple[str, tuple]]) -> Dict[str, Tuple[str, Optional[tuple]]]:
+    """The header with its keys renamed the way transformers maps checkpoint keys on load: ``save_pretrained`` writes
+    some families' legacy layout (Mixtral's ``block_sparse_moe`` for ``mlp``; per-expert ``experts.<i>.gate_proj``
+    tensors for a fused FP ``experts.gate_up_proj``, which the loader fuses again).  A key produced by a converter
+    (several stored tensors -> one) keeps its dtype but no shape (shape None: not comparable).  Without that API
+    (older transformers) the keys stay as stored."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+        transforms = get_model_conversion_mapping(model)
+    except Exception:  # an older transformers without key conversion: nothing to rename
+        return header
+    if not transforms:
+        return header
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if not isinstance(t, WeightRenaming)]
+    out: Dict[str, Tuple[str, Optional[tuple]]] = {}
+    for key, (dt, sh) in header.items():
+        new, conv = rename_source_key(key, renamings, converters)
+        out[new] = (dt, None if conv is not None else sh)
+    return out
 
 
 def _key_finder(model: nn.Module, header):
@@ -311,9 +392,9 @@ def _check_checkpoint(model: nn.Module, plan, state: str, header: Dict[str, Tupl
                 continue
             matched.add(key)
             dt, sh = header[key]
-            if dt not in dts or (shape is not None and sh != shape):
+            if dt not in dts or (shape is not None and sh is not None and sh != shape):
                 want = "/".join(dts)
-                problems.append(f"{key} is {dt}{list(sh)} but the quantization_config ({spec.describe()}, state "
+                problems.append(f"{key} is {dt}{list(sh) if sh is not None else []} but the quantization_config ({spec.describe()}, state "
                                 f"{state!r}) needs {want}{list(shape)}")
             if t in ("weight_scale", "weight_zero_point"):
                 found_dtypes[name][t] = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
@@ -444,19 +525,40 @@ class PyquantHfQuantizer(HfQuantizer):
             return self._before_bitnet(model, modules, checkpoint_files)
         if self.pre_quantized:
             plan, problems = [], []
+            experts, embeddings = set(cfg.experts), set(cfg.embeddings)
+            kinds = {}
             for saved in cfg.modules:
                 name = _resolve(model, saved, modules)
-                if name is None or not (isinstance(modules[name], nn.Linear) or is_conv1d(modules[name])):
+                m = None if name is None else modules[name]
+                ok = m is not None and (_experts.is_experts(m) if saved in experts else
+                                        isinstance(m, nn.Embedding) if saved in embeddings else
+                                        isinstance(m, nn.Linear) or is_conv1d(m))
+                if not ok:
                     problems.append(saved)
                     continue
-                plan.append((name, modules[name], *cfg.specs_for(saved)))
+                kinds[name] = "experts" if saved in experts else "embedding" if saved in embeddings else "linear"
+                plan.append((name, m, *cfg.specs_for(saved)))
             if problems:
-                raise ValueError(f"quantization_config.modules lists {problems[:5]} which are not Linear/Conv1D "
-                                 f"layers of {type(model).__name__}: the checkpoint was saved from another "
-                                 f"architecture")
-            found = _check_checkpoint(model, plan, cfg.state, _read_headers(checkpoint_files)) \
+                raise ValueError(f"quantization_config.modules lists {problems[:5]} which are not layers of the kind "
+                                 f"the config names (Linear/Conv1D, MoE experts, word embedding) in "
+                                 f"{type(model).__name__}: the checkpoint was saved from another architecture")
+            found = _check_checkpoint(model, plan, cfg.state, _renamed(model, _read_headers(checkpoint_files))) \
                 if checkpoint_files else {}
             for name, mod, spec, act in plan:
+                if kinds[name] == "experts":
+                    if cfg.state == "packed":
+                        _experts.packed_placeholder(mod, spec)
+                        for w in mod.pq_weight_names:  # the family's _init_weights reads module.<w> while loading
+                            mod.__dict__[w] = _init_placeholder()
+                    else:
+                        _experts.qat_placeholder(mod, spec)
+                    mod._pyquant_loading = True
+                    continue
+                if kinds[name] == "embedding":
+                    new = _new_embedding(mod, spec, cfg.state)
+                    new._pyquant_loading = True
+                    _set(model, name, new)
+                    continue
                 spec.resolve_group_size(_dims(mod)[0])
                 if cfg.state == "packed":
                     new = _new_packed(mod, spec, act, device=mod.weight.device)
@@ -469,7 +571,10 @@ class PyquantHfQuantizer(HfQuantizer):
         # not pre-quantized: PTQ (state "packed") or prepare_qat (state "qat") at load time
         qc = cfg.qat_config()
         targets, _ = _select(model, qc)
-        _validate_targets(targets, qc.weight)
+        etargets, _ = _convert._select_experts(model, qc)
+        _validate_targets(targets, qc.weight, etargets)
+        # MoE experts are quantized right after the load (their fused 3-D weights are read whole; see the README)
+        self._ptq_experts = [n for n, _ in etargets]
         for n, m in targets:
             if cfg.state == "qat":
                 new = _new_qat(m, qc.weight, qc.activation)  # the learnable scale is initialised after the load
@@ -547,17 +652,30 @@ class PyquantHfQuantizer(HfQuantizer):
                 _check_finite(m.weight_nk, name)
                 m.reset_scale()
                 del m._pyquant_needs_scale
+        for name in getattr(self, "_ptq_experts", ()):
+            m = model.get_submodule(name)
+            if cfg.state == "qat":
+                _experts.prepare_qat_experts(name, m, cfg.weight)
+            else:
+                _experts.quantize_experts(name, m, cfg.weight)
+        self._ptq_experts = []
         _validate_loaded(model)
+        if cfg.attention_activation is not None:
+            from ..nn.qat_attention import enable_attention_quant
+            enable_attention_quant(model, cfg.attention_activation)
         for m in model.modules():
             if getattr(m, "_pyquant_loading", False):
                 del m._pyquant_loading
                 if isinstance(m, PackedLinear):
                     m.__dict__.pop("weight", None)
                     _packed_exceptions(m)
+                if _experts.is_packed_experts(m):
+                    for w in m.pq_weight_names:
+                        m.__dict__.pop(w, None)
         if not self.pre_quantized:
             # the model now is a pyquant checkpoint-to-be: describe exactly what was swapped
             new = describe(model, cfg.state)
-            for f in ("modules", "module_overrides", "weight", "activation"):
+            for f in ("modules", "module_overrides", "weight", "activation", "experts", "embeddings"):
                 setattr(cfg, f, getattr(new, f))
             self.pre_quantized = True
         install_atomic_save(model)
@@ -583,6 +701,10 @@ class PyquantHfQuantizer(HfQuantizer):
 def _module_specs(m: nn.Module):
     if isinstance(m, QATLinear):
         return m.weight_spec, m.act_spec
+    if _experts.is_qat_experts(m) or _experts.is_packed_experts(m):
+        return m.pq_spec, None
+    if isinstance(m, (QATEmbedding, PackedEmbedding)):
+        return m.spec, None
     act = m.act_spec if m.act_spec is not None else getattr(m, "input_act_spec", None)
     return m.spec, act
 
@@ -590,8 +712,10 @@ def _module_specs(m: nn.Module):
 def describe(model: nn.Module, state: Optional[str] = None, modules_to_not_convert=None) -> PyquantConfig:
     """The PyquantConfig of a model's current QATLinear / PackedLinear layers (the most common specs become the
     default, the others ``module_overrides``)."""
-    qat = [(n, m) for n, m in model.named_modules() if isinstance(m, QATLinear)]
-    packed = [(n, m) for n, m in model.named_modules() if isinstance(m, PackedLinear)]
+    qat = [(n, m) for n, m in model.named_modules() if isinstance(m, (QATLinear, QATEmbedding))
+           or _experts.is_qat_experts(m)]
+    packed = [(n, m) for n, m in model.named_modules() if isinstance(m, (PackedLinear, PackedEmbedding))
+              or _experts.is_packed_experts(m)]
     if qat and packed:
         raise ValueError(f"{type(model).__name__} holds both QATLinear ({qat[0][0]!r}) and PackedLinear "
                          f"({packed[0][0]!r}) layers; convert it fully before saving")
@@ -610,8 +734,13 @@ def describe(model: nn.Module, state: Optional[str] = None, modules_to_not_conve
     overrides = {n: {"weight": v[0], "activation": v[1]} for n, v in specs.items() if key(v) != default_key}
     if modules_to_not_convert is None:
         modules_to_not_convert = [n for n, m in model.named_modules() if n and _convert._is_candidate(m)]
+    from ..nn.qat_attention import ATTR
+    attn = next((getattr(m, ATTR) for m in model.modules() if getattr(m, ATTR, None) is not None), None)
     return PyquantConfig(weight=default[0], activation=default[1], state=found, modules=[n for n, _ in layers],
-                         module_overrides=overrides, modules_to_not_convert=modules_to_not_convert)
+                         module_overrides=overrides, modules_to_not_convert=modules_to_not_convert,
+                         experts=[n for n, m in layers if _experts.is_qat_experts(m) or _experts.is_packed_experts(m)],
+                         embeddings=[n for n, m in layers if isinstance(m, (QATEmbedding, PackedEmbedding))],
+                         attention_activation=attn)
 
 
 def attach(model: nn.Module, report=None) -> None:
@@ -644,7 +773,8 @@ def save_pretrained(model, save_directory, **kwargs) -> None:
         raise ValueError("push_to_hub: save to a local directory first, then upload it (huggingface_hub)")
     if not kwargs.get("is_main_process", True):
         return type(model).save_pretrained(model, save_directory, **kwargs)
-    if any(isinstance(m, (QATLinear, PackedLinear)) for m in model.modules()):
+    if any(isinstance(m, (QATLinear, PackedLinear, QATEmbedding, PackedEmbedding, _experts.QATExpertsMixin,
+                          _experts.PackedExpertsMixin)) for m in model.modules()):
         bad = [f"{n}.scale is {m.scale.dtype}, its spec says {m.spec.scale_dtype}" for n, m in model.named_modules()
                if isinstance(m, PackedLinear) and m.scale.dtype != m.spec.torch_scale_dtype]
         if bad:  # e.g. model.to(dtype) cast the packed scales: such a checkpoint would not reload

@@ -37,7 +37,7 @@ from ..ops import fake_quant_weight, grouped_packed_matmul, quantize_weight
 
 __all__ = ["is_experts", "expert_weight_names", "QATExpertsMixin", "PackedExpertsMixin", "is_qat_experts",
            "is_packed_experts", "validate_experts", "prepare_qat_experts", "convert_experts", "quantize_experts",
-           "expert_params"]
+           "expert_params", "expert_shapes", "packed_placeholder", "qat_placeholder"]
 
 EXPERT_WEIGHTS = ("gate_up_proj", "up_proj", "down_proj")
 
@@ -273,9 +273,55 @@ class PackedExpertsMixin:
                 + ", ".join(f"{n} {list(s)}" for n, s in self.pq_shapes.items()))
 
 
+def _become_packed(mod: nn.Module, spec: WeightQuantConfig, shapes: Dict[str, Tuple[int, int, int]]) -> None:
+    base = getattr(type(mod), "_pq_base", type(mod))
+    mod.__class__ = _subclass(base, PackedExpertsMixin, "Packed")
+    mod.__dict__.pop("pq_fake_quant_enabled", None)
+    mod.pq_spec = spec
+    mod.pq_shapes = dict(shapes)
+    mod.pq_weight_names = list(shapes)
+
+
+def expert_shapes(mod: nn.Module) -> Dict[str, Tuple[int, int, int]]:
+    """{fused weight name: (E, N, K)} of an FP / QAT / packed experts module (N outputs, K inputs per expert)."""
+    if is_packed_experts(mod):
+        return dict(mod.pq_shapes)
+    return {n: tuple(_enk(mod, mod._parameters[n]).shape) for n in expert_weight_names(mod)}
+
+
+def packed_placeholder(mod: nn.Module, spec: WeightQuantConfig) -> None:
+    """FP experts (typically on the meta device, before a checkpoint loads) -> packed experts whose buffers are
+    empty tensors of the packed shapes on the weights' device, to be filled by the load (pyquant.integrations.hf)."""
+    shapes = expert_shapes(mod)
+    for n, (E, N, K) in shapes.items():
+        dev = mod._parameters[n].device
+        del mod._parameters[n]
+        g = 1 if spec.granularity == "tensor" else K // spec.resolve_group_size(K)
+        mod.register_buffer(f"{n}_qweight", torch.empty(E, N, packed_cols(K), dtype=torch.uint8, device=dev))
+        mod.register_buffer(f"{n}_scale", torch.empty(E, N, g, dtype=spec.torch_scale_dtype, device=dev))
+        if not spec.symmetric:
+            mod.register_buffer(f"{n}_zero_point", torch.empty(E, N, g, dtype=spec.torch_scale_dtype, device=dev))
+    _become_packed(mod, spec, shapes)
+
+
+def qat_placeholder(mod: nn.Module, spec: WeightQuantConfig) -> None:
+    """FP experts -> QAT experts without computing scales from the (absent) weights: learnable scales are empty
+    fp32 Parameters of the checkpoint's shape, filled by the load."""
+    mod.__class__ = _subclass(type(mod), QATExpertsMixin, "QAT")
+    mod.pq_spec = spec
+    mod.pq_weight_names = expert_weight_names(mod)
+    mod.pq_fake_quant_enabled = True
+    if spec.learnable_scale:
+        for n in mod.pq_weight_names:
+            w = mod._parameters[n]
+            shape = _scale_shape(spec, *_enk(mod, w).shape)
+            mod.register_parameter(f"{n}_weight_scale", nn.Parameter(torch.empty(shape, device=w.device)))
+            if not spec.symmetric:
+                mod.register_parameter(f"{n}_weight_zero_point", nn.Parameter(torch.empty(shape, device=w.device)))
+
+
 def _to_packed(mod: nn.Module, quantized: Dict[str, tuple], spec: WeightQuantConfig) -> None:
     """Swap the 3-D Parameters for packed buffers and give the module the packed forward (in place)."""
-    base = getattr(type(mod), "_pq_base", type(mod))
     shapes = {}
     for n, (codes, s, z) in quantized.items():
         E, N, K = codes.shape
@@ -287,12 +333,7 @@ def _to_packed(mod: nn.Module, quantized: Dict[str, tuple], spec: WeightQuantCon
         mod.register_buffer(f"{n}_scale", s.to(spec.torch_scale_dtype).contiguous())
         if z is not None:
             mod.register_buffer(f"{n}_zero_point", z.to(spec.torch_scale_dtype).contiguous())
-    mod.__class__ = _subclass(base, PackedExpertsMixin, "Packed")
-    for a in ("pq_fake_quant_enabled",):
-        mod.__dict__.pop(a, None)
-    mod.pq_spec = spec
-    mod.pq_shapes = shapes
-    mod.pq_weight_names = list(quantized)
+    _become_packed(mod, spec, shapes)
 
 
 @torch.no_grad()
