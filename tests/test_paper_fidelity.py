@@ -553,3 +553,28 @@ def test_qat_glue_cli_bad_options_refused_before_loading(tmp_path, capsys):
         assert cli.run_qat_glue(_parse("qat_glue", base + extra)) == 2
         assert msg in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_qat_attention_quantizes_probabilities_after_dropout():
+    """modeling_quant.py:141-156 in training mode: P = softmax(q8(Q) q8(K)^T / sqrt(d) + mask), dropout, then
+    q8(dropout(P)) @ q8(V); the map the loss sees is P before dropout."""
+    from pyquant.formats import ActivationQuantConfig
+    from pyquant.nn.qat_attention import ATTR, qat_attention_forward
+
+    g = torch.Generator().manual_seed(13)
+    B, H, L, d = 2, 3, 7, 8
+    q, k, v = (torch.randn(B, H, L, d, generator=g) * 1.5 for _ in range(3))
+    keep = torch.ones(B, 1, L, L, dtype=torch.bool)
+    keep[1, :, :, 5:] = False  # example 1 has 5 tokens
+    mod = torch.nn.Module().train()
+    setattr(mod, ATTR, ActivationQuantConfig(clip=2.5, granularity="tensor"))
+    torch.manual_seed(0)
+    out, probs = qat_attention_forward(mod, q, k, v, keep, scaling=d ** -0.5, dropout=0.3)
+    q8 = lambda x: _paper_sym_quant(x, 2.5)  # noqa: E731
+    ext = (~keep).float() * -10000.0
+    p = torch.softmax(q8(q) @ q8(k).transpose(-1, -2) / d ** 0.5 + ext, -1)
+    torch.manual_seed(0)
+    pd = F.dropout(p, 0.3, training=True)
+    want = (q8(pd) @ q8(v)).transpose(1, 2)
+    assert torch.allclose(probs, p, atol=1e-6)
+    assert torch.allclose(out, want, rtol=1e-4, atol=1e-5), (out - want).abs().max()
