@@ -1285,9 +1285,13 @@ def _compact(v):
     return v
 
 
+_LAUNCH_SUMMARY = ("name", "builtin", "ctas", "threads_per_cta", "registers", "spill_bytes", "instr_per_thread",
+                   "bytes", "predicted_us", "memory_us", "issue_us", "tensor_us", "bound")
+
+
 def write_json(rows: List[Dict[str, Any]], meta: Dict[str, Any], out_dir: Path, quick: bool) -> Path:
-    """``static-sm90[-quick]-<date>.json`` (atomically): meta, then one row per line; the static loop mix is kept on
-    the best rows only (every row has its executed mix per weight)."""
+    """``static-sm90[-quick]-<date>.json`` (atomically): meta, then one row per line; the static loop mix and the full
+    per-launch detail are kept on the best rows only (every row has its executed mix per weight)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d")
@@ -1295,8 +1299,9 @@ def write_json(rows: List[Dict[str, Any]], meta: Dict[str, Any], out_dir: Path, 
     lines = []
     for r in rows:
         r = dict(r)
-        if not r.get("best"):
+        if not r.get("best"):  # the per-launch detail of the other rows: what the time is made of
             r.pop("loop_mix", None)
+            r["launches"] = [{k: la[k] for k in _LAUNCH_SUMMARY if k in la} for la in r.get("launches", [])]
         lines.append(json.dumps(_compact(r), default=str, separators=(",", ":")))
     text = '{"meta": ' + json.dumps(meta, indent=1, default=str) + ',\n"rows": [\n' + ",\n".join(lines) + "\n]}\n"
     json.loads(text)
