@@ -126,6 +126,26 @@ UNROLLED = r"""
         /*00a0*/                   EXIT ;
 """
 
+SPILL = r"""
+.text.spill:
+        /*0000*/                   ULDC.64 UR4, c[0x0][0x218] ;
+        /*0010*/                   MOV R2, UR4 ;
+        /*0020*/                   MOV R3, UR5 ;
+        /*0030*/                   STL.64 [R1+0x8], R2 ;
+        /*0040*/                   MOV R2, RZ ;
+        /*0050*/                   MOV R3, RZ ;
+        /*0060*/                   LDL.64 R6, [R1+0x8] ;
+        /*0070*/                   LDG.E.64 R8, desc[UR8][R6.64] ;
+        /*0080*/                   LDG.E R9, desc[UR8][R2.64] ;
+        /*0090*/                   EXIT ;
+"""
+
+
+def test_weight_pointer_taint_survives_a_spill():
+    ins = S.parse_sass(SPILL)["spill"]
+    assert S.weight_loads(ins, [8]) == {0x70}  # spilled to the stack and filled back into R6:R7
+    assert S.weight_loads(ins, [0]) == set()
+
 
 def test_parse_nvdisasm_loop_mix_and_weight_taint():
     funcs = S.parse_sass(NVDISASM)

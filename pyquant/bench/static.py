@@ -39,9 +39,10 @@ Method
    ``bytes`` counts unique HBM bytes.
 5. **Count.**  Warp instructions executed per thread = outside + sum(loop body x trips); thread instructions =
    that x threads x CTAs; ``sass_instr_per_weight`` = sum over the call's launches / the call's weights.  The mix
-   (by opcode, loads/stores by width) is given per weight the same way.  *Weight loads* are the global loads whose
-   address derives (register taint from the kernel-parameter constant bank, ``c[0x0][...]``) from the weight
-   pointer (``weight_arg``); ``widest_weight_load_bytes`` is the widest of them in the main loop.
+   (by opcode; loads and stores by access width in bits, ``LDG.128`` = 16 bytes) is given per weight the same
+   way.  *Weight loads* are the global loads whose address derives (register taint from the kernel-parameter
+   constant bank, ``c[0x0][...]``) from the weight pointer (``weight_arg``); ``widest_weight_load_bytes`` is the
+   widest of them in the main loop.
 6. **Predict** per launch ``t = max(bytes / BW_eff, issue, mma) + launch_overhead``:
    issue = warp instructions of the busiest SM (ceil(CTAs / SMs) CTAs) / (min(4, its warps) x clock);
    BW_eff = BW x min(1, active SMs x ``sm_bw_share_cap`` / SMs);  mma = the busiest SM's tensor flops / (per-SM
@@ -387,6 +388,12 @@ def _regs(operand: str) -> List[str]:
     return out
 
 
+def _stack_slot(operand: str) -> Optional[int]:
+    """Offset of a ``[R1+0x..]`` stack operand (R1 is the stack pointer), else None."""
+    m = re.fullmatch(r"\[R1(?:\+(0x[0-9a-fA-F]+))?\]", operand.strip())
+    return None if m is None else int(m.group(1) or "0", 16)
+
+
 def _dest_count(i: Instr) -> int:
     mods = i.op.split(".")[1:]
     if "128" in mods:
@@ -404,6 +411,7 @@ def weight_loads(instrs: Sequence[Instr], param_offsets: Iterable[int], param_si
     if not ranges:
         return set()
     taint: Dict[str, bool] = {}
+    slots: Dict[int, bool] = {}  # stack offset -> taint (spilled registers)
     hits = set()
     for _ in range(2):
         for i in instrs:
@@ -412,6 +420,18 @@ def weight_loads(instrs: Sequence[Instr], param_offsets: Iterable[int], param_si
                 addr_op = next((o for o in reversed(ops) if "[" in o), "")
                 if any(taint.get(r) for r in _regs(addr_op)):
                     hits.add(i.addr)
+            if b == "STL" and len(ops) >= 2:  # a spill: the stack slot keeps the register's taint
+                off = _stack_slot(ops[0])
+                if off is not None:
+                    for j, r in enumerate(_regs(ops[1])[:1] * _dest_count(i)):
+                        slots[off + 4 * j] = bool(taint.get(f"R{int(r[1:]) + j}"))
+                continue
+            if b == "LDL" and len(ops) >= 2:  # a fill
+                off, m = _stack_slot(ops[1]), re.match(r"R(\d+)\b", ops[0])
+                if m:
+                    for j in range(_dest_count(i)):
+                        taint[f"R{int(m.group(1)) + j}"] = off is not None and slots.get(off + 4 * j, False)
+                continue
             if b in _NO_DEST or not ops:
                 continue
             m = re.match(r"(U?R)(\d+)\b", ops[0])
@@ -812,7 +832,7 @@ class Compiler:
         out = {}
         for name, ins in parse_sass(sass).items():
             r = res.get(name, {})
-            sp = (spills or {}).get(name, r.get("LOCAL", 0))
+            sp = (spills or {}).get(name, max(r.get("STACK", 0), r.get("LOCAL", 0)))  # spills live in the frame
             out[name] = Binary(name, ins, r.get("REG", 0), sp, r.get("SHARED", 0), kp.get(name, {}))
         return out
 
@@ -1070,10 +1090,23 @@ def score_call(comp: Compiler, c: Constants, call: Dict[str, Any]) -> Dict[str, 
         smem_bytes=mi["smem_bytes"], widest_weight_load_bytes=mi["widest_weight_load_bytes"],
         sass_instr_per_weight=total_instr / denom if weights else None, thread_instrs=total_instr,
         predicted_us=us, bound=mi["bound"], n_launches=len(launches), bytes=nbytes, weights=weights,
-        mix_per_weight={k: round(v / denom, 4) for k, v in sorted(mix.items(), key=lambda kv: -kv[1]) if v / denom
-                        >= 1e-3} if weights else {},
+        mix_per_weight=_top_mix(mix, denom) if weights else {},
         loop_mix=main[3], loop_load_bytes_ratio=(loop_load / loop_bytes_desc) if loop_bytes_desc else None,
         launches=launches, notes=notes)
+
+
+def _sig(v: float, digits: int = 4) -> float:
+    return float(f"{v:.{digits}g}")
+
+
+def _top_mix(mix: Counter, denom: float, n: int = 16) -> Dict[str, float]:
+    """Executed instructions per weight by opcode: the ``n`` largest, the rest summed as ``other``."""
+    items = sorted(mix.items(), key=lambda kv: -kv[1])
+    out = {k: _sig(v / denom) for k, v in items[:n]}
+    rest = sum(v for _, v in items[n:]) / denom
+    if rest:
+        out["other"] = _sig(rest)
+    return out
 
 
 def _short_mix(mix: Dict[str, float], n: int = 6) -> str:
@@ -1208,6 +1241,9 @@ def _meta(c: Constants, arch: str, quick: bool, tools: Toolchain) -> Dict[str, A
         python=sys.version.split()[0], constants=dataclasses.asdict(c), issue_rate_thread_instr_per_s=c.issue_rate,
         shapes=[list(s) for s in (QUICK_SHAPES if quick else SHAPES)], m_values=list(QUICK_M if quick else M_VALUES),
         formats=[list(f) for f in (QUICK_FORMATS if quick else FORMATS)], attention_shape=ATTENTION_SHAPE,
+        weight_loads=("widest_weight_load_bytes: the widest global load in the main loop whose address derives from "
+                      "the weight pointer (register taint from its kernel parameter, through spills); None where the "
+                      "main loop has no such load"),
         method=__doc__.split("Method\n------\n", 1)[-1])
 
 
@@ -1239,13 +1275,38 @@ def format_table(rows: List[Dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _compact(v):
+    if isinstance(v, float):
+        return _sig(v, 6)
+    if isinstance(v, dict):
+        return {k: _compact(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_compact(x) for x in v]
+    return v
+
+
+_LAUNCH_SUMMARY = ("name", "builtin", "ctas", "threads_per_cta", "registers", "spill_bytes", "instr_per_thread",
+                   "bytes", "predicted_us", "memory_us", "issue_us", "tensor_us", "bound")
+
+
 def write_json(rows: List[Dict[str, Any]], meta: Dict[str, Any], out_dir: Path, quick: bool) -> Path:
+    """``static-sm90[-quick]-<date>.json`` (atomically): meta, then one row per line; the static loop mix and the full
+    per-launch detail are kept on the best rows only (every row has its executed mix per weight)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d")
     path = out_dir / f"static-sm90-{'quick-' if quick else ''}{date}.json"
+    lines = []
+    for r in rows:
+        r = dict(r)
+        if not r.get("best"):  # the per-launch detail of the other rows: what the time is made of
+            r.pop("loop_mix", None)
+            r["launches"] = [{k: la[k] for k in _LAUNCH_SUMMARY if k in la} for la in r.get("launches", [])]
+        lines.append(json.dumps(_compact(r), default=str, separators=(",", ":")))
+    text = '{"meta": ' + json.dumps(meta, indent=1, default=str) + ',\n"rows": [\n' + ",\n".join(lines) + "\n]}\n"
+    json.loads(text)
     tmp = path.with_suffix(f".json.tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
+    tmp.write_text(text)
     os.replace(tmp, path)
     return path
 
