@@ -69,8 +69,12 @@ def _grouped_packed_matmul_kernel(
         kmask = ks < K
         xt = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + ks[None, :],
                      mask=rmask[:, None] & kmask[None, :], other=0.0)
-        byte = tl.load(w_rows + (ks // 4)[None, :], mask=nmask[:, None] & kmask[None, :], other=0)
-        codes = (byte.to(tl.int32) >> ((ks % 4) * 2)[None, :]) & 3  # [BLOCK_N, BLOCK_K], exact small ints
+        # each packed byte is loaded once ([BLOCK_N, BLOCK_K // 4] contiguous bytes per row: vector loads) and
+        # split into its 4 codes in registers (shift + mask, then the [.., 4] axis folds into K)
+        kb = k0 // 4 + tl.arange(0, BLOCK_K // 4)
+        byte = tl.load(w_rows + kb[None, :], mask=nmask[:, None] & (kb < (K + 3) // 4)[None, :], other=0)
+        codes = (byte.to(tl.int32)[:, :, None] >> (tl.arange(0, 4) * 2)[None, None, :]) & 3
+        codes = tl.reshape(codes, (BLOCK_N, BLOCK_K))  # exact small ints; x is 0 past K, so no K mask needed
         g = k0 // group_size
         s = tl.load(s_rows + g, mask=nmask, other=0.0).to(tl.float32)
         if HAS_ZERO:
@@ -122,7 +126,7 @@ def _plan(max_rows: int, x_dtype: torch.dtype):
     """(USE_DOT, BLOCK_M, BLOCK_N, num_warps) for the largest segment size."""
     if max_rows <= DECODE_MAX_ROWS:
         return False, _next_pow2(max(1, max_rows)), 64, 4
-    bm = 16 if max_rows <= 16 else 32 if max_rows <= 32 else 64
+    bm = 16 if max_rows <= 16 else 32
     return True, bm, 64, 4
 
 

@@ -85,6 +85,9 @@ SHAPES = ((4096, 14336), (14336, 4096), (4096, 4096), (1024, 4096))  # (N, K)
 M_VALUES = (1, 4, 8, 16, 64, 4096)
 FORMATS = (("twn", None), ("twn", 128), ("int2-asym", None), ("int2-asym", 128))  # (format, group size)
 ATTENTION_SHAPE = dict(B=8, H=32, L=2048, d=128)
+# MoE experts (the grouped packed matmul): (model, experts, hidden, intermediate, top_k) and token counts
+MOE_SHAPES = (("mixtral-8x7b", 8, 4096, 14336, 2), ("qwen3-30b-a3b", 128, 2048, 768, 8))
+MOE_TOKENS = (1, 4096)
 QUICK_SHAPES = ((1024, 4096),)
 QUICK_M = (1, 16)
 QUICK_FORMATS = (("twn", None), ("int2-asym", 128))
@@ -1148,6 +1151,26 @@ def _calls(quick: bool, log) -> Iterable[Tuple[Dict[str, Any], Dict[str, Any]]]:
                        x_dtype="bf16", B=a["B"], H=a["H"], L=a["L"], d=a["d"]), call
 
 
+def _moe_calls(quick: bool) -> Iterable[Tuple[Dict[str, Any], Dict[str, Any]]]:
+    """The grouped packed matmul of MoE experts: decode (1 token: top_k experts with 1 row each) and prefill (4096
+    tokens spread evenly over all experts), the gate_up (N=2I, K=H) and down (N=H, K=I) projections, ternary."""
+    from ..ops._dispatch import kernel_module
+
+    gk = kernel_module("grouped_packed_matmul")
+    if not hasattr(gk, "static_launches"):
+        return
+    for model, E, H, inter, top_k in (MOE_SHAPES[:1] if quick else MOE_SHAPES):
+        for t in (MOE_TOKENS[:1] if quick else MOE_TOKENS):
+            active = min(E, t * top_k)
+            rows = max(1, t * top_k // active)
+            for proj, n, k in (("gate_up", 2 * inter, H), ("down", H, inter)):
+                for call in gk.static_launches(rows * active, n, k, "twn", None, x_dtype="bf16", experts=active,
+                                               rows_per_expert=rows):
+                    call = dict(call, kernel=f"{call['kernel']}:{model}:{proj}")
+                    yield dict(M=rows * active, N=n, K=k, format="moe-twn", group_size=None, x_dtype="bf16",
+                               experts=active, rows_per_expert=rows, tokens=t), call
+
+
 def _prefetch(comp: Compiler, calls: List[Tuple[Dict, Dict]]) -> None:
     for _, call in calls:
         for la in call["launches"]:
@@ -1158,7 +1181,7 @@ def _prefetch(comp: Compiler, calls: List[Tuple[Dict, Dict]]) -> None:
 def run(c: Constants, arch: str = "sm_90a", quick: bool = False, log=print) -> Tuple[List[Dict], Dict]:
     comp = Compiler(arch)
     comp.tools.need("cuobjdump")
-    calls = list(_calls(quick, log))
+    calls = list(_calls(quick, log)) + list(_moe_calls(quick))
     _prefetch(comp, calls)
     rows: List[Dict[str, Any]] = []
     for i, (info, call) in enumerate(calls):
@@ -1177,6 +1200,11 @@ def run(c: Constants, arch: str = "sm_90a", quick: bool = False, log=print) -> T
             base = eager_attention_us(c, info["B"], info["H"], info["L"], info["d"])
             row.update(baseline="eager materialized attention-map KL, fwd+bwd", baseline_us=base,
                        predicted_speedup_vs_bf16=None)
+        elif info["format"].startswith("moe"):  # bf16 experts: each active expert's N x K weight read once
+            base = info["experts"] * cublas_bf16_us(c, info["rows_per_expert"], info["N"], info["K"]) \
+                - (info["experts"] - 1) * c.launch_overhead_us
+            row.update(baseline="bf16 grouped GEMM (active experts' weights once)", baseline_us=base,
+                       predicted_speedup_vs_bf16=base / s["predicted_us"])
         else:
             base = cublas_bf16_us(c, info["M"], info["N"], info["K"])
             row.update(baseline="cuBLAS bf16", baseline_us=base, predicted_speedup_vs_bf16=base / s["predicted_us"])
