@@ -857,6 +857,10 @@ class Compiler:
                 sig[a], consts[a] = "constexpr", 1
             elif v % 16 == 0:
                 attrs_names.append(a)
+        # kernel owners may name the runtime ints the JIT would see as multiples of 16 directly
+        for a in list(spec.get("divisible_by_16") or []) + list(spec.get("divisibility") or []):
+            if a in sig and sig[a] != "constexpr" and a not in consts:
+                attrs_names.append(a)
         for a, t in sig.items():
             if isinstance(t, str) and t.startswith("*") and a not in consts:
                 attrs_names.append(a)
