@@ -417,8 +417,8 @@ def _packed_dequant_kernel(qw_ptr, scale_ptr, zero_ptr, w_ptr, N, K, G, group_si
     row_words = stride_qn // 4
     w_rows = qw_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + offs_n.to(tl.int64)[:, None] * row_words
     w = tl.load(w_rows + offs_w[None, :], mask=n_mask[:, None] & (offs_w < row_words)[None, :], other=0)
-    c = _gemm_dequant(w, magic, (-256.0).to(tl.float16), (-64.0).to(tl.float16), (-16.0).to(tl.float16),
-                      (-4.0).to(tl.float16), tl.float16, False, BLOCK_N, BLOCK_K).to(tl.float32)
+    c = _gemm_dequant(w, magic, tl.cast(-256.0, tl.float16), tl.cast(-64.0, tl.float16), tl.cast(-16.0, tl.float16),
+                      tl.cast(-4.0, tl.float16), tl.float16, False, BLOCK_N, BLOCK_K).to(tl.float32)
     g = offs_k // group_size
     mask = n_mask[:, None] & (offs_k < K)[None, :]
     s = tl.load(scale_ptr + offs_n[:, None] * G + g[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -492,8 +492,8 @@ _GEMM_CONFIGS = [_gemm_cfg(*c) for c in [
     (64, 64, 128, 4, 4, 3), (64, 128, 128, 4, 4, 3), (64, 64, 128, 8, 4, 3), (64, 128, 256, 2, 4, 3),
     (64, 128, 256, 4, 4, 3), (32, 128, 128, 1, 4, 3), (32, 128, 128, 2, 4, 3), (64, 64, 64, 4, 4, 4),
     (64, 64, 32, 4, 4, 4), (64, 64, 32, 2, 4, 4),
-    # M > 64 (wgmma on Hopper)
-    (128, 128, 64, 1, 8, 3), (128, 128, 128, 1, 8, 3), (128, 256, 64, 1, 8, 3), (64, 256, 64, 1, 4, 4),
+    # M > 64 (wgmma on Hopper; 128 x 256 x 64 does not compile for sm_90 in Triton 3.9)
+    (128, 128, 64, 1, 8, 3), (128, 128, 128, 1, 8, 3), (64, 256, 64, 1, 4, 4),
     (128, 64, 128, 1, 4, 3), (256, 128, 64, 1, 8, 3), (128, 128, 32, 1, 8, 4), (128, 64, 32, 1, 4, 4),
 ]]
 _GEMV_MAX_ELEMS = 16384  # BLOCK_M * BLOCK_N * BLOCK_K of the FMA broadcast (register budget)
@@ -619,7 +619,17 @@ def _alloc(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-_DEQUANT_MATMUL_MIN_M = 1024  # from here on (16-bit x): dequantize once + cuBLAS; see _launch_gemm
+_DEQUANT_MATMUL_MIN_M = 1024  # from here on, some calls dequantize once + cuBLAS: see _dequant_dispatch
+
+
+def _dequant_dispatch(M: int, x_dtype: torch.dtype, has_zero: bool, G: int) -> bool:
+    """Large M: fused kernel or dequantize + cuBLAS, whichever the static model predicts faster (module docstring):
+    the fused kernel is MMA-bound (~1.0x cuBLAS) except with per-group zero points (~0.76x: the x @ ones row sums
+    and per-group corrections do not hide behind the MMA), where dequantize + cuBLAS predicts 0.94x.  fp32 x has
+    no fp32 tensor-core path worth fusing; W2A8 (int8 x) always fuses (int8 MMA, no cuBLAS equivalent with groups)."""
+    if M < _DEQUANT_MATMUL_MIN_M or x_dtype == torch.int8:
+        return False
+    return x_dtype == torch.float32 or (has_zero and G > 1)
 _split_k_locks: Dict[str, torch.Tensor] = {}
 
 
@@ -656,7 +666,7 @@ def _dequant_matmul(x, qweight, scale, zero_point, bias, co, N, K, G, gs) -> tor
 def _launch_gemm(x, x_scale, qweight, scale, zero_point, bias, code_offset, M, N, K, G, gs, out_dtype,
                  config: Optional[Dict] = None) -> torch.Tensor:
     co = 0.0 if code_offset is None else float(code_offset)
-    if x_scale is None and config is None and M >= _DEQUANT_MATMUL_MIN_M and N > 0:
+    if x_scale is None and config is None and N > 0 and _dequant_dispatch(M, x.dtype, zero_point is not None, G):
         return _dequant_matmul(x, qweight, scale, zero_point, bias, co, N, K, G, gs)
     y = _alloc((M, N), out_dtype, x.device)
     if N == 0:
@@ -829,8 +839,8 @@ def _static_dequant_call(M, N, K, G, gs, has_zero, co, x_dtype) -> Dict:
 def _static_launches_gemm(M: int, N: int, K: int, fmt: str, group_size: Optional[int], x_dtype: str = "bf16",
                           path: Optional[str] = None) -> List[Dict]:
     """Descriptors (schema: issue #10's static tool) of every call the launcher could make for M > 8: each GEMM
-    config the autotuner may choose after pruning on an sm_90 GPU, or, for 16-bit x and M >= 1024, the dequantize
-    + cuBLAS pair it dispatches to.  ``path="fused"`` / ``"dequant+cublas"`` forces one path (the comparison the
+    config the autotuner may choose after pruning on an sm_90 GPU, or the dequantize + cuBLAS pair where
+    ``_dequant_dispatch`` picks it.  ``path="fused"`` / ``"dequant+cublas"`` forces one path (the comparison the
     module docstring reports)."""
     if fmt not in _STATIC_FORMATS:
         raise ValueError(f"fmt={fmt!r}: expected one of {sorted(_STATIC_FORMATS)}")
@@ -845,7 +855,7 @@ def _static_launches_gemm(M: int, N: int, K: int, fmt: str, group_size: Optional
     G = 1 if group_size is None else K // group_size
     gs = K if group_size is None else group_size
     if path is None:
-        path = "dequant+cublas" if x_dtype != "int8" and M >= _DEQUANT_MATMUL_MIN_M else "fused"
+        path = "dequant+cublas" if _dequant_dispatch(M, _STATIC_X[x_dtype][0], has_zero, G) else "fused"
     if path == "dequant+cublas":
         if x_dtype == "int8":
             raise ValueError("W2A8 (x_dtype='int8') always runs the fused int8 kernel")
