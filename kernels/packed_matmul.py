@@ -178,7 +178,7 @@ def _gemm_magic_pair(S, mask: tl.constexpr, mul: tl.constexpr, add, magic, DT: t
 
 @triton.jit
 def _gemm_dequant(w, magic, a_4, a_16, a_64, a_256, DT: tl.constexpr, F32_MATH: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, KPERM: tl.constexpr = False):
     """int32 words [BLOCK_N, BLOCK_K // 16] -> ``c - z`` [BLOCK_N, BLOCK_K] (DT, exact), natural K order.
 
     Each code is first moved to bits 2..9 of its half by one shift per word shared by several codes (bf16 has room
@@ -210,6 +210,11 @@ def _gemm_dequant(w, magic, a_4, a_16, a_64, a_256, DT: tl.constexpr, F32_MATH: 
     # v_e: [BN, W, 2 (half)]; each join appends a last axis, so this tree's axes are (half, e & 4, e & 2, e & 1)
     # after the word axis and the reshape reads k = 16 word + 8 half + e: the layout's order, no permutation of x
     c = tl.join(tl.join(tl.join(v0, v4), tl.join(v2, v6)), tl.join(tl.join(v1, v5), tl.join(v3, v7)))
+    if KPERM:
+        # dot-K order k' = 16 word + 2 e + half instead: a register's two halves (k, k + 8) become neighbours
+        # (k', k' + 1), which is the pairing the MMA operand and its 16-byte shared-memory stores want -- no byte
+        # permutes to re-pair them (the caller loads x in the same permuted order)
+        c = tl.permute(c, (0, 1, 3, 4, 5, 2))
     return tl.reshape(c, (BLOCK_N, BLOCK_K))
 
 
@@ -317,8 +322,16 @@ def _packed_matmul_kernel(
     else:
         ones = tl.full((BLOCK_K, 16), 1.0, dtype=DT)
         xs_acc = tl.zeros((BLOCK_M, 16), dtype=tl.float32)
+    # BLOCK_M = 16: permute K inside each 16-group (see _gemm_dequant) and load x in that order; the x tile is small
+    # next to the weight tile there (16 rows), so its 2-byte gathers cost less than re-pairing every weight.  With
+    # more rows (wgmma) the gathers cost more than they save, so K stays in order.
+    KPERM: tl.constexpr = BLOCK_M == 16 and not X_INT8
+    if KPERM:
+        rkx = (rk // 16) * 16 + (rk % 2) * 8 + (rk % 16) // 2
+    else:
+        rkx = rk
     for t in range(t_begin, t_end):
-        offs_k = t * BLOCK_K + rk
+        offs_k = t * BLOCK_K + rkx
         x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & (offs_k < K)[None, :], other=0)
         offs_w = t * WORDS + rw
         w = tl.load(w_rows + offs_w[None, :], mask=n_mask[:, None] & (offs_w < row_words)[None, :], other=0)
@@ -340,7 +353,7 @@ def _packed_matmul_kernel(
                     part = part - xs_t[:, None] * code_offset
                 acc += part * s[None, :]
         else:
-            c = _gemm_dequant(w, magic, a_4, a_16, a_64, a_256, DT, DOT_F32, BLOCK_N, BLOCK_K)
+            c = _gemm_dequant(w, magic, a_4, a_16, a_64, a_256, DT, DOT_F32, BLOCK_N, BLOCK_K, KPERM)
             if DOT_F32 or x.dtype == tl.float32:  # interpreter bf16 (triton-lang/triton#11584) or fp32 x
                 x = x.to(tl.float32)
                 c = c.to(tl.float32)

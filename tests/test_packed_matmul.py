@@ -167,8 +167,9 @@ def test_magic_number_dequant_is_exact_for_every_code(dtype):
 
 @needs_kernels
 @pytest.mark.parametrize("fmt", ["twn", "seq4", "int2-sym", "int2-asym"])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.int8])
-def test_gemm_dequantizes_every_weight_exactly(fmt, dtype, poison):
+@pytest.mark.parametrize("dtype,block_m", [(torch.float16, 64), (torch.bfloat16, 64), (torch.int8, 64),
+                                           (torch.float16, 16), (torch.bfloat16, 16)])  # 16: K-permuted path
+def test_gemm_dequantizes_every_weight_exactly(fmt, dtype, block_m, poison):
     """x = identity rows: the GEMM returns the dequantized weight itself, bit for bit (each output is ONE product),
     which pins the word layout of the magic-number path (16-bit x) and of the int8 code path (W2A8)."""
     N, K = 24, 64
@@ -179,7 +180,7 @@ def test_gemm_dequantizes_every_weight_exactly(fmt, dtype, poison):
     w = reference.dequantize_packed(qw, s, z, K, co)  # fp32 (c - z)
     eye = torch.eye(K, device=DEV)
     k = _kern()
-    cfg = dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=64, GROUP_M=8, SPLIT_K=1)
+    cfg = dict(BLOCK_M=block_m, BLOCK_N=16, BLOCK_K=64, GROUP_M=8, SPLIT_K=1)
     if dtype == torch.int8:  # the W2A8 kernel on int8 x with unit row scales
         y = k._launch(eye.to(torch.int8), torch.ones(K, device=DEV), qw, s, z, None, co, K, N, K, 1, K,
                       torch.float16, cfg)
@@ -512,7 +513,7 @@ def build(fn, consts, types=(), warps=4, stages=2):
 base = dict(HAS_ZERO=True, HAS_BIAS=False, X_INT8=False, xs_ptr=None, bias_ptr=None)
 build(K._packed_gemv_kernel, dict(base, BLOCK_M=2, BLOCK_N=32, BLOCK_K=128, SPLIT_K=4))
 # GEMM variants, built from the static-analysis descriptors (so those compile too): mma.sync + split-K, wgmma
-# BLOCK_K = 256, W2A8 int8 MMA per group and per channel, asymmetric fp16, large-M dequantize kernel
+# BLOCK_K = 256, W2A8 int8 MMA per group, asymmetric fp16 wgmma at large M, the large-M dequantize kernel
 def build_call(call):
     for ln in call["launches"]:
         tr = ln.get("triton")
@@ -532,7 +533,6 @@ S = K._static_launches_gemm
 build_call(pick(S(16, 4096, 4096, "twn", None), BLOCK_N=128, BLOCK_K=128, SPLIT_K=4))
 build_call(pick(S(64, 4096, 4096, "seq4", None), BLOCK_M=64, BLOCK_K=256, SPLIT_K=2))
 build_call(pick(S(64, 1024, 4096, "int2-asym", 128, "int8"), BLOCK_M=64, SPLIT_K=2))
-build_call(pick(S(16, 1024, 4096, "int2-sym", None, "int8"), SPLIT_K=4))
 build_call(pick(S(300, 1024, 4096, "int2-asym", 64, "fp16"), BLOCK_M=128, BLOCK_N=128, BLOCK_K=64))
 build_call(S(4096, 1024, 4096, "int2-asym", 128)[0])
 build(K._packed_matmul_a8_quant_kernel, dict(BLOCK_K=1024))
