@@ -4,8 +4,8 @@ Packed layout (defined in ``pyquant/formats.py``): ``qweight`` uint8 ``[N, ceil(
 ``(n, k)`` is byte ``k // 4`` of row ``n``, bits ``2*(k % 4)``.  Dequantization ``w = (c - z) * s`` with ``s`` (and
 ``z`` for asymmetric formats) per ``(n, k // group_size)``; symmetric formats use the constant ``code_offset`` as z.
 
-How a tile is dequantized (both kernels)
-----------------------------------------
+How a tile is dequantized (GEMV; the GEMM's magic-number path: below)
+---------------------------------------------------------------------
 A K tile's packed bytes are loaded once, as a contiguous [BLOCK_N, BLOCK_K // 4] uint8 block (16-byte vector
 loads where the compiler can prove alignment: rows are whole 16-byte vectors), and unpacked in registers by four
 shifts and a reshape (``_load_codes``).  Every K tile lies inside ONE scale group: the launcher only uses
@@ -25,21 +25,59 @@ Paths
   ``atomic_add``-ed into a zeroed fp32 workspace and cast to the output dtype afterwards.  fp32 atomics make the
   summation order, and so the last bits of the result, vary from run to run (nondeterministic); ``SPLIT_K == 1``
   configs are deterministic.
-* ``_packed_matmul_kernel`` (M > 8): tensor-core ``tl.dot`` on the dequantized tiles, grouped program order for L2
-  reuse, fp32 accumulators; for M <= 16 (``BLOCK_M = 16``) it may split K the same way.
+* ``_packed_matmul_kernel`` (M > 8): tensor-core ``tl.dot`` on magic-number-dequantized tiles (mma.sync for
+  ``BLOCK_M = 16``, wgmma for 64+ on Hopper), grouped program order for L2 reuse, fp32 accumulators; split-K for
+  M <= 64 with the reduction fused into the kernel (deterministic).  Large M: see "GEMM" below.
 
 Autotuning is keyed on a bucketed M (next power of two, capped at 4096 for the GEMM; BLOCK_M for the GEMV) plus N
 and K, so a new batch size does not retune.  Configs are pruned to the group size and, on a GPU, to the device's
 shared memory (queried at the first launch, never at import).  Under ``TRITON_INTERPRET=1`` a single config is used.
 
-W2A8 (``packed_matmul_a8``): ``_packed_matmul_a8_quant_kernel`` quantizes x per token to int8 (symmetric dynamic
-min-max, s = max|x| / 127, q = floor(x / s + 0.5) with IEEE division), then the same kernels run with int8 x
-(exact in fp16) and multiply each row by its scale at the end.
+GEMM (M > 8), why it is built this way
+--------------------------------------
+Judged by SASS compiled for sm_90 (Triton's AOT compiler; ``_static_launches_gemm`` lists every config it can pick)
+and the static model predicted time = max(bytes / 4.0e12 B/s, thread-instructions / 3.3e13 /s, MMA flops / 989e12
+(int8: 1979e12)), against cuBLAS bf16 bounded the same way:
 
-Limits (known, not hidden): the W2A8 entry runs fp16 tensor-core MMAs on the int8 values (exact) rather than int8
-MMAs; group sizes that are not a multiple of 16 are declined (``supports``) and run on the reference; the first
-call for a new (M bucket, N, K) autotunes, so run a layer once before capturing it in a CUDA graph.  No timing in
-this file or its tests was measured on a GPU.
+* weights are read as int32 words (16 codes; 16-byte loads per row for BLOCK_K >= 64) and dequantized by the
+  magic-number trick (``_gemm_magic_pair``): ``(word >> shift) & mask | magic`` puts one code into the mantissa of
+  each half of a bf16x2 / fp16x2 pair (ONE LOP3 for two weights, the magic a kernel argument so it stays in a
+  register), one HFMA2 subtracts the bias (and z for symmetric formats): ``c - z`` exact, 2 values per 32-bit op,
+  no per-weight int->float converts.  Per 16 weights: 8 LOP3 + 8 HFMA2 + 4 (bf16) / 2 (fp16) shifts.
+* ``BLOCK_M = 16`` permutes K inside 16-groups (x is loaded in the same order) so the pairs the trick produces
+  are the pairs the MMA operand wants: no byte permutes (PRMT) in the loop.  With 64+ rows the 2-byte x gathers
+  cost more than the ~1 PRMT per weight they save, so wgmma configs keep K in order.
+* per-channel: scale (and zero point) applied ONCE in the epilogue, the MMA accumulating straight into ``acc``;
+  per group: one FFMA per output per group (``BLOCK_K`` divides the group size; configs use BLOCK_K = group size
+  where they can).  Asymmetric formats dequantize the raw code and subtract ``z * sum_k(x)``; the row sums come
+  from the tensor cores (``x @ ones[BLOCK_K, 16]``), not from a register accumulator or a cross-lane reduction.
+* split-K (M <= 64, so that N / BLOCK_N tiles fill 132 SMs at N = 1024..4096): each split writes its fp32 partial
+  tile to its own workspace slice, the last split to arrive (per-tile arrival counter, ``atomic_add`` acq_rel)
+  sums the slices in fixed order, adds the bias, writes y and resets the counter.  No memset or cast kernel per
+  call; the counters are zeroed once per device (``_split_locks``).
+* W2A8: int8 x int8 -> int32 MMA on the unsigned codes (``_gemm_codes_i8``: 4 codes per AND), z applied through
+  the (int32, exact) row sums of x, per-token scale at the end.
+* large M (M >= 1024): the fused wgmma kernel predicts MMA-bound (1.00x cuBLAS: dequant issue time ~86% of the MMA
+  time, hidden behind it) for per-channel weights and symmetric groups; with per-group zero points it predicts
+  0.76x, so those (and fp32 x) dispatch to dequantize-to-x's-dtype (``_packed_dequant_kernel``, memory-bound,
+  ~7% of the GEMM) + cuBLAS (``torch.matmul``), predicted 0.94x.  Which one is really faster is to be measured on
+  a GPU ("measured later"); ``_dequant_dispatch`` is the one switch.
+
+Predicted (sm_90, NOT measured) best config per shape, speedup over cuBLAS bf16, N x K in {4096 x 14336, 14336 x
+4096, 4096 x 4096, 1024 x 4096}: see the table in the closing note of issue #10 / ``pyquant bench static``.
+
+W2A8 (``packed_matmul_a8``): ``_packed_matmul_a8_quant_kernel`` quantizes x per token to int8 (symmetric dynamic
+min-max, s = max|x| / 127, q = floor(x / s + 0.5) with IEEE division), then the kernels run with int8 x (the GEMV
+converts it to fp16, exact; the GEMM uses int8 MMA) and multiply each row by its scale at the end.
+
+Limits (known, not hidden): group sizes that are not a multiple of 16 are declined (``supports``) and run on the
+reference; the first call for a new (M bucket, N, K) autotunes, so run a layer once before capturing it in a CUDA
+graph; split-K GEMMs
+of one device share arrival counters, so concurrent streams must not run them at the same time; under the
+interpreter bf16 arithmetic and bf16 dots are wrong (triton-lang/triton#11584), so bf16 tiles are dequantized and
+multiplied in fp32 there (same bit patterns; compiled code stays bf16), and its fp32 -> bf16 casts truncate.  The
+split-K memory ordering (release/acquire through the counter) and the wgmma paths have no CPU test of their own
+timing or ordering; they need the GPU tests.  No timing in this file or its tests was measured on a GPU.
 """
 from __future__ import annotations
 

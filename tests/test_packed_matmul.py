@@ -568,7 +568,7 @@ def _cuda_ext_module():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-@pytest.mark.parametrize("M", [1, 3, 8, 16, 17, 64, 300])
+@pytest.mark.parametrize("M", [1, 3, 8, 16, 17, 64, 300, 1100])
 @pytest.mark.parametrize("fmt,group,dtype", [("twn", None, torch.bfloat16), ("int2-asym", 128, torch.float16),
                                              ("seq4", 64, torch.bfloat16), ("absmean", 32, torch.float16)])
 def test_gpu_backends_match_reference(backend, M, fmt, group, dtype):
@@ -599,6 +599,14 @@ def test_gpu_w2a8_and_wrong_device():
     assert_close_to(y, reference.packed_matmul_a8(x, qw, s, z, None, 1024, co), torch.bfloat16)
     with pytest.raises(ValueError, match="x is on cpu"):
         packed_matmul(x.cpu(), qw, s, z, None, in_features=1024, code_offset=co)
+    # the int8-MMA GEMM: split-K and wgmma configs, per channel and per group, every format family
+    for fmt, group in (("int2-asym", None), ("seq4", 128), ("twn", None)):
+        qw, s, z, co, _ = make_weight(1000, 4096 - 512, fmt, group, device="cuda")
+        for m in (16, 64, 300, 1100):
+            x = torch.randn(m, 4096 - 512, device="cuda", dtype=torch.bfloat16)
+            with use_backend("triton"):
+                y = packed_matmul_a8(x, qw, s, z, None, in_features=4096 - 512, code_offset=co)
+            assert_close_to(y, reference.packed_matmul_a8(x, qw, s, z, None, 4096 - 512, co), torch.bfloat16)
 
 
 # ---- the benchmark's CPU-side code (GPU numbers come only from a GPU run) ------------------------------------------
