@@ -50,7 +50,7 @@ and the static model predicted time = max(bytes / 4.0e12 B/s, thread-instruction
 * per-channel: scale (and zero point) applied ONCE in the epilogue, the MMA accumulating straight into ``acc``;
   per group: one FFMA per output per group (``BLOCK_K`` divides the group size; configs use BLOCK_K = group size
   where they can).  Asymmetric formats dequantize the raw code and subtract ``z * sum_k(x)``; the row sums come
-  from the tensor cores (``x @ ones[BLOCK_K, 16]``), not from a register accumulator or a cross-lane reduction.
+  from the tensor cores (``x @ ones[BLOCK_K, 16]``) for 64+ rows; BLOCK_M = 16 sums x elementwise (fewer registers).
 * split-K (M <= 64, so that N / BLOCK_N tiles fill 132 SMs at N = 1024..4096): each split writes its fp32 partial
   tile to its own workspace slice, the last split to arrive (per-tile arrival counter, ``atomic_add`` acq_rel)
   sums the slices in fixed order, adds the bias, writes y and resets the counter.  No memset or cast kernel per
@@ -349,8 +349,11 @@ def _packed_matmul_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # row sums of x (for z * sum_k x) come from the tensor cores too: x @ ones[BLOCK_K, 16] is a few extra MMAs per
-    # tile instead of BLOCK_M * BLOCK_K adds and a cross-lane reduction (all 16 columns are equal: max reads one)
+    # row sums of x (for z * sum_k x): with 64+ rows they come from the tensor cores, x @ ones[BLOCK_K, 16] (a few
+    # extra MMAs per tile instead of BLOCK_M * BLOCK_K adds: all 16 columns are equal, max reads one); with 16 rows
+    # the extra operand costs more registers than it saves (spills), so there x is summed elementwise (per channel:
+    # one add per element into a [16, BLOCK_K] accumulator, reduced once after the loop) or per tile (per group)
+    XSUM_MMA: tl.constexpr = BLOCK_M > 16 or X_INT8
     if X_INT8:
         ones = tl.full((BLOCK_K, 16), 1, dtype=tl.int8)
         xs_acc = tl.zeros((BLOCK_M, 16), dtype=tl.int32)
@@ -360,6 +363,10 @@ def _packed_matmul_kernel(
     else:
         ones = tl.full((BLOCK_K, 16), 1.0, dtype=DT)
         xs_acc = tl.zeros((BLOCK_M, 16), dtype=tl.float32)
+    if HAS_ZERO and PER_CHANNEL and not XSUM_MMA:
+        xacc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    else:
+        xacc = tl.zeros((BLOCK_M, 16), dtype=tl.float32)  # unused
     # BLOCK_M = 16: permute K inside each 16-group (see _gemm_dequant) and load x in that order; the x tile is small
     # next to the weight tile there (16 rows), so its 2-byte gathers cost less than re-pairing every weight.  With
     # more rows (wgmma) the gathers cost more than they save, so K stays in order.
@@ -399,14 +406,20 @@ def _packed_matmul_kernel(
             if PER_CHANNEL:
                 acc = _gemm_dot(x, c, acc)
                 if HAS_ZERO:
-                    xs_acc = _gemm_dot(x, ones, xs_acc)
+                    if XSUM_MMA:
+                        xs_acc = _gemm_dot(x, ones, xs_acc)
+                    else:
+                        xacc += x.to(tl.float32)
             else:
                 # one scale group per tile (BLOCK_K divides group_size): scale applied once per tile
                 part = _gemm_dot(x, c, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32))
                 s, z = _tile_group_params(scale_ptr, zero_ptr, offs_n, n_mask, (t * BLOCK_K) // group_size, G,
                                           HAS_ZERO)
                 if HAS_ZERO:
-                    xs_t = tl.max(_gemm_dot(x, ones, tl.zeros((BLOCK_M, 16), dtype=tl.float32)), axis=1)
+                    if XSUM_MMA:
+                        xs_t = tl.max(_gemm_dot(x, ones, tl.zeros((BLOCK_M, 16), dtype=tl.float32)), axis=1)
+                    else:
+                        xs_t = tl.sum(x.to(tl.float32), axis=1)
                     part = part - xs_t[:, None] * z[None, :]
                 acc += part * s[None, :]
     if PER_CHANNEL:  # the per-channel scale (and zero point) applied ONCE, here, not per K step
@@ -418,7 +431,10 @@ def _packed_matmul_kernel(
             else:
                 out = acc.to(tl.float32) - xsum[:, None] * code_offset
         elif HAS_ZERO:
-            out = acc - tl.max(xs_acc, axis=1)[:, None] * z[None, :]
+            if XSUM_MMA:
+                out = acc - tl.max(xs_acc, axis=1)[:, None] * z[None, :]
+            else:
+                out = acc - tl.sum(xacc, axis=1)[:, None] * z[None, :]
         else:
             out = acc
         out = out * s[None, :]
@@ -818,7 +834,7 @@ def packed_matmul_a8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor
 # ---- static-analysis launch descriptors (issue #10: pyquant.bench.static compiles and counts these) -------------
 _STATIC_FORMATS = {"twn": 1.0, "absmean": 1.0, "seq3": 1.0, "seq4": 1.5, "int2-sym": 2.0, "int2-asym": None}
 _STATIC_X = {"bf16": (torch.bfloat16, "*bf16", 2), "fp16": (torch.float16, "*fp16", 2), "int8": (torch.int8, "*i8", 1)}
-_H100_SMEM = 232448  # sm_90 opt-in shared memory per block (bytes): the pruning limit the GPU would apply
+_SM90_SMEM = 232448  # sm_90 opt-in shared memory per block (bytes): the pruning limit the GPU would apply
 
 
 def _static_gemm_call(M, N, K, G, gs, has_zero, co, x_dtype, c) -> Dict:
@@ -914,5 +930,5 @@ def _static_launches_gemm(M: int, N: int, K: int, fmt: str, group_size: Optional
     if path != "fused":
         raise ValueError(f"path={path!r}: expected None, 'fused' or 'dequant+cublas'")
     cands = _gemm_candidates(_GEMM_CONFIGS, K, G, gs, min(_next_pow2(M), _M_BUCKET_CAP), _STATIC_X[x_dtype][2],
-                             _H100_SMEM)
+                             _SM90_SMEM)
     return [_static_gemm_call(M, N, K, G, gs, has_zero, co, x_dtype, c) for c in cands]
