@@ -63,8 +63,29 @@ and the static model predicted time = max(bytes / 4.0e12 B/s, thread-instruction
   ~7% of the GEMM) + cuBLAS (``torch.matmul``), predicted 0.94x.  Which one is really faster is to be measured on
   a GPU ("measured later"); ``_dequant_dispatch`` is the one switch.
 
-Predicted (sm_90, NOT measured) best config per shape, speedup over cuBLAS bf16, N x K in {4096 x 14336, 14336 x
-4096, 4096 x 4096, 1024 x 4096}: see the table in the closing note of issue #10 / ``pyquant bench static``.
+Predicted (sm_90 SASS, NOT measured) speedup over cuBLAS bf16 of the best config per shape, bf16 x; ternary and
+symmetric 2-bit run the same code (only z differs).  The model counts the whole kernel (loop x trips + the rest
+once per thread) and scales bandwidth and issue rate by min(1, CTAs / 132):
+
+  ===  ==============  ==========  ==========  ===========  ===========
+  M    N x K           sym / chan  sym / g128  asym / chan  asym / g128
+  ===  ==============  ==========  ==========  ===========  ===========
+  16   4096 x 14336    5.5         4.9         5.1          4.1
+  16   14336 x 4096    5.5         4.9         5.1          4.1
+  16   4096 x 4096     4.8         4.3         4.4          3.7
+  16   1024 x 4096     2.3         2.1         1.9          1.4
+  64   4096 x 14336    3.9         3.3         3.9          2.8
+  64   14336 x 4096    3.8         3.3         3.7          2.8
+  64   4096 x 4096     2.9         2.4         2.5          2.4
+  64   1024 x 4096     1.5         1.5         1.5          1.2
+  4096 all four        1.00 fused  1.00 fused  1.00 fused   0.94 dequant + cuBLAS (fused: 0.76)
+  ===  ==============  ==========  ==========  ===========  ===========
+
+(before this rebuild: 9.5-11 SASS instructions per weight-tile element at M = 16, 601 per thread per K tile at
+128 x 128 x 64, predicted ~2x and 0.4-0.55x).  Not reached (targets 4x / 2.5x): N = 1024 at both M (too few N
+tiles; the split-K prologue and epilogue dominate 4..8 K tiles per split), M = 16 asym / g128 at 4096 x 4096
+(3.7x), M = 64 at 4096 x 4096 with groups or zero points (2.4-2.46x).  W2A8
+at M = 4096 (int8 MMA): 2.0x per channel, 0.82-0.85x per group (the per-group int32 -> fp32 corrections).
 
 W2A8 (``packed_matmul_a8``): ``_packed_matmul_a8_quant_kernel`` quantizes x per token to int8 (symmetric dynamic
 min-max, s = max|x| / 127, q = floor(x / s + 0.5) with IEEE division), then the kernels run with int8 x (the GEMV
