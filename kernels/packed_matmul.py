@@ -4,8 +4,8 @@ Packed layout (defined in ``pyquant/formats.py``): ``qweight`` uint8 ``[N, ceil(
 ``(n, k)`` is byte ``k // 4`` of row ``n``, bits ``2*(k % 4)``.  Dequantization ``w = (c - z) * s`` with ``s`` (and
 ``z`` for asymmetric formats) per ``(n, k // group_size)``; symmetric formats use the constant ``code_offset`` as z.
 
-How a tile is dequantized (both kernels)
-----------------------------------------
+How a tile is dequantized (GEMV; the GEMM's magic-number path: below)
+---------------------------------------------------------------------
 A K tile's packed bytes are loaded once, as a contiguous [BLOCK_N, BLOCK_K // 4] uint8 block (16-byte vector
 loads where the compiler can prove alignment: rows are whole 16-byte vectors), and unpacked in registers by four
 shifts and a reshape (``_load_codes``).  Every K tile lies inside ONE scale group: the launcher only uses
@@ -25,21 +25,80 @@ Paths
   ``atomic_add``-ed into a zeroed fp32 workspace and cast to the output dtype afterwards.  fp32 atomics make the
   summation order, and so the last bits of the result, vary from run to run (nondeterministic); ``SPLIT_K == 1``
   configs are deterministic.
-* ``_packed_matmul_kernel`` (M > 8): tensor-core ``tl.dot`` on the dequantized tiles, grouped program order for L2
-  reuse, fp32 accumulators; for M <= 16 (``BLOCK_M = 16``) it may split K the same way.
+* ``_packed_matmul_kernel`` (M > 8): tensor-core ``tl.dot`` on magic-number-dequantized tiles (mma.sync for
+  ``BLOCK_M = 16``, wgmma for 64+ on Hopper), grouped program order for L2 reuse, fp32 accumulators; split-K for
+  M <= 64 with the reduction fused into the kernel (deterministic).  Large M: see "GEMM" below.
 
 Autotuning is keyed on a bucketed M (next power of two, capped at 4096 for the GEMM; BLOCK_M for the GEMV) plus N
 and K, so a new batch size does not retune.  Configs are pruned to the group size and, on a GPU, to the device's
 shared memory (queried at the first launch, never at import).  Under ``TRITON_INTERPRET=1`` a single config is used.
 
-W2A8 (``packed_matmul_a8``): ``_packed_matmul_a8_quant_kernel`` quantizes x per token to int8 (symmetric dynamic
-min-max, s = max|x| / 127, q = floor(x / s + 0.5) with IEEE division), then the same kernels run with int8 x
-(exact in fp16) and multiply each row by its scale at the end.
+GEMM (M > 8), why it is built this way
+--------------------------------------
+Judged by SASS compiled for sm_90 (Triton's AOT compiler; ``_static_launches_gemm`` lists every config it can pick)
+and the static model predicted time = max(bytes / 4.0e12 B/s, thread-instructions / 3.3e13 /s, MMA flops / 989e12
+(int8: 1979e12)), against cuBLAS bf16 bounded the same way:
 
-Limits (known, not hidden): the W2A8 entry runs fp16 tensor-core MMAs on the int8 values (exact) rather than int8
-MMAs; group sizes that are not a multiple of 16 are declined (``supports``) and run on the reference; the first
-call for a new (M bucket, N, K) autotunes, so run a layer once before capturing it in a CUDA graph.  No timing in
-this file or its tests was measured on a GPU.
+* weights are read as int32 words (16 codes; 16-byte loads per row for BLOCK_K >= 64) and dequantized by the
+  magic-number trick (``_gemm_magic_pair``): ``(word >> shift) & mask | magic`` puts one code into the mantissa of
+  each half of a bf16x2 / fp16x2 pair (ONE LOP3 for two weights, the magic a kernel argument so it stays in a
+  register), one HFMA2 subtracts the bias (and z for symmetric formats): ``c - z`` exact, 2 values per 32-bit op,
+  no per-weight int->float converts.  Per 16 weights: 8 LOP3 + 8 HFMA2 + 4 (bf16) / 2 (fp16) shifts.
+* ``BLOCK_M = 16`` permutes K inside 16-groups (x is loaded in the same order) so the pairs the trick produces
+  are the pairs the MMA operand wants: no byte permutes (PRMT) in the loop.  With 64+ rows the 2-byte x gathers
+  cost more than the ~1 PRMT per weight they save, so wgmma configs keep K in order.
+* per-channel: scale (and zero point) applied ONCE in the epilogue, the MMA accumulating straight into ``acc``;
+  per group: one FFMA per output per group (``BLOCK_K`` divides the group size; configs use BLOCK_K = group size
+  where they can).  Asymmetric formats dequantize the raw code and subtract ``z * sum_k(x)``; the row sums come
+  from the tensor cores (``x @ ones[BLOCK_K, 16]``) for 64+ rows; BLOCK_M = 16 sums x elementwise (fewer registers).
+* split-K (M <= 64, so that N / BLOCK_N tiles fill 132 SMs at N = 1024..4096): each split writes its fp32 partial
+  tile to its own workspace slice, the last split to arrive (per-tile arrival counter, ``atomic_add`` acq_rel)
+  sums the slices in fixed order, adds the bias, writes y and resets the counter.  No memset or cast kernel per
+  call; the counters are zeroed once per device (``_split_locks``).
+* W2A8: int8 x int8 -> int32 MMA on the unsigned codes (``_gemm_codes_i8``: 4 codes per AND), z applied through
+  the (int32, exact) row sums of x, per-token scale at the end.
+* large M (M >= 1024): the fused wgmma kernel predicts MMA-bound (1.00x cuBLAS: dequant issue time ~86% of the MMA
+  time, hidden behind it) for per-channel weights and symmetric groups; with per-group zero points it predicts
+  0.76x, so those (and fp32 x) dispatch to dequantize-to-x's-dtype (``_packed_dequant_kernel``, memory-bound,
+  ~7% of the GEMM) + cuBLAS (``torch.matmul``), predicted 0.94x.  Which one is really faster is to be measured on
+  a GPU ("measured later"); ``_dequant_dispatch`` is the one switch.
+
+Predicted (sm_90 SASS, NOT measured) speedup over cuBLAS bf16 of the best config per shape, bf16 x; ternary and
+symmetric 2-bit run the same code (only z differs).  The model counts the whole kernel (loop x trips + the rest
+once per thread) and scales bandwidth and issue rate by min(1, CTAs / 132):
+
+  ===  ==============  ==========  ==========  ===========  ===========
+  M    N x K           sym / chan  sym / g128  asym / chan  asym / g128
+  ===  ==============  ==========  ==========  ===========  ===========
+  16   4096 x 14336    5.5         4.9         5.1          4.1
+  16   14336 x 4096    5.5         4.9         5.1          4.1
+  16   4096 x 4096     4.8         4.3         4.4          3.7
+  16   1024 x 4096     2.3         2.1         1.9          1.4
+  64   4096 x 14336    3.9         3.3         3.9          2.8
+  64   14336 x 4096    3.8         3.3         3.7          2.8
+  64   4096 x 4096     2.9         2.4         2.5          2.4
+  64   1024 x 4096     1.5         1.5         1.5          1.2
+  4096 all four        1.00 fused  1.00 fused  1.00 fused   0.94 dequant + cuBLAS (fused: 0.76)
+  ===  ==============  ==========  ==========  ===========  ===========
+
+(before this rebuild: 9.5-11 SASS instructions per weight-tile element at M = 16, 601 per thread per K tile at
+128 x 128 x 64, predicted ~2x and 0.4-0.55x).  Not reached (targets 4x / 2.5x): N = 1024 at both M (too few N
+tiles; the split-K prologue and epilogue dominate 4..8 K tiles per split), M = 16 asym / g128 at 4096 x 4096
+(3.7x), M = 64 at 4096 x 4096 with groups or zero points (2.4-2.46x).  W2A8
+at M = 4096 (int8 MMA): 2.0x per channel, 0.82-0.85x per group (the per-group int32 -> fp32 corrections).
+
+W2A8 (``packed_matmul_a8``): ``_packed_matmul_a8_quant_kernel`` quantizes x per token to int8 (symmetric dynamic
+min-max, s = max|x| / 127, q = floor(x / s + 0.5) with IEEE division), then the kernels run with int8 x (the GEMV
+converts it to fp16, exact; the GEMM uses int8 MMA) and multiply each row by its scale at the end.
+
+Limits (known, not hidden): group sizes that are not a multiple of 16 are declined (``supports``) and run on the
+reference; the first call for a new (M bucket, N, K) autotunes, so run a layer once before capturing it in a CUDA
+graph; split-K GEMMs
+of one device share arrival counters, so concurrent streams must not run them at the same time; under the
+interpreter bf16 arithmetic and bf16 dots are wrong (triton-lang/triton#11584), so bf16 tiles are dequantized and
+multiplied in fp32 there (same bit patterns; compiled code stays bf16), and its fp32 -> bf16 casts truncate.  The
+split-K memory ordering (release/acquire through the counter) and the wgmma paths have no CPU test of their own
+timing or ordering; they need the GPU tests.  No timing in this file or its tests was measured on a GPU.
 """
 from __future__ import annotations
 
@@ -178,7 +237,7 @@ def _gemm_magic_pair(S, mask: tl.constexpr, mul: tl.constexpr, add, magic, DT: t
 
 @triton.jit
 def _gemm_dequant(w, magic, a_4, a_16, a_64, a_256, DT: tl.constexpr, F32_MATH: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, KPERM: tl.constexpr = False):
     """int32 words [BLOCK_N, BLOCK_K // 16] -> ``c - z`` [BLOCK_N, BLOCK_K] (DT, exact), natural K order.
 
     Each code is first moved to bits 2..9 of its half by one shift per word shared by several codes (bf16 has room
@@ -210,6 +269,11 @@ def _gemm_dequant(w, magic, a_4, a_16, a_64, a_256, DT: tl.constexpr, F32_MATH: 
     # v_e: [BN, W, 2 (half)]; each join appends a last axis, so this tree's axes are (half, e & 4, e & 2, e & 1)
     # after the word axis and the reshape reads k = 16 word + 8 half + e: the layout's order, no permutation of x
     c = tl.join(tl.join(tl.join(v0, v4), tl.join(v2, v6)), tl.join(tl.join(v1, v5), tl.join(v3, v7)))
+    if KPERM:
+        # dot-K order k' = 16 word + 2 e + half instead: a register's two halves (k, k + 8) become neighbours
+        # (k', k' + 1), which is the pairing the MMA operand and its 16-byte shared-memory stores want -- no byte
+        # permutes to re-pair them (the caller loads x in the same permuted order)
+        c = tl.permute(c, (0, 1, 3, 4, 5, 2))
     return tl.reshape(c, (BLOCK_N, BLOCK_K))
 
 
@@ -306,8 +370,11 @@ def _packed_matmul_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # row sums of x (for z * sum_k x) come from the tensor cores too: x @ ones[BLOCK_K, 16] is a few extra MMAs per
-    # tile instead of BLOCK_M * BLOCK_K adds and a cross-lane reduction (all 16 columns are equal: max reads one)
+    # row sums of x (for z * sum_k x): with 64+ rows they come from the tensor cores, x @ ones[BLOCK_K, 16] (a few
+    # extra MMAs per tile instead of BLOCK_M * BLOCK_K adds: all 16 columns are equal, max reads one); with 16 rows
+    # the extra operand costs more registers than it saves (spills), so there x is summed elementwise (per channel:
+    # one add per element into a [16, BLOCK_K] accumulator, reduced once after the loop) or per tile (per group)
+    XSUM_MMA: tl.constexpr = BLOCK_M > 16 or X_INT8
     if X_INT8:
         ones = tl.full((BLOCK_K, 16), 1, dtype=tl.int8)
         xs_acc = tl.zeros((BLOCK_M, 16), dtype=tl.int32)
@@ -317,8 +384,20 @@ def _packed_matmul_kernel(
     else:
         ones = tl.full((BLOCK_K, 16), 1.0, dtype=DT)
         xs_acc = tl.zeros((BLOCK_M, 16), dtype=tl.float32)
+    if HAS_ZERO and PER_CHANNEL and not XSUM_MMA:
+        xacc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    else:
+        xacc = tl.zeros((BLOCK_M, 16), dtype=tl.float32)  # unused
+    # BLOCK_M = 16: permute K inside each 16-group (see _gemm_dequant) and load x in that order; the x tile is small
+    # next to the weight tile there (16 rows), so its 2-byte gathers cost less than re-pairing every weight.  With
+    # more rows (wgmma) the gathers cost more than they save, so K stays in order.
+    KPERM: tl.constexpr = BLOCK_M == 16 and not X_INT8
+    if KPERM:
+        rkx = (rk // 16) * 16 + (rk % 2) * 8 + (rk % 16) // 2
+    else:
+        rkx = rk
     for t in range(t_begin, t_end):
-        offs_k = t * BLOCK_K + rk
+        offs_k = t * BLOCK_K + rkx
         x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & (offs_k < K)[None, :], other=0)
         offs_w = t * WORDS + rw
         w = tl.load(w_rows + offs_w[None, :], mask=n_mask[:, None] & (offs_w < row_words)[None, :], other=0)
@@ -340,7 +419,7 @@ def _packed_matmul_kernel(
                     part = part - xs_t[:, None] * code_offset
                 acc += part * s[None, :]
         else:
-            c = _gemm_dequant(w, magic, a_4, a_16, a_64, a_256, DT, DOT_F32, BLOCK_N, BLOCK_K)
+            c = _gemm_dequant(w, magic, a_4, a_16, a_64, a_256, DT, DOT_F32, BLOCK_N, BLOCK_K, KPERM)
             if DOT_F32 or x.dtype == tl.float32:  # interpreter bf16 (triton-lang/triton#11584) or fp32 x
                 x = x.to(tl.float32)
                 c = c.to(tl.float32)
@@ -348,14 +427,20 @@ def _packed_matmul_kernel(
             if PER_CHANNEL:
                 acc = _gemm_dot(x, c, acc)
                 if HAS_ZERO:
-                    xs_acc = _gemm_dot(x, ones, xs_acc)
+                    if XSUM_MMA:
+                        xs_acc = _gemm_dot(x, ones, xs_acc)
+                    else:
+                        xacc += x.to(tl.float32)
             else:
                 # one scale group per tile (BLOCK_K divides group_size): scale applied once per tile
                 part = _gemm_dot(x, c, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32))
                 s, z = _tile_group_params(scale_ptr, zero_ptr, offs_n, n_mask, (t * BLOCK_K) // group_size, G,
                                           HAS_ZERO)
                 if HAS_ZERO:
-                    xs_t = tl.max(_gemm_dot(x, ones, tl.zeros((BLOCK_M, 16), dtype=tl.float32)), axis=1)
+                    if XSUM_MMA:
+                        xs_t = tl.max(_gemm_dot(x, ones, tl.zeros((BLOCK_M, 16), dtype=tl.float32)), axis=1)
+                    else:
+                        xs_t = tl.sum(x.to(tl.float32), axis=1)
                     part = part - xs_t[:, None] * z[None, :]
                 acc += part * s[None, :]
     if PER_CHANNEL:  # the per-channel scale (and zero point) applied ONCE, here, not per K step
@@ -367,7 +452,10 @@ def _packed_matmul_kernel(
             else:
                 out = acc.to(tl.float32) - xsum[:, None] * code_offset
         elif HAS_ZERO:
-            out = acc - tl.max(xs_acc, axis=1)[:, None] * z[None, :]
+            if XSUM_MMA:
+                out = acc - tl.max(xs_acc, axis=1)[:, None] * z[None, :]
+            else:
+                out = acc - tl.sum(xacc, axis=1)[:, None] * z[None, :]
         else:
             out = acc
         out = out * s[None, :]
@@ -417,8 +505,8 @@ def _packed_dequant_kernel(qw_ptr, scale_ptr, zero_ptr, w_ptr, N, K, G, group_si
     row_words = stride_qn // 4
     w_rows = qw_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + offs_n.to(tl.int64)[:, None] * row_words
     w = tl.load(w_rows + offs_w[None, :], mask=n_mask[:, None] & (offs_w < row_words)[None, :], other=0)
-    c = _gemm_dequant(w, magic, (-256.0).to(tl.float16), (-64.0).to(tl.float16), (-16.0).to(tl.float16),
-                      (-4.0).to(tl.float16), tl.float16, False, BLOCK_N, BLOCK_K).to(tl.float32)
+    c = _gemm_dequant(w, magic, tl.cast(-256.0, tl.float16), tl.cast(-64.0, tl.float16), tl.cast(-16.0, tl.float16),
+                      tl.cast(-4.0, tl.float16), tl.float16, False, BLOCK_N, BLOCK_K).to(tl.float32)
     g = offs_k // group_size
     mask = n_mask[:, None] & (offs_k < K)[None, :]
     s = tl.load(scale_ptr + offs_n[:, None] * G + g[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -485,15 +573,16 @@ _GEMM_CONFIGS = [_gemm_cfg(*c) for c in [
     (16, 64, 128, 2, 4, 3), (16, 128, 128, 2, 4, 3), (16, 64, 128, 4, 4, 3), (16, 128, 128, 4, 4, 3),
     (16, 32, 128, 4, 4, 3), (16, 64, 256, 4, 4, 3), (16, 64, 128, 8, 4, 3), (16, 128, 256, 2, 4, 3),
     (16, 128, 256, 4, 4, 3), (16, 128, 64, 4, 4, 4), (16, 64, 64, 4, 4, 4), (16, 64, 32, 2, 4, 4),
-    (16, 128, 32, 4, 4, 4),
+    (16, 128, 32, 4, 4, 4), (16, 64, 32, 4, 4, 4),
     # 16 < M <= 64 (BLOCK_M = 64: wgmma; BLOCK_N = 128 with BLOCK_K < 128 does not compile for sm_90 in Triton 3.9)
     (32, 32, 64, 1, 4, 2),  # interpreter config for M > 16
     (64, 64, 128, 1, 4, 3), (64, 128, 128, 1, 4, 3), (64, 128, 128, 2, 4, 3), (64, 64, 128, 2, 4, 3),
     (64, 64, 128, 4, 4, 3), (64, 128, 128, 4, 4, 3), (64, 64, 128, 8, 4, 3), (64, 128, 256, 2, 4, 3),
     (64, 128, 256, 4, 4, 3), (32, 128, 128, 1, 4, 3), (32, 128, 128, 2, 4, 3), (64, 64, 64, 4, 4, 4),
-    (64, 64, 32, 4, 4, 4), (64, 64, 32, 2, 4, 4),
-    # M > 64 (wgmma on Hopper)
-    (128, 128, 64, 1, 8, 3), (128, 128, 128, 1, 8, 3), (128, 256, 64, 1, 8, 3), (64, 256, 64, 1, 4, 4),
+    (64, 64, 32, 4, 4, 4), (64, 64, 32, 2, 4, 4), (64, 64, 32, 1, 4, 4), (32, 64, 32, 2, 4, 4),
+    (32, 64, 32, 1, 4, 4), (32, 32, 32, 2, 4, 4),
+    # M > 64 (wgmma on Hopper; 128 x 256 x 64 does not compile for sm_90 in Triton 3.9)
+    (128, 128, 64, 1, 8, 3), (128, 128, 128, 1, 8, 3), (64, 256, 64, 1, 4, 4),
     (128, 64, 128, 1, 4, 3), (256, 128, 64, 1, 8, 3), (128, 128, 32, 1, 8, 4), (128, 64, 32, 1, 4, 4),
 ]]
 _GEMV_MAX_ELEMS = 16384  # BLOCK_M * BLOCK_N * BLOCK_K of the FMA broadcast (register budget)
@@ -619,7 +708,17 @@ def _alloc(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-_DEQUANT_MATMUL_MIN_M = 1024  # from here on (16-bit x): dequantize once + cuBLAS; see _launch_gemm
+_DEQUANT_MATMUL_MIN_M = 1024  # from here on, some calls dequantize once + cuBLAS: see _dequant_dispatch
+
+
+def _dequant_dispatch(M: int, x_dtype: torch.dtype, has_zero: bool, G: int) -> bool:
+    """Large M: fused kernel or dequantize + cuBLAS, whichever the static model predicts faster (module docstring):
+    the fused kernel is MMA-bound (~1.0x cuBLAS) except with per-group zero points (~0.76x: the x @ ones row sums
+    and per-group corrections do not hide behind the MMA), where dequantize + cuBLAS predicts 0.94x.  fp32 x has
+    no fp32 tensor-core path worth fusing; W2A8 (int8 x) always fuses (int8 MMA, no cuBLAS equivalent with groups)."""
+    if M < _DEQUANT_MATMUL_MIN_M or x_dtype == torch.int8:
+        return False
+    return x_dtype == torch.float32 or (has_zero and G > 1)
 _split_k_locks: Dict[str, torch.Tensor] = {}
 
 
@@ -656,7 +755,7 @@ def _dequant_matmul(x, qweight, scale, zero_point, bias, co, N, K, G, gs) -> tor
 def _launch_gemm(x, x_scale, qweight, scale, zero_point, bias, code_offset, M, N, K, G, gs, out_dtype,
                  config: Optional[Dict] = None) -> torch.Tensor:
     co = 0.0 if code_offset is None else float(code_offset)
-    if x_scale is None and config is None and M >= _DEQUANT_MATMUL_MIN_M and N > 0:
+    if x_scale is None and config is None and N > 0 and _dequant_dispatch(M, x.dtype, zero_point is not None, G):
         return _dequant_matmul(x, qweight, scale, zero_point, bias, co, N, K, G, gs)
     y = _alloc((M, N), out_dtype, x.device)
     if N == 0:
@@ -757,7 +856,7 @@ def packed_matmul_a8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor
 # ---- static-analysis launch descriptors (issue #10: pyquant.bench.static compiles and counts these) -------------
 _STATIC_FORMATS = {"twn": 1.0, "absmean": 1.0, "seq3": 1.0, "seq4": 1.5, "int2-sym": 2.0, "int2-asym": None}
 _STATIC_X = {"bf16": (torch.bfloat16, "*bf16", 2), "fp16": (torch.float16, "*fp16", 2), "int8": (torch.int8, "*i8", 1)}
-_H100_SMEM = 232448  # sm_90 opt-in shared memory per block (bytes): the pruning limit the GPU would apply
+_SM90_SMEM = 232448  # sm_90 opt-in shared memory per block (bytes): the pruning limit the GPU would apply
 
 
 def _static_gemm_call(M, N, K, G, gs, has_zero, co, x_dtype, c) -> Dict:
@@ -829,8 +928,8 @@ def _static_dequant_call(M, N, K, G, gs, has_zero, co, x_dtype) -> Dict:
 def _static_launches_gemm(M: int, N: int, K: int, fmt: str, group_size: Optional[int], x_dtype: str = "bf16",
                           path: Optional[str] = None) -> List[Dict]:
     """Descriptors (schema: issue #10's static tool) of every call the launcher could make for M > 8: each GEMM
-    config the autotuner may choose after pruning on an sm_90 GPU, or, for 16-bit x and M >= 1024, the dequantize
-    + cuBLAS pair it dispatches to.  ``path="fused"`` / ``"dequant+cublas"`` forces one path (the comparison the
+    config the autotuner may choose after pruning on an sm_90 GPU, or the dequantize + cuBLAS pair where
+    ``_dequant_dispatch`` picks it.  ``path="fused"`` / ``"dequant+cublas"`` forces one path (the comparison the
     module docstring reports)."""
     if fmt not in _STATIC_FORMATS:
         raise ValueError(f"fmt={fmt!r}: expected one of {sorted(_STATIC_FORMATS)}")
@@ -845,7 +944,7 @@ def _static_launches_gemm(M: int, N: int, K: int, fmt: str, group_size: Optional
     G = 1 if group_size is None else K // group_size
     gs = K if group_size is None else group_size
     if path is None:
-        path = "dequant+cublas" if x_dtype != "int8" and M >= _DEQUANT_MATMUL_MIN_M else "fused"
+        path = "dequant+cublas" if _dequant_dispatch(M, _STATIC_X[x_dtype][0], has_zero, G) else "fused"
     if path == "dequant+cublas":
         if x_dtype == "int8":
             raise ValueError("W2A8 (x_dtype='int8') always runs the fused int8 kernel")
@@ -853,5 +952,5 @@ def _static_launches_gemm(M: int, N: int, K: int, fmt: str, group_size: Optional
     if path != "fused":
         raise ValueError(f"path={path!r}: expected None, 'fused' or 'dequant+cublas'")
     cands = _gemm_candidates(_GEMM_CONFIGS, K, G, gs, min(_next_pow2(M), _M_BUCKET_CAP), _STATIC_X[x_dtype][2],
-                             _H100_SMEM)
+                             _SM90_SMEM)
     return [_static_gemm_call(M, N, K, G, gs, has_zero, co, x_dtype, c) for c in cands]

@@ -126,6 +126,151 @@ def test_kernel_configs(M, config, fmt, dtype, poison):
     assert_close_to(y, reference.packed_matmul(x, qw, s, z, b, K, co), dtype)
 
 
+# (shift of the int32 word, mask, multiplier) per code e = 0..7 of each 16-bit half, as in kernels' _gemm_dequant
+_MAGIC_TABLE = {
+    torch.bfloat16: [(-2, 0x000C000C, 0.25), (-2, 0x00300030, 0.0625), (2, 0x000C000C, 0.25), (2, 0x00300030, 0.0625),
+                     (6, 0x000C000C, 0.25), (6, 0x00300030, 0.0625), (10, 0x000C000C, 0.25),
+                     (10, 0x00300030, 0.0625)],
+    torch.float16: [(-2, 0x000C000C, 0.25), (-2, 0x00300030, 0.0625), (-2, 0x00C000C0, 2.0**-6),
+                    (-2, 0x03000300, 2.0**-8), (6, 0x000C000C, 0.25), (6, 0x00300030, 0.0625),
+                    (6, 0x00C000C0, 2.0**-6), (6, 0x03000300, 2.0**-8)],
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_magic_number_dequant_is_exact_for_every_code(dtype):
+    """The GEMM's bit trick, on the host: codes OR'ed into the mantissa of two 16-bit floats per 32-bit word, then
+    v * 4**-p + add gives c - z EXACTLY for every code in every position of both halves, every z the formats use,
+    with one rounding (the HFMA2) or two (mul then add, as here in torch's own bf16/fp16 arithmetic)."""
+    k = _kern()
+    magic, big = (k._BF16_MAGIC, 128.0) if dtype == torch.bfloat16 else (k._FP16_MAGIC, 1024.0)
+    codes = torch.arange(16)
+    for e, (shift, mask, mul) in enumerate(_MAGIC_TABLE[dtype]):
+        # every (low code, high code) pair at code position e of the two halves of one word
+        lo, hi = codes % 4, codes // 4
+        w = (lo << (2 * e)) | (hi << (16 + 2 * e)) | (torch.randint(0, 2**14, (16,)) & ~((3 << (2 * e))
+                                                                                        | (3 << (16 + 2 * e))))
+        # int64 stands in for the int32 word: the kernel's arithmetic right shift only differs above bit 25, and
+        # no mask reads those bits
+        s = (w >> shift) if shift > 0 else (w << -shift)
+        u = ((s & mask) | magic).to(torch.int64)
+        halves = torch.stack([u & 0xFFFF, (u >> 16) & 0xFFFF], 1).to(torch.int32).to(torch.int16)
+        v = halves.view(dtype)  # the two 16-bit floats of the word
+        for z in (0.0, 1.0, 1.5, 2.0):
+            add = -(big * mul + z)
+            assert torch.tensor(add, dtype=dtype).item() == add  # the FMA's addend is representable
+            want = torch.stack([lo, hi], 1).float() - z
+            got_torch = v * torch.tensor(mul, dtype=dtype) + torch.tensor(add, dtype=dtype)
+            assert torch.equal(got_torch.float(), want), (dtype, e, z)
+            assert torch.equal((v.double() * mul + add).float(), want)  # the fused (one rounding) result
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt", ["twn", "seq4", "int2-sym", "int2-asym"])
+@pytest.mark.parametrize("dtype,block_m", [(torch.float16, 64), (torch.bfloat16, 64), (torch.int8, 64),
+                                           (torch.float16, 16), (torch.bfloat16, 16)])  # 16: K-permuted path
+def test_gemm_dequantizes_every_weight_exactly(fmt, dtype, block_m, poison):
+    """x = identity rows: the GEMM returns the dequantized weight itself, bit for bit (each output is ONE product),
+    which pins the word layout of the magic-number path (16-bit x) and of the int8 code path (W2A8)."""
+    N, K = 24, 64
+    qw, s, z, co, _ = make_weight(N, K, fmt, None)
+    s = torch.ones_like(s)
+    if z is not None:  # zero points on a 1/8 grid: every c - z is exact in the output dtype (no final rounding)
+        z = (z.float() * 8).round().div(8).to(z.dtype)
+    w = reference.dequantize_packed(qw, s, z, K, co)  # fp32 (c - z)
+    eye = torch.eye(K, device=DEV)
+    k = _kern()
+    cfg = dict(BLOCK_M=block_m, BLOCK_N=16, BLOCK_K=64, GROUP_M=8, SPLIT_K=1)
+    if dtype == torch.int8:  # the W2A8 kernel on int8 x with unit row scales
+        y = k._launch(eye.to(torch.int8), torch.ones(K, device=DEV), qw, s, z, None, co, K, N, K, 1, K,
+                      torch.float16, cfg)
+        assert torch.equal(y, w.t().to(torch.float16))
+    else:
+        y = k.packed_matmul(eye.to(dtype), qw, s, z, None, K, co, config=cfg)
+        assert torch.equal(y, w.t().to(dtype))
+
+
+@needs_kernels
+def test_split_k_reduction_is_fused_and_repeatable(poison):
+    """Split-K sums its partial tiles inside the kernel (last program to arrive reduces): repeated calls on fresh
+    inputs stay right with a NaN-poisoned workspace, and every arrival counter is back at 0 afterwards."""
+    k = _kern()
+    N, K = 40, 256
+    qw, s, z, co, _ = make_weight(N, K, "int2-asym", 64)
+    for M, cfg, reps in [(16, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, GROUP_M=8, SPLIT_K=3), 2),  # 3rd split: no tile
+                         (40, dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, SPLIT_K=4), 1)]:
+        for _ in range(reps):
+            x = torch.randn(M, K, device=DEV).half()
+            b = torch.randn(N, device=DEV).half()
+            y = k.packed_matmul(x, qw, s, z, b, K, co, config=cfg)
+            assert_close_to(y, reference.packed_matmul(x, qw, s, z, b, K, co), torch.float16)
+    locks = k._split_k_locks[str(torch.device(DEV))]
+    assert int(locks.abs().sum()) == 0
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt,group,dtype,dequant", [("twn", None, torch.bfloat16, False),
+                                                     ("int2-asym", 64, torch.float16, True),
+                                                     ("seq4", 32, torch.float32, True)])
+def test_large_m_paths(fmt, group, dtype, dequant, poison, monkeypatch):
+    """M >= 1024: per-group zero points (and fp32 x) dequantize once + torch.matmul (cuBLAS on a GPU), the rest
+    stays on the fused kernel (the faster-predicted path for each)."""
+    k = _kern()
+    calls = []
+    real = k._dequant_matmul
+    monkeypatch.setattr(k, "_dequant_matmul", lambda *a: calls.append(1) or real(*a))
+    M, N, K = k._DEQUANT_MATMUL_MIN_M + 3, 20, 128
+    qw, s, z, co, _ = make_weight(N, K, fmt, group)
+    x = torch.randn(M, K, device=DEV).to(dtype)
+    b = torch.randn(N, device=DEV).to(dtype)
+    with use_backend("triton"):
+        y = packed_matmul(x, qw, s, z, b, in_features=K, code_offset=co)
+    assert calls == ([1] if dequant else [])
+    # dequantize + cuBLAS rounds W once to x's dtype: within the dtype's tolerance of the fp32 reference
+    assert_close_to(y, reference.packed_matmul(x, qw, s, z, b, K, co), dtype)
+
+
+@pytest.mark.parametrize("M", [16, 64, 4096])
+@pytest.mark.parametrize("fmt,group,x_dtype", [("twn", None, "bf16"), ("int2-asym", 128, "bf16"),
+                                               ("seq4", 128, "int8"), ("int2-sym", None, "fp16")])
+def test_static_launch_descriptors_gemm(M, fmt, group, x_dtype):
+    """The static tool's view of the GEMM: one call per config the autotuner could choose on an sm_90 GPU (or the
+    dequantize + cuBLAS pair for large M), with the launch geometry and traffic the tool needs."""
+    pytest.importorskip("triton")
+    k = _kern()
+    N, K = 4096, 14336
+    calls = k._static_launches_gemm(M, N, K, fmt, group, x_dtype)
+    assert calls
+    if M >= k._DEQUANT_MATMUL_MIN_M and fmt == "int2-asym" and group is not None and x_dtype != "int8":
+        (call,) = calls
+        deq, gemm = call["launches"]
+        assert deq["triton"]["fn"] is k._packed_dequant_kernel and gemm["library"]["name"] == "cublas"
+        assert gemm["mma_flops"] == 2 * M * N * K and deq["bytes"] >= N * K * 2
+        calls = k._static_launches_gemm(M, N, K, fmt, group, x_dtype, path="fused")
+    seen = set()
+    for call in calls:
+        assert call["backend"] == "triton" and call["config"] not in seen
+        seen.add(call["config"])
+        (ln,) = call["launches"]
+        tr = ln["triton"]
+        assert tr["fn"] is k._packed_matmul_kernel
+        assert set(tr["signature"]) == set(tr["fn"].arg_names)
+        assert all(tr["signature"][a] == "constexpr" for a in tr["constexprs"])
+        c = tr["constexprs"]
+        assert c["PER_CHANNEL"] == (group is None) and c["X_INT8"] == (x_dtype == "int8")
+        assert c["HAS_ZERO"] == (fmt == "int2-asym")
+        assert group is None or group % c["BLOCK_K"] == 0
+        assert ln["grid"][0] == -(-M // c["BLOCK_M"]) * -(-N // c["BLOCK_N"]) and ln["grid"][1] == c["SPLIT_K"]
+        assert ln["threads_per_cta"] == 32 * tr["num_warps"]
+        assert ln["loop_trips"] == pytest.approx(-(-K // c["BLOCK_K"]) / c["SPLIT_K"])
+        assert ln["weights"] == N * K and ln["bytes"] > N * K // 4 and ln["mma_flops"] >= 2 * M * N * K
+        assert ("ws_ptr" in c) == (c["SPLIT_K"] == 1)  # the workspace exists only for split-K
+    with pytest.raises(ValueError, match="fmt="):
+        k._static_launches_gemm(M, N, K, "int4", None)
+    with pytest.raises(ValueError, match="M=4"):
+        k._static_launches_gemm(4, N, K, "twn", None)
+
+
 @needs_kernels
 @pytest.mark.parametrize("M,config", [
     (3, dict(BLOCK_N=16, BLOCK_K=256, SPLIT_K=1)),
@@ -175,6 +320,8 @@ def test_non_contiguous_and_3d_x(poison):
     (4, 33, 256, 64, "int2-asym", torch.bfloat16, False),
     (12, 24, 128, 64, "absmean", torch.bfloat16, True),
     (20, 40, 192, 32, "seq4", torch.float16, True),
+    (17, 30, 200, None, "int2-asym", torch.bfloat16, True),  # per-channel: int32 accumulation over all of K
+    (40, 33, 128, None, "seq4", torch.float16, False),
 ])
 def test_w2a8_matches_reference(M, N, K, group, fmt, dtype, has_bias, poison):
     qw, s, z, co, _ = make_weight(N, K, fmt, group)
@@ -270,7 +417,7 @@ def test_kernel_launcher_checks_constraints():
 
 
 @pytest.mark.parametrize("group", [32, 64, 128, None])
-@pytest.mark.parametrize("m_bucket", [16, 32, 4096])
+@pytest.mark.parametrize("m_bucket", [16, 32, 64, 4096])
 def test_gemm_autotune_pruning(monkeypatch, group, m_bucket):
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the GPU's pruning: every valid config, not the single one
@@ -283,9 +430,15 @@ def test_gemm_autotune_pruning(monkeypatch, group, m_bucket):
     for c in keep:
         bm, bk, sk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.kwargs["SPLIT_K"]
         assert G == 1 or group % bk == 0
-        assert (bm == 16) if m_bucket <= 16 else (bm > 16 and bm <= max(32, m_bucket) and sk == 1)
-        assert (c.pre_hook is not None) == (sk > 1)  # split-K configs zero their workspace
-    if m_bucket <= 16:
+        if m_bucket <= 16:
+            assert bm == 16
+        elif m_bucket <= 64:
+            assert 16 < bm <= max(32, m_bucket)
+        else:
+            assert bm >= 64 and sk == 1
+        assert c.pre_hook is None  # split-K reduces inside the kernel: no workspace memset per call
+        assert -(-K // bk) >= 2 * sk
+    if m_bucket <= 64:
         assert any(c.kwargs["SPLIT_K"] > 1 for c in keep)
 
 
@@ -358,13 +511,29 @@ def build(fn, consts, types=(), warps=4, stages=2):
         print("no ptxas:", e); sys.exit(3)
 base = dict(HAS_ZERO=True, HAS_BIAS=False, X_INT8=False, xs_ptr=None, bias_ptr=None)
 build(K._packed_gemv_kernel, dict(base, BLOCK_M=2, BLOCK_N=32, BLOCK_K=128, SPLIT_K=4))
-build(K._packed_matmul_kernel, dict(HAS_ZERO=False, zero_ptr=None, HAS_BIAS=True, X_INT8=False, xs_ptr=None,
-      DOT_F32=False, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, SPLIT_K=2), [("x_ptr", "*fp16")], 4, 4)
-build(K._packed_matmul_kernel, dict(base, DOT_F32=False, ws_ptr=None, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64,
-      GROUP_M=8, SPLIT_K=1), (), 8, 3)
-build(K._packed_matmul_kernel, dict(HAS_ZERO=True, HAS_BIAS=False, bias_ptr=None, X_INT8=True, DOT_F32=False,
-      ws_ptr=None, BLOCK_M=64,
-      BLOCK_N=64, BLOCK_K=64, GROUP_M=8, SPLIT_K=1), [("x_ptr", "*i8"), ("xs_ptr", "*fp32")])
+# GEMM variants, built from the static-analysis descriptors (so those compile too): mma.sync + split-K, wgmma
+# BLOCK_K = 256, W2A8 int8 MMA per group, asymmetric fp16 wgmma at large M, the large-M dequantize kernel
+def build_call(call):
+    for ln in call["launches"]:
+        tr = ln.get("triton")
+        if tr is None:
+            continue
+        fn = tr["fn"]
+        attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in tr["divisibility"]}
+        src = ASTSource(fn=fn, signature=tr["signature"], constexprs=tr["constexprs"], attrs=attrs)
+        triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                       options=dict(num_warps=tr["num_warps"], num_stages=tr["num_stages"]))
+def pick(calls, **want):
+    for c in calls:
+        if all(f"{k}={v}" in c["config"].split() for k, v in want.items()):
+            return c
+    raise SystemExit(f"no config {want} among {[c['config'] for c in calls]}")
+S = K._static_launches_gemm
+build_call(pick(S(16, 4096, 4096, "twn", None), BLOCK_N=128, BLOCK_K=128, SPLIT_K=4))
+build_call(pick(S(64, 4096, 4096, "seq4", None), BLOCK_M=64, BLOCK_K=256, SPLIT_K=2))
+build_call(pick(S(64, 1024, 4096, "int2-asym", 128, "int8"), BLOCK_M=64, SPLIT_K=2))
+build_call(pick(S(300, 1024, 4096, "int2-asym", 64, "fp16"), BLOCK_M=128, BLOCK_N=128, BLOCK_K=64))
+build_call(S(4096, 1024, 4096, "int2-asym", 128)[0])
 build(K._packed_matmul_a8_quant_kernel, dict(BLOCK_K=1024))
 print("ok")
 """
@@ -398,7 +567,7 @@ def _cuda_ext_module():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-@pytest.mark.parametrize("M", [1, 3, 8, 16, 17, 64, 300])
+@pytest.mark.parametrize("M", [1, 3, 8, 16, 17, 64, 300, 1100])
 @pytest.mark.parametrize("fmt,group,dtype", [("twn", None, torch.bfloat16), ("int2-asym", 128, torch.float16),
                                              ("seq4", 64, torch.bfloat16), ("absmean", 32, torch.float16)])
 def test_gpu_backends_match_reference(backend, M, fmt, group, dtype):
@@ -429,6 +598,14 @@ def test_gpu_w2a8_and_wrong_device():
     assert_close_to(y, reference.packed_matmul_a8(x, qw, s, z, None, 1024, co), torch.bfloat16)
     with pytest.raises(ValueError, match="x is on cpu"):
         packed_matmul(x.cpu(), qw, s, z, None, in_features=1024, code_offset=co)
+    # the int8-MMA GEMM: split-K and wgmma configs, per channel and per group, every format family
+    for fmt, group in (("int2-asym", None), ("seq4", 128), ("twn", None)):
+        qw, s, z, co, _ = make_weight(1000, 4096 - 512, fmt, group, device="cuda")
+        for m in (16, 64, 300, 1100):
+            x = torch.randn(m, 4096 - 512, device="cuda", dtype=torch.bfloat16)
+            with use_backend("triton"):
+                y = packed_matmul_a8(x, qw, s, z, None, in_features=4096 - 512, code_offset=co)
+            assert_close_to(y, reference.packed_matmul_a8(x, qw, s, z, None, 4096 - 512, co), torch.bfloat16)
 
 
 # ---- the benchmark's CPU-side code (GPU numbers come only from a GPU run) ------------------------------------------
