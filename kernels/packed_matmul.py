@@ -100,54 +100,277 @@ def _dot(a, b):
         return tl.dot(a, b)
 
 
-# ---- GEMV: M <= 8, CUDA-core FMAs, split-K ------------------------------------------------------------------
+# ---- GEMV: M <= 8, packed half2 math on CUDA cores, K in registers, fused split-K ---------------------------------
+# Why this shape (judged by the sm_90 SASS, see benchmarks/sass_gemv.py):
+# * K stays inside a thread.  A thread owns ROWS_PER_THREAD pairs of output rows and walks its K range 128 weights
+#   (two 16-byte vectors per row) per iteration; the only cross-thread step is none at all: the K split is over
+#   programs, and a row's partial sum lives in one thread from the first K tile to the epilogue.  (The old kernel
+#   reduced a [BM, BN, BK] broadcast across lanes every K step: 1.5-7 shuffles per weight.)
+# * Magic-number dequantization, two weights per 32-bit op.  Rows n and n + BLOCK_N/2 are paired: one PRMT-able
+#   merge puts 8 codes of row A in the low 16 bits and the same 8 k of row B in the high 16 bits; then per code
+#   position ``((comb >> sh) & (3 << 2e) * 0x10001) | magic`` (ONE LOP3: the magic constant is a kernel argument, so
+#   it sits in a register and the mask is the single immediate) is an fp16x2 / bf16x2 pair ``magic + c * 4^e``;
+#   one HFMA2 ``v * 4^-e - (magic * 4^-e + OFF)`` gives ``c - OFF`` exactly for both rows (every constant is exact:
+#   fp16 magic 1024 / bf16 magic 128 have ulp 1, the scaled magics 256, 64, ... keep it).  No per-weight convert.
+# * Products as packed half2 math with x broadcast from a register half (``.H0_H0``): one HFMA2 per two weights per
+#   row of x, so a dequantized pair is reused for all M rows in registers.
+# * Accuracy: the 16-bit partial sum of one lane covers at most LANE_RUN (8) products of x * (c - OFF),
+#   |c - OFF| <= 2, then is flushed into an fp32 accumulator (with the group scale in the same FFMA).  Measured by
+#   simulation against the fp32 reference at K = 4096 (benchmarks/sass_gemv.py --precision): max error / max|ref|
+#   4.5e-3 (bf16) and 4.5e-4 (fp16), 0.36x / 0.34x of the tests' tolerances; the fp16 partial cannot overflow
+#   unless |x| > 65504 / (2 * LANE_RUN) = 4094.  Codes are centred on OFF (1 for ternary formats, 2 otherwise) and the
+#   remaining offset ``(OFF - z) * sum(x)`` (asymmetric formats, and seq 2-bit with z = 1.5) is added once per scale
+#   group in fp32 from a 16-bit sum of x.
+# * Scales once per group (in the flush FFMA), per-channel scales once in the epilogue.
+# * Split-K is fused: each program writes its fp32 partial to a persistent workspace, bumps a per-N-tile counter
+#   (acq_rel atomic after a CTA barrier), and the last program of the tile sums the partials in split order
+#   (deterministic), adds the bias, stores y and re-arms the counter to 0.  No memset or cast kernel per call, and no
+#   workspace at all when SPLIT_K == 1.
+@triton.jit
+def _gemv_load_words(ptrs, mask, H: tl.constexpr, EVEN_K: tl.constexpr, w0, stride_w):
+    """One 16-byte vector per row ([H, 4] uint32, a whole row segment per thread, so the compiler keeps it in one
+    thread) -> tuple of its 4 words as [H] tensors (register-only splits of the in-thread dimension)."""
+    if EVEN_K:
+        w = tl.load(ptrs + w0, mask=mask, other=0)
+    else:
+        w = tl.load(ptrs + w0, mask=mask & (w0 + tl.arange(0, 4) < stride_w)[None, :], other=0)
+    a, b = tl.split(tl.reshape(w, (H, 2, 2)))  # words (0, 2), (1, 3)
+    w0_, w2_ = tl.split(a)
+    w1_, w3_ = tl.split(b)
+    return (w0_, w1_, w2_, w3_)
+
+
+@triton.jit
+def _gemv_dequant_pair(comb, p: tl.constexpr, magic, OFF: tl.constexpr, X_BF16: tl.constexpr,
+                       MATH_F32: tl.constexpr):
+    """Codes at position ``p`` (bits 2p and 16 + 2p) of ``comb`` -> [H, 2] (c - OFF) for (row A, row B), exact.
+
+    fp16: magic 1024 (ulp 1) holds ``c * 4^e`` for e <= 4: positions 0..4 unshifted, 5..7 after one shift by 10.
+    bf16: magic 128 holds e <= 2: positions 0..2, 3..5 (shift 6), 6..7 (shift 12).
+    MATH_F32 (interpreter, bf16 only: it cannot do bf16 arithmetic) takes the same exact values to fp32 first."""
+    if X_BF16:
+        sh: tl.constexpr = (p // 3) * 6
+        dt: tl.constexpr = tl.bfloat16
+        mag: tl.constexpr = 128.0
+    else:
+        sh: tl.constexpr = (p // 5) * 10
+        dt: tl.constexpr = tl.float16
+        mag: tl.constexpr = 1024.0
+    e: tl.constexpr = p - sh // 2
+    mask: tl.constexpr = (3 << (2 * e)) * 0x10001
+    scl: tl.constexpr = 1.0 / (1 << (2 * e))
+    bias: tl.constexpr = -(mag * scl) - OFF
+    if sh == 0:
+        v = (comb & mask) | magic
+    else:
+        v = ((comb >> sh) & mask) | magic
+    lo = (v & 0xFFFF).to(tl.uint16).to(dt, bitcast=True)
+    hi = (v >> 16).to(tl.uint16).to(dt, bitcast=True)
+    vv = tl.join(lo, hi)
+    if MATH_F32:
+        vv = vv.to(tl.float32)
+    return tl.fma(vv, scl, bias)
+
+
+@triton.jit
+def _gemv_x8(x_row, k, K, EVEN_K: tl.constexpr, MATH_F32: tl.constexpr):
+    """x[k : k + 8] of one row (one 16-byte load, whole in every thread) -> (tuple of 8 scalars, [8] vector).
+    The splits only name register halves, so each scalar reaches its HFMA2 as a ``.H0_H0`` / ``.H1_H1`` operand."""
+    offs = k + tl.arange(0, 8)
+    if EVEN_K:
+        v = tl.load(x_row + offs)
+    else:
+        v = tl.load(x_row + offs, mask=offs < K, other=0.0)
+    if MATH_F32:
+        v = v.to(tl.float32)
+    a, b = tl.split(tl.reshape(v, (4, 2)))  # (0, 2, 4, 6), (1, 3, 5, 7)
+    a0, a1 = tl.split(tl.reshape(a, (2, 2)))  # (0, 4), (2, 6)
+    b0, b1 = tl.split(tl.reshape(b, (2, 2)))  # (1, 5), (3, 7)
+    x0, x4 = tl.split(a0)
+    x2, x6 = tl.split(a1)
+    x1, x5 = tl.split(b0)
+    x3, x7 = tl.split(b1)
+    return (x0, x1, x2, x3, x4, x5, x6, x7), v
+
+
+@triton.jit
+def _gemv_vsum8(v):
+    """Sum of an [8] 16-bit vector: pairwise in 16 bits (packed adds), the last add in fp32."""
+    a, b = tl.split(tl.reshape(v, (4, 2)))
+    a, b = tl.split(tl.reshape(a + b, (2, 2)))
+    a, b = tl.split(a + b)
+    return a.to(tl.float32) + b.to(tl.float32)
+
+
+@triton.jit
+def _gemv_group_params(scale_ptr, zero_ptr, rows, rmask, g, G, HAS_ZERO: tl.constexpr, zc):
+    """fp32 [H, 2] scale s and offset factor s * (OFF - z) of scale group g for the row pairs."""
+    ra, rb = tl.split(rows)
+    ma, mb = tl.split(rmask)
+    sa = tl.load(scale_ptr + ra * G + g, mask=ma, other=0.0).to(tl.float32)
+    sb = tl.load(scale_ptr + rb * G + g, mask=mb, other=0.0).to(tl.float32)
+    s = tl.join(sa, sb)
+    if HAS_ZERO:
+        za = tl.load(zero_ptr + ra * G + g, mask=ma, other=0.0).to(tl.float32)
+        zb = tl.load(zero_ptr + rb * G + g, mask=mb, other=0.0).to(tl.float32)
+        t = s * (zc - tl.join(za, zb))  # zc = OFF here
+    else:
+        t = s * zc  # zc = OFF - z (0 unless seq 2-bit)
+    return s, t
+
+
 @triton.jit
 def _packed_gemv_kernel(
-    x_ptr, xs_ptr, qw_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr, ws_ptr,
-    M, N, K, G, group_size, code_offset,
+    x_ptr, xs_ptr, qw_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
+    N, K, G, zc, magic,
     stride_xm, stride_qn, stride_ym,
-    HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, X_INT8: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    HAS_ZERO: tl.constexpr, HAS_ZC: tl.constexpr, HAS_BIAS: tl.constexpr, X_SCALED: tl.constexpr,
+    X_BF16: tl.constexpr, OFF: tl.constexpr, PER_CHANNEL: tl.constexpr, GS16: tl.constexpr,
+    EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr,
+    LANE_RUN: tl.constexpr, SPLIT_K: tl.constexpr, MATH_F32: tl.constexpr,
 ):
+    """y[:M, n0:n0+BLOCK_N] for M = BLOCK_M rows of x (fp16/bf16, rows 4-byte aligned, even stride).
+
+    Tile = WORDS 32-bit words (16 codes each) per row; rows n0 + i and n0 + BLOCK_N/2 + i share a half2 lane pair.
+    GS16 = group_size // 16.  Scales are applied per block of GROUP_WORDS words that lies inside one group."""
+    H: tl.constexpr = BLOCK_N // 2
+    # words per scale block: the whole tile (per-channel, or the tile inside one group), whole groups per tile, or
+    # one word (a group size such as 48 that neither divides nor is divided by the tile)
+    GROUP_WORDS: tl.constexpr = WORDS if (PER_CHANNEL or GS16 % WORDS == 0) else (
+        GS16 if WORDS % GS16 == 0 else 1)
+    NEED_X: tl.constexpr = HAS_ZERO or HAS_ZC
+    PDT: tl.constexpr = tl.float32 if MATH_F32 else (tl.bfloat16 if X_BF16 else tl.float16)  # partial sums
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
-    m_mask = offs_m < M
-    n_mask = offs_n < N
-    n_tiles = tl.cdiv(K, BLOCK_K)
+    ri = pid_n * BLOCK_N + tl.arange(0, H)
+    rows = tl.join(ri, ri + H)  # [H, 2]: (row A, row B)
+    rmask = rows < N
+    ra, rb = tl.split(rows)
+    stride_w = tl.multiple_of(stride_qn // 4, 4)
+    magic = magic.to(tl.uint32)  # words per packed row: whole 16-byte vectors by the layout
+    qw = qw_ptr.to(tl.pointer_type(tl.uint32))
+    rw = tl.arange(0, 4)
+    wa_ptrs = qw + ra.to(tl.int64)[:, None] * stride_w + rw[None, :]
+    wb_ptrs = qw + rb.to(tl.int64)[:, None] * stride_w + rw[None, :]
+    ma = (ra < N)[:, None]
+    mb = (rb < N)[:, None]
+    n_tiles = tl.cdiv(K, 16 * WORDS)
     per_split = tl.cdiv(n_tiles, SPLIT_K)
     t_begin = pid_k * per_split
     t_end = tl.minimum(t_begin + per_split, n_tiles)
-    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
-    w_rows = qw_ptr + offs_n.to(tl.int64)[:, None] * stride_qn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+
+    acc = ()
+    xsum = ()
+    for m in tl.static_range(BLOCK_M):
+        acc = acc + (tl.zeros((H, 2), dtype=tl.float32),)
+        xsum = xsum + (0.0,)
     for t in range(t_begin, t_end):
-        offs_k = t * BLOCK_K + rk
-        k_mask = offs_k < K
-        x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0).to(tl.float32)
-        c = _load_codes(w_rows, n_mask, t, stride_qn, BLOCK_N, BLOCK_K).to(tl.float32)  # [BLOCK_N, BLOCK_K]
-        s, z = _tile_group_params(scale_ptr, zero_ptr, offs_n, n_mask, (t * BLOCK_K) // group_size, G, HAS_ZERO)
-        if HAS_ZERO:
-            cz = c - z[:, None]
-        else:
-            cz = c - code_offset
-        part = tl.sum(x[:, None, :] * cz[None, :, :], axis=2)  # [BLOCK_M, BLOCK_N]
-        acc += part * s[None, :]
-    if X_INT8:
-        xs = tl.load(xs_ptr + offs_m, mask=m_mask, other=0.0)
-        acc = acc * xs[:, None]
-    if HAS_BIAS:  # added once: by the first K split
-        bias = tl.load(bias_ptr + offs_n, mask=n_mask & ((offs_n * 0 + pid_k) == 0), other=0.0).to(tl.float32)
-        acc += bias[None, :]
-    out_mask = m_mask[:, None] & n_mask[None, :]
+        w0 = t * WORDS
+        wa_w = ()
+        wb_w = ()
+        for v in tl.static_range(WORDS // 4):  # 16-byte vectors per row
+            wa_w = wa_w + _gemv_load_words(wa_ptrs, ma, H, EVEN_K, w0 + 4 * v, stride_w)
+            wb_w = wb_w + _gemv_load_words(wb_ptrs, mb, H, EVEN_K, w0 + 4 * v, stride_w)
+        for gi in tl.static_range(WORDS // GROUP_WORDS):
+            if not PER_CHANNEL:
+                s, tz = _gemv_group_params(scale_ptr, zero_ptr, rows, rmask,
+                                           (w0 + gi * GROUP_WORDS) // GS16, G, HAS_ZERO, zc)
+            gx = ()
+            for m in tl.static_range(BLOCK_M):
+                gx = gx + (0.0,)
+            for q in tl.static_range(GROUP_WORDS):
+                wa_q = wa_w[gi * GROUP_WORDS + q]
+                wb_q = wb_w[gi * GROUP_WORDS + q]
+                kq = (w0 + gi * GROUP_WORDS + q) * 16
+                # x of this word (two 16-byte loads per row of x), reused by every row pair of the thread
+                xs8 = ()
+                xv = ()
+                for m in tl.static_range(BLOCK_M):
+                    lo8, vlo = _gemv_x8(x_ptr + m * stride_xm, kq, K, EVEN_K, MATH_F32)
+                    hi8, vhi = _gemv_x8(x_ptr + m * stride_xm, kq + 8, K, EVEN_K, MATH_F32)
+                    xs8 = xs8 + (lo8 + hi8,)
+                    xv = xv + (vlo + vhi,)
+                part = ()
+                for m in tl.static_range(BLOCK_M):
+                    part = part + (tl.zeros((H, 2), dtype=PDT),)
+                for hf in tl.static_range(2):
+                    if hf == 0:
+                        comb = (wa_q & 0xFFFF) | (wb_q << 16)
+                    else:
+                        comb = (wa_q >> 16) | (wb_q & 0xFFFF0000)
+                    for p in tl.static_range(8):
+                        c = _gemv_dequant_pair(comb, p, magic, OFF, X_BF16, MATH_F32)
+                        new = ()
+                        for m in tl.static_range(BLOCK_M):
+                            new = new + (tl.fma(c, xs8[m][hf * 8 + p], part[m]),)
+                        part = new
+                    if LANE_RUN == 8 or hf == 1:  # flush the 16-bit partials into fp32 (scale in the same FFMA)
+                        new = ()
+                        for m in tl.static_range(BLOCK_M):
+                            if PER_CHANNEL:
+                                new = new + (acc[m] + part[m].to(tl.float32),)
+                            else:
+                                new = new + (tl.fma(part[m].to(tl.float32), s, acc[m]),)
+                        acc = new
+                        part = ()
+                        for m in tl.static_range(BLOCK_M):
+                            part = part + (tl.zeros((H, 2), dtype=PDT),)
+                if NEED_X:  # sum of this word's 16 x per row of x
+                    new = ()
+                    for m in tl.static_range(BLOCK_M):
+                        new = new + (gx[m] + _gemv_vsum8(xv[m]),)
+                    gx = new
+            if NEED_X:
+                if PER_CHANNEL:
+                    new = ()
+                    for m in tl.static_range(BLOCK_M):
+                        new = new + (xsum[m] + gx[m],)
+                    xsum = new
+                else:
+                    new = ()
+                    for m in tl.static_range(BLOCK_M):
+                        new = new + (acc[m] + tz * gx[m],)
+                    acc = new
+
+    # epilogue: per-channel scale and offset, x scale (W2A8), then store or the fused split-K reduction
+    if PER_CHANNEL:
+        s, tz = _gemv_group_params(scale_ptr, zero_ptr, rows, rmask, 0, 1, HAS_ZERO, zc)
+    res = ()
+    for m in tl.static_range(BLOCK_M):
+        r = acc[m]
+        if PER_CHANNEL:
+            r = r * s
+            if NEED_X:
+                r = r + tz * xsum[m]
+        if X_SCALED:
+            r = r * tl.load(xs_ptr + m)
+        res = res + (r,)
     if SPLIT_K == 1:
-        y = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
-        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+        for m in tl.static_range(BLOCK_M):
+            r = res[m]
+            if HAS_BIAS:
+                r = r + bias
+            tl.store(y_ptr + m * stride_ym + rows, r.to(y_ptr.dtype.element_ty), mask=rmask)
     else:
-        ws = ws_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-        tl.atomic_add(ws, acc, mask=out_mask)
+        ws_tile = ws_ptr + pid_n * (SPLIT_K * BLOCK_M * BLOCK_N)
+        lin = tl.join(tl.arange(0, H), tl.arange(0, H) + H)
+        for m in tl.static_range(BLOCK_M):
+            tl.store(ws_tile + (pid_k * BLOCK_M + m) * BLOCK_N + lin, res[m])
+        tl.debug_barrier()  # every thread's partial is written before the (release) counter bump
+        arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:  # the last program of this N tile: reduce in split order, store, re-arm
+            if HAS_BIAS:
+                bias = tl.load(bias_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+            for m in tl.static_range(BLOCK_M):
+                r = tl.zeros((H, 2), dtype=tl.float32)
+                for sk in range(SPLIT_K):
+                    r += tl.load(ws_tile + (sk * BLOCK_M + m) * BLOCK_N + lin, cache_modifier=".cg")
+                if HAS_BIAS:
+                    r = r + bias
+                tl.store(y_ptr + m * stride_ym + rows, r.to(y_ptr.dtype.element_ty), mask=rmask)
+            tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed", scope="gpu")
 
 
 # ---- GEMM: tl.dot on dequantized tiles (split-K allowed for BLOCK_M = 16) ---------------------------------------
@@ -231,7 +454,7 @@ def _packed_matmul_a8_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, TINY, BLOC
         v = tl.load(x_ptr + row * stride_xm + k0 + rk, mask=mask, other=0.0).to(tl.float32)
         q = tl.floor(tl.math.div_rn(v, s) + 0.5)
         q = tl.minimum(tl.maximum(q, -127.0), 127.0)
-        tl.store(q_ptr + row * K + k0 + rk, q.to(tl.int8), mask=mask)
+        tl.store(q_ptr + row * K + k0 + rk, q.to(q_ptr.dtype.element_ty), mask=mask)  # int8, or fp16 (exact)
     tl.store(s_ptr + row, s)
 
 
@@ -246,15 +469,6 @@ def _cfg(split_k: int, num_warps: int, num_stages: int, **kw) -> triton.Config:
                          pre_hook=_zero_ws if split_k > 1 else None)
 
 
-# (BLOCK_N, BLOCK_K, SPLIT_K, warps, stages); the first entry that survives pruning is the interpreter's config.
-_GEMV_CONFIGS = [_cfg(sk, w, st, BLOCK_N=bn, BLOCK_K=bk) for bn, bk, sk, w, st in [
-    (32, 64, 2, 4, 2),
-    (32, 128, 1, 4, 2), (64, 128, 1, 4, 2), (128, 64, 1, 4, 2), (32, 256, 1, 4, 2), (16, 256, 1, 2, 2),
-    (32, 128, 4, 4, 2), (64, 128, 4, 4, 2), (64, 64, 8, 4, 2), (16, 128, 8, 2, 2), (32, 256, 8, 4, 2),
-    (16, 64, 4, 2, 2), (32, 64, 8, 4, 2), (16, 128, 1, 2, 2),
-    # BLOCK_K = 32 for group size 32
-    (64, 32, 1, 4, 2), (128, 32, 1, 4, 2), (64, 32, 4, 4, 2), (32, 32, 8, 2, 2),
-]]
 # (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, warps, stages)
 _GEMM_CONFIGS = [_cfg(sk, w, st, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8) for bm, bn, bk, sk, w, st in [
     (16, 64, 64, 2, 4, 2),  # interpreter config for M <= 16
@@ -269,9 +483,6 @@ _GEMM_CONFIGS = [_cfg(sk, w, st, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8) 
     (32, 64, 32, 1, 4, 4), (32, 128, 32, 1, 4, 4), (32, 256, 32, 1, 8, 4),
     (64, 128, 32, 1, 4, 4), (128, 64, 32, 1, 4, 4), (128, 128, 32, 1, 8, 4), (128, 256, 32, 1, 8, 4),
 ]]
-_GEMV_MAX_ELEMS = 16384  # BLOCK_M * BLOCK_N * BLOCK_K of the FMA broadcast (register budget)
-
-
 @functools.lru_cache(maxsize=None)
 def _max_shared_mem(device_index: int) -> int:
     props = triton.runtime.driver.active.utils.get_device_properties(device_index)
@@ -288,16 +499,6 @@ def _fallback_bk(group_size: int) -> int:
     while bk * 2 <= 256 and group_size % (bk * 2) == 0:
         bk *= 2
     return bk
-
-
-def _prune_gemv(configs: List[triton.Config], named_args: Dict, **kwargs) -> List[triton.Config]:
-    K, G, gs = named_args["K"], named_args["G"], named_args["group_size"]
-    bm = kwargs["BLOCK_M"]
-    keep = [c for c in configs if _k_fits(c.kwargs["BLOCK_K"], K, G, gs)
-            and bm * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= _GEMV_MAX_ELEMS]
-    if not keep:
-        keep = [_cfg(1, 2, 2, BLOCK_N=16, BLOCK_K=min(_fallback_bk(gs), _GEMV_MAX_ELEMS // (16 * bm)))]
-    return keep[:1] if _interpret() else keep
 
 
 def _prune_gemm(configs: List[triton.Config], named_args: Dict, **kwargs) -> List[triton.Config]:
@@ -324,10 +525,118 @@ def _prune_gemm(configs: List[triton.Config], named_args: Dict, **kwargs) -> Lis
     return keep[:1] if _interpret() else keep
 
 
-_gemv = triton.autotune(configs=_GEMV_CONFIGS, key=["BLOCK_M", "N", "K", "G", "HAS_ZERO", "X_INT8"],
-                        prune_configs_by={"early_config_prune": _prune_gemv})(_packed_gemv_kernel)
 _gemm = triton.autotune(configs=_GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "G", "HAS_ZERO", "X_INT8"],
                         prune_configs_by={"early_config_prune": _prune_gemm})(_packed_matmul_kernel)
+
+
+# ---- GEMV configs, pruning, autotuning, workspace ------------------------------------------------------------------
+_GEMV_MAGIC = {torch.float16: 0x64006400, torch.bfloat16: 0x43004300}  # 1024.0 / 128.0 in both 16-bit halves
+
+
+def _gemv_cfg(block_n: int, words: int, warps: int, split_k: int, lane_run: int = 8) -> triton.Config:
+    return triton.Config(dict(BLOCK_N=block_n, WORDS=words, SPLIT_K=split_k, LANE_RUN=lane_run),
+                         num_warps=warps, num_stages=1)
+
+
+# (BLOCK_N, WORDS, warps, SPLIT_K).  BLOCK_N = 2 rows x 32 lanes x warps x ROWS_PER_THREAD; a thread loads WORDS
+# 32-bit words (16 or 32 bytes) per row per K tile.  The first entry that survives pruning is the interpreter's.
+_GEMV_CONFIGS = [_gemv_cfg(*c) for c in [
+    (64, 4, 1, 1),
+    (64, 8, 1, 1), (64, 8, 1, 4), (64, 8, 1, 8), (64, 8, 1, 16), (128, 8, 2, 4), (128, 8, 2, 8), (128, 4, 2, 8),
+    (256, 8, 1, 1), (256, 8, 1, 2), (256, 8, 1, 4), (256, 8, 1, 8), (256, 8, 1, 16),
+    (128, 8, 1, 1), (128, 8, 1, 2), (128, 8, 1, 4), (128, 8, 1, 8), (128, 8, 1, 16),
+    (512, 8, 2, 1), (512, 8, 2, 4), (512, 8, 2, 8), (256, 8, 2, 4), (256, 8, 2, 8),
+    (256, 4, 1, 4), (256, 4, 1, 8), (512, 4, 1, 8), (512, 4, 1, 16),
+]]
+_GEMV_MAX_REGS = 160  # estimated 32-bit registers per thread a config may keep live (ptxas spills above ~255)
+
+
+def _gemv_regs(block_m: int, block_n: int, words: int, warps: int) -> int:
+    """Live registers per thread: packed words, fp32 accumulators and 16-bit partials per row pair, x pairs."""
+    pairs = block_n // (64 * warps)
+    return pairs * (2 * words + block_m * 3) + 8 * block_m + 24
+
+
+def _prune_gemv(configs: List[triton.Config], named_args: Dict, **kwargs) -> List[triton.Config]:
+    K, bm = named_args["K"], kwargs["BLOCK_M"]
+    keep = []
+    for c in configs:
+        bn, words, sk = c.kwargs["BLOCK_N"], c.kwargs["WORDS"], c.kwargs["SPLIT_K"]
+        if _gemv_regs(bm, bn, words, c.num_warps) > _GEMV_MAX_REGS:
+            continue
+        if sk > 1 and triton.cdiv(K, 16 * words) < 2 * sk:  # each split gets >= 2 K tiles
+            continue
+        keep.append(c)
+    if not keep:
+        keep = [_GEMV_CONFIGS[0]]
+    return keep[:1] if _interpret() else keep
+
+
+_gemv = triton.autotune(configs=_GEMV_CONFIGS, key=["BLOCK_M", "N", "K", "G", "HAS_ZERO", "X_BF16", "X_SCALED"],
+                        prune_configs_by={"early_config_prune": _prune_gemv})(_packed_gemv_kernel)
+
+_GEMV_WS: Dict = {}  # device -> (fp32 partials, int32 counters): persistent, grown on demand, never per call
+
+
+def _gemv_workspace(device, n_floats: int, n_counters: int):
+    """Split-K scratch for the fused reduction.  The counters start at 0 and every launch leaves them at 0 (the last
+    program of an N tile re-arms its counter), so they are zeroed once, here, and never again.  One workspace per
+    device: GEMV launches that split K must not run concurrently on two streams of one device."""
+    ws, cnt = _GEMV_WS.get(device, (None, None))
+    if ws is None or ws.numel() < n_floats:
+        ws = torch.empty(max(n_floats, 1 << 16), dtype=torch.float32, device=device)
+    if cnt is None or cnt.numel() < n_counters:
+        cnt = torch.zeros(max(n_counters, 1024), dtype=torch.int32, device=device)
+    _GEMV_WS[device] = (ws, cnt)
+    return ws, cnt
+
+
+def _gemv_meta(x_dtype, zero_point, code_offset, G: int, gs: int) -> Dict:
+    """The constexprs a GEMV launch derives from its operands (shared with ``static_launches``)."""
+    if zero_point is not None:
+        off, zc = 2, 2.0
+    else:
+        off = 1 if float(code_offset) <= 1.0 else 2  # centre the codes: |c - OFF| <= 2 keeps 16-bit partials small
+        zc = off - float(code_offset)
+    return dict(HAS_ZERO=zero_point is not None, HAS_ZC=zero_point is None and zc != 0.0,
+                X_BF16=x_dtype == torch.bfloat16, OFF=off, PER_CHANNEL=G == 1, GS16=0 if G == 1 else gs // 16,
+                zc=float(zc))
+
+
+def _launch_gemv(x, x_scale, qweight, scale, zero_point, bias, code_offset, M, N, K, G, gs, out_dtype,
+                 config: Optional[Dict] = None) -> torch.Tensor:
+    y = _alloc((M, N), out_dtype, x.device)
+    if N == 0:
+        return y
+    meta = _gemv_meta(x.dtype, zero_point, code_offset, G, gs)
+    zc = meta.pop("zc")
+    # the interpreter cannot do bf16 arithmetic (it operates on the bit patterns); there the bf16 kernel takes its
+    # exact dequantized values and x to fp32 (the 16-bit rounding of the GPU path is covered by
+    # tests/test_packed_matmul.py::test_gemv_half2_accumulation_error)
+    common = dict(meta, HAS_BIAS=bias is not None, X_SCALED=x_scale is not None, EVEN_K=K % 128 == 0, BLOCK_M=M,
+                  MATH_F32=meta["X_BF16"] and _interpret())
+    if config is not None:
+        cfgs = [_gemv_cfg(config["BLOCK_N"], config.get("WORDS", 8), config.get("num_warps", 1),
+                          config.get("SPLIT_K", 1), config.get("LANE_RUN", 8))]
+    else:
+        cfgs = _GEMV_CONFIGS
+    # workspace for the largest split any candidate config may use (none when no candidate splits K)
+    need_f = max((triton.cdiv(N, c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_N"] * c.kwargs["SPLIT_K"] * M
+                  for c in cfgs if c.kwargs["SPLIT_K"] > 1), default=0)
+    need_c = max((triton.cdiv(N, c.kwargs["BLOCK_N"]) for c in cfgs if c.kwargs["SPLIT_K"] > 1), default=0)
+    ws, cnt = _gemv_workspace(x.device, need_f, need_c) if need_f else (None, None)
+    if ws is None:  # typed placeholders: SPLIT_K == 1 programs never touch them
+        ws, cnt = y, y
+    args = (x, x_scale, qweight, scale, zero_point, bias, y, ws, cnt, N, K, G, zc, _GEMV_MAGIC[x.dtype],
+            x.stride(0), qweight.stride(0), y.stride(0))
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
+    if config is not None:
+        c = cfgs[0]
+        _packed_gemv_kernel[grid({**common, **c.kwargs})](*args, **common, **c.kwargs, num_warps=c.num_warps,
+                                                         num_stages=c.num_stages)
+    else:
+        _gemv[grid](*args, **common)
+    return y
 
 
 # ---- launchers: check constraints, allocate, launch ---------------------------------------------------------------
@@ -375,6 +684,9 @@ def _alloc(shape, dtype, device) -> torch.Tensor:
 
 def _launch(x, x_scale, qweight, scale, zero_point, bias, code_offset, M, N, K, G, gs, out_dtype,
             config: Optional[Dict] = None) -> torch.Tensor:
+    if M <= GEMV_MAX_M and x.dtype in _GEMV_MAGIC:  # decode: the half2 GEMV (fp32 x takes the GEMM below)
+        return _launch_gemv(x, x_scale, qweight, scale, zero_point, bias, code_offset, M, N, K, G, gs, out_dtype,
+                            config)
     y = _alloc((M, N), out_dtype, x.device)
     if N == 0:
         return y
@@ -382,22 +694,15 @@ def _launch(x, x_scale, qweight, scale, zero_point, bias, code_offset, M, N, K, 
     ws = _alloc((M, N), torch.float32, x.device) if skinny else None
     common = dict(HAS_ZERO=zero_point is not None, HAS_BIAS=bias is not None, X_INT8=x_scale is not None)
     co = 0.0 if code_offset is None else float(code_offset)
-    if M <= GEMV_MAX_M:
-        kernel, block_m = _gemv, _next_pow2(M)
-        args = (x, x_scale, qweight, scale, zero_point, bias, y, ws, M, N, K, G, gs, co,
-                x.stride(0), qweight.stride(0), y.stride(0))
-        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
-        common["BLOCK_M"] = block_m
-    else:
-        kernel = _gemm
-        # the interpreter's tl.dot is wrong for bf16 (triton-lang/triton#11584): there, bf16 tiles are multiplied in
-        # fp32, which gives the same result (bf16 x and small codes have exact fp32 products)
-        common["DOT_F32"] = x_scale is None and x.dtype == torch.bfloat16 and _interpret()
-        m_bucket = min(_next_pow2(M), _M_BUCKET_CAP)
-        args = (x, x_scale, qweight, scale, zero_point, bias, y, ws, M, N, K, G, gs, co, m_bucket,
-                x.stride(0), qweight.stride(0), y.stride(0))
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),  # noqa: E731
-                             meta["SPLIT_K"])
+    kernel = _gemm
+    # the interpreter's tl.dot is wrong for bf16 (triton-lang/triton#11584): there, bf16 tiles are multiplied in
+    # fp32, which gives the same result (bf16 x and small codes have exact fp32 products)
+    common["DOT_F32"] = x_scale is None and x.dtype == torch.bfloat16 and _interpret()
+    m_bucket = min(_next_pow2(M), _M_BUCKET_CAP)
+    args = (x, x_scale, qweight, scale, zero_point, bias, y, ws, M, N, K, G, gs, co, m_bucket,
+            x.stride(0), qweight.stride(0), y.stride(0))
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),  # noqa: E731
+                         meta["SPLIT_K"])
     if config is not None:  # explicit meta-parameters (tests, benchmarks): bypass the autotuner
         meta = dict(config)
         num_warps, num_stages = meta.pop("num_warps", 4), meta.pop("num_stages", 2)
@@ -423,15 +728,16 @@ def packed_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, z
     return _launch(x, None, qweight, scale, zero_point, bias, code_offset, M, N, K, G, gs, x.dtype, config)
 
 
-def quantize_rows_int8(x: torch.Tensor):
-    """x [M, K] float -> (q int8 [M, K], s fp32 [M]) with x ~ q * s[:, None] (symmetric, per row)."""
+def quantize_rows_int8(x: torch.Tensor, out_dtype: torch.dtype = torch.int8):
+    """x [M, K] float -> (q [M, K], s fp32 [M]) with x ~ q * s[:, None] (symmetric, per row).  q holds integers in
+    [-127, 127]: int8, or float16 (exact) for the GEMV, which takes 16-bit x."""
     if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.dtype not in (torch.float16, torch.bfloat16,
                                                                           torch.float32):
         raise ValueError("x must be a 2-D float16/bfloat16/float32 tensor")
     if x.stride(1) != 1:
         raise ValueError(f"x must be contiguous along K (stride(1) == 1), got strides {x.stride()}")
     M, K = x.shape
-    q = _alloc((M, K), torch.int8, x.device)
+    q = _alloc((M, K), out_dtype, x.device)
     s = _alloc((M,), torch.float32, x.device)
     block_k = min(1024, max(16, _next_pow2(K)))
     _packed_matmul_a8_quant_kernel[(M,)](x, q, s, K, x.stride(0), _FP32_TINY, BLOCK_K=block_k)
@@ -443,5 +749,5 @@ def packed_matmul_a8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor
                      code_offset: Optional[float], config: Optional[Dict] = None) -> torch.Tensor:
     """W2A8: x quantized per token to int8 (dynamic, symmetric), then the packed matmul; output in x's dtype."""
     M, N, K, G, gs = _check(x, qweight, scale, zero_point, bias, in_features, code_offset)
-    q, s = quantize_rows_int8(x)
+    q, s = quantize_rows_int8(x, torch.float16 if M <= GEMV_MAX_M else torch.int8)
     return _launch(q, s, qweight, scale, zero_point, bias, code_offset, M, N, K, G, gs, x.dtype, config)
