@@ -4,8 +4,8 @@ Packed layout (defined in ``pyquant/formats.py``): ``qweight`` uint8 ``[N, ceil(
 ``(n, k)`` is byte ``k // 4`` of row ``n``, bits ``2*(k % 4)``.  Dequantization ``w = (c - z) * s`` with ``s`` (and
 ``z`` for asymmetric formats) per ``(n, k // group_size)``; symmetric formats use the constant ``code_offset`` as z.
 
-How a tile is dequantized (both kernels)
-----------------------------------------
+How a tile is dequantized (the GEMM; the GEMV is described at ``_packed_gemv_kernel``)
+----------------------------------------------------------------------------------
 A K tile's packed bytes are loaded once, as a contiguous [BLOCK_N, BLOCK_K // 4] uint8 block (16-byte vector
 loads where the compiler can prove alignment: rows are whole 16-byte vectors), and unpacked in registers by four
 shifts and a reshape (``_load_codes``).  Every K tile lies inside ONE scale group: the launcher only uses
@@ -20,12 +20,14 @@ so the products are exact and the only rounding is the fp32 accumulation, as in 
 
 Paths
 -----
-* ``_packed_gemv_kernel`` (M <= 8, decode): CUDA-core FMAs on a [BLOCK_M, BLOCK_N, BLOCK_K] broadcast, one program
-  per (N tile, K split).  Split-K (``SPLIT_K > 1``) fills all SMs when N / BLOCK_N alone would not: partial sums are
-  ``atomic_add``-ed into a zeroed fp32 workspace and cast to the output dtype afterwards.  fp32 atomics make the
-  summation order, and so the last bits of the result, vary from run to run (nondeterministic); ``SPLIT_K == 1``
-  configs are deterministic.
-* ``_packed_matmul_kernel`` (M > 8): tensor-core ``tl.dot`` on the dequantized tiles, grouped program order for L2
+* ``_packed_gemv_kernel`` (M <= 8 with fp16/bf16 x, decode): K kept in each thread's registers, magic-number
+  dequantization of two rows' codes per 32-bit LOP3 + HFMA2, packed half2 products reused for all M rows, 16-bit
+  partial sums flushed to fp32 every 16 products (accuracy stated at the kernel), scales once per group.  One
+  program per (N tile, K split); split-K (``SPLIT_K > 1``, fills the SMs when N / BLOCK_N alone would not) is
+  reduced inside the kernel by the last program of each N tile, in split order: deterministic, no memset or cast
+  kernel, a persistent workspace (``_gemv_workspace``) that is only allocated when a split-K config may run.
+  fp32 x at M <= 8 takes the GEMM.
+* ``_packed_matmul_kernel`` (M > 8, and fp32 x): tensor-core ``tl.dot`` on the dequantized tiles, grouped program order for L2
   reuse, fp32 accumulators; for M <= 16 (``BLOCK_M = 16``) it may split K the same way.
 
 Autotuning is keyed on a bucketed M (next power of two, capped at 4096 for the GEMM; BLOCK_M for the GEMV) plus N
@@ -34,10 +36,14 @@ shared memory (queried at the first launch, never at import).  Under ``TRITON_IN
 
 W2A8 (``packed_matmul_a8``): ``_packed_matmul_a8_quant_kernel`` quantizes x per token to int8 (symmetric dynamic
 min-max, s = max|x| / 127, q = floor(x / s + 0.5) with IEEE division), then the same kernels run with int8 x
-(exact in fp16) and multiply each row by its scale at the end.
+(exact in fp16) and multiply each row by its scale at the end.  For M <= 8 the quantizer writes q as fp16 integers
+(exact) and the fp16 GEMV runs on them.
 
 Limits (known, not hidden): the W2A8 entry runs fp16 tensor-core MMAs on the int8 values (exact) rather than int8
-MMAs; group sizes that are not a multiple of 16 are declined (``supports``) and run on the reference; the first
+MMAs; the GEMV's 16-bit partial sums round more often than an fp32 accumulation (bounded at the kernel) and, for
+fp16 x, overflow if |x| > 2047 (LANE_RUN = 8 configs raise that to 4094); split-K GEMV launches share one
+workspace per device, so they must not run concurrently on two streams; M = 5..8 does not reach 4x cuBLAS bf16
+(predicted): the CUDA-core products cost M/2 instructions per weight, which tensor cores would remove; group sizes that are not a multiple of 16 are declined (``supports``) and run on the reference; the first
 call for a new (M bucket, N, K) autotunes, so run a layer once before capturing it in a CUDA graph.  No timing in
 this file or its tests was measured on a GPU.
 """
@@ -101,39 +107,40 @@ def _dot(a, b):
 
 
 # ---- GEMV: M <= 8, packed half2 math on CUDA cores, K in registers, fused split-K ---------------------------------
-# Why this shape (judged by the sm_90 SASS, see benchmarks/sass_gemv.py):
-# * K stays inside a thread.  A thread owns ROWS_PER_THREAD pairs of output rows and walks its K range 128 weights
-#   (two 16-byte vectors per row) per iteration; the only cross-thread step is none at all: the K split is over
-#   programs, and a row's partial sum lives in one thread from the first K tile to the epilogue.  (The old kernel
-#   reduced a [BM, BN, BK] broadcast across lanes every K step: 1.5-7 shuffles per weight.)
-# * Magic-number dequantization, two weights per 32-bit op.  Rows n and n + BLOCK_N/2 are paired: one PRMT-able
+# Why this shape (judged by the sm_90 SASS: benchmarks/sass_gemv.py counts it):
+# * K stays inside a thread.  A thread owns BLOCK_N / (64 * num_warps) pairs of output rows and walks its K range
+#   16 * WORDS weights per row per iteration (one or two 16-byte vectors per row); no lane ever exchanges data with
+#   another inside the loop (the old kernel reduced a [BM, BN, BK] broadcast across lanes every K step: 1.5-7
+#   shuffles per weight).  The K split is over programs, reduced once at the end (below).
+# * Magic-number dequantization, two weights per 32-bit op.  Rows n and n + BLOCK_N/2 are paired: a PRMT / LOP3
 #   merge puts 8 codes of row A in the low 16 bits and the same 8 k of row B in the high 16 bits; then per code
-#   position ``((comb >> sh) & (3 << 2e) * 0x10001) | magic`` (ONE LOP3: the magic constant is a kernel argument, so
-#   it sits in a register and the mask is the single immediate) is an fp16x2 / bf16x2 pair ``magic + c * 4^e``;
-#   one HFMA2 ``v * 4^-e - (magic * 4^-e + OFF)`` gives ``c - OFF`` exactly for both rows (every constant is exact:
-#   fp16 magic 1024 / bf16 magic 128 have ulp 1, the scaled magics 256, 64, ... keep it).  No per-weight convert.
-# * Products as packed half2 math with x broadcast from a register half (``.H0_H0``): one HFMA2 per two weights per
-#   row of x, so a dequantized pair is reused for all M rows in registers.
-# * Accuracy: the 16-bit partial sum of one lane covers at most LANE_RUN (8) products of x * (c - OFF),
-#   |c - OFF| <= 2, then is flushed into an fp32 accumulator (with the group scale in the same FFMA).  Measured by
-#   simulation against the fp32 reference at K = 4096 (benchmarks/sass_gemv.py --precision): max error / max|ref|
-#   4.5e-3 (bf16) and 4.5e-4 (fp16), 0.36x / 0.34x of the tests' tolerances; the fp16 partial cannot overflow
-#   unless |x| > 65504 / (2 * LANE_RUN) = 4094.  Codes are centred on OFF (1 for ternary formats, 2 otherwise) and the
-#   remaining offset ``(OFF - z) * sum(x)`` (asymmetric formats, and seq 2-bit with z = 1.5) is added once per scale
-#   group in fp32 from a 16-bit sum of x.
-# * Scales once per group (in the flush FFMA), per-channel scales once in the epilogue.
+#   position ``((comb >> sh) & (3 << 2e) * 0x10001) | magic`` is ONE LOP3 (the magic constant is a kernel argument,
+#   so it sits in a register and the mask is the only immediate) and yields the fp16x2 / bf16x2 pair
+#   ``magic + c * 4^e``; one HFMA2 ``v * 4^-e - (magic * 4^-e + OFF)`` gives ``c - OFF`` exactly for both rows
+#   (every constant is exact: the fp16 magic 1024 / bf16 magic 128 have ulp 1, and so do the scaled ones).  No
+#   per-weight convert.
+# * Products are packed half2 FMAs with x broadcast from one register half (``.H0_H0`` / ``.H1_H1``): one HFMA2 per
+#   two weights per row of x, so a dequantized pair is reused for all M rows of x in registers.
+# * Accuracy: a 16-bit lane accumulates LANE_RUN (16) products x * (c - OFF), |c - OFF| <= 2, then is flushed into
+#   an fp32 accumulator (the group scale rides in the same FFMA).  Emulated at K = 4096 against the fp32 reference
+#   (tests/test_packed_matmul.py::test_gemv_half2_accumulation_error): worst error 0.62x (fp16) / 0.43x (bf16) of
+#   the tests' tolerances.  An fp16 lane cannot overflow unless |x| > 65504 / (2 * LANE_RUN) = 2047 (LANE_RUN = 8
+#   is available as a config for larger activations).  Codes are centred on OFF (1 for ternary formats, 2
+#   otherwise); the remaining ``(OFF - z) * sum(x)`` (asymmetric formats, and seq 2-bit with z = 1.5) is added once
+#   per scale group in fp32 from a 16-bit sum of x.
+# * Scales once per group (in the flush FFMA); per-channel scales once in the epilogue.
 # * Split-K is fused: each program writes its fp32 partial to a persistent workspace, bumps a per-N-tile counter
 #   (acq_rel atomic after a CTA barrier), and the last program of the tile sums the partials in split order
 #   (deterministic), adds the bias, stores y and re-arms the counter to 0.  No memset or cast kernel per call, and no
 #   workspace at all when SPLIT_K == 1.
 @triton.jit
-def _gemv_load_words(ptrs, mask, H: tl.constexpr, EVEN_K: tl.constexpr, w0, stride_w):
+def _gemv_load_words(ptrs, H: tl.constexpr, EVEN_K: tl.constexpr, w0, stride_w):
     """One 16-byte vector per row ([H, 4] uint32, a whole row segment per thread, so the compiler keeps it in one
     thread) -> tuple of its 4 words as [H] tensors (register-only splits of the in-thread dimension)."""
     if EVEN_K:
-        w = tl.load(ptrs + w0, mask=mask, other=0)
+        w = tl.load(ptrs + w0)
     else:
-        w = tl.load(ptrs + w0, mask=mask & (w0 + tl.arange(0, 4) < stride_w)[None, :], other=0)
+        w = tl.load(ptrs + w0, mask=(w0 + tl.arange(0, 4) < stride_w)[None, :], other=0)
     a, b = tl.split(tl.reshape(w, (H, 2, 2)))  # words (0, 2), (1, 3)
     w0_, w2_ = tl.split(a)
     w1_, w3_ = tl.split(b)
@@ -229,7 +236,7 @@ def _packed_gemv_kernel(
     EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr,
     LANE_RUN: tl.constexpr, SPLIT_K: tl.constexpr, MATH_F32: tl.constexpr,
 ):
-    """y[:M, n0:n0+BLOCK_N] for M = BLOCK_M rows of x (fp16/bf16, rows 4-byte aligned, even stride).
+    """y[:M, n0:n0+BLOCK_N] for M = BLOCK_M rows of x (fp16/bf16, K-contiguous rows; W2A8: fp16 integers, X_SCALED).
 
     Tile = WORDS 32-bit words (16 codes each) per row; rows n0 + i and n0 + BLOCK_N/2 + i share a half2 lane pair.
     GS16 = group_size // 16.  Scales are applied per block of GROUP_WORDS words that lies inside one group."""
@@ -246,14 +253,13 @@ def _packed_gemv_kernel(
     rows = tl.join(ri, ri + H)  # [H, 2]: (row A, row B)
     rmask = rows < N
     ra, rb = tl.split(rows)
-    stride_w = tl.multiple_of(stride_qn // 4, 4)
-    magic = magic.to(tl.uint32)  # words per packed row: whole 16-byte vectors by the layout
+    stride_w = tl.multiple_of(stride_qn // 4, 4)  # words per packed row: whole 16-byte vectors by the layout
+    magic = magic.to(tl.uint32)  # a runtime value, so it lives in a register and each dequant is one LOP3
     qw = qw_ptr.to(tl.pointer_type(tl.uint32))
     rw = tl.arange(0, 4)
-    wa_ptrs = qw + ra.to(tl.int64)[:, None] * stride_w + rw[None, :]
-    wb_ptrs = qw + rb.to(tl.int64)[:, None] * stride_w + rw[None, :]
-    ma = (ra < N)[:, None]
-    mb = (rb < N)[:, None]
+    # rows past N read row N - 1 instead of being masked (no zero-fill per load); their results are never stored
+    wa_ptrs = qw + tl.minimum(ra, N - 1).to(tl.int64)[:, None] * stride_w + rw[None, :]
+    wb_ptrs = qw + tl.minimum(rb, N - 1).to(tl.int64)[:, None] * stride_w + rw[None, :]
     n_tiles = tl.cdiv(K, 16 * WORDS)
     per_split = tl.cdiv(n_tiles, SPLIT_K)
     t_begin = pid_k * per_split
@@ -269,8 +275,8 @@ def _packed_gemv_kernel(
         wa_w = ()
         wb_w = ()
         for v in tl.static_range(WORDS // 4):  # 16-byte vectors per row
-            wa_w = wa_w + _gemv_load_words(wa_ptrs, ma, H, EVEN_K, w0 + 4 * v, stride_w)
-            wb_w = wb_w + _gemv_load_words(wb_ptrs, mb, H, EVEN_K, w0 + 4 * v, stride_w)
+            wa_w = wa_w + _gemv_load_words(wa_ptrs, H, EVEN_K, w0 + 4 * v, stride_w)
+            wb_w = wb_w + _gemv_load_words(wb_ptrs, H, EVEN_K, w0 + 4 * v, stride_w)
         for gi in tl.static_range(WORDS // GROUP_WORDS):
             if not PER_CHANNEL:
                 s, tz = _gemv_group_params(scale_ptr, zero_ptr, rows, rmask,
@@ -290,9 +296,7 @@ def _packed_gemv_kernel(
                     hi8, vhi = _gemv_x8(x_ptr + m * stride_xm, kq + 8, K, EVEN_K, MATH_F32)
                     xs8 = xs8 + (lo8 + hi8,)
                     xv = xv + (vlo + vhi,)
-                part = ()
-                for m in tl.static_range(BLOCK_M):
-                    part = part + (tl.zeros((H, 2), dtype=PDT),)
+                part = ()  # 16-bit partial sums, one [H, 2] per row of x
                 for hf in tl.static_range(2):
                     if hf == 0:
                         comb = (wa_q & 0xFFFF) | (wb_q << 16)
@@ -302,7 +306,10 @@ def _packed_gemv_kernel(
                         c = _gemv_dequant_pair(comb, p, magic, OFF, X_BF16, MATH_F32)
                         new = ()
                         for m in tl.static_range(BLOCK_M):
-                            new = new + (tl.fma(c, xs8[m][hf * 8 + p], part[m]),)
+                            if p == 0 and (hf == 0 or LANE_RUN == 8):  # a run starts with a product, not 0 + ...
+                                new = new + (c * xs8[m][hf * 8 + p],)
+                            else:
+                                new = new + (tl.fma(c, xs8[m][hf * 8 + p], part[m]),)
                         part = new
                     if LANE_RUN == 8 or hf == 1:  # flush the 16-bit partials into fp32 (scale in the same FFMA)
                         new = ()
@@ -312,9 +319,6 @@ def _packed_gemv_kernel(
                             else:
                                 new = new + (tl.fma(part[m].to(tl.float32), s, acc[m]),)
                         acc = new
-                        part = ()
-                        for m in tl.static_range(BLOCK_M):
-                            part = part + (tl.zeros((H, 2), dtype=PDT),)
                 if NEED_X:  # sum of this word's 16 x per row of x
                     new = ()
                     for m in tl.static_range(BLOCK_M):
@@ -533,7 +537,10 @@ _gemm = triton.autotune(configs=_GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "G", "
 _GEMV_MAGIC = {torch.float16: 0x64006400, torch.bfloat16: 0x43004300}  # 1024.0 / 128.0 in both 16-bit halves
 
 
-def _gemv_cfg(block_n: int, words: int, warps: int, split_k: int, lane_run: int = 8) -> triton.Config:
+_GEMV_LANE_RUN = 16  # products per 16-bit lane before the fp32 flush (accuracy: see the kernel's comment)
+
+
+def _gemv_cfg(block_n: int, words: int, warps: int, split_k: int, lane_run: int = _GEMV_LANE_RUN) -> triton.Config:
     return triton.Config(dict(BLOCK_N=block_n, WORDS=words, SPLIT_K=split_k, LANE_RUN=lane_run),
                          num_warps=warps, num_stages=1)
 
@@ -546,7 +553,8 @@ _GEMV_CONFIGS = [_gemv_cfg(*c) for c in [
     (256, 8, 1, 1), (256, 8, 1, 2), (256, 8, 1, 4), (256, 8, 1, 8), (256, 8, 1, 16),
     (128, 8, 1, 1), (128, 8, 1, 2), (128, 8, 1, 4), (128, 8, 1, 8), (128, 8, 1, 16),
     (512, 8, 2, 1), (512, 8, 2, 4), (512, 8, 2, 8), (256, 8, 2, 4), (256, 8, 2, 8),
-    (256, 4, 1, 4), (256, 4, 1, 8), (512, 4, 1, 8), (512, 4, 1, 16),
+    (256, 4, 1, 1), (256, 4, 1, 2), (256, 4, 1, 4), (256, 4, 1, 8), (256, 4, 1, 16), (512, 4, 1, 8), (512, 4, 1, 16),
+    (128, 4, 1, 1), (128, 4, 1, 4), (128, 4, 1, 8), (128, 4, 1, 16),
 ]]
 _GEMV_MAX_REGS = 160  # estimated 32-bit registers per thread a config may keep live (ptxas spills above ~255)
 
@@ -617,7 +625,7 @@ def _launch_gemv(x, x_scale, qweight, scale, zero_point, bias, code_offset, M, N
                   MATH_F32=meta["X_BF16"] and _interpret())
     if config is not None:
         cfgs = [_gemv_cfg(config["BLOCK_N"], config.get("WORDS", 8), config.get("num_warps", 1),
-                          config.get("SPLIT_K", 1), config.get("LANE_RUN", 8))]
+                          config.get("SPLIT_K", 1), config.get("LANE_RUN", _GEMV_LANE_RUN))]
     else:
         cfgs = _GEMV_CONFIGS
     # workspace for the largest split any candidate config may use (none when no candidate splits K)
@@ -751,3 +759,81 @@ def packed_matmul_a8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor
     M, N, K, G, gs = _check(x, qweight, scale, zero_point, bias, in_features, code_offset)
     q, s = quantize_rows_int8(x, torch.float16 if M <= GEMV_MAX_M else torch.int8)
     return _launch(q, s, qweight, scale, zero_point, bias, code_offset, M, N, K, G, gs, x.dtype, config)
+
+
+# ---- static-analysis launch descriptors (schema: the static roofline tool, pyquant/bench/static.py) ----------------
+# symmetric formats' constant code offset; None = asymmetric (float zero point per group)
+_FMT_CODE_OFFSET = {"twn": 1.0, "absmean": 1.0, "seq3": 1.0, "ternary": 1.0, "int2-sym": 2.0, "int2": 2.0,
+                    "seq4": 1.5, "seq": 1.5, "int2-asym": None}
+_STATIC_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _static_launches_gemv(M: int, N: int, K: int, fmt: str, group_size: Optional[int], x_dtype: str) -> List[Dict]:
+    """One candidate call per GEMV config the autotuner may choose for this shape (same pruning as at run time).
+    W2A8 (``x_dtype="int8"``) calls are the per-token quantization kernel (fp16 q) followed by the fp16 GEMV.
+    Besides the schema's keys, ``triton["divisible_by_16"]`` names the arguments Triton's JIT specializes as
+    multiples of 16 (16-byte aligned pointers, ints divisible by 16) for these shapes, as it would at run time."""
+    if fmt not in _FMT_CODE_OFFSET:
+        raise ValueError(f"fmt={fmt!r}: expected one of {sorted(_FMT_CODE_OFFSET)}")
+    if x_dtype not in ("bf16", "fp16", "int8"):
+        raise ValueError(f"x_dtype={x_dtype!r}: the GEMV takes 'bf16', 'fp16' or 'int8' (W2A8)")
+    co = _FMT_CODE_OFFSET[fmt]
+    gs = K if group_size is None else int(group_size)
+    if K % gs or (gs != K and gs % 16):
+        raise ValueError(f"group_size={group_size} must divide K={K} and be a multiple of 16")
+    G = K // gs
+    a8 = x_dtype == "int8"
+    xt = torch.float16 if a8 else _STATIC_DTYPES[x_dtype]
+    tname = {torch.float16: "fp16", torch.bfloat16: "bf16"}
+    meta = _gemv_meta(xt, None if co is not None else True, co, G, gs)
+    zc = meta.pop("zc")
+    consts = dict(meta, HAS_BIAS=False, bias_ptr=None, X_SCALED=a8, EVEN_K=K % 128 == 0, BLOCK_M=M, MATH_F32=False)
+    if not a8:
+        consts["xs_ptr"] = None
+    if not meta["HAS_ZERO"]:
+        consts["zero_ptr"] = None
+    types = dict(x_ptr="*" + tname[xt], xs_ptr="*fp32", qw_ptr="*u8", scale_ptr="*fp16", zero_ptr="*fp16",
+                 bias_ptr="*" + tname[xt], y_ptr="*bf16" if a8 else "*" + tname[xt], ws_ptr="*fp32",
+                 cnt_ptr="*i32", N="i32", K="i32", G="i32", zc="fp32", magic="i32", stride_xm="i32",
+                 stride_qn="i32", stride_ym="i32")
+    ints = dict(N=N, K=K, G=G, magic=_GEMV_MAGIC[xt], stride_xm=K, stride_qn=-(-K // 64) * 16, stride_ym=N)
+    div16 = ["x_ptr", "xs_ptr", "qw_ptr", "scale_ptr", "zero_ptr", "y_ptr", "ws_ptr", "cnt_ptr"] + \
+        [n for n, v in ints.items() if v % 16 == 0]
+    pre = []
+    if a8:  # per-token int8 quantization written as fp16 integers: reads x twice, writes q and the row scales
+        bk = min(1024, max(16, _next_pow2(K)))
+        qfn = _packed_matmul_a8_quant_kernel
+        pre = [{"name": "quantize_rows_int8(fp16 q)",
+                "triton": {"fn": qfn, "signature": {"x_ptr": "*bf16", "q_ptr": "*fp16", "s_ptr": "*fp32", "K": "i32",
+                                                    "stride_xm": "i32", "TINY": "fp32", "BLOCK_K": "constexpr"},
+                           "constexprs": {"BLOCK_K": bk}, "num_warps": 4, "num_stages": 2,
+                           "divisible_by_16": ["x_ptr", "q_ptr", "s_ptr"] + (["K", "stride_xm"] if K % 16 == 0
+                                                                            else [])},
+                "grid": [M, 1, 1], "threads_per_cta": 128, "loop_trips": float(triton.cdiv(K, bk)), "weights": 0,
+                "bytes": M * K * 2 * 2 + M * K * 2 + M * 4, "mma_flops": 0}]
+    sbytes = N * G * 2 * (2 if meta["HAS_ZERO"] else 1)
+    calls = []
+    for c in _prune_gemv(_GEMV_CONFIGS, dict(K=K), BLOCK_M=M):
+        bn, words, sk, lane = (c.kwargs[k] for k in ("BLOCK_N", "WORDS", "SPLIT_K", "LANE_RUN"))
+        ct = dict(consts, BLOCK_N=bn, WORDS=words, SPLIT_K=sk, LANE_RUN=lane)
+        sig = {n: ("constexpr" if n in ct else types[n]) for n in _packed_gemv_kernel.arg_names}
+        n_tiles = triton.cdiv(K, 16 * words)
+        ws_bytes = 2 * sk * M * N * 4 if sk > 1 else 0  # partials written once and read once by the last program
+        launch = {"name": "packed_gemv",
+                  "triton": {"fn": _packed_gemv_kernel, "signature": sig, "constexprs": ct, "num_warps": c.num_warps,
+                             "num_stages": c.num_stages, "divisible_by_16": [n for n in div16 if sig[n] != "constexpr"]},
+                  "grid": [triton.cdiv(N, bn), sk, 1], "threads_per_cta": 32 * c.num_warps,
+                  "loop_trips": n_tiles / sk, "weights": N * K,
+                  "bytes": N * (-(-K // 64) * 16) + sbytes + M * K * 2 + M * N * 2 + ws_bytes, "mma_flops": 0}
+        calls.append({"kernel": "packed_gemv", "backend": "triton",
+                      "config": f"BLOCK_N={bn} WORDS={words} SPLIT_K={sk} warps={c.num_warps} LANE_RUN={lane}",
+                      "launches": pre + [launch]})
+    return calls
+
+
+def static_launches(M: int, N: int, K: int, fmt: str, group_size: Optional[int], x_dtype: str = "bf16") -> List[Dict]:
+    """Plain-Python descriptors of what the launcher may launch for this call (see the static roofline tool):
+    one dict per candidate config.  M <= GEMV_MAX_M with 16-bit or int8 (W2A8) x: the GEMV."""
+    if M <= GEMV_MAX_M and x_dtype in ("bf16", "fp16", "int8"):
+        return _static_launches_gemv(M, N, K, fmt, group_size, x_dtype)
+    return []
