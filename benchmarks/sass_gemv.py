@@ -9,7 +9,9 @@ the ``cuobjdump`` bundled in the triton wheel, takes the largest loop (backward 
 
 plus registers, spill (local) bytes, the instruction mix of the loop and the widest packed-weight load, and a
 predicted speedup over cuBLAS bf16 with the H200 figures below (issue rate: 132 SMs x 128 lanes x 1.98 GHz;
-4.0e12 B/s HBM; cuBLAS bf16 taken as memory-bound at 2 bytes per weight).  Predicted, not measured.
+4.0e12 B/s HBM; cuBLAS bf16 taken as memory-bound at 2 bytes per weight), with a crude occupancy discount (grids
+of fewer than 4 warps per SM, or with too few weight bytes in flight for Little's law, get the matching fraction of
+the issue rate / bandwidth).  Predicted, not measured.
 
     python benchmarks/sass_gemv.py --M 1 4 8 --shape 4096x14336 --fmt twn --group 128 --configs "BLOCK_N=256 WORDS=8"
 """
@@ -121,7 +123,15 @@ def main(argv=None) -> int:
                 tot = sum(r["total_instr"] for r in rows)
                 weights = n * k
                 nbytes = sum(l["bytes"] for l in call["launches"])
-                t = max(nbytes / HBM_BPS, tot / ISSUE_PER_S)
+                # crude occupancy: issue needs >= 4 warps per SM; HBM needs ~3.2 MB in flight (4 TB/s x ~0.8 us),
+                # taken as one K iteration of weights per resident warp (whole grid resident)
+                lw = call["launches"][-1]
+                warps = lw["threads_per_cta"] // 32 * lw["grid"][0] * lw["grid"][1]
+                per_warp = lw["weights"] / 4 / max(1, lw["grid"][0] * lw["grid"][1] * lw["loop_trips"]) / (
+                    lw["threads_per_cta"] // 32)
+                mem_eff = min(1.0, warps * per_warp / 3.2e6)
+                issue_eff = min(1.0, warps / (132 * 4))
+                t = max(nbytes / (HBM_BPS * mem_eff), tot / (ISSUE_PER_S * issue_eff))
                 sp = (2 * weights / HBM_BPS) / t
                 r = rows[-1]
                 print(f"M={m} {shape} {a.fmt} g{a.group} {a.x_dtype} [{call['config']}] instr/weight="

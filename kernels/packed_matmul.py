@@ -180,14 +180,15 @@ def _gemv_dequant_pair(comb, p: tl.constexpr, magic, OFF: tl.constexpr, X_BF16: 
 
 
 @triton.jit
-def _gemv_x8(x_row, k, K, EVEN_K: tl.constexpr, MATH_F32: tl.constexpr):
-    """x[k : k + 8] of one row (one 16-byte load, whole in every thread) -> (tuple of 8 scalars, [8] vector).
-    The splits only name register halves, so each scalar reaches its HFMA2 as a ``.H0_H0`` / ``.H1_H1`` operand."""
-    offs = k + tl.arange(0, 8)
+def _gemv_x8(x_tile, rel: tl.constexpr, k0, K, EVEN_K: tl.constexpr, MATH_F32: tl.constexpr):
+    """x[k0 + rel : k0 + rel + 8] of one row (one 16-byte load, whole in every thread; ``x_tile`` points at k0, so
+    the constant ``rel`` folds into the load's immediate offset) -> (tuple of 8 scalars, [8] vector).  The splits
+    only name register halves."""
+    offs = rel + tl.arange(0, 8)
     if EVEN_K:
-        v = tl.load(x_row + offs)
+        v = tl.load(x_tile + offs)
     else:
-        v = tl.load(x_row + offs, mask=offs < K, other=0.0)
+        v = tl.load(x_tile + offs, mask=k0 + offs < K, other=0.0)
     if MATH_F32:
         v = v.to(tl.float32)
     a, b = tl.split(tl.reshape(v, (4, 2)))  # (0, 2, 4, 6), (1, 3, 5, 7)
@@ -272,6 +273,10 @@ def _packed_gemv_kernel(
         xsum = xsum + (0.0,)
     for t in range(t_begin, t_end):
         w0 = t * WORDS
+        kt = w0 * 16
+        x_tiles = ()  # one base pointer per row of x and K tile: every x load below is base + constant
+        for m in tl.static_range(BLOCK_M):
+            x_tiles = x_tiles + (x_ptr + m * stride_xm + kt,)
         wa_w = ()
         wb_w = ()
         for v in tl.static_range(WORDS // 4):  # 16-byte vectors per row
@@ -287,13 +292,12 @@ def _packed_gemv_kernel(
             for q in tl.static_range(GROUP_WORDS):
                 wa_q = wa_w[gi * GROUP_WORDS + q]
                 wb_q = wb_w[gi * GROUP_WORDS + q]
-                kq = (w0 + gi * GROUP_WORDS + q) * 16
                 # x of this word (two 16-byte loads per row of x), reused by every row pair of the thread
                 xs8 = ()
                 xv = ()
                 for m in tl.static_range(BLOCK_M):
-                    lo8, vlo = _gemv_x8(x_ptr + m * stride_xm, kq, K, EVEN_K, MATH_F32)
-                    hi8, vhi = _gemv_x8(x_ptr + m * stride_xm, kq + 8, K, EVEN_K, MATH_F32)
+                    lo8, vlo = _gemv_x8(x_tiles[m], (gi * GROUP_WORDS + q) * 16, kt, K, EVEN_K, MATH_F32)
+                    hi8, vhi = _gemv_x8(x_tiles[m], (gi * GROUP_WORDS + q) * 16 + 8, kt, K, EVEN_K, MATH_F32)
                     xs8 = xs8 + (lo8 + hi8,)
                     xv = xv + (vlo + vhi,)
                 part = ()  # 16-bit partial sums, one [H, 2] per row of x
@@ -550,11 +554,11 @@ def _gemv_cfg(block_n: int, words: int, warps: int, split_k: int, lane_run: int 
 _GEMV_CONFIGS = [_gemv_cfg(*c) for c in [
     (64, 4, 1, 1),
     (64, 8, 1, 1), (64, 8, 1, 4), (64, 8, 1, 8), (64, 8, 1, 16), (128, 8, 2, 4), (128, 8, 2, 8), (128, 4, 2, 8),
-    (256, 8, 1, 1), (256, 8, 1, 2), (256, 8, 1, 4), (256, 8, 1, 8), (256, 8, 1, 16),
-    (128, 8, 1, 1), (128, 8, 1, 2), (128, 8, 1, 4), (128, 8, 1, 8), (128, 8, 1, 16),
+    (256, 8, 1, 1), (256, 8, 1, 2), (256, 8, 1, 4), (256, 8, 1, 8), (256, 8, 1, 16), (256, 8, 1, 32),
+    (128, 8, 1, 1), (128, 8, 1, 2), (128, 8, 1, 4), (128, 8, 1, 8), (128, 8, 1, 16), (128, 8, 1, 32),
     (512, 8, 2, 1), (512, 8, 2, 4), (512, 8, 2, 8), (256, 8, 2, 4), (256, 8, 2, 8),
-    (256, 4, 1, 1), (256, 4, 1, 2), (256, 4, 1, 4), (256, 4, 1, 8), (256, 4, 1, 16), (512, 4, 1, 8), (512, 4, 1, 16),
-    (128, 4, 1, 1), (128, 4, 1, 4), (128, 4, 1, 8), (128, 4, 1, 16),
+    (256, 4, 1, 1), (256, 4, 1, 2), (256, 4, 1, 4), (256, 4, 1, 8), (256, 4, 1, 16), (256, 4, 1, 32),
+    (512, 4, 1, 8), (512, 4, 1, 16), (128, 4, 1, 1), (128, 4, 1, 4), (128, 4, 1, 8), (128, 4, 1, 16), (128, 4, 1, 32),
 ]]
 _GEMV_MAX_REGS = 160  # estimated 32-bit registers per thread a config may keep live (ptxas spills above ~255)
 
