@@ -569,8 +569,11 @@ def _gemv_regs(block_m: int, block_n: int, words: int, warps: int) -> int:
     return pairs * (2 * words + block_m * 3) + 8 * block_m + 24
 
 
+_GEMV_WARPS = (256, 4096)  # grid sizes (warps) worth timing: enough loads in flight on 132 SMs, not a tail of waves
+
+
 def _prune_gemv(configs: List[triton.Config], named_args: Dict, **kwargs) -> List[triton.Config]:
-    K, bm = named_args["K"], kwargs["BLOCK_M"]
+    K, N, bm = named_args["K"], named_args.get("N"), kwargs["BLOCK_M"]
     keep = []
     for c in configs:
         bn, words, sk = c.kwargs["BLOCK_N"], c.kwargs["WORDS"], c.kwargs["SPLIT_K"]
@@ -579,6 +582,10 @@ def _prune_gemv(configs: List[triton.Config], named_args: Dict, **kwargs) -> Lis
         if sk > 1 and triton.cdiv(K, 16 * words) < 2 * sk:  # each split gets >= 2 K tiles
             continue
         keep.append(c)
+    if N is not None and keep:  # time only grids that fill the GPU (else the widest ones): fewer compiles
+        warps = {id(c): triton.cdiv(N, c.kwargs["BLOCK_N"]) * c.kwargs["SPLIT_K"] * c.num_warps for c in keep}
+        fit = [c for c in keep if _GEMV_WARPS[0] <= warps[id(c)] <= _GEMV_WARPS[1]]
+        keep = fit or sorted(keep, key=lambda c: -warps[id(c)])[:4]
     if not keep:
         keep = [_GEMV_CONFIGS[0]]
     return keep[:1] if _interpret() else keep
@@ -817,7 +824,7 @@ def _static_launches_gemv(M: int, N: int, K: int, fmt: str, group_size: Optional
                 "bytes": M * K * 2 * 2 + M * K * 2 + M * 4, "mma_flops": 0}]
     sbytes = N * G * 2 * (2 if meta["HAS_ZERO"] else 1)
     calls = []
-    for c in _prune_gemv(_GEMV_CONFIGS, dict(K=K), BLOCK_M=M):
+    for c in _prune_gemv(_GEMV_CONFIGS, dict(K=K, N=N), BLOCK_M=M):
         bn, words, sk, lane = (c.kwargs[k] for k in ("BLOCK_N", "WORDS", "SPLIT_K", "LANE_RUN"))
         ct = dict(consts, BLOCK_N=bn, WORDS=words, SPLIT_K=sk, LANE_RUN=lane)
         sig = {n: ("constexpr" if n in ct else types[n]) for n in _packed_gemv_kernel.arg_names}

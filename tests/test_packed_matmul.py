@@ -296,10 +296,12 @@ def test_gemv_autotune_pruning(monkeypatch, K, block_m):
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     k = _kern()
-    keep = k._prune_gemv(k._GEMV_CONFIGS, dict(K=K), BLOCK_M=block_m)
+    keep = k._prune_gemv(k._GEMV_CONFIGS, dict(K=K, N=4096), BLOCK_M=block_m)
     assert len(keep) >= 2
     if K >= 4096:
-        assert any(c.kwargs["SPLIT_K"] > 1 for c in keep) and any(c.kwargs["SPLIT_K"] == 1 for c in keep)
+        assert any(c.kwargs["SPLIT_K"] > 1 for c in keep)  # N = 4096 alone gives too few warps for 132 SMs
+        assert all(256 <= -(-4096 // c.kwargs["BLOCK_N"]) * c.kwargs["SPLIT_K"] * c.num_warps <= 4096 for c in keep)
+    assert len(k._prune_gemv(k._GEMV_CONFIGS, dict(K=K), BLOCK_M=block_m)) >= len(keep)  # N unknown: no grid filter
     for c in keep:
         bn, words, sk = c.kwargs["BLOCK_N"], c.kwargs["WORDS"], c.kwargs["SPLIT_K"]
         assert bn % (64 * c.num_warps) == 0 and words in (4, 8)  # whole row pairs per thread, 16-byte vectors
@@ -474,13 +476,16 @@ def build_desc(launch):  # a GEMV launch descriptor (static_launches), with the 
                     constexprs={(fn.arg_names.index(k),): v for k, v in t["constexprs"].items()})
     triton.compile(src, target=GPUTarget("cuda", arch, 32),
                    options=dict(num_warps=t["num_warps"], num_stages=t["num_stages"]))
-def pick(calls, cfg):
-    return next(c for c in calls if c["config"].startswith(cfg))
-# GEMV variants (small configs, to keep this test quick): bf16 per-channel M=1; fp16 asymmetric g32 with the fused
-# split-K, M=2; W2A8 (quantizer + fp16 GEMV) seq 2-bit g32 with K not a multiple of the tile, M=3
-build_desc(pick(K.static_launches(1, 4096, 14336, "twn", None, "bf16"), "BLOCK_N=64 WORDS=4 SPLIT_K=1")["launches"][0])
-build_desc(pick(K.static_launches(2, 1024, 4096, "int2-asym", 32, "fp16"), "BLOCK_N=64 WORDS=8 SPLIT_K=4")["launches"][0])
-for l in pick(K.static_launches(3, 1000, 3584 - 32, "seq4", 32, "int8"), "BLOCK_N=128 WORDS=4 SPLIT_K=8")["launches"]:
+def pick(calls, split):  # the smallest candidate config (quick to compile) with or without split-K
+    def meta(c):
+        return dict(kv.split("=") for kv in c["config"].split())
+    cands = [c for c in calls if (int(meta(c)["SPLIT_K"]) > 1) == split]
+    return min(cands, key=lambda c: int(meta(c)["BLOCK_N"]) * int(meta(c)["WORDS"]))
+# GEMV variants (small configs, to keep this test quick): bf16 per-channel M=1 without split-K; fp16 asymmetric g32
+# with the fused split-K, M=2; W2A8 (quantizer + fp16 GEMV) seq 2-bit g32 with K not a multiple of the tile, M=3
+build_desc(pick(K.static_launches(1, 32768, 512, "twn", None, "bf16"), False)["launches"][0])
+build_desc(pick(K.static_launches(2, 1024, 4096, "int2-asym", 32, "fp16"), True)["launches"][0])
+for l in pick(K.static_launches(3, 1000, 3584 - 32, "seq4", 32, "int8"), True)["launches"]:
     build_desc(l)
 build(K._packed_matmul_kernel, dict(HAS_ZERO=False, zero_ptr=None, HAS_BIAS=True, X_INT8=False, xs_ptr=None,
       DOT_F32=False, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, SPLIT_K=2), [("x_ptr", "*fp16")], 4, 4)
