@@ -232,6 +232,10 @@ def _gemv_group_params(scale_ptr, zero_ptr, rows, rmask, g, G, HAS_ZERO: tl.cons
     """fp32 [H, 2] scale s and offset factor s * (OFF - z) of scale group g for the row pairs."""
     ra, rb = tl.split(rows)
     ma, mb = tl.split(rmask)
+    # a K tile may reach past the last group (K not a multiple of the tile): those groups hold no weight and x is 0
+    # there, but their scale must not be read from past the row (the last row's would be past the tensor)
+    ma = ma & ((ra * 0 + g) < G)
+    mb = mb & ((rb * 0 + g) < G)
     sa = tl.load(scale_ptr + ra * G + g, mask=ma, other=0.0).to(tl.float32)
     sb = tl.load(scale_ptr + rb * G + g, mask=mb, other=0.0).to(tl.float32)
     s = tl.join(sa, sb)

@@ -840,3 +840,23 @@ if given is not None:
         with use_backend("triton"):
             y = op(x, qw, s, z, b, in_features=k, code_offset=co)
         assert_close_to(y, ref_fn(x, qw, s, z, b, k, co), dtype)
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt,dtype", [("absmean", torch.bfloat16), ("int2-asym", torch.float16)])
+def test_gemv_reads_no_scale_past_the_last_group(fmt, dtype, poison):
+    """K not a multiple of the GEMV tile: the last tile reaches past the last scale group.  NaN placed right after
+    the scale (and zero-point) tensors must not leak into the result (it did, through the last row's scale)."""
+    M, N, K, g = 3, 50, 192, 64
+    qw, s, z, co, _ = make_weight(N, K, fmt, g)
+
+    def nan_tail(t):
+        if t is None:
+            return None
+        big = torch.full((t.numel() + 64,), float("nan"), dtype=t.dtype, device=t.device)
+        big[: t.numel()] = t.reshape(-1)
+        return big[: t.numel()].view(t.shape)
+
+    x = torch.randn(M, K, device=DEV).to(dtype)
+    y = _kern().packed_matmul(x, qw, nan_tail(s), nan_tail(z), None, K, co)
+    assert_close_to(y, reference.packed_matmul(x, qw, s, z, None, K, co), dtype)
