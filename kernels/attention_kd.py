@@ -163,8 +163,7 @@ def _key_range(kinfo_ptr, b, m0, LQ, LK, HAS_KPM: tl.constexpr, CAUSAL: tl.const
     else:
         f_lo = t_lo
         f_hi = t_lo
-    n_head = tl.minimum(f_lo - t_lo, tl.maximum(end - t_lo, 0)) // BLOCK_N
-    n_head = tl.where(n_head > 0, 1, 0)
+    n_head = tl.where((f_lo > t_lo) & (end > t_lo), 1, 0)  # the partial tile holding lo, if anything in it is seen
     n_tail = tl.maximum(end - f_hi + BLOCK_N - 1, 0) // BLOCK_N
     return t_lo, n_head, f_lo, f_hi, n_tail
 
@@ -638,7 +637,7 @@ def _key_plan(lq: int, lk: int, bm: int, bn: int, causal: bool, lo: int, hi: int
             f_hi = max((full // bn) * bn, f_lo)
         else:
             f_lo = f_hi = t_lo
-        n_head = 1 if min(f_lo - t_lo, max(end - t_lo, 0)) // bn > 0 else 0
+        n_head = 1 if f_lo > t_lo and end > t_lo else 0
         n_tail = max(end - f_hi + bn - 1, 0) // bn
         plans.append((max(f_hi - f_lo, 0) // bn, n_head + n_tail))
     return plans
