@@ -369,6 +369,16 @@ def test_unsupported_head_dim_falls_back_to_reference():
     torch.testing.assert_close(got, reference.attention_map_loss(q_s, k_s, q_t, k_t, kpm), rtol=1e-5, atol=1e-7)
 
 
+def test_extreme_scale_falls_back_to_reference():
+    # an effective scale beyond the kernel's masking-sentinel range (1/4 over temperature 1e-9) goes to the reference
+    q_s, k_s, q_t, k_t, kpm = _inputs(1, 2, 2, 2, 5, 5, 16, 16, torch.float32, True, seed=8)
+    with use_backend("triton", "reference"):
+        got = attention_map_loss(q_s * 1e-9, k_s, q_t * 1e-9, k_t, kpm, temperature=1e-9)
+        assert last_backend() == ("attention_map_kl", "reference")
+    want = reference.attention_map_loss(q_s * 1e-9, k_s, q_t * 1e-9, k_t, kpm, temperature=1e-9)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
 def test_attention_output_loss():
     g = torch.Generator().manual_seed(2)
     out_s = torch.randn(3, 7, 12, generator=g, requires_grad=True)

@@ -75,9 +75,10 @@ def attention_map_loss(
     ``"paper"`` (default) = mean over batch x heads of [sum over the example's valid query rows and kept keys of
     KL(P_T || P_S)] / the example's valid length, as kd-qat-large-enc ``main.py`` l. 743/748
     (``/ seq_lengths.view(-1, 1)``) and l. 752 (``torch.mean``); ``"mean_rows"`` = mean over all valid query rows
-    (every valid token weighs the same).  Anything else raises ValueError.  ``attn_mask`` (optional, [B|1, H|1, L_q, L_k], bool keep-mask or additive
-    float): a general mask, computed by the materialized reference (O(L^2) memory) -- the streaming kernel takes
-    key-padding + causal, which covers encoder and decoder models.
+    (every valid token weighs the same).  Anything else raises ValueError.  ``attn_mask`` (optional,
+    [B|1, H|1, L_q, L_k], bool keep-mask or additive float): a general mask, computed by the materialized
+    reference (O(L^2) memory) -- the streaming kernel takes key-padding + causal, which covers encoder and decoder
+    models.
     """
     check_attention_map_args(q_s, k_s, q_t, k_t, key_padding_mask, causal)
     if reduction not in reference.ATTENTION_REDUCTIONS:
