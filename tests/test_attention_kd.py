@@ -288,6 +288,22 @@ def test_kernel_masked_and_unmasked_tiles_match_reference(kind, causal, poisoned
     torch.testing.assert_close(ka.grad, kr.grad, rtol=1e-5, atol=1e-5)
 
 
+@needs_triton
+def test_kernel_unaligned_and_strided_inputs(poisoned_empty):
+    # d = 18 fp32: row strides of 72 bytes (no 16-byte alignment hint); q_s / k_t with a non-unit head-dim stride
+    g = torch.Generator().manual_seed(4)
+    b, h, L, d = 2, 2, 21, 18
+    q_s = torch.randn(b, h, d, L, generator=g).transpose(-1, -2)
+    k_s = torch.randn(b, 1, L, d, generator=g)
+    q_t = torch.randn(b, h, L, d, generator=g)
+    k_t = torch.randn(b, h, d, L, generator=g).transpose(-1, -2)
+    kpm = torch.arange(L)[None, :] < torch.tensor([L, 9])[:, None]
+    with use_backend("triton"):
+        rows = attention_map_kl(q_s, k_s, q_t, k_t, kpm, causal=True, scale_s=0.3, scale_t=0.2)
+    ref, _, _ = reference.attention_map_kl_rows(q_s, k_s, q_t, k_t, kpm, True, 0.3, 0.2)
+    torch.testing.assert_close(rows, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_static_launches_describe_fwd_and_bwd():
     from pyquant.ops._dispatch import kernel_module
 
