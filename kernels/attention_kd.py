@@ -42,7 +42,7 @@ Backward (``_attention_kd_bwd_dq_kernel`` and ``_attention_kd_bwd_dk_kernel``): 
   block, loop over keys, same unmasked/masked split as the forward); dK_S = sum over the query heads sharing the key
   head of dS^T @ Q_S (one program per key block and key head, loop over its query heads and query blocks; the
   program's K tiles are loaded once; its key block's padding is fixed, so when all its keys are kept only the
-  causal diagonal query blocks are masked, by a CTA-uniform branch; no atomics, deterministic).  5 dots per tile
+  causal diagonal query blocks are masked, by a CTA-uniform branch; no atomics, deterministic).  6 dots per tile
   pair over the two backward kernels (2 QK recomputations each + dS @ K, dS^T @ Q).  The teacher gets no gradient.
 
 Tiles (``_blocks``) were chosen from the sm_90 SASS (no GPU has run these kernels yet): at d = 128, 8 warps; fwd and
