@@ -543,20 +543,24 @@ def _common(q_s, k_s, q_t, k_t, key_padding_mask):
     return b, h, lq, lk, ds, dt, kpm, kinfo, strides, meta
 
 
-def _blocks(kind: str, lq: int, lk: int, d_max: int) -> Tuple[int, int, int, int]:
+def _blocks(kind: str, lq: int, lk: int, d_max: int, elem_bytes: int = 2) -> Tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of kernel ``kind`` ("fwd", "dq", "dk").
 
     Chosen from sm_90 SASS (no GPU measured yet): from d = 128 the kernels run 8 warps = two warpgroups, and the fwd
     / dq programs take 128 query rows, one 64-row wgmma tile per warpgroup.  With 64 rows and 8 warps Triton splits
     the tile's columns over the warpgroups, and whatever feeds a second dot or a row reduction is then computed
     twice or reduced through shared memory (26.9 instructions per score element in the forward loop instead of
-    17.6).  dk stays at 64 x 64 (128 query rows need more than 255 registers there)."""
+    17.6).  dk stays at 64 x 64 (128 query rows need more than 255 registers there).  fp32 inputs (IEEE dots on
+    the FMA pipe, not the fast path) keep 64-row tiles and 2 stages so that their tiles fit in 227 KB of shared
+    memory."""
     bm = 64 if lq > 32 else max(16, triton.next_power_of_2(lq))
     bn = 64 if lk > 32 else max(16, triton.next_power_of_2(lk))
     if d_max > 128:
         return min(bm, 32), min(bn, 32), 8, 2
     if d_max < 128:
         return bm, bn, 4, 2
+    if elem_bytes > 2:
+        return bm, bn, 8, 2
     if kind in ("fwd", "dq") and lq > 64:
         bm = 128
     return bm, bn, 8, (2 if kind == "dk" else 3)
@@ -575,7 +579,7 @@ def attention_kd_fwd(
     lse_t = torch.empty_like(kl)
     if kl.numel() == 0:
         return kl.zero_(), lse_s.zero_(), lse_t.zero_()
-    bm, bn, nw, ns = _blocks("fwd", lq, lk, max(ds, dt))
+    bm, bn, nw, ns = _blocks("fwd", lq, lk, max(ds, dt), q_s.element_size())
     grid = (triton.cdiv(lq, bm), b * h)
     _attention_kd_fwd_kernel[grid](
         q_s, k_s, q_t, k_t, kpm, kinfo, kl, lse_s, lse_t, *strides,
@@ -610,12 +614,12 @@ def attention_kd_bwd(
     if dq.numel() == 0 or dk.numel() == 0:
         return dq.zero_(), dk.zero_()
     common = (lq, lk, ds, dt, float(scale_s), float(scale_t))
-    bm, bn, nw, ns = _blocks("dq", lq, lk, max(ds, dt))
+    bm, bn, nw, ns = _blocks("dq", lq, lk, max(ds, dt), q_s.element_size())
     _attention_kd_bwd_dq_kernel[(triton.cdiv(lq, bm), b * h)](
         q_s, k_s, q_t, k_t, kpm, kinfo, lse_s, lse_t, g, dq, *strides, h, h // hk, h // k_t.shape[1], *common,
         CAUSAL=bool(causal), BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns, **meta,
     )
-    bm, bn, nw, ns = _blocks("dk", lq, lk, max(ds, dt))
+    bm, bn, nw, ns = _blocks("dk", lq, lk, max(ds, dt), q_s.element_size())
     _attention_kd_bwd_dk_kernel[(triton.cdiv(lk, bn), b * hk)](
         q_s, k_s, q_t, k_t, kpm, lse_s, lse_t, g, dk, *strides, h, hk, h // hk, h // k_t.shape[1], *common,
         CAUSAL=bool(causal), BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns, **meta,
@@ -699,7 +703,7 @@ def static_launches(B: int, H: int, L: int, d: int, dtype: str = "bf16", *, caus
     launches = []
     for kind, fn in (("fwd", _attention_kd_fwd_kernel), ("bwd_dq", _attention_kd_bwd_dq_kernel),
                      ("bwd_dk", _attention_kd_bwd_dk_kernel)):
-        bm, bn, nw, ns = _blocks(kind.replace("bwd_", ""), L, L, d)
+        bm, bn, nw, ns = _blocks(kind.replace("bwd_", ""), L, L, d, es)
         cx = dict(common, BLOCK_M=bm, BLOCK_N=bn)
         if kind == "fwd":
             cx["SAME_SCALE"] = True

@@ -337,7 +337,9 @@ try:
 except ImportError as e:
     print("no AOT compiler:", e); sys.exit(3)
 from pyquant.ops._dispatch import kernel_module
-for call in kernel_module("attention_kd").static_launches(2, 4, 256, 128, "bf16", causal=True):
+calls = [c for dt in ("bf16", "fp32") for c in kernel_module("attention_kd").static_launches(2, 4, 256, 128, dt,
+                                                                                             causal=True)]
+for call in calls:
     for ln in call["launches"]:
         t = ln["triton"]
         try:
