@@ -40,9 +40,15 @@ stored, so rows need no mask.  |c| * 2**100 must stay finite in fp32: the launch
 Backward (``_attention_kd_bwd_dq_kernel`` and ``_attention_kd_bwd_dk_kernel``): recompute P_S and P_T tile by tile from
   the saved lse's (P = exp2(x c2 - lse log2 e)); dS = g_i * (P_S - P_T) * c_S; dQ_S = dS @ K_S (one program per query
   block, loop over keys, same unmasked/masked split as the forward); dK_S = sum over the query heads sharing the key
-  head of dS^T @ Q_S (one program per key block and key head, loop over its query heads and query blocks; the key
-  block's padding is fixed per program, so only the causal diagonal query blocks are masked when its keys are all
-  kept; no atomics, deterministic).  The teacher gets no gradient.
+  head of dS^T @ Q_S (one program per key block and key head, loop over its query heads and query blocks; the
+  program's K tiles are loaded once; its key block's padding is fixed, so when all its keys are kept only the
+  causal diagonal query blocks are masked, by a CTA-uniform branch; no atomics, deterministic).  6 dots per tile
+  pair over the two backward kernels (2 QK recomputations each + dS @ K, dS^T @ Q).  The teacher gets no gradient.
+
+Tiles (``_blocks``) were chosen from the sm_90 SASS (no GPU has run these kernels yet): at d = 128, 8 warps; fwd and
+dq take 128 query rows (one 64-row wgmma tile per warpgroup), dk 64 x 64.  Predicted with H200 constants for
+B=8, H=32, L=2048, d=128 bf16: fwd ~0.59 ms, dq ~0.83 ms, dk ~0.89 ms (issue / tensor-core bound), against >= 64 ms
+of HBM traffic for the materialized eager loss (``pyquant bench static`` reports the committed figures).
 
 Masking semantics: key-padding mask [B, L_k] (nonzero = keep) and ``causal`` (key j visible to query i iff
 j <= i + L_k - L_q).  GQA/MQA: query head h reads key head h // (H / H_kv) (``transformers``' repeat_kv grouping),
@@ -68,16 +74,9 @@ __all__ = ["attention_kd_fwd", "attention_kd_bwd", "static_launches", "MAX_HEAD_
 MAX_HEAD_DIM = 256
 MAX_SCALE = float(2 ** 26)  # NEG * scale * log2(e) must stay finite in fp32 (module docstring)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-NEG = -1.2676506002282294e30  # -2**100: masked raw dot
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
-
-
-@triton.jit
-def _aligned(ptr, ALIGN: tl.constexpr):
-    if ALIGN > 1:
-        ptr = tl.multiple_of(ptr, 16)
-    return ptr
+NEG = tl.constexpr(-1.2676506002282294e30)  # -2**100: masked raw dot
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -89,25 +88,32 @@ def _astride(s, ALIGN: tl.constexpr):
 
 
 @triton.jit
-def _dots(q, k_ptr, offs_n, offs_d, stride_kn, lk, d,
-          ROW_MASK: tl.constexpr, EVEN_D: tl.constexpr, IEEE: tl.constexpr):
-    """Raw x[BM, BN] = q @ k_tile^T (fp32 accumulate, no scale) and the K tile."""
-    ptrs = k_ptr + offs_n[:, None] * stride_kn + offs_d[None, :]
+def _load_rows(base, offs_r, row_stride, n_rows, offs_d, d, ALIGN: tl.constexpr, ROW_MASK: tl.constexpr,
+               EVEN_D: tl.constexpr):
+    """[R, BLOCK_D] tile of a [rows, d] matrix with unit column stride; rows >= n_rows (when ROW_MASK) and head-dim
+    padding read as 0.  No column mask when d is a power of two, so the load stays a 16-byte vector."""
+    ptrs = base + offs_r[:, None] * row_stride + offs_d[None, :]
+    if ALIGN > 1:  # rows start on 16-byte boundaries (launcher-checked); the hint must sit where ptrs is made
+        ptrs = tl.multiple_of(ptrs, [1, 16])
     if ROW_MASK:
         if EVEN_D:
-            k = tl.load(ptrs, mask=offs_n[:, None] < lk, other=0.0)
+            t = tl.load(ptrs, mask=offs_r[:, None] < n_rows, other=0.0)
         else:
-            k = tl.load(ptrs, mask=(offs_n[:, None] < lk) & (offs_d[None, :] < d), other=0.0)
+            t = tl.load(ptrs, mask=(offs_r[:, None] < n_rows) & (offs_d[None, :] < d), other=0.0)
     else:
         if EVEN_D:
-            k = tl.load(ptrs)
+            t = tl.load(ptrs)
         else:
-            k = tl.load(ptrs, mask=offs_d[None, :] < d, other=0.0)
+            t = tl.load(ptrs, mask=offs_d[None, :] < d, other=0.0)
+    return t
+
+
+@triton.jit
+def _qk(q, k, IEEE: tl.constexpr):
+    """Raw x[BM, BN] = q @ k^T, fp32 accumulate, no scale."""
     if IEEE:
-        x = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
-    else:
-        x = tl.dot(q, tl.trans(k))
-    return x, k
+        return tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+    return tl.dot(q, tl.trans(k))
 
 
 @triton.jit
@@ -124,17 +130,16 @@ def _keep_tile(offs_m, offs_n, kpm_ptr, stride_kpm, lq, lk, HAS_KPM: tl.constexp
 
 
 @triton.jit
-def _score_tiles(q_s, q_t, ks_base, kt_base, kpm_base, offs_m, offs_n, offs_ds, offs_dt, sks_n, skt_n, skpm_n,
-                 LQ, LK, DS, DT, MASKED: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
-                 EVEN_DS: tl.constexpr, EVEN_DT: tl.constexpr, IEEE: tl.constexpr):
-    """Raw dots of both maps for one key tile (masked keys set to NEG when MASKED) and the student's K tile."""
-    x_s, k_s = _dots(q_s, ks_base, offs_n, offs_ds, sks_n, LK, DS, MASKED, EVEN_DS, IEEE)
-    x_t, _ = _dots(q_t, kt_base, offs_n, offs_dt, skt_n, LK, DT, MASKED, EVEN_DT, IEEE)
+def _score_tiles(q_s, q_t, k_s, k_t, kpm_base, offs_m, offs_n, skpm_n, LQ, LK,
+                 MASKED: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr):
+    """Raw dots of both maps for one (query block, key tile); masked keys set to NEG when MASKED."""
+    x_s = _qk(q_s, k_s, IEEE)
+    x_t = _qk(q_t, k_t, IEEE)
     if MASKED:
         keep = _keep_tile(offs_m, offs_n, kpm_base, skpm_n, LQ, LK, HAS_KPM, CAUSAL)
         x_s = tl.where(keep, x_s, NEG)
         x_t = tl.where(keep, x_t, NEG)
-    return x_s, x_t, k_s
+    return x_s, x_t
 
 
 @triton.jit
@@ -164,25 +169,24 @@ def _key_range(kinfo_ptr, b, m0, LQ, LK, HAS_KPM: tl.constexpr, CAUSAL: tl.const
     else:
         f_lo = t_lo
         f_hi = t_lo
-    n_head = tl.minimum(f_lo - t_lo, tl.maximum(end - t_lo, 0)) // BLOCK_N
-    n_head = tl.where(n_head > 0, 1, 0)
+    n_head = tl.where((f_lo > t_lo) & (end > t_lo), 1, 0)  # the partial tile holding lo, if anything in it is seen
     n_tail = tl.maximum(end - f_hi + BLOCK_N - 1, 0) // BLOCK_N
     return t_lo, n_head, f_lo, f_hi, n_tail
 
 
+
+
 @triton.jit
 def _query_block(qs_ptr, ks_ptr, qt_ptr, kt_ptr, b, h, offs_m, offs_ds, offs_dt, sqs_b, sqs_h, sqs_m, sks_b, sks_h,
-                 sks_n, sqt_b, sqt_h, sqt_m, skt_b, skt_h, skt_n, G_S, G_T, LQ, DS, DT, ALIGN: tl.constexpr):
+                 sks_n, sqt_b, sqt_h, sqt_m, skt_b, skt_h, skt_n, G_S, G_T, LQ, DS, DT, ALIGN: tl.constexpr,
+                 EVEN_DS: tl.constexpr, EVEN_DT: tl.constexpr):
     """Prologue of a query-block program: both Q tiles, both K bases (GQA head), the K row strides."""
-    qs_base = _aligned(qs_ptr + b * _astride(sqs_b, ALIGN) + h * _astride(sqs_h, ALIGN), ALIGN)
-    qt_base = _aligned(qt_ptr + b * _astride(sqt_b, ALIGN) + h * _astride(sqt_h, ALIGN), ALIGN)
-    mrow = offs_m[:, None] < LQ
-    q_s = tl.load(qs_base + offs_m[:, None] * _astride(sqs_m, ALIGN) + offs_ds[None, :],
-                  mask=mrow & (offs_ds[None, :] < DS), other=0.0)
-    q_t = tl.load(qt_base + offs_m[:, None] * _astride(sqt_m, ALIGN) + offs_dt[None, :],
-                  mask=mrow & (offs_dt[None, :] < DT), other=0.0)
-    ks_base = _aligned(ks_ptr + b * _astride(sks_b, ALIGN) + (h // G_S) * _astride(sks_h, ALIGN), ALIGN)
-    kt_base = _aligned(kt_ptr + b * _astride(skt_b, ALIGN) + (h // G_T) * _astride(skt_h, ALIGN), ALIGN)
+    qs_base = qs_ptr + b * _astride(sqs_b, ALIGN) + h * _astride(sqs_h, ALIGN)
+    qt_base = qt_ptr + b * _astride(sqt_b, ALIGN) + h * _astride(sqt_h, ALIGN)
+    q_s = _load_rows(qs_base, offs_m, _astride(sqs_m, ALIGN), LQ, offs_ds, DS, ALIGN, True, EVEN_DS)
+    q_t = _load_rows(qt_base, offs_m, _astride(sqt_m, ALIGN), LQ, offs_dt, DT, ALIGN, True, EVEN_DT)
+    ks_base = ks_ptr + b * _astride(sks_b, ALIGN) + (h // G_S) * _astride(sks_h, ALIGN)
+    kt_base = kt_ptr + b * _astride(skt_b, ALIGN) + (h // G_T) * _astride(skt_h, ALIGN)
     return q_s, q_t, ks_base, kt_base, _astride(sks_n, ALIGN), _astride(skt_n, ALIGN)
 
 
@@ -190,10 +194,12 @@ def _query_block(qs_ptr, ks_ptr, qt_ptr, kt_ptr, b, h, offs_m, offs_ds, offs_dt,
 def _fwd_tile(q_s, q_t, ks_base, kt_base, kpm_base, offs_m, offs_n, offs_ds, offs_dt, sks_n, skt_n, skpm_n,
               m_s, m_t, l_s, l_t, acc, LQ, LK, DS, DT, c2_s, c2_t, r_ts,
               MASKED: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, SAME_SCALE: tl.constexpr,
-              EVEN_DS: tl.constexpr, EVEN_DT: tl.constexpr, IEEE: tl.constexpr):
+              EVEN_DS: tl.constexpr, EVEN_DT: tl.constexpr, IEEE: tl.constexpr, ALIGN: tl.constexpr):
     """One key tile of the online pass (module docstring): returns the updated (m_s, m_t, l_s, l_t, A)."""
-    x_s, x_t, _ = _score_tiles(q_s, q_t, ks_base, kt_base, kpm_base, offs_m, offs_n, offs_ds, offs_dt, sks_n, skt_n,
-                               skpm_n, LQ, LK, DS, DT, MASKED, HAS_KPM, CAUSAL, EVEN_DS, EVEN_DT, IEEE)
+    k_s = _load_rows(ks_base, offs_n, sks_n, LK, offs_ds, DS, ALIGN, MASKED, EVEN_DS)
+    k_t = _load_rows(kt_base, offs_n, skt_n, LK, offs_dt, DT, ALIGN, MASKED, EVEN_DT)
+    x_s, x_t = _score_tiles(q_s, q_t, k_s, k_t, kpm_base, offs_m, offs_n, skpm_n, LQ, LK, MASKED, HAS_KPM, CAUSAL,
+                            IEEE)
     mn_s = tl.maximum(m_s, tl.max(x_s, 1))
     mn_t = tl.maximum(m_t, tl.max(x_t, 1))
     e_s = tl.exp2(x_s * c2_s - (mn_s * c2_s)[:, None])
@@ -234,7 +240,7 @@ def _attention_kd_fwd_kernel(
     offs_nb = tl.arange(0, BLOCK_N)
     q_s, q_t, ks_base, kt_base, sks_n, skt_n = _query_block(
         qs_ptr, ks_ptr, qt_ptr, kt_ptr, b, h, offs_m, offs_ds, offs_dt, sqs_b, sqs_h, sqs_m, sks_b, sks_h, sks_n,
-        sqt_b, sqt_h, sqt_m, skt_b, skt_h, skt_n, G_S, G_T, LQ, DS, DT, ALIGN)
+        sqt_b, sqt_h, sqt_m, skt_b, skt_h, skt_n, G_S, G_T, LQ, DS, DT, ALIGN, EVEN_DS, EVEN_DT)
     kpm_base = kpm_ptr + b * skpm_b
     c2_s = sc_s * LOG2E
     c2_t = sc_t * LOG2E
@@ -251,14 +257,14 @@ def _attention_kd_fwd_kernel(
         m_s, m_t, l_s, l_t, acc = _fwd_tile(
             q_s, q_t, ks_base, kt_base, kpm_base, offs_m, start_n + offs_nb, offs_ds, offs_dt, sks_n, skt_n, skpm_n,
             m_s, m_t, l_s, l_t, acc, LQ, LK, DS, DT, c2_s, c2_t, r_ts,
-            False, HAS_KPM, CAUSAL, SAME_SCALE, EVEN_DS, EVEN_DT, IEEE)
+            False, HAS_KPM, CAUSAL, SAME_SCALE, EVEN_DS, EVEN_DT, IEEE, ALIGN)
     # boundary tiles: leading partial tile, trailing L_k / padding edge, causal diagonal band, non-contiguous masks
     for i in range(0, n_head + n_tail):
         start_n = tl.where(i < n_head, t_lo, f_hi + (i - n_head) * BLOCK_N)
         m_s, m_t, l_s, l_t, acc = _fwd_tile(
             q_s, q_t, ks_base, kt_base, kpm_base, offs_m, start_n + offs_nb, offs_ds, offs_dt, sks_n, skt_n, skpm_n,
             m_s, m_t, l_s, l_t, acc, LQ, LK, DS, DT, c2_s, c2_t, r_ts,
-            True, HAS_KPM, CAUSAL, SAME_SCALE, EVEN_DS, EVEN_DT, IEEE)
+            True, HAS_KPM, CAUSAL, SAME_SCALE, EVEN_DS, EVEN_DT, IEEE, ALIGN)
 
     row_ok = m_t > 0.5 * NEG  # some kept key was seen (the masks of both maps are the same)
     l_s1 = tl.where(row_ok, l_s, 1.0)
@@ -279,28 +285,24 @@ def _attention_kd_fwd_kernel(
 
 
 @triton.jit
-def _ds_tile(q_s, q_t, ks_base, kt_base, kpm_base, offs_m, offs_n, offs_ds, offs_dt,
-             sks_n, skt_n, skpm_n, lse2_s, lse2_t, gs,
-             LQ, LK, DS, DT, c2_s, c2_t,
-             MASKED: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
-             EVEN_DS: tl.constexpr, EVEN_DT: tl.constexpr, IEEE: tl.constexpr):
-    """dS[BM, BN] = g * c_S * (P_S - P_T) (fp32; gs = g * c_S per row) and the student's K tile."""
-    x_s, x_t, k_s = _score_tiles(q_s, q_t, ks_base, kt_base, kpm_base, offs_m, offs_n, offs_ds, offs_dt, sks_n,
-                                 skt_n, skpm_n, LQ, LK, DS, DT, MASKED, HAS_KPM, CAUSAL, EVEN_DS, EVEN_DT, IEEE)
+def _ds_from_scores(x_s, x_t, lse2_s, lse2_t, gs, c2_s, c2_t):
+    """dS[BM, BN] = g * c_S * (P_S - P_T), fp32 (gs = g * c_S per row; lse2 = lse * log2(e))."""
     p_s = tl.exp2(x_s * c2_s - lse2_s[:, None])
     p_t = tl.exp2(x_t * c2_t - lse2_t[:, None])
-    return gs[:, None] * (p_s - p_t), k_s
+    return gs[:, None] * (p_s - p_t)
 
 
 @triton.jit
 def _dq_step(dq, q_s, q_t, ks_base, kt_base, kpm_base, offs_m, offs_n, offs_ds, offs_dt,
              sks_n, skt_n, skpm_n, lse2_s, lse2_t, gs, LQ, LK, DS, DT, c2_s, c2_t,
              MASKED: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
-             EVEN_DS: tl.constexpr, EVEN_DT: tl.constexpr, IEEE: tl.constexpr):
+             EVEN_DS: tl.constexpr, EVEN_DT: tl.constexpr, IEEE: tl.constexpr, ALIGN: tl.constexpr):
     """dq += dS @ K_S for one key tile."""
-    ds, k_s = _ds_tile(q_s, q_t, ks_base, kt_base, kpm_base, offs_m, offs_n, offs_ds, offs_dt,
-                       sks_n, skt_n, skpm_n, lse2_s, lse2_t, gs, LQ, LK, DS, DT, c2_s, c2_t,
-                       MASKED, HAS_KPM, CAUSAL, EVEN_DS, EVEN_DT, IEEE)
+    k_s = _load_rows(ks_base, offs_n, sks_n, LK, offs_ds, DS, ALIGN, MASKED, EVEN_DS)
+    k_t = _load_rows(kt_base, offs_n, skt_n, LK, offs_dt, DT, ALIGN, MASKED, EVEN_DT)
+    x_s, x_t = _score_tiles(q_s, q_t, k_s, k_t, kpm_base, offs_m, offs_n, skpm_n, LQ, LK, MASKED, HAS_KPM, CAUSAL,
+                            IEEE)
+    ds = _ds_from_scores(x_s, x_t, lse2_s, lse2_t, gs, c2_s, c2_t)
     if IEEE:
         dq += tl.dot(ds.to(k_s.dtype).to(tl.float32), k_s.to(tl.float32), input_precision="ieee")
     else:
@@ -333,7 +335,7 @@ def _attention_kd_bwd_dq_kernel(
     mrow = offs_m < LQ
     q_s, q_t, ks_base, kt_base, sks_n, skt_n = _query_block(
         qs_ptr, ks_ptr, qt_ptr, kt_ptr, b, h, offs_m, offs_ds, offs_dt, sqs_b, sqs_h, sqs_m, sks_b, sks_h, sks_n,
-        sqt_b, sqt_h, sqt_m, skt_b, skt_h, skt_n, G_S, G_T, LQ, DS, DT, ALIGN)
+        sqt_b, sqt_h, sqt_m, skt_b, skt_h, skt_n, G_S, G_T, LQ, DS, DT, ALIGN, EVEN_DS, EVEN_DT)
     row = bh * LQ + offs_m
     lse2_s = tl.load(lses_ptr + row, mask=mrow, other=0.0) * LOG2E
     lse2_t = tl.load(lset_ptr + row, mask=mrow, other=0.0) * LOG2E
@@ -347,36 +349,36 @@ def _attention_kd_bwd_dq_kernel(
     for start_n in range(f_lo, f_hi, BLOCK_N):
         dq = _dq_step(dq, q_s, q_t, ks_base, kt_base, kpm_base, offs_m, start_n + offs_nb, offs_ds, offs_dt,
                       sks_n, skt_n, skpm_n, lse2_s, lse2_t, gs, LQ, LK, DS, DT, c2_s, c2_t,
-                      False, HAS_KPM, CAUSAL, EVEN_DS, EVEN_DT, IEEE)
+                      False, HAS_KPM, CAUSAL, EVEN_DS, EVEN_DT, IEEE, ALIGN)
     for i in range(0, n_head + n_tail):
         start_n = tl.where(i < n_head, t_lo, f_hi + (i - n_head) * BLOCK_N)
         dq = _dq_step(dq, q_s, q_t, ks_base, kt_base, kpm_base, offs_m, start_n + offs_nb, offs_ds, offs_dt,
                       sks_n, skt_n, skpm_n, lse2_s, lse2_t, gs, LQ, LK, DS, DT, c2_s, c2_t,
-                      True, HAS_KPM, CAUSAL, EVEN_DS, EVEN_DT, IEEE)
+                      True, HAS_KPM, CAUSAL, EVEN_DS, EVEN_DT, IEEE, ALIGN)
     tl.store(dq_ptr + bh * LQ * DS + offs_m[:, None] * DS + offs_ds[None, :], dq,
              mask=mrow[:, None] & (offs_ds[None, :] < DS))
 
 
 @triton.jit
-def _dk_block(dk, offs_m, qs_base, qt_base, sqs_m, sqt_m, ks_base, kt_base, kpm_base, offs_n, offs_ds, offs_dt,
-              sks_n, skt_n, skpm_n, rows_s, rows_t, rows_g, LQ, LK, DS, DT, sc_s, c2_s, c2_t,
-              MASKED: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
-              EVEN_DS: tl.constexpr, EVEN_DT: tl.constexpr, IEEE: tl.constexpr):
-    """dk += dS^T @ Q_S for the query block at offs_m of one query head (rows_* point at its row statistics)."""
-    q_ptrs_s = qs_base + offs_m[:, None] * sqs_m + offs_ds[None, :]
-    q_ptrs_t = qt_base + offs_m[:, None] * sqt_m + offs_dt[None, :]
-    row_ptr_s = rows_s + offs_m
-    row_ptr_t = rows_t + offs_m
-    g_row_ptr = rows_g + offs_m
+def _dk_block(dk, offs_m, masked, qs_base, qt_base, sqs_m, sqt_m, k_s, k_t, kpm_base, offs_n, offs_ds, offs_dt,
+              skpm_n, rows_s, rows_t, rows_g, LQ, LK, DS, DT, sc_s, c2_s, c2_t,
+              HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
+              EVEN_DS: tl.constexpr, EVEN_DT: tl.constexpr, IEEE: tl.constexpr, ALIGN: tl.constexpr):
+    """dk += dS^T @ Q_S for the query block at offs_m of one query head (rows_* point at its row statistics).
+    ``masked`` is a runtime (CTA-uniform) branch, not a second loop: two inner loops made the compiler spill."""
     mrow = offs_m < LQ
-    q_s = tl.load(q_ptrs_s, mask=mrow[:, None] & (offs_ds[None, :] < DS), other=0.0)
-    q_t = tl.load(q_ptrs_t, mask=mrow[:, None] & (offs_dt[None, :] < DT), other=0.0)
-    lse2_s = tl.load(row_ptr_s, mask=mrow, other=0.0) * LOG2E
-    lse2_t = tl.load(row_ptr_t, mask=mrow, other=0.0) * LOG2E
-    gs = tl.load(g_row_ptr, mask=mrow, other=0.0) * sc_s  # rows past L_q: g = 0, so they add nothing
-    ds, _ = _ds_tile(q_s, q_t, ks_base, kt_base, kpm_base, offs_m, offs_n, offs_ds, offs_dt,
-                     sks_n, skt_n, skpm_n, lse2_s, lse2_t, gs, LQ, LK, DS, DT, c2_s, c2_t,
-                     MASKED, HAS_KPM, CAUSAL, EVEN_DS, EVEN_DT, IEEE)
+    q_s = _load_rows(qs_base, offs_m, sqs_m, LQ, offs_ds, DS, ALIGN, True, EVEN_DS)
+    q_t = _load_rows(qt_base, offs_m, sqt_m, LQ, offs_dt, DT, ALIGN, True, EVEN_DT)
+    lse2_s = tl.load(rows_s + offs_m, mask=mrow, other=0.0) * LOG2E
+    lse2_t = tl.load(rows_t + offs_m, mask=mrow, other=0.0) * LOG2E
+    gs = tl.load(rows_g + offs_m, mask=mrow, other=0.0) * sc_s  # rows past L_q: g = 0, so they add nothing
+    x_s, x_t = _score_tiles(q_s, q_t, k_s, k_t, kpm_base, offs_m, offs_n, skpm_n, LQ, LK, False, HAS_KPM, CAUSAL,
+                            IEEE)
+    if masked:
+        keep = _keep_tile(offs_m, offs_n, kpm_base, skpm_n, LQ, LK, HAS_KPM, CAUSAL)
+        x_s = tl.where(keep, x_s, NEG)
+        x_t = tl.where(keep, x_t, NEG)
+    ds = _ds_from_scores(x_s, x_t, lse2_s, lse2_t, gs, c2_s, c2_t)
     if IEEE:
         dk += tl.dot(tl.trans(ds.to(q_s.dtype).to(tl.float32)), q_s.to(tl.float32), input_precision="ieee")
     else:
@@ -408,10 +410,10 @@ def _attention_kd_bwd_dk_kernel(
     offs_mb = tl.arange(0, BLOCK_M)
     sqs_m = _astride(sqs_m, ALIGN)
     sqt_m = _astride(sqt_m, ALIGN)
-    sks_n = _astride(sks_n, ALIGN)
-    skt_n = _astride(skt_n, ALIGN)
     kpm_base = kpm_ptr + b * skpm_b
-    ks_base = _aligned(ks_ptr + b * _astride(sks_b, ALIGN) + hk * _astride(sks_h, ALIGN), ALIGN)
+    # the student's K tile of this program is loaded once (it stays in shared memory for the dots)
+    ks_base = ks_ptr + b * _astride(sks_b, ALIGN) + hk * _astride(sks_h, ALIGN)
+    k_s = _load_rows(ks_base, offs_n, _astride(sks_n, ALIGN), LK, offs_ds, DS, ALIGN, True, EVEN_DS)
     c2_s = sc_s * LOG2E
     c2_t = sc_t * LOG2E
 
@@ -435,18 +437,16 @@ def _attention_kd_bwd_dk_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_DS], tl.float32)
     for gi in range(0, G_S):
         h = hk * G_S + gi
-        kt_base = _aligned(kt_ptr + b * _astride(skt_b, ALIGN) + (h // G_T) * _astride(skt_h, ALIGN), ALIGN)
-        qs_base = _aligned(qs_ptr + b * _astride(sqs_b, ALIGN) + h * _astride(sqs_h, ALIGN), ALIGN)
-        qt_base = _aligned(qt_ptr + b * _astride(sqt_b, ALIGN) + h * _astride(sqt_h, ALIGN), ALIGN)
+        # the teacher's K tile for this query head (its key head may differ from the student's)
+        kt_base = kt_ptr + b * _astride(skt_b, ALIGN) + (h // G_T) * _astride(skt_h, ALIGN)
+        k_t = _load_rows(kt_base, offs_n, _astride(skt_n, ALIGN), LK, offs_dt, DT, ALIGN, True, EVEN_DT)
+        qs_base = qs_ptr + b * _astride(sqs_b, ALIGN) + h * _astride(sqs_h, ALIGN)
+        qt_base = qt_ptr + b * _astride(sqt_b, ALIGN) + h * _astride(sqt_h, ALIGN)
         row0 = (b * H + h) * LQ
-        for start_m in range(lo, split, BLOCK_M):
-            dk = _dk_block(dk, start_m + offs_mb, qs_base, qt_base, sqs_m, sqt_m, ks_base, kt_base, kpm_base, offs_n,
-                           offs_ds, offs_dt, sks_n, skt_n, skpm_n, lses_ptr + row0, lset_ptr + row0, g_ptr + row0,
-                           LQ, LK, DS, DT, sc_s, c2_s, c2_t, True, HAS_KPM, CAUSAL, EVEN_DS, EVEN_DT, IEEE)
-        for start_m in range(split, LQ, BLOCK_M):
-            dk = _dk_block(dk, start_m + offs_mb, qs_base, qt_base, sqs_m, sqt_m, ks_base, kt_base, kpm_base, offs_n,
-                           offs_ds, offs_dt, sks_n, skt_n, skpm_n, lses_ptr + row0, lset_ptr + row0, g_ptr + row0,
-                           LQ, LK, DS, DT, sc_s, c2_s, c2_t, False, HAS_KPM, CAUSAL, EVEN_DS, EVEN_DT, IEEE)
+        for start_m in range(lo, LQ, BLOCK_M):
+            dk = _dk_block(dk, start_m + offs_mb, start_m < split, qs_base, qt_base, sqs_m, sqt_m, k_s, k_t,
+                           kpm_base, offs_n, offs_ds, offs_dt, skpm_n, lses_ptr + row0, lset_ptr + row0, g_ptr + row0,
+                           LQ, LK, DS, DT, sc_s, c2_s, c2_t, HAS_KPM, CAUSAL, EVEN_DS, EVEN_DT, IEEE, ALIGN)
     tl.store(dk_ptr + bhk * LK * DS + offs_n[:, None] * DS + offs_ds[None, :], dk,
              mask=(offs_n[:, None] < LK) & (offs_ds[None, :] < DS))
 
@@ -543,14 +543,27 @@ def _common(q_s, k_s, q_t, k_t, key_padding_mask):
     return b, h, lq, lk, ds, dt, kpm, kinfo, strides, meta
 
 
-def _blocks(lq, lk, d_max) -> Tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps).  Untuned defaults (no GPU was available when this was written): 64 x 64 tiles
-    keep two Q tiles (teacher + student) and two K tiles of d <= 128 in registers; 8 warps from d = 128."""
+def _blocks(kind: str, lq: int, lk: int, d_max: int, elem_bytes: int = 2) -> Tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of kernel ``kind`` ("fwd", "dq", "dk").
+
+    Chosen from sm_90 SASS (no GPU measured yet): from d = 128 the kernels run 8 warps = two warpgroups, and the fwd
+    / dq programs take 128 query rows, one 64-row wgmma tile per warpgroup.  With 64 rows and 8 warps Triton splits
+    the tile's columns over the warpgroups, and whatever feeds a second dot or a row reduction is then computed
+    twice or reduced through shared memory (26.9 instructions per score element in the forward loop instead of
+    17.6).  dk stays at 64 x 64 (128 query rows need more than 255 registers there).  fp32 inputs (IEEE dots on
+    the FMA pipe, not the fast path) keep 64-row tiles and 2 stages so that their tiles fit in 227 KB of shared
+    memory."""
     bm = 64 if lq > 32 else max(16, triton.next_power_of_2(lq))
     bn = 64 if lk > 32 else max(16, triton.next_power_of_2(lk))
     if d_max > 128:
-        bm, bn = min(bm, 32), min(bn, 32)
-    return bm, bn, (8 if d_max >= 128 else 4)
+        return min(bm, 32), min(bn, 32), 8, 2
+    if d_max < 128:
+        return bm, bn, 4, 2
+    if elem_bytes > 2:
+        return bm, bn, 8, 2
+    if kind in ("fwd", "dq") and lq > 64:
+        bm = 128
+    return bm, bn, 8, (2 if kind == "dk" else 3)
 
 
 def attention_kd_fwd(
@@ -566,13 +579,13 @@ def attention_kd_fwd(
     lse_t = torch.empty_like(kl)
     if kl.numel() == 0:
         return kl.zero_(), lse_s.zero_(), lse_t.zero_()
-    bm, bn, nw = _blocks(lq, lk, max(ds, dt))
+    bm, bn, nw, ns = _blocks("fwd", lq, lk, max(ds, dt), q_s.element_size())
     grid = (triton.cdiv(lq, bm), b * h)
     _attention_kd_fwd_kernel[grid](
         q_s, k_s, q_t, k_t, kpm, kinfo, kl, lse_s, lse_t, *strides,
         h, h // k_s.shape[1], h // k_t.shape[1], lq, lk, ds, dt, float(scale_s), float(scale_t),
         CAUSAL=bool(causal), SAME_SCALE=_f32(scale_s) == _f32(scale_t), BLOCK_M=bm, BLOCK_N=bn, num_warps=nw,
-        **meta,
+        num_stages=ns, **meta,
     )
     return kl, lse_s, lse_t
 
@@ -600,69 +613,132 @@ def attention_kd_bwd(
     dk = torch.empty(b, hk, lk, ds, dtype=out_dtypes[1], device=q_s.device)
     if dq.numel() == 0 or dk.numel() == 0:
         return dq.zero_(), dk.zero_()
-    bm, bn, nw = _blocks(lq, lk, max(ds, dt))
     common = (lq, lk, ds, dt, float(scale_s), float(scale_t))
+    bm, bn, nw, ns = _blocks("dq", lq, lk, max(ds, dt), q_s.element_size())
     _attention_kd_bwd_dq_kernel[(triton.cdiv(lq, bm), b * h)](
         q_s, k_s, q_t, k_t, kpm, kinfo, lse_s, lse_t, g, dq, *strides, h, h // hk, h // k_t.shape[1], *common,
-        CAUSAL=bool(causal), BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, **meta,
+        CAUSAL=bool(causal), BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns, **meta,
     )
+    bm, bn, nw, ns = _blocks("dk", lq, lk, max(ds, dt), q_s.element_size())
     _attention_kd_bwd_dk_kernel[(triton.cdiv(lk, bn), b * hk)](
         q_s, k_s, q_t, k_t, kpm, lse_s, lse_t, g, dk, *strides, h, hk, h // hk, h // k_t.shape[1], *common,
-        CAUSAL=bool(causal), BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, **meta,
+        CAUSAL=bool(causal), BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns, **meta,
     )
     return dq, dk
 
 
-# ---- static-analysis launch descriptors (`pyquant bench static`) -------------------------------------------------
-def static_launches(B: int, H: int, L: int, d: int, dtype: str = "bf16") -> list:
-    """The forward call and the backward call (dQ + dK kernels) ``attention_kd_fwd`` / ``attention_kd_bwd`` make for
-    teacher and student Q/K of shape [B, H, L, d] (contiguous, no GQA, no key-padding mask, not causal), in the
-    schema of ``pyquant.bench.static``.  ``weights`` counts score elements (B * H * L * L), the unit of the
-    per-"weight" figures for these kernels; ``bytes`` counts unique HBM bytes (K tiles re-read by every query block
-    are assumed to hit L2).  Plain data: nothing is compiled or launched."""
+# ---- static-analysis launch descriptors (pyquant bench static; schema in the issue-#10 shared interface) --------
+_PTR_TYPES = {"kpm_ptr": "*i8", "kinfo_ptr": "*i32", "kl_ptr": "*fp32", "lses_ptr": "*fp32", "lset_ptr": "*fp32",
+              "g_ptr": "*fp32"}
+_DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+def _key_plan(lq: int, lk: int, bm: int, bn: int, causal: bool, lo: int, hi: int, contig: bool):
+    """Host mirror of ``_key_range``: (unmasked, masked) key-tile counts of every query block."""
+    plans = []
+    for m0 in range(0, lq, bm):
+        end, full = hi, hi
+        if causal:
+            end = min(end, max(m0 + bm + lk - lq, 0))
+            full = min(full, max(m0 + 1 + lk - lq, 0))
+        t_lo = (lo // bn) * bn
+        if contig:
+            f_lo = -(-lo // bn) * bn
+            f_hi = max((full // bn) * bn, f_lo)
+        else:
+            f_lo = f_hi = t_lo
+        n_head = 1 if f_lo > t_lo and end > t_lo else 0
+        n_tail = max(end - f_hi + bn - 1, 0) // bn
+        plans.append((max(f_hi - f_lo, 0) // bn, n_head + n_tail))
+    return plans
+
+
+def _signature(fn, constexprs: dict, elem: str) -> dict:
+    sig = {}
+    for n in fn.arg_names:
+        if n in constexprs:
+            sig[n] = "constexpr"
+        elif n.endswith("_ptr"):
+            sig[n] = _PTR_TYPES.get(n, f"*{elem}")
+        elif n in ("sc_s", "sc_t"):
+            sig[n] = "fp32"
+        else:
+            sig[n] = "i32"
+    return sig
+
+
+def static_launches(B: int, H: int, L: int, d: int, dtype: str = "bf16", *, causal: bool = False,
+                    key_padding: bool = True, kv_heads: Optional[int] = None) -> list:
+    """What ``attention_kd_fwd`` + ``attention_kd_bwd`` launch for teacher and student of equal shape
+    (q [B, H, L, d], k [B, kv_heads or H, L, d]) with a key-padding mask that keeps every key (as the benchmark).
+
+    One candidate call (the launchers have one config per shape, no autotuning) with three launches: fwd, bwd dq,
+    bwd dk.  ``weights`` = score elements of one map (B * H * L * L), so the tool's "instructions per weight" reads
+    "per score element".  ``bytes`` = DRAM traffic with K re-read from L2 by the query blocks of a head: Q and K of
+    both models once, the mask, the row statistics and the outputs.  ``mma_flops`` = tensor-core flops of the dots
+    at the padded tile shapes (2 QK dots per tile pair in the forward; 2 QK dots + one dS dot in each backward
+    kernel); 0 for fp32 inputs (IEEE fp32 dots run on the FMA pipe).  ``loop_trips`` = unmasked main-loop iterations
+    per program, averaged (the masked boundary loop's trips are in ``boundary_trips``)."""
+    if dtype not in _DTYPE_BYTES:
+        raise ValueError(f"dtype={dtype!r} is invalid: expected one of {tuple(_DTYPE_BYTES)}")
     for name, v in (("B", B), ("H", H), ("L", L), ("d", d)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name}={v!r} must be an int >= 1")
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name}={v!r} is invalid: expected an int >= 1")
     if d > MAX_HEAD_DIM:
-        raise ValueError(f"d={d} exceeds the kernel's maximum {MAX_HEAD_DIM}")
-    ty = {"bf16": ("*bf16", 2), "fp16": ("*fp16", 2), "fp32": ("*fp32", 4)}
-    if dtype not in ty:
-        raise ValueError(f"dtype={dtype!r}: expected one of {sorted(ty)}")
-    pt, eb = ty[dtype]
-    bm, bn, nw = _blocks(L, L, d)
-    blk = max(16, triton.next_power_of_2(d))
-    strides = dict(zip(["b", "h", "m", "d"], [H * L * d, L * d, d, 1]))
-    spec = {}
-    for pre, names in (("sqs", "bhmd"), ("sks", "bhnd"), ("sqt", "bhmd"), ("skt", "bhnd")):
-        for n, key in zip(names, "bhmd"):
-            spec[f"{pre}_{n}"] = strides[key]
-    spec.update(skpm_b=0, skpm_n=0, H=H, HK=H, G_S=1, G_T=1, LQ=L, LK=L, DS=d, DT=d)
-    meta = dict(HAS_KPM=False, CAUSAL=False, IEEE=dtype == "fp32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_DS=blk,
-                BLOCK_DT=blk)
-    ptr = dict(qs_ptr=pt, ks_ptr=pt, qt_ptr=pt, kt_ptr=pt, kpm_ptr="*i8", kl_ptr="*fp32", lses_ptr="*fp32",
-               lset_ptr="*fp32", g_ptr="*fp32", dq_ptr=pt, dk_ptr=pt)
-
-    def tri(fn):
-        sig = {a: ("constexpr" if a in meta else ptr.get(a, "fp32" if a.startswith("sc_") else "i32"))
-               for a in fn.arg_names}
-        return dict(fn=fn, signature=sig, constexprs=dict(meta), specialize={a: v for a, v in spec.items()
-                                                                             if a in sig}, num_warps=nw,
-                    num_stages=3, weight_arg=None)
-
-    bh, tiles_q, tiles_k = B * H, triton.cdiv(L, bm), triton.cdiv(L, bn)
-    qk = B * H * L * d * eb  # one of q_s, k_s, q_t, k_t
-    rows = B * H * L * 4  # one fp32 row vector
-    scores = B * H * L * L
-    tile_mma = 2 * bm * bn * blk
-    fwd = dict(name="_attention_kd_fwd_kernel", triton=tri(_attention_kd_fwd_kernel), grid=[tiles_q, bh, 1],
-               threads_per_cta=32 * nw, loop_trips=[tiles_k, tiles_k], weights=scores, bytes=4 * qk + 3 * rows,
-               mma_flops=2 * 2 * tile_mma * tiles_q * tiles_k * bh)  # 2 passes x (teacher + student) QK^T
-    dq = dict(name="_attention_kd_bwd_dq_kernel", triton=tri(_attention_kd_bwd_dq_kernel), grid=[tiles_q, bh, 1],
-              threads_per_cta=32 * nw, loop_trips=tiles_k, weights=scores, bytes=4 * qk + 3 * rows + qk,
-              mma_flops=3 * tile_mma * tiles_q * tiles_k * bh)  # QK^T of both maps + dS @ K
-    dk = dict(name="_attention_kd_bwd_dk_kernel", triton=tri(_attention_kd_bwd_dk_kernel), grid=[tiles_k, bh, 1],
-              threads_per_cta=32 * nw, loop_trips=tiles_q, weights=0, bytes=4 * qk + 3 * rows + qk,
-              mma_flops=3 * tile_mma * tiles_q * tiles_k * bh)  # QK^T of both maps + dS^T @ Q
-    cfg = f"BM={bm} BN={bn} BD={blk} w{nw}"
-    return [dict(kernel="attention_kd_fwd", backend="triton", config=cfg, launches=[fwd]),
-            dict(kernel="attention_kd_bwd", backend="triton", config=cfg, launches=[dq, dk])]
+        raise ValueError(f"d={d} exceeds the kernel's maximum head dim {MAX_HEAD_DIM}")
+    hk = H if kv_heads is None else kv_heads
+    if H % hk:
+        raise ValueError(f"kv_heads={kv_heads!r} must divide H={H}")
+    es = _DTYPE_BYTES[dtype]
+    blk_d = max(16, triton.next_power_of_2(d))
+    ieee = dtype == "fp32"
+    common = dict(HAS_KPM=key_padding, CAUSAL=causal, IEEE=ieee, ALIGN=16 // es if (d * es) % 16 == 0 else 1,
+                  EVEN_DS=blk_d == d, EVEN_DT=blk_d == d, BLOCK_DS=blk_d, BLOCK_DT=blk_d)
+    if key_padding:
+        common["skpm_n"] = 1  # the JIT specializes an int argument equal to 1 to a constant
+    score = B * H * L * L
+    qk_bytes = 2 * (B * H * L * d + B * hk * L * d) * es
+    mask_bytes = (B * L + B * 12) if key_padding else 0
+    rows = B * H * L * 4
+    launches = []
+    for kind, fn in (("fwd", _attention_kd_fwd_kernel), ("bwd_dq", _attention_kd_bwd_dq_kernel),
+                     ("bwd_dk", _attention_kd_bwd_dk_kernel)):
+        bm, bn, nw, ns = _blocks(kind.replace("bwd_", ""), L, L, d, es)
+        cx = dict(common, BLOCK_M=bm, BLOCK_N=bn)
+        if kind == "fwd":
+            cx["SAME_SCALE"] = True
+        cx = {k: v for k, v in cx.items() if k in fn.arg_names}
+        if kind == "bwd_dk":
+            grid = [triton.cdiv(L, bn), B * hk, 1]
+            per_prog = []
+            for n0 in range(0, L, bn):
+                first = (max(n0, 0) // bm) * bm if causal else 0
+                per_prog.append((H // hk) * len(range(first, L, bm)))
+            trips, boundary = sum(per_prog) / len(per_prog), 0.0
+            tiles = sum(per_prog) * B * hk
+            dots, tile_elems = 3, bm * bn
+            out_bytes = B * hk * L * d * es
+        else:
+            grid = [triton.cdiv(L, bm), B * H, 1]
+            plan = _key_plan(L, L, bm, bn, causal, 0, L, True)
+            trips = sum(p[0] for p in plan) / len(plan)
+            boundary = sum(p[1] for p in plan) / len(plan)
+            tiles = sum(p[0] + p[1] for p in plan) * B * H
+            dots, tile_elems = (2, bm * bn) if kind == "fwd" else (3, bm * bn)
+            out_bytes = 3 * rows if kind == "fwd" else B * H * L * d * es
+        in_rows = 0 if kind == "fwd" else 3 * rows
+        launches.append({
+            "name": kind,
+            "triton": {"fn": fn, "signature": _signature(fn, cx, dtype), "constexprs": cx, "num_warps": nw,
+                       "num_stages": ns},
+            "grid": grid, "threads_per_cta": 32 * nw, "loop_trips": float(trips), "boundary_trips": float(boundary),
+            "weights": score, "bytes": qk_bytes + mask_bytes + in_rows + out_bytes,
+            "mma_flops": 0 if ieee else int(tiles * dots * 2 * tile_elems * blk_d),
+        })
+    cfg = ", ".join(f"{x['name']} {x['triton']['constexprs']['BLOCK_M']}x{x['triton']['constexprs']['BLOCK_N']} "
+                    f"w{x['triton']['num_warps']} s{x['triton']['num_stages']}" for x in launches)
+    tags = [dtype, "causal" if causal else "bidirectional", "key-padding" if key_padding else "no mask"]
+    if hk != H:
+        tags.append(f"kv_heads={hk}")
+    return [{"kernel": "attention_kd", "backend": "triton", "config": f"{cfg} ({', '.join(tags)})",
+             "launches": launches}]
