@@ -259,3 +259,34 @@ def test_dwt_schedule_and_progress():
         d.set_progress(1, 0)
     with pytest.raises(TypeError, match="set_progress"):
         ProgressCallback(object())
+
+
+def test_train_loop_drives_progress_and_trains_both_in_codistill(tmp_path):
+    from pyquant.train.loop import TrainConfig, train
+
+    torch.manual_seed(0)
+    lcfg = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=37, max_position_embeddings=32)
+    s_lm, t_lm = LlamaForCausalLM(lcfg), LlamaForCausalLM(lcfg)
+    d = Distiller(s_lm, t_lm, DistillConfig(ce=1.0, kd=1.0, kd_schedule="linear"))
+    seen = []
+    orig = d.set_progress
+    d.set_progress = lambda *a, **k: (seen.append((a, k)), orig(*a, **k))[1]
+    data = [{"input_ids": torch.randint(0, 37, (8,))} for _ in range(8)]
+    from pyquant.train import data as D
+
+    train(d, data, D.CausalCollator(), TrainConfig(output_dir=str(tmp_path / "a"), max_steps=3, batch_size=4,
+                                                   progress=False))
+    assert [a for a, _ in seen] == [(0, 3), (1, 3), (2, 3)] and seen[-1][1] == {"epoch": 1, "num_epochs": 2}
+    # co-distillation: the loop's optimizer covers the teacher (trainable_module() is the Distiller)
+    s, t = _bert(30), _bert(31)
+    t.requires_grad_(True)
+    co = Distiller(s, t, DistillConfig(task="classification", ce=1.0, kd=1.0, temperature=2.0, codistill=True))
+    before = t.classifier.weight.detach().clone()
+    b = _batch(32, B=8)
+    rows = [{"input_ids": b["input_ids"][i], "attention_mask": b["attention_mask"][i], "labels": b["labels"][i]}
+            for i in range(8)]
+    collate = lambda xs: {k: torch.stack([x[k] for x in xs]) for k in xs[0]}  # noqa: E731
+    train(co, rows, collate, TrainConfig(output_dir=str(tmp_path / "b"), max_steps=2, batch_size=4, lr=1e-2,
+                                         progress=False))
+    assert not torch.equal(before, t.classifier.weight)

@@ -118,11 +118,11 @@ def check_capturable(student, teacher) -> None:
             raise ValueError(f"crild: the {nm} ({type(m).__name__}) computes its attention inside its own modules "
                              "(not through transformers' AttentionInterface), so its last layer's Q/K/V cannot be "
                              "captured; CR-ILD needs a model such as BERT/RoBERTa/Llama")
-    hs = getattr(student.config, "num_attention_heads", None)
-    ht = getattr(teacher.config, "num_attention_heads", None)
-    if hs is not None and ht is not None and hs != ht:
-        raise ValueError(f"crild: student num_attention_heads={hs} != teacher num_attention_heads={ht}: the Q/K/V "
-                         "relations are compared head by head")
+    for key in ("num_attention_heads", "num_key_value_heads"):
+        hs, ht = getattr(student.config, key, None), getattr(teacher.config, key, None)
+        if hs is not None and ht is not None and hs != ht:
+            raise ValueError(f"crild: student {key}={hs} != teacher {key}={ht}: the Q/K/V relations are compared "
+                             "head by head")
 
 
 def crild_forward(distiller, inputs: dict, labels: torch.Tensor):
