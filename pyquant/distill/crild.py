@@ -13,7 +13,7 @@ What the released code does, and what this module does:
   mean over all B*H*L rows; Q/K/V call it **without the attention mask** (training_functions.py:370, 386, 402), so
   padding keys and padding rows count.  ``relation_loss(..., mask=None)`` reproduces this (a soft cross-entropy,
   which differs from KL(P_T||P_S) by the teacher's entropy: same gradient); summed over Q, K and V.
-* **MixUp** (training_functions.py:240-242; modeling.py:1137-1150): ``lam ~ Beta(1, 1)``, ``lam = max(lam,
+* **MixUp** (training_functions.py:240-242; modeling.py:1137-1153): ``lam ~ Beta(1, 1)``, ``lam = max(lam,
   1 - lam)``, partner = the batch reversed, attention masks united (a key is kept if either partner keeps it);
   teacher and student see the same lam and partner.  The released code mixes the embedding *output* (word +
   position + token type after LayerNorm, ``get_embedding_output``); pyquant mixes the word embeddings and passes
@@ -76,7 +76,7 @@ def mixup_lambda(generator: Optional[torch.Generator] = None) -> float:
 
 def mixup_inputs(model, inputs: dict, lam: float) -> dict:
     """``inputs`` with ``input_ids`` replaced by ``inputs_embeds = lam * E + (1 - lam) * E[rev]`` (this model's word
-    embeddings) and the attention mask united with the reversed batch's (modeling.py:1144-1150)."""
+    embeddings) and the attention mask united with the reversed batch's (modeling.py:1144-1153)."""
     emb = model.get_input_embeddings()
     if emb is None:
         raise ValueError(f"CR-ILD MixUp needs {type(model).__name__}.get_input_embeddings()")
