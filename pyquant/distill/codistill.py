@@ -20,8 +20,8 @@ Cost: the teacher's backward and its optimizer state.  AdamW keeps exp_avg + exp
 +8 bytes per teacher parameter in fp32 (asserted exactly in tests/test_methods.py::test_codistill_cost_measured;
 for a 110M-parameter teacher that is +0.88 GB, computed, plus its gradients, 4 bytes/param, and the activations its
 backward keeps).  Step time, measured on this repository's shared 2-core CPU with a tiny BERT pair (student 2 x 32,
-teacher 4 x 64, batch 8 x 16), two runs: 499 -> 1504 ms and 96 -> 464 ms per step, one-way KD -> co-distillation
-(3-5x; the teacher's forward already ran in one-way KD, the extra is its backward, which here runs on the larger
+teacher 4 x 64, batch 8 x 16), three runs: 499 -> 1504, 96 -> 464 and 43 -> 100 ms per step, one-way KD ->
+co-distillation (2.3-5x; the teacher's forward already ran in one-way KD, the extra is its backward, which here runs on the larger
 model, and its optimizer step).  CPU timings on a contended machine are noisy; no GPU
 number was measured.
 """
