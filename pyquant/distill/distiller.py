@@ -23,6 +23,17 @@ Reductions (named options; "paper" = the seed papers' code, cited line by line i
 * classification logit KD at ``temperature=1``, ``kd_kind="soft_ce"`` is the paper's ``soft_cross_entropy`` (mean over
   the batch, main.py:144-147, used at :674); regression logit KD is ``MSELoss`` (main.py:676).
 
+Other seed methods (options of the same Distiller; each cites its paper/repo in its module):
+
+* ``crild`` > 0: CR-ILD (pyquant/distill/crild.py) -- last-layer Q/K/V self-relation loss on a MixUp batch
+  (``crild_mixup``) plus the consistency term ``crild_consistency * (epoch / E) * ...``; ``crild_stages()`` gives
+  the released two-stage recipe (stage 2 = logit KD at T = 2).
+* ``codistill=True``: co-distillation, CTCD (pyquant/distill/codistill.py) -- the teacher is trained too, one
+  optimizer over both (``trainable_module()`` is the Distiller itself); a frozen teacher is refused.
+* ``kd_schedule``: the logit-KD weight alpha_s over training (weak-teacher KD, DWT): "constant" or "linear"
+  (``kd * (kd_schedule_start -> kd_schedule_end)``, 4 -> 1 by default) driven by ``set_progress(step, total)``,
+  which pyquant's train loop calls every step (the HF Trainer: ``pyquant.distill.progress.ProgressCallback``).
+
 Causal-LM logit losses are computed in token chunks (``pyquant.distill.losses``); when the student's head is a
 plain ``nn.Linear`` the Distiller runs the base model and feeds its final hidden states and the lm_head weight to
 the chunked loss, so neither a full fp32 nor even a full model-dtype student ``[B, L, V]`` logits tensor exists.
@@ -45,6 +56,7 @@ __all__ = ["DistillConfig", "DistillOutput", "Distiller", "TASKS"]
 
 TASKS = ("causal_lm", "classification", "regression")
 CE_REDUCTIONS = ("mean", "sum")
+KD_SCHEDULES = ("constant", "linear")
 MSE_REDUCTIONS = ("masked", "paper")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -72,12 +84,20 @@ class DistillConfig:
     attn_layer_map: Optional[tuple] = None
     chunk_size: int = 1024
     teacher_dtype: Optional[str] = None
+    crild: float = 0.0
+    crild_mixup: bool = True
+    crild_consistency: float = 0.1
+    codistill: bool = False
+    kd_schedule: str = "constant"
+    kd_schedule_start: float = 4.0
+    kd_schedule_end: float = 1.0
 
     def __post_init__(self):
         n = "DistillConfig"
         if self.task not in TASKS:
             raise ValueError(f"{n}.task={self.task!r} is invalid: expected one of {TASKS}")
-        for name in ("ce", "kd", "tsld", "hidden", "attn_map", "attn_output"):
+        for name in ("ce", "kd", "tsld", "hidden", "attn_map", "attn_output", "crild", "crild_consistency",
+                     "kd_schedule_start", "kd_schedule_end"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
                 raise ValueError(f"{n}.{name}={v!r} is invalid: expected a float >= 0")
@@ -110,8 +130,39 @@ class DistillConfig:
             v = getattr(self, name)
             if v is not None:
                 object.__setattr__(self, name, tuple(v))
-        if not (self.ce or self.kd or self.tsld or self.hidden or self.attn_map or self.attn_output):
-            raise ValueError(f"{n}: every loss weight is 0; enable at least one of ce/kd/tsld/hidden/attn_*")
+        if not (self.ce or self.kd or self.tsld or self.hidden or self.attn_map or self.attn_output or self.crild):
+            raise ValueError(f"{n}: every loss weight is 0; enable at least one of ce/kd/tsld/hidden/attn_*/crild")
+        self._check_methods(n)
+
+    def _check_methods(self, n: str) -> None:
+        for name in ("crild_mixup", "codistill"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{n}.{name}={getattr(self, name)!r} is invalid: expected a bool")
+        if self.kd_schedule not in KD_SCHEDULES:
+            raise ValueError(f"{n}.kd_schedule={self.kd_schedule!r} is invalid: expected one of {KD_SCHEDULES}")
+        if self.kd_schedule != "constant" and not self.kd:
+            raise ValueError(f"{n}.kd_schedule={self.kd_schedule!r} schedules the logit-KD weight, but kd=0")
+        others = [k for k in ("tsld", "hidden", "attn_map", "attn_output") if getattr(self, k)]
+        if self.crild:
+            if self.task == "causal_lm":
+                raise ValueError(f"{n}.crild needs task='classification' or 'regression' (CR-ILD distils BERT-style "
+                                 "encoders), got 'causal_lm'")
+            if others or self.attn_gamma is not None:
+                raise ValueError(f"{n}.crild cannot be combined with {others or ['attn_gamma']}: CR-ILD distils the "
+                                 "last layer's Q/K/V relations only")
+            if self.crild_mixup and self.ce:
+                raise ValueError(f"{n}.crild with crild_mixup=True and ce={self.ce}: the labels of a MixUp batch are "
+                                 "undefined here (the released stage 1 trains without CE); set ce=0 or "
+                                 "crild_mixup=False")
+        if self.codistill:
+            if self.task == "causal_lm":
+                raise ValueError(f"{n}.codistill needs task='classification' or 'regression', got 'causal_lm'")
+            if not (self.ce and self.kd):
+                raise ValueError(f"{n}.codistill needs ce > 0 and kd > 0 (each model's task loss + alpha * T^2 * KL "
+                                 f"from the other), got ce={self.ce}, kd={self.kd}")
+            if others or self.crild or self.teacher_dtype is not None:
+                raise ValueError(f"{n}.codistill is logit co-distillation: it cannot be combined with "
+                                 f"{others + (['crild'] if self.crild else []) + (['teacher_dtype'] if self.teacher_dtype else [])}")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -122,7 +173,7 @@ class DistillConfig:
 
     @property
     def needs_teacher(self) -> bool:
-        return bool(self.kd or self.tsld or self.hidden or self.attn_map or self.attn_output)
+        return bool(self.kd or self.tsld or self.hidden or self.attn_map or self.attn_output or self.crild)
 
     @property
     def needs_attention(self) -> bool:
@@ -167,12 +218,22 @@ class Distiller(nn.Module):
         self.student = student
         self.config = config
         self._teacher = [teacher]  # not registered: keeps it out of parameters()/state_dict()/DDP
-        if teacher is not None:
+        self._progress = (0.0, 0.0)  # (step / total_steps, epoch / num_epochs), set_progress()
+        if config.codistill:  # CTCD trains both: the teacher is registered, so parameters() holds both
+            from .codistill import check_trainable_teacher
+
+            check_trainable_teacher(teacher)
+            self.co_teacher = teacher
+        elif teacher is not None:
             teacher.eval()
             teacher.requires_grad_(False)
             if config.teacher_dtype is not None:
                 teacher.to(_DTYPES[config.teacher_dtype])
             self._check_compatible(student, teacher)
+        if config.crild:
+            from .crild import check_capturable
+
+            check_capturable(student, teacher)
         if config.needs_attention:
             try:
                 from . import capture  # noqa: F401
@@ -200,9 +261,40 @@ class Distiller(nn.Module):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        if self.teacher is not None:
+        if self.teacher is not None and not self.config.codistill:
             self.teacher.eval()
         return self
+
+    def trainable_module(self) -> nn.Module:
+        """What the optimizer trains and the checkpoints hold: the student, or the Distiller (student + teacher)
+        with ``codistill=True``."""
+        return self if self.config.codistill else self.student
+
+    def set_progress(self, step: int, total_steps: int, epoch: Optional[int] = None,
+                     num_epochs: Optional[int] = None) -> None:
+        """Training progress for the schedules: ``kd_schedule`` uses step / total_steps; CR-ILD's consistency factor
+        uses epoch / num_epochs (0-based epoch, as the released code) when given, else step / total_steps."""
+        for nm, v in (("step", step), ("total_steps", total_steps)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"set_progress: {nm}={v!r} is invalid: expected an int >= 0")
+        if total_steps == 0:
+            raise ValueError("set_progress: total_steps=0 is invalid: expected > 0")
+        frac = min(step / total_steps, 1.0)
+        ep = frac
+        if epoch is not None or num_epochs is not None:
+            if not (isinstance(epoch, int) and isinstance(num_epochs, int) and num_epochs > 0 and epoch >= 0):
+                raise ValueError(f"set_progress: epoch={epoch!r}, num_epochs={num_epochs!r} are invalid: expected "
+                                 "ints with 0 <= epoch and num_epochs > 0 (or both None)")
+            ep = min(epoch / num_epochs, 1.0)
+        self._progress = (frac, ep)
+
+    def kd_weight(self) -> float:
+        """The logit-KD weight now: ``kd`` ("constant") or ``kd * (start + (end - start) * step / total)``
+        ("linear", DWT's alpha_s decayed 4 -> 1)."""
+        c = self.config
+        if c.kd_schedule == "constant":
+            return float(c.kd)
+        return float(c.kd) * (c.kd_schedule_start + (c.kd_schedule_end - c.kd_schedule_start) * self._progress[0])
 
     # ---- checks before any training -----------------------------------------------------------------------------
     def _check_compatible(self, student: nn.Module, teacher: nn.Module) -> None:
@@ -233,6 +325,16 @@ class Distiller(nn.Module):
             raise ValueError("batch must be a dict with 'input_ids' and 'labels' (and optionally 'attention_mask')")
         inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
         labels = batch["labels"]
+        if c.codistill:
+            from .codistill import codistill_forward
+
+            return codistill_forward(self, inputs, labels)
+        if c.crild:
+            from .crild import crild_forward
+
+            return crild_forward(self, inputs, labels)
+        if c.kd_schedule != "constant" and self.logit_weights is not None:
+            self.logit_weights = dataclasses.replace(self.logit_weights, kd=self.kd_weight())
         want_hidden = bool(c.hidden)
         fused = c.task == "causal_lm" and self._fused_head_ok(self.student)
         s_rec = t_rec = None
@@ -284,7 +386,7 @@ class Distiller(nn.Module):
                     kd = F.mse_loss(s_logits, t_logits.squeeze(-1))
                 else:
                     kd = logit_kd_loss(s_logits, t_logits, c.temperature, c.kd_kind)
-                add("kd", kd, c.kd)
+                add("kd", kd, self.kd_weight())
         if c.hidden:
             hm = hidden_mse(list(s_out["hidden_states"]), list(t_out["hidden_states"]), c.layer_map,
                             None if c.hidden_reduction == "paper" else inputs.get("attention_mask"))

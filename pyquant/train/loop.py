@@ -197,8 +197,9 @@ def train(
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
     rank, world, local_rank = dist_info()
-    if trainable is None:
-        trainable = getattr(model, "student", model)
+    if trainable is None:  # co-distillation trains the teacher too: the Distiller names its trainable module
+        trainable = model.trainable_module() if hasattr(model, "trainable_module") else getattr(model, "student",
+                                                                                               model)
     out_dir = Path(cfg.output_dir)
     fingerprint = {"train": cfg.fingerprint(), "run": run_config or {}, "world_size": world}
     fingerprint = json.loads(json.dumps(fingerprint, default=str))
@@ -305,6 +306,8 @@ def train(
                 g = torch.Generator().manual_seed(cfg.seed * 1000003 + epoch)
                 perms = {epoch: torch.randperm(n, generator=g)}
             perm = perms[epoch]
+            if hasattr(model, "set_progress"):  # schedules of the Distiller (DWT alpha_s, CR-ILD epoch/E)
+                model.set_progress(step, total, epoch=epoch, num_epochs=max(1, math.ceil(total / steps_per_epoch)))
             torch.manual_seed((cfg.seed * 1000003 + step) * 1009 + rank)
             sums: Dict[str, float] = {}
             for micro in range(cfg.grad_accum):
