@@ -195,3 +195,15 @@ def test_torchrun_two_processes_equal_pyquant_ddp_loop(tmp_path):
     assert r0["world"] == 2 and r0["hf"] == r1["hf"] and r0["sum"] == r1["sum"]  # replicas in sync
     assert len(r0["hf"]) == 6
     torch.testing.assert_close(torch.tensor(r0["hf"]), torch.tensor(r0["loop"]), rtol=1e-5, atol=1e-6)
+
+
+def test_evaluate_reports_the_distillation_loss(tmp_path):
+    t, s = _pair()
+    ev = _data(8)
+    tr = DistillTrainer(student=s, teacher=t, distill_config=DC, args=_args(tmp_path, per_device_eval_batch_size=8),
+                        train_dataset=_data(), eval_dataset=ev, data_collator=D.CausalCollator())
+    got = tr.evaluate()["eval_loss"]
+    d = Distiller(s, t, DC).eval()
+    with torch.no_grad():
+        want = float(d(D.CausalCollator()(ev)).loss)
+    assert got == pytest.approx(want, rel=1e-5)
