@@ -138,7 +138,10 @@ import torch
 torch.set_num_threads(int(os.environ["PQ_THREADS"]))
 import transformers
 from transformers import AutoModelForCausalLM
+import transformers.models.llama.modeling_llama, transformers.models.gpt2.modeling_gpt2  # noqa: warm up while
+import transformers.models.t5.modeling_t5, transformers.models.bert.modeling_bert  # noqa: the parent saves
 root, arches = sys.argv[1], json.loads(sys.argv[2])
+sys.stdin.readline()  # the parent has saved every checkpoint
 out = {}
 # 1. without `import pyquant`: transformers does not know the method, warns and skips quantization
 buf = io.StringIO()
@@ -181,21 +184,60 @@ for arch in arches:
             out[f"{arch}-{state}"]["losses"] = losses
 out["built_on"] = sorted(set(built_on))
 save_file(tensors, os.path.join(root, "reloaded.safetensors"))
-print(json.dumps(out))
+print(json.dumps(out), flush=True)
+# 3. the same process then overwrites a checkpoint with another model and is SIGKILLed halfway (the parent kills it
+# when it reads WRITING): the previous files must be intact
+import time
+d = os.path.join(root, "atomic")
+model = transformers.LlamaForCausalLM.from_pretrained(d)
+model.model.layers[0].self_attn.q_proj.scale.mul_(2)
+orig = type(model).save_pretrained
+def slow(self, tmp, **kw):
+    orig(self, tmp, **kw)
+    f = os.path.join(tmp, "model.safetensors")
+    os.truncate(f, os.path.getsize(f) // 2)  # as if killed halfway through writing the weights
+    print("WRITING", flush=True)
+    time.sleep(120)
+type(model).save_pretrained = slow
+model.save_pretrained(d)
 """
 
 
-def _run(code: str, *args, timeout=600):
+def _start_reload(root: Path) -> subprocess.Popen:
+    """Start RELOAD in a fresh interpreter (it imports torch/transformers while the parent saves, then waits)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env["PQ_THREADS"] = str(torch.get_num_threads())
-    return subprocess.run([sys.executable, "-c", code, *args], cwd=str(ROOT), env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.Popen([sys.executable, "-c", RELOAD, str(root), json.dumps(list(ARCHS))], cwd=str(ROOT),
+                            env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _reload_and_kill(p: subprocess.Popen) -> dict:
+    """Let RELOAD run; SIGKILL it once it is halfway through its atomic save."""
+    try:
+        p.stdin.write("go\n")
+        p.stdin.flush()
+        report = p.stdout.readline()
+        writing = p.stdout.readline()
+        if writing.strip() == "WRITING":
+            os.kill(p.pid, signal.SIGKILL)
+        p.wait(timeout=600)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    err = p.stderr.read()
+    assert report.startswith("{"), err[-4000:]
+    out = json.loads(report)
+    out["killed"] = p.returncode == -signal.SIGKILL
+    out["stderr"] = err[-4000:]
+    return out
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("hfckpt")
+    child = _start_reload(root)
     refs, losses, models = {}, {}, {}
     for arch in ARCHS:
         inputs = _inputs(arch)
@@ -211,10 +253,11 @@ def saved(tmp_path_factory):
                                                                      _inputs(arch, seed=7).items()}))
                 losses[arch] = _train_losses(copy.deepcopy(model), arch)
                 (root / f"{arch}.losses.json").write_text(json.dumps(losses[arch]))
-    out = _run(RELOAD, str(root), json.dumps(list(ARCHS)))
-    assert out.returncode == 0, out.stderr[-4000:]
-    report = json.loads(out.stdout.strip().splitlines()[-1])
-    return {"root": root, "refs": refs, "losses": losses, "report": report, "models": models,
+    shutil.copytree(root / "llama-packed", root / "atomic")
+    (root / "atomic" / "tokenizer.json").write_text("{}")
+    before = {f: (root / "atomic" / f).read_bytes() for f in os.listdir(root / "atomic")}
+    report = _reload_and_kill(child)
+    return {"root": root, "refs": refs, "losses": losses, "report": report, "models": models, "atomic": before,
             "reloaded": load_file(str(root / "reloaded.safetensors"))}
 
 
@@ -424,40 +467,13 @@ def test_config_round_trip_and_unknown_fields():
 
 
 # ---- atomic save -------------------------------------------------------------------------------------------------
-KILLED = r"""
-import sys, time, os
-import torch, transformers, pyquant
-d = sys.argv[1]
-model = transformers.LlamaForCausalLM.from_pretrained(d)
-model.model.layers[0].self_attn.q_proj.scale.mul_(2)  # a different model, to be written over d
-orig = type(model).save_pretrained
-def slow(self, tmp, **kw):
-    orig(self, tmp, **kw)
-    f = os.path.join(tmp, "model.safetensors")
-    os.truncate(f, os.path.getsize(f) // 2)  # as if killed halfway through writing the weights
-    print("WRITING", flush=True)
-    time.sleep(120)
-type(model).save_pretrained = slow
-model.save_pretrained(d)
-"""
-
-
-def test_save_is_atomic_under_sigkill(saved, tmp_path):
-    d = tmp_path / "ckpt"
-    shutil.copytree(saved["root"] / "llama-packed", d)
-    (d / "tokenizer.json").write_text("{}")
-    before = {f: (d / f).read_bytes() for f in os.listdir(d)}
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    p = subprocess.Popen([sys.executable, "-c", KILLED, str(d)], cwd=str(ROOT), env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
-    try:
-        line = p.stdout.readline()
-        assert line.strip() == "WRITING", p.stderr.read()[-3000:]
-        os.kill(p.pid, signal.SIGKILL)
-    finally:
-        p.wait(timeout=60)
-    assert p.returncode == -signal.SIGKILL
-    assert {f: (d / f).read_bytes() for f in os.listdir(d)} == before  # previous files intact, nothing added
+def test_save_is_atomic_under_sigkill(saved):
+    """The reload process was SIGKILLed while overwriting root/atomic (new weights half written)."""
+    assert saved["report"]["killed"], saved["report"]["stderr"]
+    d = saved["root"] / "atomic"
+    assert {f: (d / f).read_bytes() for f in os.listdir(d)} == saved["atomic"]  # previous files intact, none added
+    leftovers = [f for f in os.listdir(saved["root"]) if "pyquant-tmp" in f]
+    assert len(leftovers) == 1  # the killed write's temporary directory, next to the target, safe to delete
     model = transformers.LlamaForCausalLM.from_pretrained(d)
     with torch.no_grad():
         assert torch.equal(model(**_inputs("llama")).logits, saved["refs"]["llama-packed"])

@@ -16,8 +16,9 @@ Layouts read (transformers 5.17-5.24 ``integrations/bitnet.py``):
   effective weight is ``v / weight_scale`` -> pyquant scale ``1 / weight_scale`` (computed in fp32: ``v`` is in
   {-1, 0, 1}, so ``v * fl(1/ws)`` equals ``v / ws`` rounded once, bit for bit).
 * ``"autobitlinear"`` (offline): ``weight`` packed as above (the published checkpoints) or the ternary values as
-  floats ``[N, K]`` (what transformers writes when it saves an AutoBitLinear model); ``y = (x_q @ v^T) *
-  weight_scale`` -> pyquant scale ``weight_scale``.
+  floats ``[N, K]`` (what transformers writes when it saves an AutoBitLinear model); ``y = (x_q @ v^T + b) *
+  weight_scale`` -> pyquant scale ``weight_scale`` and bias ``b * weight_scale`` (fp32; HF rounds the sum before
+  scaling, so with a bias the outputs agree to fp32 rounding, not bit for bit).
 
 Activations: both classes quantize the input per token to 8 bits, symmetric, from the token's absmax -- pyquant's
 ``ActivationQuantConfig()`` (the fused W2A8 op).  Differences, all at rounding level: HF computes
@@ -152,6 +153,8 @@ def to_packed(name: str, mod: BitNetLoading, linear_class: str, dtype: Optional[
         raise ValueError(f"{name}.weight_scale={float(ws)!r} is not a finite non-zero scale")
     scale = 1.0 / ws if linear_class == "bitlinear" else ws
     bias = mod.bias
+    if bias is not None and linear_class == "autobitlinear":
+        bias = (bias.float() * ws.reshape(())).to(bias.dtype)  # AutoBitLinear scales (x W^T + b) by weight_scale
     out_dtype = dtype if dtype is not None else (bias.dtype if bias is not None and bias.is_floating_point()
                                                  else torch.float32)
     return PackedLinear.from_quantized(codes, scale, None, None if bias is None else bias.to(out_dtype),
