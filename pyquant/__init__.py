@@ -25,7 +25,6 @@ _LAZY = {
     "convert": "pyquant.convert",
     "quantize": "pyquant.convert",
     "Distiller": "pyquant.distill",
-    "integrations": "pyquant.integrations",
     "PyquantConfig": "pyquant.integrations.hf",
     "from_bitnet": "pyquant.integrations.bitnet",
 }
@@ -33,7 +32,7 @@ _LAZY = {
 __all__ = ["ActivationQuantConfig", "WeightQuantConfig", "__version__", *_LAZY]
 
 
-_SUBMODULES = ("ops", "reference", "nn", "distill", "integrations")  # lazy names that are modules; the rest are attributes
+_SUBMODULES = ("ops", "reference", "nn", "distill")  # lazy names that are modules; the rest are attributes
 
 
 def __getattr__(name):

@@ -21,7 +21,8 @@ import pyquant  # noqa: E402
 from pyquant.integrations.bitnet import BITNET_SPEC  # noqa: E402
 from pyquant.nn import PackedLinear  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
-from transformers.integrations.bitnet import AutoBitLinear, BitLinear, pack_weights, replace_with_bitnet_linear  # noqa: E402,E501
+from transformers.integrations.bitnet import (  # noqa: E402
+    AutoBitLinear, BitLinear, pack_weights, replace_with_bitnet_linear)
 from transformers.utils.quantization_config import BitNetQuantConfig  # noqa: E402
 
 V = 80
@@ -180,3 +181,20 @@ def test_from_bitnet_refuses_a_quantization_config_argument(bitlinear):
     _, _, d = bitlinear
     with pytest.raises(ValueError, match="do not pass quantization_config"):
         pyquant.from_bitnet(d, quantization_config=pyquant.PyquantConfig())
+
+
+@pytest.mark.parametrize("kw", [{"device_map": "auto"}, {"dtype": torch.bfloat16}], ids=["device_map", "bf16"])
+def test_from_bitnet_takes_from_pretrained_options(bitlinear, kw):
+    if "device_map" in kw:
+        pytest.importorskip("accelerate")
+    _, hf_model, d = bitlinear
+    model = pyquant.from_bitnet(d, **kw)
+    q = model.model.layers[0].self_attn.q_proj
+    assert isinstance(q, PackedLinear) and q.scale.dtype == torch.float32 and q.qweight.dtype == torch.uint8
+    assert q.bias.dtype == kw.get("dtype", torch.float32)
+    ids = torch.randint(0, V, (2, 7))
+    with _eager(), torch.no_grad():
+        ref = hf_model(ids).logits
+        got = model(ids).logits.float()
+    tol = 1e-5 if "dtype" not in kw else 5e-2  # bf16 activations/embeddings vs HF's fp32 model
+    assert (got - ref).abs().max() <= tol * ref.abs().max()

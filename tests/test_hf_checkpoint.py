@@ -491,3 +491,25 @@ def test_save_replaces_weights_and_keeps_other_files(saved, tmp_path):
     assert not [f for f in os.listdir(tmp_path) if "pyquant-tmp" in f or "pyquant-old" in f]
     with pytest.raises(ValueError, match="safetensors only"):
         model.save_pretrained(tmp_path / "x", safe_serialization=False)
+    model.model.layers[0].self_attn.q_proj.scale.data = model.model.layers[0].self_attn.q_proj.scale.float()
+    with pytest.raises(ValueError, match=r"self_attn\.q_proj\.scale is torch\.float32, its spec says float16"):
+        model.save_pretrained(d)
+    assert json.loads((d / "config.json").read_text())["quantization_config"]["state"] == "packed"  # untouched
+
+
+def test_atomic_directory_without_rename_exchange(tmp_path, monkeypatch):
+    from pyquant.integrations import atomic
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)  # a platform without renameat2(RENAME_EXCHANGE)
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    (d / "model.safetensors").write_bytes(b"old")
+    (d / "tokenizer.json").write_text("{}")
+    with atomic.atomic_directory(d) as tmp:
+        Path(tmp, "model.safetensors").write_bytes(b"new")
+    assert (d / "model.safetensors").read_bytes() == b"new" and (d / "tokenizer.json").read_text() == "{}"
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic.atomic_directory(d) as tmp:
+            Path(tmp, "model.safetensors").write_bytes(b"half")
+            raise RuntimeError("boom")
+    assert (d / "model.safetensors").read_bytes() == b"new"
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # no temporary or old directory left behind

@@ -59,6 +59,10 @@ if importlib.util.find_spec("pyquant.convert") is not None:  # documented API: p
     pyquant.prepare_qat(lin, pyquant.QATConfig(exclude=()))
     report = pyquant.convert(lin)
     snaps["lazy"] = {"report": type(report).__name__, "packed": type(lin[0]).__name__}
+# transformers' quantizer registry, imported after pyquant, knows the "pyquant" method (registered by pyquant's hook)
+from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+snaps["hf"] = {"config": AUTO_QUANTIZATION_CONFIG_MAPPING["pyquant"].__name__,
+               "quantizer": AUTO_QUANTIZER_MAPPING["pyquant"].__name__}
 print(json.dumps(snaps))
 """
 
@@ -109,6 +113,10 @@ def test_lazy_attributes():
     assert pyquant.PackedLinear.__name__ == "PackedLinear"
     with pytest.raises(AttributeError, match="no_such_name"):
         pyquant.no_such_name
+
+
+def test_transformers_imported_later_sees_the_pyquant_method(snaps):
+    assert snaps["hf"] == {"config": "PyquantConfig", "quantizer": "PyquantHfQuantizer"}
 
 
 def test_pyquant_convert_converts_even_after_the_module_is_imported(snaps):

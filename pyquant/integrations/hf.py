@@ -12,7 +12,9 @@
   refused before anything loads -- and lets transformers load the tensors as stored (``dtype``, ``device_map``,
   ``low_cpu_mem_usage`` work as for any model).  ``from_pretrained(fp_dir, quantization_config=PyquantConfig(...))``
   quantizes at load time, one weight at a time as transformers materialises it (post-training, the ``quantize``
-  path; ``state="qat"`` gives a ``prepare_qat`` model instead).
+  path; ``state="qat"`` gives a ``prepare_qat`` model instead).  transformers loads sequentially when a quantizer
+  quantizes on the fly (``core_model_loading``: no thread pool), so only the weight being quantized is in memory in
+  full precision.
 * ``prepare_qat`` / ``convert`` / ``quantize`` of a transformers model attach a matching ``PyquantConfig`` to
   ``model.config`` (see :func:`attach`), so ``save_pretrained`` writes it; the model's ``save_pretrained`` is made
   atomic (:mod:`pyquant.integrations.atomic`).
@@ -466,9 +468,8 @@ class PyquantHfQuantizer(HfQuantizer):
             return model
         # not pre-quantized: PTQ (state "packed") or prepare_qat (state "qat") at load time
         qc = cfg.qat_config()
-        targets, kept = _select(model, qc)
+        targets, _ = _select(model, qc)
         _validate_targets(targets, qc.weight)
-        self._ptq_kept = kept
         for n, m in targets:
             if cfg.state == "qat":
                 new = _new_qat(m, qc.weight, qc.activation)  # the learnable scale is initialised after the load
@@ -619,8 +620,13 @@ def attach(model: nn.Module, report=None) -> None:
     from transformers import PreTrainedModel
     if not isinstance(model, PreTrainedModel):
         return
-    model.config.quantization_config = describe(model, modules_to_not_convert=None if report is None
-                                                else list(report.kept))
+    try:
+        cfg = describe(model, modules_to_not_convert=None if report is None else list(report.kept))
+    except ValueError as e:  # e.g. QAT and packed layers mixed by hand: the swap stands, save_pretrained will refuse
+        import warnings
+        warnings.warn(f"pyquant: no quantization_config recorded for this model ({e})", RuntimeWarning, stacklevel=3)
+        return
+    model.config.quantization_config = cfg
     hq = getattr(model, "hf_quantizer", None)
     if isinstance(hq, PyquantHfQuantizer):
         hq.quantization_config = model.config.quantization_config
@@ -639,6 +645,11 @@ def save_pretrained(model, save_directory, **kwargs) -> None:
     if not kwargs.get("is_main_process", True):
         return type(model).save_pretrained(model, save_directory, **kwargs)
     if any(isinstance(m, (QATLinear, PackedLinear)) for m in model.modules()):
+        bad = [f"{n}.scale is {m.scale.dtype}, its spec says {m.spec.scale_dtype}" for n, m in model.named_modules()
+               if isinstance(m, PackedLinear) and m.scale.dtype != m.spec.torch_scale_dtype]
+        if bad:  # e.g. model.to(dtype) cast the packed scales: such a checkpoint would not reload
+            raise ValueError("refusing to save packed layers whose tensors disagree with their spec (nothing was "
+                             "written): " + "; ".join(bad[:5]))
         # the config always describes the layers the model holds now (also after a hand-made module swap)
         old = getattr(model.config, "quantization_config", None)
         keep = old.modules_to_not_convert if isinstance(old, PyquantConfig) else None
