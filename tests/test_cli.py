@@ -200,3 +200,31 @@ def test_convert_killed_midway_leaves_previous_output_intact(tmp_path, fp_dir):
     assert main(["convert", "--model", str(fp_dir), "--output-dir", str(out), "--overwrite", "--method",
                  "absmean"]) == 0
     assert json.loads((out / "config.json").read_text())["quantization_config"]["weight"]["method"] == "absmean"
+
+
+def test_convert_hf_bitnet_checkpoint(tmp_path):
+    """An HF BitNet checkpoint (saved by transformers' own integration) -> a pyquant packed checkpoint with the
+    same logits as pyquant.from_bitnet."""
+    from transformers.integrations.bitnet import BitLinear, pack_weights, replace_with_bitnet_linear
+    from transformers.utils.quantization_config import BitNetQuantConfig
+
+    torch.manual_seed(3)
+    m = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                                     num_key_value_heads=1, vocab_size=50, max_position_embeddings=32)).eval()
+    qc = BitNetQuantConfig(linear_class="bitlinear", modules_to_not_convert=["lm_head"])
+    replace_with_bitnet_linear(m, modules_to_not_convert=["lm_head"], quantization_config=qc)
+    for mod in m.modules():
+        if isinstance(mod, BitLinear):
+            mod.weight = pack_weights(torch.randint(-1, 2, (mod.out_features, mod.in_features)))
+            mod.weight_scale = torch.rand(1) * 20 + 5
+    m.config.quantization_config = qc
+    m.save_pretrained(tmp_path / "bitnet")
+    assert main(["convert", "--model", str(tmp_path / "bitnet"), "--output-dir", str(tmp_path / "p"),
+                 "--method", "twn"]) == 2  # a BitNet checkpoint carries its spec
+    assert main(["convert", "--model", str(tmp_path / "bitnet"), "--output-dir", str(tmp_path / "p")]) == 0
+    got = AutoModelForCausalLM.from_pretrained(tmp_path / "p")
+    assert json.loads((tmp_path / "p" / "config.json").read_text())["quantization_config"]["quant_method"] == "pyquant"
+    ref = pyquant.from_bitnet(tmp_path / "bitnet")
+    x = torch.randint(0, 50, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(got(x).logits, ref(x).logits)

@@ -310,6 +310,10 @@ def test_qat_glue_cli_end_to_end(tmp_path, capsys):
     m = json.loads((out / "metrics.json").read_text())
     assert 0.0 <= m["student"]["accuracy"] <= 1.0 and m["steps"] == 3
     assert (out / "checkpoint-00000003" / "model.safetensors").is_file()
+    # the QAT student as a HF checkpoint in out/final, and `--teacher out` resolves to it (issue #13 item 5)
+    assert m["model"] == str(out / "final")
+    assert json.loads((out / "final" / "config.json").read_text())["quantization_config"]["state"] == "qat"
+    assert cli.resolve_model_arg(str(out), "--teacher") == str(out / "final")
     # the same command again without --resume: refused before training, checkpoint untouched
     before = _files(out / "checkpoint-00000003")
     assert cli.run_qat_glue(args) == 2

@@ -34,6 +34,10 @@ resumed run sees the same masks), and gradients are clipped at ``max_grad_norm``
 dataset whose size is not a multiple of ``batch x world x grad_accum`` ends each epoch with a partial step in the
 Trainer and drops it in pyquant's loop; pass ``dataloader_drop_last=True`` and a multiple to keep them equal.
 
+Tested here: one process, and ``torchrun`` DDP with 2 CPU processes (gloo), both equal to pyquant's loop.  FSDP and
+DeepSpeed through accelerate wrap the same module (the student's ``_no_split_modules`` are exposed for FSDP's
+auto-wrap) but have not been run on this project's machines.
+
 Saving writes the student with ``save_pretrained`` (the student's own keys; with ``import
 pyquant`` a prepared student's ``config.json`` carries its ``quantization_config``); the Trainer's pickled
 ``training_args.bin`` is not written.  ``resume_from_checkpoint`` loads the student's weights from such a folder.
@@ -84,6 +88,8 @@ class _DistillerModel(nn.Module):
         self.distiller = distiller
         cfg = getattr(distiller.student, "config", None)
         self.config = copy.copy(cfg) if cfg is not None else None
+        # FSDP auto-wrapping (accelerate's TRANSFORMER_BASED_WRAP) looks for the block classes here
+        self._no_split_modules = getattr(distiller.student, "_no_split_modules", None)
 
     def forward(self, batch):
         return self.distiller(batch)

@@ -455,9 +455,11 @@ def _pyquant_state(cfg: dict) -> Optional[str]:
     if not q:
         return None
     method = q.get("quant_method") if isinstance(q, dict) else None
+    if method == "bitnet":
+        return "bitnet"
     if method != "pyquant":
         raise ValueError(f"--model is quantized with quant_method={method!r}; pyquant convert takes a full-precision "
-                         "model or a pyquant QAT checkpoint")
+                         "model, a pyquant QAT checkpoint or an HF BitNet checkpoint")
     return q.get("state")
 
 
@@ -509,8 +511,9 @@ def _dir_bytes(d) -> int:
 
 def add_convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
-                   help="a pyquant QAT checkpoint (save_pretrained of a prepared model, or a qat-* --output-dir) -> "
-                        "packed; or a full-precision HF model -> post-training quantization with the spec below")
+                   help="a pyquant QAT checkpoint (save_pretrained of a prepared model, or a qat-* --output-dir) or an "
+                        "HF BitNet checkpoint -> packed; or a full-precision HF model -> post-training quantization "
+                        "with the spec below")
     p.add_argument("--output-dir", required=True, help="where the packed checkpoint goes (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output-dir (atomically)")
     p.add_argument("--tokenizer", default=None, help="copied next to the model (default: the model's, if any)")
@@ -536,9 +539,10 @@ def run_convert(args) -> int:
         state = _pyquant_state(cfg)
         if state == "packed":
             raise ValueError(f"--model {args.model!r} is already a packed pyquant checkpoint; nothing to convert")
-        if state == "qat" and spec_given:
-            raise ValueError(f"{', '.join(spec_given)}: --model {args.model!r} is a QAT checkpoint, which carries its "
-                             "own quantization spec; these options apply to full-precision models only")
+        if state in ("qat", "bitnet") and spec_given:
+            kind = "a QAT checkpoint" if state == "qat" else "an HF BitNet checkpoint"
+            raise ValueError(f"{', '.join(spec_given)}: --model {args.model!r} is {kind}, which carries its own "
+                             "quantization spec; these options apply to full-precision models only")
         spec = act = None
         if state is None:
             spec = WeightQuantConfig(method=args.method or "twn", granularity=args.granularity or "channel",
@@ -556,6 +560,14 @@ def run_convert(args) -> int:
 
             model = _load_hf(args.model, cls)
             report = _to_packed(model)
+        elif state == "bitnet":  # HF BitNet layers -> PackedLinear, effective weights bit-identical
+            from ..integrations.bitnet import from_bitnet
+
+            try:
+                model = from_bitnet(args.model, model_class=cls)
+            except Exception as e:
+                raise ValueError(f"cannot load the BitNet checkpoint {args.model!r}: {type(e).__name__}: {e}") from e
+            report = _packed_report(model)
         else:  # PTQ while loading, layer by layer: no full-precision copy of the whole model is ever held
             from ..integrations.hf import PyquantConfig
 
@@ -567,7 +579,8 @@ def run_convert(args) -> int:
     from .recipes import save_model_dir
 
     save_model_dir(model, tok, out)
-    what = "QAT checkpoint -> packed" if state == "qat" else f"full precision -> packed PTQ ({spec.describe()})"
+    what = {"qat": "QAT checkpoint -> packed", "bitnet": "HF BitNet checkpoint -> packed"}.get(
+        state, f"full precision -> packed PTQ ({spec.describe() if spec else ''})")
     print(f"{what}: {report}")
     print(f"wrote {out} ({_dir_bytes(out) / 1e6:.2f} MB on disk; {args.model}: "
           f"{_dir_bytes(args.model) / 1e6:.2f} MB)" if Path(args.model).is_dir() else f"wrote {out}")
