@@ -471,33 +471,38 @@ packed_gemv_kernel(const Params p) {
 #pragma unroll
             for (int qw = 0; qw < 2; ++qw) {
                 const int q = 2 * h + qw;
-                uint32_t xp[M][8];
 #pragma unroll
-                for (int m = 0; m < M; ++m) {
-                    const uint4* src =
-                        reinterpret_cast<const uint4*>(xs_sm + ((size_t)m * ncl + cl) * kChunkWords + q * 8);
-                    const uint4 a = src[0], b = src[1];
-                    xp[m][0] = a.x; xp[m][1] = a.y; xp[m][2] = a.z; xp[m][3] = a.w;
-                    xp[m][4] = b.x; xp[m][5] = b.y; xp[m][6] = b.z; xp[m][7] = b.w;
-                }
+                for (int hh = 0; hh < 2; ++hh) {  // 4 pairs per 16-byte LDS of x (halves the live x registers)
+                    uint32_t xp[M][4];
 #pragma unroll
-                for (int r = 0; r < R; ++r) {
-                    const uint32_t w = word_of(t.w[r], q);
-                    const uint32_t w10 = w >> 10;
-                    uint32_t dq[8];
-                    dq[0] = dequant_pair<0>(w, w10, magic, ca, cb);
-                    dq[1] = dequant_pair<1>(w, w10, magic, ca, cb);
-                    dq[2] = dequant_pair<2>(w, w10, magic, ca, cb);
-                    dq[3] = dequant_pair<3>(w, w10, magic, ca, cb);
-                    dq[4] = dequant_pair<4>(w, w10, magic, ca, cb);
-                    dq[5] = dequant_pair<5>(w, w10, magic, ca, cb);
-                    dq[6] = dequant_pair<6>(w, w10, magic, ca, cb);
-                    dq[7] = dequant_pair<7>(w, w10, magic, ca, cb);
+                    for (int m = 0; m < M; ++m) {
+                        const uint4 a = *reinterpret_cast<const uint4*>(
+                            xs_sm + ((size_t)m * ncl + cl) * kChunkWords + q * 8 + hh * 4);
+                        xp[m][0] = a.x; xp[m][1] = a.y; xp[m][2] = a.z; xp[m][3] = a.w;
+                    }
 #pragma unroll
-                    for (int i = 0; i < 8; ++i)
+                    for (int r = 0; r < R; ++r) {
+                        const uint32_t w = word_of(t.w[r], q);
+                        const uint32_t w10 = w >> 10;
+                        uint32_t dq[4];
+                        if (hh == 0) {
+                            dq[0] = dequant_pair<0>(w, w10, magic, ca, cb);
+                            dq[1] = dequant_pair<1>(w, w10, magic, ca, cb);
+                            dq[2] = dequant_pair<2>(w, w10, magic, ca, cb);
+                            dq[3] = dequant_pair<3>(w, w10, magic, ca, cb);
+                        } else {
+                            dq[0] = dequant_pair<4>(w, w10, magic, ca, cb);
+                            dq[1] = dequant_pair<5>(w, w10, magic, ca, cb);
+                            dq[2] = dequant_pair<6>(w, w10, magic, ca, cb);
+                            dq[3] = dequant_pair<7>(w, w10, magic, ca, cb);
+                        }
 #pragma unroll
-                        for (int m = 0; m < M; ++m)
-                            d[r][m] = (qw == 0 && i == 0) ? hmul2(dq[i], xp[m][i]) : hfma2(dq[i], xp[m][i], d[r][m]);
+                        for (int i = 0; i < 4; ++i)
+#pragma unroll
+                            for (int m = 0; m < M; ++m)
+                                d[r][m] = (qw == 0 && hh == 0 && i == 0) ? hmul2(dq[i], xp[m][i])
+                                                                         : hfma2(dq[i], xp[m][i], d[r][m]);
+                    }
                 }
             }
             // flush the sub-chunk into fp32

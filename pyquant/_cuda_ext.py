@@ -283,7 +283,7 @@ def workspace(device, stream_id: int, nbytes: int):
     buffer is reused as is by every later call on that stream (no memset per call)."""
     import torch
 
-    key = (str(device), int(stream_id))
+    key = (device, stream_id)
     buf = _workspaces.get(key)
     if buf is None or buf.numel() < nbytes:
         size = max(nbytes, 2 * (0 if buf is None else buf.numel()), 1 << 16)
