@@ -368,7 +368,7 @@ EMU_CASES = [
     (8, 1, 40, 40, torch.bfloat16, torch.float32, False, True, 2.0),        # K < 64, N = 1
     (1, 70, 6208, 64, torch.bfloat16, torch.float16, False, True, 1.0),     # split-K 4 ways (4 trips), 2 CTAs
     (2, 9, 4160, 64, torch.float16, torch.float16, False, False, 1.3),      # odd offset: not folded, sum(x) path
-    (3, 300, 64, 64, torch.float16, torch.bfloat16, False, True, 1.5),      # K < 64, z0 = 1.5: sum(x) path
+    (3, 40, 64, 64, torch.float16, torch.bfloat16, False, True, 1.5),       # K = 64, z0 = 1.5: sum(x) path
 ]
 
 
@@ -531,7 +531,7 @@ def _poisoned_gemv(ext, x, qweight, scale, zero, bias, gs, off):
     M, N = x.shape[0], qweight.shape[0]
     poison = torch.full((M, N), float("nan"), dtype=x.dtype, device=x.device)
     del poison
-    y = ext.packed_gemv(x, qweight, scale, zero, bias, gs, off)
+    y = _cuda_ext.packed_gemv(x, qweight, scale, zero, bias, gs, off)  # + this stream's split-K workspace
     torch.cuda.synchronize()
     return y
 
@@ -564,9 +564,17 @@ def test_packed_gemv_model_shape_and_side_stream(ext, M):
                                                seed=11, device="cuda")
     s = torch.cuda.Stream()
     with torch.cuda.stream(s):
-        y = ext.packed_gemv(x, qweight, scale, zero, bias, gs, 1.0)
+        y = _cuda_ext.packed_gemv(x, qweight, scale, zero, bias, gs, 1.0)
+        y2 = _cuda_ext.packed_gemv(x, qweight, scale, zero, bias, gs, 1.0)  # workspace re-armed by the kernel
     s.synchronize()
     _assert_close(y, x, qweight, scale, zero, bias, gs, 1.0)
+    assert torch.equal(y, y2)
+    pl = _cuda_ext.plan(M, N, K)
+    if pl["splits"] > 1:
+        ws = _cuda_ext._workspaces[(x.device, s.stream_id)]
+        assert (ws[: pl["grid_x"] * 4].view(torch.int32) == 0).all()
+        with pytest.raises(ValueError, match="needs a zero-initialized workspace"):
+            ext.packed_gemv(x, qweight, scale, zero, bias, gs, 1.0)
 
 
 @pytest.mark.gpu
