@@ -43,7 +43,7 @@
 // ---------------------------------------------------------------------------------------------------------------
 // Work decomposition
 // ---------------------------------------------------------------------------------------------------------------
-// * A CTA owns `passes` x (warps * R) consecutive output rows (R = rows per warp = 8 / 4 / 2 for M <= 2 / <= 4 / > 4) and one
+// * A CTA owns `passes` x (warps * R) consecutive output rows (R = rows per warp = 8 / 4 / 1 for M <= 2 / <= 4 / > 4) and one
 //   K slice of `iters` * 2048 weights (split-K: gridDim.y slices).  Lane l of a warp takes chunks l, l + 32, ...
 //   of the slice for its R rows: per trip a warp reads 512 contiguous bytes of each row (coalesced 16-byte loads,
 //   ld.global.nc.L1::no_allocate: weights are read once).  K stays inside the thread: one warp reduction per pass.
@@ -59,6 +59,15 @@
 //   memset and no extra kernel per call).  The caller zeroes the workspace once, when it allocates it.
 // * The launch plan (threads, rows, passes, splits, shared memory) is a pure function of (M, N, K):
 //   pyquant_packed_gemv_plan below, mirrored by pyquant/_cuda_ext.py:static_launches.
+//
+// Counted SASS (sm_90a, nvcc 13.0, cuobjdump; main loop = two 2048-weight trips per iteration): at M = 1 the main
+// loop spends 1.79 instructions per weight per-channel (943 HFMA2 + 113 HADD2 + 512 LOP3 + 65 SHF + 16 LDG.128 +
+// 22 LDS per 1024 weights), 2.02 with g128 scales, 3.29 with per-sub-chunk (s, z) (zero tensors, g % 64 == 32).
+// Known limits (not done yet): (1) the plan splits K until a CTA has only 1-2 trips, so the per-CTA staging
+// (0.33-0.38 per weight at M = 1, ~3 at M = 4: the staging loop converts through fp32, ~20 instructions per x
+// value) and epilogue are poorly amortized -- staging x with half2 ops and planning fewer, longer CTAs is the next
+// step; (2) M = 5..8 use one row per warp (R = 2 spills at the 255-register limit), so x is re-read per row; a
+// tensor-core (mma.sync) path would serve M = 4..16 better.
 //
 // Every bit trick is a __host__ __device__ helper with inline PTX on the device and a bit-exact host equivalent
 // (#ifndef __CUDA_ARCH__), so csrc/host_emulation.h runs this very kernel body on the CPU (tests/test_cuda_ext.py).
@@ -98,10 +107,11 @@ constexpr uint32_t kMagic = 0x64006400u;  // fp16x2 (1024, 1024)
 template <int M>
 struct Cfg {
     static_assert(M >= 1 && M <= PYQUANT_GEMV_MAX_M, "M must be in 1..8");
-    static constexpr int R = (M <= 2) ? 8 : (M <= 4) ? 4 : 2;  // rows per warp: 2 weight buffers + R*M accumulators
+    // rows per warp: 2 weight buffers + R*M accumulators (R = 2 at M = 5..8 spills at the 255-register limit)
+    static constexpr int R = (M <= 2) ? 8 : (M <= 4) ? 4 : 1;
 };
 
-__host__ __device__ inline int rows_per_warp(int M) { return M <= 2 ? 8 : (M <= 4 ? 4 : 2); }
+__host__ __device__ inline int rows_per_warp(int M) { return M <= 2 ? 8 : (M <= 4 ? 4 : 1); }
 
 // Staged x in shared memory per CTA: M * chunks * (144 B pairs + 2 floats 2^-e + 2 floats sum(x)), + a flag.
 __host__ __device__ inline size_t smem_bytes_for(int M, int chunks) {
@@ -647,7 +657,9 @@ cudaError_t dispatch_scale(int scale_dtype, int mode, const Params& prm, const p
                            cudaStream_t s) {
 #if defined(PYQUANT_GEMV_ONLY_M)
     // development / static-analysis builds: instantiate one M only (compile time); other M are refused
-    if (M != PYQUANT_GEMV_ONLY_M) return cudaErrorInvalidValue;
+    if constexpr (M != PYQUANT_GEMV_ONLY_M) {
+        return cudaErrorInvalidValue;
+    } else
 #endif
     switch (scale_dtype) {
         case PYQUANT_DTYPE_FLOAT16:

@@ -31,7 +31,7 @@ enum pyquant_dtype {
 // Python for the static roofline tool, and tests/test_cuda_ext.py checks the two agree).
 typedef struct pyquant_gemv_plan {
     int threads;          // threads per CTA (128 or 256: 4 or 8 warps)
-    int rows_per_warp;    // output rows a warp owns per pass (8 for M <= 2, 4 for M <= 4, else 2)
+    int rows_per_warp;    // output rows a warp owns per pass (8 for M <= 2, 4 for M <= 4, else 1)
     int passes;           // row passes per CTA (each pass: threads/32 * rows_per_warp rows, same staged x)
     int splits;           // split-K factor = gridDim.y (1: no split, no workspace)
     int grid_x;           // CTAs along N

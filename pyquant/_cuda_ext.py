@@ -194,7 +194,7 @@ _CHUNK_WORDS = 36           # kChunkWords
 
 
 def _rows_per_warp(M: int) -> int:
-    return 8 if M <= 2 else (4 if M <= 4 else 2)
+    return 8 if M <= 2 else (4 if M <= 4 else 1)
 
 
 def _smem_bytes(M: int, chunks: int) -> int:
