@@ -481,8 +481,10 @@ packed_gemv_kernel(const Params p) {
 #pragma unroll
             for (int qw = 0; qw < 2; ++qw) {
                 const int q = 2 * h + qw;
-#pragma unroll
-                for (int hh = 0; hh < 2; ++hh) {  // 4 pairs per 16-byte LDS of x (halves the live x registers)
+                // 4 pairs per 16-byte LDS of x (halves the live x registers); not unrolled for M > 4, where the
+                // unrolled body runs out of registers (sm_90a, M = 8, per-sub-chunk scales)
+#pragma unroll(M > 4 ? 1 : 2)
+                for (int hh = 0; hh < 2; ++hh) {
                     uint32_t xp[M][4];
 #pragma unroll
                     for (int m = 0; m < M; ++m) {
