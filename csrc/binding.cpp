@@ -46,7 +46,7 @@ void check_cuda_same_device(const at::Tensor& t, const char* name, const at::Ten
 
 at::Tensor packed_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
                        const c10::optional<at::Tensor>& zero_point, const c10::optional<at::Tensor>& bias,
-                       int64_t group_size, double code_offset) {
+                       int64_t group_size, double code_offset, const c10::optional<at::Tensor>& workspace) {
     // ---- x: [M, K], fp16/bf16, CUDA, contiguous, 1 <= M <= 8 -------------------------------------------------
     TORCH_CHECK(x.is_cuda(), "packed_gemv: x must be a CUDA tensor, got device ", x.device());
     TORCH_CHECK_VALUE(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
@@ -126,6 +126,28 @@ at::Tensor packed_gemv(const at::Tensor& x, const at::Tensor& qweight, const at:
         bias_ptr = b.data_ptr();
     }
 
+    // ---- workspace (split-K only): uint8, on x's device, contiguous, >= plan.workspace_bytes ------------------------
+    pyquant_gemv_plan plan{};
+    if (N > 0) {
+        TORCH_CHECK(pyquant_packed_gemv_plan(static_cast<int>(M), static_cast<int>(N), static_cast<int>(K), &plan) == 0,
+                    "packed_gemv: no launch plan for M=", M, ", N=", N, ", K=", K);
+    }
+    void* ws_ptr = nullptr;
+    size_t ws_bytes = 0;
+    if (workspace.has_value()) {
+        const at::Tensor& w = *workspace;
+        check_cuda_same_device(w, "workspace", x);
+        TORCH_CHECK_VALUE(w.scalar_type() == at::kByte && w.dim() == 1 && w.is_contiguous(),
+                          "packed_gemv: workspace must be a contiguous 1-D uint8 tensor, got ",
+                          dtype_name(w.scalar_type()), " of shape ", w.sizes());
+        ws_ptr = w.data_ptr();
+        ws_bytes = static_cast<size_t>(w.numel());
+    }
+    TORCH_CHECK_VALUE(plan.workspace_bytes == 0 || ws_bytes >= plan.workspace_bytes, "packed_gemv: this shape (M=", M,
+                      ", N=", N, ", K=", K, ") splits K ", plan.splits, " ways and needs a zero-initialized workspace of ",
+                      plan.workspace_bytes, " bytes, got ", ws_bytes,
+                      " (pyquant._cuda_ext.packed_gemv keeps one per device and stream)");
+
     // ---- allocate, launch on the current stream of x's device, check ---------------------------------------------
     const c10::cuda::CUDAGuard device_guard(x.device());
     at::Tensor y = at::empty({M, N}, x.options());
@@ -134,7 +156,7 @@ at::Tensor packed_gemv(const at::Tensor& x, const at::Tensor& qweight, const at:
     const int err = pyquant_packed_gemv_launch(
         x.data_ptr(), static_cast<const uint8_t*>(qweight.data_ptr()), scale.data_ptr(), zero_ptr, bias_ptr,
         y.data_ptr(), static_cast<int>(M), static_cast<int>(N), static_cast<int>(K), static_cast<int>(group_size),
-        static_cast<float>(code_offset), to_pyquant_dtype(x.scalar_type()), scale_dtype, stream);
+        static_cast<float>(code_offset), to_pyquant_dtype(x.scalar_type()), scale_dtype, ws_ptr, ws_bytes, stream);
     TORCH_CHECK(err == 0, "packed_gemv: CUDA kernel launch failed: ",
                 cudaGetErrorString(static_cast<cudaError_t>(err)), " (M=", M, ", N=", N, ", K=", K,
                 ", group_size=", group_size, ")");
@@ -147,7 +169,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           "y[M, N] = x[M, K] @ ((codes - zero) * scale)^T (+ bias) for 2-bit packed weights (layout: "
           "pyquant.formats). M in 1..8; x float16/bfloat16; scale float16/bfloat16/float32; zero_point None "
           "(use code_offset) or like scale; bias None or [N] in x's dtype; group_size a multiple of 32 dividing K, "
-          "or K. Returns a new [M, N] tensor in x's dtype.",
+          "or K; workspace None or a zero-initialized uint8 buffer kept across calls (required when the shape "
+          "splits K; see pyquant._cuda_ext.packed_gemv). Returns a new [M, N] tensor in x's dtype.",
           pybind11::arg("x"), pybind11::arg("qweight"), pybind11::arg("scale"), pybind11::arg("zero_point"),
-          pybind11::arg("bias"), pybind11::arg("group_size"), pybind11::arg("code_offset"));
+          pybind11::arg("bias"), pybind11::arg("group_size"), pybind11::arg("code_offset"),
+          pybind11::arg("workspace") = pybind11::none());
 }

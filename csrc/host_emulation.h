@@ -10,6 +10,7 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstring>
@@ -37,12 +38,15 @@ struct BlockState {
 inline thread_local BlockState* tls_block = nullptr;
 inline thread_local uint3 tls_thread_idx;
 inline thread_local uint3 tls_block_idx;
+inline dim3 g_grid_dim, g_block_dim;  // of the launch being emulated
 inline std::vector<float4> shared_buffer;  // the block's dynamic shared memory (blocks run one at a time)
 
 }  // namespace pyquant_emu
 
 #define threadIdx (::pyquant_emu::tls_thread_idx)
 #define blockIdx (::pyquant_emu::tls_block_idx)
+#define gridDim (::pyquant_emu::g_grid_dim)
+#define blockDim (::pyquant_emu::g_block_dim)
 
 inline void __syncthreads() { pyquant_emu::tls_block->block_barrier.arrive_and_wait(); }
 
@@ -57,6 +61,11 @@ inline float __int_as_float(int i) {
     return f;
 }
 using std::min;
+
+// Blocks run one after another, so device-wide ordering is trivially satisfied; the fence still orders this
+// thread's writes, and the atomic is a real one (only thread 0 of a block calls it in the kernel).
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
 
 // All 32 lanes must call it (as on the GPU with a full mask); the exchange goes through the warp's slots.
 inline float __shfl_xor_sync(unsigned /*mask*/, float v, int lane_mask) {
@@ -74,24 +83,28 @@ inline float __shfl_xor_sync(unsigned /*mask*/, float v, int lane_mask) {
     return r;
 }
 
-// The kernel's dynamic shared memory is this buffer (poisoned with NaN before each launch).
+// The kernel's dynamic shared memory is this buffer (poisoned with NaN before each block).
 #define PYQUANT_DYNAMIC_SMEM(name) float4* name = ::pyquant_emu::shared_buffer.data()
 
-// kernel<<<grid, block, smem, stream>>>(args...): run each block with `block` host threads, blocks in order.
+// kernel<<<grid, block, smem, stream>>>(args...): run each block with `block` host threads, blocks in order
+// (x fastest, then y).
 #define PYQUANT_LAUNCH(kernel, grid, block, smem, stream, ...)                                                  \
     do {                                                                                                       \
         (void)(stream);                                                                                        \
         const dim3 emu_grid_(grid);                                                                            \
         const int emu_threads_ = (int)(block);                                                                 \
-        ::pyquant_emu::shared_buffer.assign(((size_t)(smem) + 15) / 16 + 1, make_float4(NAN, NAN, NAN, NAN)); \
-        for (unsigned emu_b_ = 0; emu_b_ < emu_grid_.x; ++emu_b_) {                                            \
+        ::pyquant_emu::g_grid_dim = emu_grid_;                                                                 \
+        ::pyquant_emu::g_block_dim = dim3((unsigned)emu_threads_);                                             \
+        for (unsigned emu_b_ = 0; emu_b_ < emu_grid_.x * emu_grid_.y; ++emu_b_) {                              \
             ::pyquant_emu::BlockState emu_state_(emu_threads_);                                                \
+            ::pyquant_emu::shared_buffer.assign(((size_t)(smem) + 15) / 16 + 1,                                \
+                                                make_float4(NAN, NAN, NAN, NAN)); /* poisoned per block */     \
             std::vector<std::thread> emu_pool_;                                                                \
             for (int emu_t_ = 0; emu_t_ < emu_threads_; ++emu_t_)                                              \
                 emu_pool_.emplace_back([&, emu_t_] {                                                           \
                     ::pyquant_emu::tls_block = &emu_state_;                                                    \
                     ::pyquant_emu::tls_thread_idx = make_uint3((unsigned)emu_t_, 0u, 0u);                      \
-                    ::pyquant_emu::tls_block_idx = make_uint3(emu_b_, 0u, 0u);                                 \
+                    ::pyquant_emu::tls_block_idx = make_uint3(emu_b_ % emu_grid_.x, emu_b_ / emu_grid_.x, 0u); \
                     kernel(__VA_ARGS__);                                                                       \
                 });                                                                                            \
             for (auto& th : emu_pool_) th.join();                                                              \

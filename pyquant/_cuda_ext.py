@@ -12,8 +12,11 @@ Where ``_C`` comes from, in order:
    ``~/.cache/torch_extensions`` or ``$TORCH_EXTENSIONS_DIR``), only when asked for -- ``load(jit=True)`` or the
    environment variable ``PYQUANT_JIT_BUILD=1`` -- and only when a GPU is visible (the build targets its arch).
 
-Python callers use ``load().packed_gemv(x, qweight, scale, zero_point, bias, group_size, code_offset)``; the binding
-(csrc/binding.cpp) checks every argument itself.
+Python callers use :func:`packed_gemv` (``load().packed_gemv`` plus the split-K workspace kept here, one per
+device and stream); the binding (csrc/binding.cpp) checks every argument itself.
+
+:func:`plan` mirrors the launcher's launch plan (``pyquant_packed_gemv_plan`` in csrc/packed_gemv.cu; the tests
+check both agree) and :func:`static_launches` describes the launch for the static roofline tool.
 """
 from __future__ import annotations
 
@@ -26,7 +29,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import List, Optional, Tuple
 
-__all__ = ["load", "status", "source_dir", "sources", "jit_cuda_flags"]
+__all__ = ["load", "status", "source_dir", "sources", "jit_cuda_flags", "plan", "static_launches", "packed_gemv",
+           "workspace"]
 
 _log = logging.getLogger("pyquant")
 _lock = threading.Lock()
@@ -181,41 +185,123 @@ def _reset() -> None:
         _torch_cuda_reason.cache_clear()
 
 
-# ---- static-analysis launch descriptors (`pyquant bench static`) -------------------------------------------------
-# Mirrors csrc/packed_gemv.cu: 128 threads, 16 rows per block, K tiles of 2048 * kU weights (kU = 2 for M <= 2),
-# one staging loop (x -> shared memory) per tile of M * kTileK / 4 / 128 iterations.  Symmetric formats pass a
-# runtime code offset, so only the scale dtype and M select the instantiation (x bf16, scales fp16 here).
-_STATIC_ASYM = {"int2-asym"}
-_STATIC_SYM = {"twn", "absmean", "int2-sym", "seq3", "seq4"}
+# ---- launch plan (mirror of pyquant_packed_gemv_plan in csrc/packed_gemv.cu) ---------------------------------------
+GEMV_MAX_M = 8
+_TARGET_CTAS = 264          # kTargetCtas
+_SMEM_BUDGET = 100 * 1024   # kSmemBudget
+_MAX_PASSES = 4             # kMaxPasses
+_CHUNK_WORDS = 36           # kChunkWords
+
+
+def _rows_per_warp(M: int) -> int:
+    return 8 if M <= 2 else (4 if M <= 4 else 1)
+
+
+def _smem_bytes(M: int, chunks: int) -> int:
+    return M * chunks * (_CHUNK_WORDS * 4 + 16) + 16
+
+
+@functools.lru_cache(maxsize=4096)
+def plan(M: int, N: int, K: int) -> dict:
+    """The launch the CUDA GEMV makes for x [M, K] and N output rows (pure function of the shape).
+
+    Keys: threads, rows_per_warp, passes, splits, grid_x, iters_per_split, smem_bytes, workspace_bytes."""
+    if not (1 <= M <= GEMV_MAX_M) or N < 1 or K < 1:
+        raise ValueError(f"plan: M={M}, N={N}, K={K}: expected 1 <= M <= {GEMV_MAX_M}, N >= 1, K >= 1")
+    R = _rows_per_warp(M)
+    n_chunks = -(-K // 64)
+    trips = -(-n_chunks // 32)
+    threads = 256 if -(-N // (8 * R)) * trips >= _TARGET_CTAS else 128
+    rows_pp = threads // 32 * R
+    gx1 = -(-N // rows_pp)
+    trips2 = trips // 2 if trips >= 2 else 1
+    passes = 1
+    for pp in range(_MAX_PASSES, 1, -1):
+        if -(-gx1 // pp) * trips2 >= _TARGET_CTAS:
+            passes = pp
+            break
+    grid_x = -(-gx1 // passes)
+    max_iters = (_SMEM_BUDGET - 16) // (_smem_bytes(M, 32) - 16)
+    splits = min(max(-(-_TARGET_CTAS // grid_x), 1), trips)
+    iters = min(-(-trips // splits), max_iters)
+    splits = -(-trips // iters)
+    ws = (-(-grid_x // 4) * 4) * 4 + splits * M * N * 4 if splits > 1 else 0
+    return {"threads": threads, "rows_per_warp": R, "passes": passes, "splits": splits, "grid_x": grid_x,
+            "iters_per_split": iters, "smem_bytes": _smem_bytes(M, iters * 32), "workspace_bytes": ws}
+
+
+_FORMATS_ASYM = ("int2-asym", "uniform-asym")
 
 
 def static_launches(M: int, N: int, K: int, fmt: str, group_size: Optional[int]) -> List[dict]:
-    """The call ``pyquant._C.packed_gemv`` makes for x [M, K] (bf16) and a packed [N, K] weight of format ``fmt``
-    (fp16 scales, ``group_size`` None = per-channel), in the schema of ``pyquant.bench.static``; [] where the kernel
-    declines (M > 8, a group size that is not a multiple of 32).  Plain data: nothing is compiled or launched."""
-    for name, v in (("M", M), ("N", N), ("K", K)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name}={v!r} must be an int >= 1")
-    if fmt not in _STATIC_ASYM | _STATIC_SYM:
-        raise ValueError(f"fmt={fmt!r}: expected one of {sorted(_STATIC_ASYM | _STATIC_SYM)}")
-    gs = K if group_size is None else group_size
-    if isinstance(gs, bool) or not isinstance(gs, int) or gs < 1 or K % gs:
-        raise ValueError(f"group_size={group_size!r} must be None or a positive divisor of K={K}")
-    if M > 8 or (gs % 32 and gs != K):
-        return []
-    k_u = 2 if M <= 2 else 1
-    tile_k = 2048 * k_u
-    n_chunks = -(-K // 64)
-    n_tiles = -(-n_chunks // (32 * k_u))
-    G = K // gs
-    has_zero = fmt in _STATIC_ASYM
-    nbytes = N * n_chunks * 16 + N * G * 2 * (2 if has_zero else 1) + 2 * M * K + 2 * M * N
-    smem = 4 * M * (32 * k_u * 68 + 64 * k_u)
-    launch = dict(
-        name="packed_gemv_kernel",
-        cuda=dict(source="csrc/packed_gemv.cu", kernel_regex=rf"packed_gemv_kernelILi{M}E13__nv_bfloat166__halfEE",
-                  nvcc_flags=["-std=c++17", "-O3"], weight_arg=1, dynamic_smem_bytes=smem),
-        grid=[-(-N // 16), 1, 1], threads_per_cta=128, loop_trips=n_tiles, inner_loop_trips=[M * tile_k / 4 / 128],
-        weights=N * K, bytes=nbytes, mma_flops=0)
-    return [dict(kernel="packed_gemv_cuda", backend="cuda", config=f"M={M} kU={k_u} rows/block=16 tileK={tile_k}",
-                 launches=[launch])]
+    """Descriptor of the CUDA GEMV launch for the static roofline tool (schema: /work/BRIEF.md, one candidate).
+
+    fmt: a pyquant format name (asymmetric ones -- names ending in "-asym" -- carry a zero-point tensor);
+    group_size None = per-channel.  The kernel's template instance is chosen as csrc/packed_gemv.cu chooses it
+    (x dtype is a runtime argument of the kernel; scales are float16 as in the default spec).  nvcc_flags restrict
+    the build to that M (PYQUANT_GEMV_ONLY_M) so only 9 kernels are compiled."""
+    pl = plan(M, N, K)
+    asym = str(fmt).endswith("-asym")
+    g = K if group_size is None else int(group_size)
+    if g <= 0 or K % g or (g % 32 and g != K):
+        raise ValueError(f"group_size={group_size} is invalid for K={K}: a multiple of 32 dividing K, or None")
+    mode = 0 if K // g == 1 else (1 if (g % 64 == 0 and not asym) else 2)
+    rows_cta = pl["threads"] // 32 * pl["rows_per_warp"] * pl["passes"]
+    weights = N * K
+    n_groups = K // g
+    scale_bytes = N * n_groups * 2 * (2 if asym else 1)
+    ws = pl["workspace_bytes"]
+    # x is read once per CTA column (grid_x times over its K slice), weights once, y written once; split-K
+    # partials are written once and read once, counters touched twice per CTA
+    x_bytes = pl["grid_x"] * M * K * 2
+    bytes_moved = N * (-(-K // 64) * 16) + scale_bytes + x_bytes + M * N * 2 + (2 * (ws - pl["grid_x"] * 4) if ws else 0)
+    launch = {
+        "name": "packed_gemv",
+        "cuda": {"source": "csrc/packed_gemv.cu",
+                 "kernel_regex": rf"packed_gemv_kernelILi{M}E6__halfLi{mode}E",
+                 "nvcc_flags": ["-std=c++17", "-O3", f"-DPYQUANT_GEMV_ONLY_M={M}"]},
+        "grid": [pl["grid_x"], pl["splits"], 1],
+        "threads_per_cta": pl["threads"],
+        # the main loop is unrolled by two (one SASS iteration = two 2048-weight trips); averaged over the splits
+        "loop_trips": pl["passes"] * (-(-(-(-K // 64)) // 32)) / pl["splits"] / 2.0,
+        "weights": weights,
+        "bytes": int(bytes_moved),
+        "mma_flops": 0,
+    }
+    cfg = (f"threads={pl['threads']} rows/warp={pl['rows_per_warp']} passes={pl['passes']} "
+           f"splitK={pl['splits']} iters={pl['iters_per_split']} rows/CTA={rows_cta} mode={mode}")
+    return [{"kernel": "packed_gemv", "backend": "cuda", "config": cfg, "launches": [launch]}]
+
+
+# ---- split-K workspace: zeroed once per (device, stream), re-armed by the kernel itself ---------------------------
+_workspaces: dict = {}
+
+
+def workspace(device, stream_id: int, nbytes: int):
+    """A zero-initialized uint8 buffer of >= nbytes for the GEMV's split-K counters and partials on this
+    (device, stream).  Allocated (and zeroed) only when it must grow; the kernel leaves its counters at zero, so the
+    buffer is reused as is by every later call on that stream (no memset per call)."""
+    import torch
+
+    key = (device, stream_id)
+    buf = _workspaces.get(key)
+    if buf is None or buf.numel() < nbytes:
+        size = max(nbytes, 2 * (0 if buf is None else buf.numel()), 1 << 16)
+        buf = torch.zeros(size, dtype=torch.uint8, device=device)
+        _workspaces[key] = buf
+    return buf
+
+
+def packed_gemv(x, qweight, scale, zero_point, bias, group_size: int, code_offset: float):
+    """``pyquant._C.packed_gemv`` with the split-K workspace of x's device and current stream."""
+    import torch
+
+    ext = load()
+    if ext is None:
+        raise RuntimeError(f"pyquant._C is unavailable: {status()[1]}")
+    M, K = x.shape
+    ws = None
+    pl = plan(M, qweight.shape[0], K) if 1 <= M <= GEMV_MAX_M and qweight.shape[0] >= 1 else None
+    if pl is not None and pl["workspace_bytes"]:
+        ws = workspace(x.device, torch.cuda.current_stream(x.device).stream_id, pl["workspace_bytes"])
+    return ext.packed_gemv(x, qweight, scale, zero_point, bias, group_size, code_offset, ws)

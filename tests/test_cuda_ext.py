@@ -37,8 +37,9 @@ ARCHS = {
     "sm_80": "-gencode=arch=compute_80,code=sm_80",
     "sm_90a": "-gencode=arch=compute_90a,code=sm_90a",
 }
-# packed_gemv.cu instantiates one kernel per (M in 1..8) x (x: fp16, bf16) x (scale: fp16, bf16, fp32)
-EXPECTED_KERNELS = {"packed_gemv.cu": 8 * 2 * 3}
+# packed_gemv.cu instantiates one kernel per (M in 1..8) x (scale: fp16, bf16, fp32) x (scale mode: per-channel,
+# per-chunk, per-sub-chunk); x's dtype is a runtime argument
+EXPECTED_KERNELS = {"packed_gemv.cu": 8 * 3 * 3}
 HAS_CUDA = torch.cuda.is_available()
 
 
@@ -95,14 +96,33 @@ def _reference(x, qweight, scale, zero, bias, group_size, code_offset):
     return y, xd.abs() @ w.abs().T
 
 
+def _folds(zero, code_offset) -> bool:
+    """Whether the kernel folds the code offset into its dequantization (csrc/packed_gemv.cu: fold_zero)."""
+    return zero is None and float(code_offset).is_integer() and 0 <= code_offset <= 3
+
+
+def _fp16_mag(x, qweight, scale, zero, group_size, code_offset):
+    """sum_k |x| |c - z~| |s|: what the kernel's fp16 sub-chunk accumulation error is proportional to."""
+    K = x.shape[1]
+    c = unpack_codes(qweight.cpu(), K).double()
+    zt = float(code_offset) if _folds(zero, code_offset) else 0.0
+    s = scale.cpu().double().abs().repeat_interleave(group_size, 1)
+    return x.cpu().double().abs() @ ((c - zt).abs() * s).T
+
+
+# The kernel's error bound (csrc/packed_gemv.cu, "fp16 accumulation, and its bound"): 17 fp16 roundings (u = 2^-11)
+# of each 32-weight sub-chunk's partial sums, relative to sum |x| |c - z~| |s|, + fp32 flushes + the final rounding.
+FP16_ACC = 17 * 2.0 ** -11
+
+
 def _assert_close(y, x, qweight, scale, zero, bias, group_size, code_offset):
     ref, mag = _reference(x, qweight, scale, zero, bias, group_size, code_offset)
     y = y.cpu()
     assert y.dtype == x.dtype and tuple(y.shape) == tuple(ref.shape)
     assert torch.isfinite(y).all(), "output has NaN/Inf (unwritten or poisoned elements)"
-    # one ulp of the output dtype (the single final rounding) + fp32 accumulation error
+    # one ulp of the output dtype (the single final rounding) + fp16 sub-chunk accumulation + fp32 accumulation
     eps = torch.finfo(x.dtype).eps
-    tol = eps * ref.abs() + 1e-5 * mag + 1e-6
+    tol = eps * ref.abs() + FP16_ACC * _fp16_mag(x, qweight, scale, zero, group_size, code_offset) + 1e-5 * mag + 1e-6
     err = (y.double() - ref).abs()
     bad = err > tol
     assert not bad.any(), (
@@ -285,19 +305,53 @@ def emulated(tmp_path_factory):
     fn = lib.pyquant_packed_gemv_launch
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 4 + [ctypes.c_float, ctypes.c_int, ctypes.c_int,
-                                                                 ctypes.c_void_p]
+                                                                 ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    lib.pyquant_packed_gemv_plan.restype = ctypes.c_int
+    lib.pyquant_packed_gemv_plan.argtypes = [ctypes.c_int] * 3 + [ctypes.POINTER(_Plan)]
 
-    def run(x, qweight, scale, zero, bias, group_size, code_offset, y=None):
+    def run(x, qweight, scale, zero, bias, group_size, code_offset, y=None, workspace=None):
         M, K = x.shape
         N = qweight.shape[0]
         if y is None:
             y = torch.full((M, N), float("nan"), dtype=x.dtype)  # poisoned: every element must be written
+        if workspace is None and 1 <= M <= 8 and N >= 1:
+            need = _cuda_ext.plan(M, N, K)["workspace_bytes"]
+            workspace = torch.zeros(max(need, 4), dtype=torch.uint8) if need else None
         ptr = (lambda t: None if t is None else t.data_ptr())
         rc = fn(ptr(x), ptr(qweight), ptr(scale), ptr(zero), ptr(bias), ptr(y), M, N, K, group_size,
-                code_offset, _DT.get(x.dtype, 7), _DT.get(scale.dtype, 7), None)
+                code_offset, _DT.get(x.dtype, 7), _DT.get(scale.dtype, 7), ptr(workspace),
+                0 if workspace is None else workspace.numel(), None)
         return rc, y
 
+    def plan(M, N, K):
+        out = _Plan()
+        rc = lib.pyquant_packed_gemv_plan(M, N, K, ctypes.byref(out))
+        return rc, {f: getattr(out, f) for f, _ in _Plan._fields_}
+
+    lp = lib.pyquant_packed_gemv_launch_plan
+    lp.restype = ctypes.c_int
+    lp.argtypes = list(fn.argtypes) + [ctypes.POINTER(_Plan)]
+
+    def run_plan(x, qweight, scale, zero, bias, group_size, code_offset, plan_dict, workspace=None):
+        M, K = x.shape
+        N = qweight.shape[0]
+        y = torch.full((M, N), float("nan"), dtype=x.dtype)
+        pl = _Plan(**plan_dict)
+        ptr = (lambda t: None if t is None else t.data_ptr())
+        rc = lp(ptr(x), ptr(qweight), ptr(scale), ptr(zero), ptr(bias), ptr(y), M, N, K, group_size, code_offset,
+                _DT.get(x.dtype, 7), _DT.get(scale.dtype, 7), ptr(workspace),
+                0 if workspace is None else workspace.numel(), None, ctypes.byref(pl))
+        return rc, y
+
+    run.plan = plan
+    run.launch_plan = run_plan
     return run
+
+
+class _Plan(ctypes.Structure):
+    _fields_ = [("threads", ctypes.c_int), ("rows_per_warp", ctypes.c_int), ("passes", ctypes.c_int),
+                ("splits", ctypes.c_int), ("grid_x", ctypes.c_int), ("iters_per_split", ctypes.c_int),
+                ("smem_bytes", ctypes.c_size_t), ("workspace_bytes", ctypes.c_size_t)]
 
 
 # (M, N, K, group_size, x dtype, scale dtype, asymmetric, bias, code_offset)
@@ -312,6 +366,9 @@ EMU_CASES = [
     (7, 9, 4160, 4160, torch.bfloat16, torch.bfloat16, False, False, 1.5),
     (8, 31, 4128, 32, torch.float16, torch.bfloat16, True, True, 0.0),      # M=8: 71.7 KB shared memory
     (8, 1, 40, 40, torch.bfloat16, torch.float32, False, True, 2.0),        # K < 64, N = 1
+    (1, 70, 6208, 64, torch.bfloat16, torch.float16, False, True, 1.0),     # split-K 4 ways (4 trips), 2 CTAs
+    (2, 9, 4160, 64, torch.float16, torch.float16, False, False, 1.3),      # odd offset: not folded, sum(x) path
+    (3, 40, 64, 64, torch.float16, torch.bfloat16, False, True, 1.5),       # K = 64, z0 = 1.5: sum(x) path
 ]
 
 
@@ -323,6 +380,110 @@ def test_emulated_kernel_matches_reference(emulated, case):
     rc, y = emulated(x, qweight, scale, zero, bias, gs, off)
     assert rc == 0, f"launcher returned cudaError {rc}"
     _assert_close(y, x, qweight, scale, zero, bias, gs, off)
+
+
+def _forced_plan(M, N, K, threads, passes, splits):
+    """A consistent plan with the given threads / passes / splits (what the launcher would accept)."""
+    R = _cuda_ext._rows_per_warp(M)
+    trips = -(-(-(-K // 64)) // 32)
+    iters = -(-trips // splits)
+    assert -(-trips // iters) == splits, "splits must be reachable with equal trips per split"
+    grid_x = -(-N // (threads // 32 * R * passes))
+    ws = (-(-grid_x // 4) * 4) * 4 + splits * M * N * 4 if splits > 1 else 0
+    return dict(threads=threads, rows_per_warp=R, passes=passes, splits=splits, grid_x=grid_x,
+                iters_per_split=iters, smem_bytes=_cuda_ext._smem_bytes(M, iters * 32), workspace_bytes=ws)
+
+
+# (M, N, K, group, threads, passes, splits, asym, code_offset): double-buffered multi-trip loops (odd and even trip
+# counts), several row passes per CTA, and split-K with a partial last split, on shapes small enough to emulate
+FORCED = [
+    (1, 70, 6208, 64, 128, 2, 1, False, 1.0),     # 4 trips in one split: both buffers, 2 passes (rows 64..127 ragged)
+    (3, 21, 6208, 32, 128, 3, 2, True, 0.0),      # 2 trips per split, per-sub scales + zero tensor, 3 passes
+    (2, 40, 8256, 8256, 256, 1, 2, False, 1.5),   # 5 trips: splits of 3 and 2 (odd loop tail), per-channel
+    (6, 19, 4160, 64, 128, 2, 1, False, 2.0),     # 3 trips, R = 2 rows per warp, 2 passes
+]
+
+
+@pytest.mark.parametrize("case", FORCED, ids=lambda c: f"M{c[0]}-N{c[1]}-K{c[2]}-g{c[3]}-t{c[4]}-p{c[5]}-s{c[6]}")
+def test_emulated_forced_plans(emulated, case):
+    M, N, K, gs, threads, passes, splits, asym, off = case
+    x, qw, s, z, b = _make_case(M, N, K, gs, torch.bfloat16 if M % 2 else torch.float16, torch.float16, asym, True,
+                                seed=N * 7 + K)
+    pl = _forced_plan(M, N, K, threads, passes, splits)
+    ws = torch.zeros(max(pl["workspace_bytes"], 4), dtype=torch.uint8) if pl["workspace_bytes"] else None
+    first = None
+    for _ in range(2):  # the same workspace twice: the kernel must re-arm its split-K counters itself
+        rc, y = emulated.launch_plan(x, qw, s, z, b, gs, off, pl, workspace=ws)
+        assert rc == 0, f"launcher returned cudaError {rc} for plan {pl}"
+        _assert_close(y, x, qw, s, z, b, gs, off)
+        if ws is not None:
+            counters = ws[: pl["grid_x"] * 4].view(torch.int32)
+            assert (counters == 0).all(), f"split-K counters not re-armed: {counters.tolist()}"
+        if first is None:
+            first = y.clone()
+        else:
+            assert torch.equal(y, first), "a second launch on the reused workspace gave a different result"
+
+
+def test_emulated_launch_plan_rejects_inconsistent_plans(emulated):
+    M, N, K, gs = 2, 40, 4160, 64
+    x, qw, s, z, b = _make_case(M, N, K, gs, torch.float16, torch.float16, False, False, seed=1)
+    good = _forced_plan(M, N, K, 128, 1, 3)
+    ws = torch.zeros(good["workspace_bytes"], dtype=torch.uint8)
+    assert emulated.launch_plan(x, qw, s, z, b, gs, 1.0, good, workspace=ws)[0] == 0
+    for bad in (dict(threads=96), dict(rows_per_warp=4), dict(grid_x=1), dict(splits=2),
+                dict(iters_per_split=2), dict(smem_bytes=good["smem_bytes"] - 16), dict(passes=0)):
+        assert emulated.launch_plan(x, qw, s, z, b, gs, 1.0, {**good, **bad}, workspace=ws)[0] == 1, bad
+    assert emulated.launch_plan(x, qw, s, z, b, gs, 1.0, good, workspace=ws[:-4])[0] == 1  # workspace too small
+    assert emulated.launch_plan(x, qw, s, z, b, gs, 1.0, good, workspace=None)[0] == 1
+
+
+PLAN_SHAPES = [(M, N, K) for M in (1, 2, 3, 4, 5, 8) for N, K in
+               [(1, 40), (37, 4160), (1024, 4096), (4096, 4096), (4096, 14336), (14336, 4096), (128256, 4096),
+                (1000, 100000), (8460, 64)]]
+
+
+def test_python_plan_mirrors_the_launcher(emulated):
+    """pyquant._cuda_ext.plan (used by static_launches and the workspace cache) == pyquant_packed_gemv_plan."""
+    for M, N, K in PLAN_SHAPES:
+        rc, c_plan = emulated.plan(M, N, K)
+        assert rc == 0
+        assert c_plan == _cuda_ext.plan(M, N, K), (M, N, K)
+    assert emulated.plan(9, 16, 64)[0] == 1 and emulated.plan(1, 0, 64)[0] == 1
+
+
+def test_plan_fills_the_gpu_and_bounds_shared_memory():
+    for M, N, K in PLAN_SHAPES:
+        pl = _cuda_ext.plan(M, N, K)
+        rows = pl["grid_x"] * pl["passes"] * pl["threads"] // 32 * pl["rows_per_warp"]
+        trips = -(-(-(-K // 64)) // 32)
+        assert rows >= N and pl["splits"] * pl["iters_per_split"] >= trips
+        assert pl["smem_bytes"] <= 100 * 1024 + 16
+        assert (pl["splits"] > 1) == (pl["workspace_bytes"] > 0)
+    assert _cuda_ext.plan(1, 1024, 4096)["splits"] > 1  # small N: split K rather than leave SMs idle
+    big = _cuda_ext.plan(1, 4096, 14336)
+    assert big["grid_x"] * big["splits"] >= 132
+
+
+@pytest.mark.parametrize("fmt,group", [("twn", None), ("int2-asym", 128), ("absmean", 32), ("seq4", 64)])
+def test_static_launches_schema(fmt, group):
+    for M, N, K in [(1, 4096, 14336), (4, 14336, 4096), (8, 1024, 4096)]:
+        calls = _cuda_ext.static_launches(M, N, K, fmt, group)
+        assert len(calls) == 1
+        call = calls[0]
+        assert call["backend"] == "cuda" and call["kernel"] == "packed_gemv" and call["config"]
+        (ln,) = call["launches"]
+        pl = _cuda_ext.plan(M, N, K)
+        assert ln["grid"] == [pl["grid_x"], pl["splits"], 1] and ln["threads_per_cta"] == pl["threads"]
+        assert ln["cuda"]["source"] == "csrc/packed_gemv.cu" and (CSRC / "packed_gemv.cu").is_file()
+        mode = 0 if group is None else (1 if group % 64 == 0 and not fmt.endswith("-asym") else 2)
+        mangled = f"_ZN7pyquant47_GLOBAL__N__0_14packed_gemv_cu18packed_gemv_kernelILi{M}E6__halfLi{mode}EEEvNS0_6ParamsE"
+        assert re.search(ln["cuda"]["kernel_regex"], mangled), (ln["cuda"]["kernel_regex"], mangled)
+        assert f"-DPYQUANT_GEMV_ONLY_M={M}" in ln["cuda"]["nvcc_flags"]
+        assert ln["weights"] == N * K and ln["bytes"] >= N * K // 4 and ln["loop_trips"] > 0
+        assert ln["mma_flops"] == 0
+    with pytest.raises(ValueError, match="group_size"):
+        _cuda_ext.static_launches(1, 64, 100, "twn", 48)
 
 
 def test_emulated_kernel_ignores_garbage_past_k(emulated):
@@ -370,7 +531,7 @@ def _poisoned_gemv(ext, x, qweight, scale, zero, bias, gs, off):
     M, N = x.shape[0], qweight.shape[0]
     poison = torch.full((M, N), float("nan"), dtype=x.dtype, device=x.device)
     del poison
-    y = ext.packed_gemv(x, qweight, scale, zero, bias, gs, off)
+    y = _cuda_ext.packed_gemv(x, qweight, scale, zero, bias, gs, off)  # + this stream's split-K workspace
     torch.cuda.synchronize()
     return y
 
@@ -403,9 +564,17 @@ def test_packed_gemv_model_shape_and_side_stream(ext, M):
                                                seed=11, device="cuda")
     s = torch.cuda.Stream()
     with torch.cuda.stream(s):
-        y = ext.packed_gemv(x, qweight, scale, zero, bias, gs, 1.0)
+        y = _cuda_ext.packed_gemv(x, qweight, scale, zero, bias, gs, 1.0)
+        y2 = _cuda_ext.packed_gemv(x, qweight, scale, zero, bias, gs, 1.0)  # workspace re-armed by the kernel
     s.synchronize()
     _assert_close(y, x, qweight, scale, zero, bias, gs, 1.0)
+    assert torch.equal(y, y2)
+    pl = _cuda_ext.plan(M, N, K)
+    if pl["splits"] > 1:
+        ws = _cuda_ext._workspaces[(x.device, s.stream_id)]
+        assert (ws[: pl["grid_x"] * 4].view(torch.int32) == 0).all()
+        with pytest.raises(ValueError, match="needs a zero-initialized workspace"):
+            ext.packed_gemv(x, qweight, scale, zero, bias, gs, 1.0)
 
 
 @pytest.mark.gpu

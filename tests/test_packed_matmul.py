@@ -789,6 +789,10 @@ def test_bench_operands_and_impls_on_this_device():
         if impl.startswith("torch-"):
             x, w = first
             torch.testing.assert_close(y, torch.nn.functional.linear(x, w))
+        if impl == "pyquant-linear":  # the public PackedLinear path, whatever backend the dispatch picks here
+            lin, x = first
+            ref = reference.packed_matmul(x, lin.qweight, lin.scale, lin.zero_point, None, k, lin.spec.code_offset)
+            assert_close_to(y, ref, torch.float16)
 
 
 def test_backend_supports_predicates():

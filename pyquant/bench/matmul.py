@@ -2,8 +2,9 @@
 
 Shapes: Llama-3-8B (N x K = 4096x4096, 1024x4096, 14336x4096, 4096x14336, 128256x4096) and BERT-large (1024x1024,
 4096x1024, 1024x4096); M in {1, 4, 16, 64, 256, 4096}.  Implementations: ``pyquant-triton``, ``pyquant-cuda``
-(``pyquant._C``, M <= 8, when built), ``torch-bf16`` / ``torch-fp16`` (cuBLAS through ``torch.matmul``) and
-``gemlite-2bit`` when gemlite is importable.
+(``pyquant._C``, M <= 8, when built), ``pyquant-linear`` (the public ``PackedLinear`` forward under ``no_grad``:
+validation, backend dispatch and whatever kernel the dispatch picks -- the path users run, host overhead included),
+``torch-bf16`` / ``torch-fp16`` (cuBLAS through ``torch.matmul``) and ``gemlite-2bit`` when gemlite is importable.
 
 Timing: median of CUDA-event timings (``triton.testing.do_bench``, which also flushes L2 before every call; with
 ``--cuda-graph`` ``do_bench_cudagraph``, which removes host launch overhead, the setting of graph-captured decode).
@@ -36,7 +37,7 @@ SHAPES: Dict[str, Tuple[Tuple[int, int], ...]] = {
     "bert-large": ((1024, 1024), (4096, 1024), (1024, 4096)),
 }
 M_VALUES = (1, 4, 16, 64, 256, 4096)
-IMPLS = ("pyquant-triton", "pyquant-cuda", "torch-bf16", "torch-fp16", "gemlite-2bit")
+IMPLS = ("pyquant-triton", "pyquant-cuda", "pyquant-linear", "torch-bf16", "torch-fp16", "gemlite-2bit")
 # issue #3's targets (H200); checked against this run's numbers, never assumed
 TARGETS = (
     ("M=1 speedup vs cuBLAS bf16 on 4096x14336 and 14336x4096", 1, ((4096, 14336), (14336, 4096)), "speedup", 6.0),
@@ -167,10 +168,28 @@ def _make_impl(impl: str, m: int, n: int, k: int, cfg: MatmulBenchConfig, device
             return None, per, f"not measured: {why}"
         from .. import _cuda_ext
 
-        ext = _cuda_ext.load()
         gs = pw["group_size"]
-        return _Rotating(lambda x, q, s, z: ext.packed_gemv(x, q, s, z, None, gs, 0.0 if co is None else co),
+        return _Rotating(lambda x, q, s, z: _cuda_ext.packed_gemv(x, q, s, z, None, gs, 0.0 if co is None else co),
                          sets), per, ""
+    if impl == "pyquant-linear":
+        from ..nn import PackedLinear
+
+        spec = _spec(cfg)
+        pw = _packed_weight(n, k, cfg, device)
+        per = _nbytes(pw["qweight"], pw["scale"], pw["zero_point"]) + 2 * m * k + 2 * m * n
+        layers = []
+        for i in range(_copies_for(per, l2, free)):
+            w = pw if i == 0 else _packed_weight(n, k, cfg, device)
+            lin = PackedLinear(k, n, bias=False, spec=spec, device=device, dtype=xdt)
+            lin.load_state_dict({**lin.state_dict(), "qweight": w["qweight"], "scale": w["scale"],
+                                 **({} if w["zero_point"] is None else {"zero_point": w["zero_point"]})})
+            layers.append((lin, torch.randn(m, k, device=device, dtype=xdt)))
+
+        def forward(lin, x):
+            with torch.no_grad():
+                return lin(x)
+
+        return _Rotating(forward, layers), per, ""
     if impl == "gemlite-2bit":
         try:
             from gemlite.core import DType, GemLiteLinear  # type: ignore

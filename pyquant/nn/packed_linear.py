@@ -21,6 +21,7 @@ from torch import nn
 from .. import reference
 from ..formats import ActivationQuantConfig, WeightQuantConfig, pack_codes, packed_cols, unpack_codes
 from ..ops import packed_matmul, packed_matmul_a8
+from ..ops.packed_matmul import PackedMatmulPlan
 
 __all__ = ["PackedLinear"]
 
@@ -117,10 +118,36 @@ class PackedLinear(nn.Module):
                                   act_spec=act_spec)
 
     # ---- math ---------------------------------------------------------------------------------------------------
+    # The forward validates the packed tensors once and then runs a PackedMatmulPlan (pyquant/ops/packed_matmul.py):
+    # per call only x is checked and the backend comes from a cache.  The plan is rebuilt -- the tensors validated
+    # again -- whenever any of qweight / scale / zero_point / bias is not the object (or storage) it was built for
+    # (load_state_dict(assign=True), .to(), meta-device materialization, attribute assignment), and after every
+    # state-dict load (_load_from_state_dict below): a validated state is never trusted stale.
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        op = packed_matmul if self.act_spec is None else packed_matmul_a8
-        return op(x, self.qweight, self.scale, self.zero_point, self.bias,
-                             in_features=self.in_features, code_offset=self.spec.code_offset)
+        if torch.compiler.is_compiling():  # traced: the checked custom op, exactly as compile has always seen it
+            op = packed_matmul if self.act_spec is None else packed_matmul_a8
+            return op(x, self.qweight, self.scale, self.zero_point, self.bias, in_features=self.in_features,
+                      code_offset=self.spec.code_offset)
+        bufs = self._buffers
+        q, s, z, b = bufs["qweight"], bufs["scale"], bufs["zero_point"], self._parameters.get("bias")
+        plan = self.__dict__.get("_fast_plan")
+        if plan is None or not plan.matches(q, s, z, b):
+            plan = self._validated_plan()
+        return plan(x)
+
+    def _validated_plan(self) -> PackedMatmulPlan:
+        """Check the packed tensors (raising ValueError/TypeError naming the bad one) and cache the fast path."""
+        plan = PackedMatmulPlan(self._buffers["qweight"], self._buffers["scale"], self._buffers["zero_point"],
+                                self._parameters.get("bias"), self.in_features, self.spec.code_offset,
+                                a8=self.act_spec is not None)
+        self.__dict__["_fast_plan"] = plan  # not a submodule / buffer: bypass nn.Module.__setattr__
+        return plan
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.__dict__.pop("_fast_plan", None)
+        super()._load_from_state_dict(*args, **kwargs)
+        if not any(t.is_meta for t in self._buffers.values() if t is not None):
+            self._validated_plan()  # bad tensors loaded with assign=True fail here, not at the first forward
 
     def dequantize(self) -> torch.Tensor:
         """The effective fp32 weight [N, K] (for tests and export; the forward never builds it)."""

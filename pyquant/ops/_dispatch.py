@@ -171,8 +171,11 @@ def _device_of(args, kwargs) -> torch.device:
     return torch.device("cpu")
 
 
-def call(op: str, *args, **kwargs):
-    """Run ``op`` on the first backend (in the current order) that is available and supports these arguments."""
+def resolve(op: str, *args, **kwargs) -> Tuple[str, Callable]:
+    """(backend, implementation) that :func:`call` would run for these arguments (in the current order).
+
+    Callers that make the same kind of call many times (``PackedLinear``'s fast path) cache the result per
+    (backend order, device, dtype, shape class) and call the implementation directly."""
     impls = _REGISTRY.get(op)
     if not impls:
         raise KeyError(f"no implementation registered for op {op!r}")
@@ -188,10 +191,21 @@ def call(op: str, *args, **kwargs):
         if ok and impl.supports is not None:
             ok, why = impl.supports(*args, **kwargs)
         if ok:
-            _local.last = (op, b)
-            return impl.fn(*args, **kwargs)
+            return b, impl.fn
         reasons.append(f"{b}: {why}")
     raise RuntimeError(f"pyquant op {op!r}: no backend in {order} can run this call: " + "; ".join(reasons))
+
+
+def call(op: str, *args, **kwargs):
+    """Run ``op`` on the first backend (in the current order) that is available and supports these arguments."""
+    b, fn = resolve(op, *args, **kwargs)
+    _local.last = (op, b)
+    return fn(*args, **kwargs)
+
+
+def note_backend(op: str, backend: str) -> None:
+    """Record a dispatch made outside :func:`call` (a cached :func:`resolve`), for :func:`last_backend`."""
+    _local.last = (op, backend)
 
 
 def last_backend() -> Optional[Tuple[str, str]]:

@@ -12,15 +12,17 @@ packed weight is frozen) dequantizes once in PyTorch.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
 
 from .. import reference
 from ..formats import group_size_of, validate_packed
-from ._dispatch import call, register, kernel_module
+from ._dispatch import backend_order, call, kernel_module, note_backend, register, resolve
 
-__all__ = ["packed_matmul", "packed_matmul_a8", "check_packed_matmul_args"]
+__all__ = ["packed_matmul", "packed_matmul_a8", "check_packed_matmul_args", "check_packed_weight_args",
+           "PackedMatmulPlan"]
 
 X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -148,16 +150,27 @@ def _cuda_supports(x, qweight, scale, zero_point, bias, in_features, code_offset
 def _cuda_impl(x, qweight, scale, zero_point, bias, in_features, code_offset):
     from .. import _cuda_ext
 
-    ext = _cuda_ext.load()
-    if ext is None:
-        raise RuntimeError("pyquant._C is reported available but _cuda_ext.load() returned None")
-    return ext.packed_gemv(x, qweight, scale.contiguous(), None if zero_point is None else zero_point.contiguous(),
-                           None if bias is None else bias.contiguous(), in_features // scale.shape[1],
-                           0.0 if code_offset is None else float(code_offset))
+    # the wrapper adds the split-K workspace of this device and stream (zeroed once, re-armed by the kernel)
+    return _cuda_ext.packed_gemv(x, qweight, scale.contiguous(),
+                                 None if zero_point is None else zero_point.contiguous(),
+                                 None if bias is None else bias.contiguous(), in_features // scale.shape[1],
+                                 0.0 if code_offset is None else float(code_offset))
 
 
-def check_packed_matmul_args(x, qweight, scale, zero_point, bias, in_features, code_offset) -> None:
-    """Raise TypeError/ValueError naming the offending argument; nothing reaches a kernel unchecked."""
+def check_packed_weight_args(qweight, scale, zero_point, bias, in_features, code_offset) -> None:
+    """The x-independent half of :func:`check_packed_matmul_args` (what a layer validates once)."""
+    validate_packed(qweight, scale, zero_point, in_features, group_size_of(scale, in_features))
+    if zero_point is None and code_offset is None:
+        raise ValueError("code_offset must be given (a float) when zero_point is None")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (qweight.shape[0],) \
+                or not bias.dtype.is_floating_point or bias.device != qweight.device:
+            raise ValueError(f"bias must be a float tensor of shape ({qweight.shape[0]},) on {qweight.device}, got "
+                             f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}"
+                             f"{f' on {bias.device}' if isinstance(bias, torch.Tensor) else ''}")
+
+
+def _check_x(x, in_features) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in X_DTYPES:
@@ -166,16 +179,14 @@ def check_packed_matmul_args(x, qweight, scale, zero_point, bias, in_features, c
         raise ValueError(f"x has shape {tuple(x.shape)}: its last dimension must be in_features={in_features}")
     if x.numel() == 0:
         raise ValueError(f"x is empty (shape {tuple(x.shape)}): expected at least one row")
-    validate_packed(qweight, scale, zero_point, in_features, group_size_of(scale, in_features))
+
+
+def check_packed_matmul_args(x, qweight, scale, zero_point, bias, in_features, code_offset) -> None:
+    """Raise TypeError/ValueError naming the offending argument; nothing reaches a kernel unchecked."""
+    _check_x(x, in_features)
+    check_packed_weight_args(qweight, scale, zero_point, bias, in_features, code_offset)
     if x.device != qweight.device:
         raise ValueError(f"x is on {x.device} but qweight is on {qweight.device}")
-    if zero_point is None and code_offset is None:
-        raise ValueError("code_offset must be given (a float) when zero_point is None")
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (qweight.shape[0],) \
-                or not bias.dtype.is_floating_point or bias.device != x.device:
-            raise ValueError(f"bias must be a float tensor of shape ({qweight.shape[0]},) on {x.device}, got "
-                             f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
 
 
 def packed_matmul(
@@ -222,3 +233,76 @@ def packed_matmul_a8(
     y = _packed_matmul_a8_op(x2, qweight, scale, zero_point, bias, in_features,
                              None if code_offset is None else float(code_offset))
     return y.reshape(*lead, qweight.shape[0])
+
+
+# ---- the fast path of a validated layer (PackedLinear.forward) ----------------------------------------------------
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+class PackedMatmulPlan:
+    """``packed_matmul`` (or ``packed_matmul_a8``) bound to one validated packed weight: the decode-time fast path.
+
+    Built once (the weight tensors are checked here, with the same messages as the checked path); each call then
+    checks only x (dtype, device, last dimension, non-empty -- anything else falls back to the checked path, which
+    raises the usual error), looks the backend up in a cache keyed by (backend order, TRITON_INTERPRET, x dtype,
+    M <= 8) -- the only inputs of the backends' ``supports`` predicates that vary from call to call for one weight
+    -- and calls the backend function directly, without the custom-op layer.
+
+    The custom op (``torch.ops.pyquant.packed_matmul``) is still used whenever it matters: under ``torch.compile``
+    / export (``torch.compiler.is_compiling()``), for tensor subclasses (fake / functional tensors of tracing), and
+    when autograd must record the call (grad mode on and x or the bias requires grad) -- so compile, autograd and
+    ``opcheck`` see the op exactly as before.  CUDA-graph capture works on both paths (same kernels, no host sync).
+
+    :meth:`matches` tells whether the tensors it was built for are still the ones given (same objects, same
+    storage); the owner rebuilds the plan when they are not.
+    """
+
+    __slots__ = ("qweight", "scale", "zero_point", "bias", "in_features", "out_features", "code_offset", "device",
+                 "op", "_checked", "_ptrs", "_cache")
+
+    def __init__(self, qweight, scale, zero_point, bias, in_features: int, code_offset, a8: bool = False):
+        check_packed_weight_args(qweight, scale, zero_point, bias, in_features, code_offset)
+        self.qweight, self.scale, self.zero_point, self.bias = qweight, scale, zero_point, bias
+        self.in_features, self.out_features = int(in_features), int(qweight.shape[0])
+        self.code_offset = None if code_offset is None else float(code_offset)
+        self.device = qweight.device
+        self.op = "packed_matmul_a8" if a8 else "packed_matmul"
+        self._checked = packed_matmul_a8 if a8 else packed_matmul
+        self._ptrs = self._pointers(qweight, scale, zero_point, bias)
+        self._cache = {}
+
+    @staticmethod
+    def _pointers(*ts):
+        return tuple(None if t is None else (t.data_ptr(), t.dtype) for t in ts)
+
+    def matches(self, qweight, scale, zero_point, bias) -> bool:
+        """True when these are the very tensors (objects, storage and dtype) the plan was validated for."""
+        return (qweight is self.qweight and scale is self.scale and zero_point is self.zero_point
+                and bias is self.bias and self._pointers(qweight, scale, zero_point, bias) == self._ptrs)
+
+    def checked(self, x: torch.Tensor) -> torch.Tensor:
+        """The fully checked public op (custom op included)."""
+        return self._checked(x, self.qweight, self.scale, self.zero_point, self.bias, in_features=self.in_features,
+                             code_offset=self.code_offset)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias
+        if (type(x) is not torch.Tensor or _compiling()
+                or (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))):
+            return self.checked(x)
+        K = self.in_features
+        if x.dtype not in X_DTYPES or x.device != self.device or x.dim() < 1 or x.shape[-1] != K or x.numel() == 0:
+            return self.checked(x)  # raises the checked path's error
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, K)
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        key = (backend_order(), os.environ.get("TRITON_INTERPRET"), x.dtype, x2.shape[0] <= 8)
+        hit = self._cache.get(key)
+        if hit is None:
+            hit = resolve(self.op, x2, self.qweight, self.scale, self.zero_point, bias, K, self.code_offset)
+            self._cache[key] = hit
+        note_backend(self.op, hit[0])
+        y = hit[1](x2, self.qweight, self.scale, self.zero_point, bias, K, self.code_offset)
+        return y.reshape(*lead, self.out_features)
