@@ -240,11 +240,13 @@ def static_launches(M: int, N: int, K: int, fmt: str, group_size: Optional[int])
     group_size None = per-channel.  The kernel's template instance is chosen as csrc/packed_gemv.cu chooses it
     (x dtype is a runtime argument of the kernel; scales are float16 as in the default spec).  nvcc_flags restrict
     the build to that M (PYQUANT_GEMV_ONLY_M) so only 9 kernels are compiled."""
+    g = K if group_size is None else int(group_size)
+    if g <= 0 or K % g:
+        raise ValueError(f"group_size={group_size} is invalid for K={K}: a divisor of K, or None")
+    if not 1 <= M <= GEMV_MAX_M or (g % 32 and g != K):
+        return []  # the CUDA GEMV declines these calls (M > 8 runs the GEMM; group sizes not a multiple of 32)
     pl = plan(M, N, K)
     asym = str(fmt).endswith("-asym")
-    g = K if group_size is None else int(group_size)
-    if g <= 0 or K % g or (g % 32 and g != K):
-        raise ValueError(f"group_size={group_size} is invalid for K={K}: a multiple of 32 dividing K, or None")
     mode = 0 if K // g == 1 else (1 if (g % 64 == 0 and not asym) else 2)
     rows_cta = pl["threads"] // 32 * pl["rows_per_warp"] * pl["passes"]
     weights = N * K
