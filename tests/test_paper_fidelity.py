@@ -545,7 +545,10 @@ def test_qat_glue_cli_bad_options_refused_before_loading(tmp_path, capsys):
 
     from pyquant.train import cli
 
-    base = ["--task", "rte", "--teacher", str(tmp_path / "none"), "--output-dir", str(tmp_path / "o"), "--no-progress"]
+    teacher = tmp_path / "teacher"  # a model directory (config.json), so the option checks are what refuses
+    teacher.mkdir()
+    (teacher / "config.json").write_text("{}")
+    base = ["--task", "rte", "--teacher", str(teacher), "--output-dir", str(tmp_path / "o"), "--no-progress"]
     for extra, msg in ((["--eval-every", "-1"], "--eval-every=-1 is invalid"),
                        (["--no-kd", "--gt-loss"], "--gt-loss adds the ground-truth loss to KD"),
                        (["--preset", "kdqat-emnlp22", "--no-act-quant"], "--no-act-quant contradicts it"),
