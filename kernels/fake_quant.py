@@ -390,8 +390,9 @@ def _fake_quant_weight_bwd_kernel(
 
 
 @triton.jit
-def _row_range(X, base, D, BLOCK: tl.constexpr):
-    """(max|x|, min x, max x) of the D values at X + base, streamed in BLOCK-wide chunks, in fp32."""
+def _row_range(X, base, D, clip, HAS_CLIP: tl.constexpr, BLOCK: tl.constexpr):
+    """(max|x|, min x, max x) of the D values at X + base (clipped to [-clip, clip] when HAS_CLIP), streamed in
+    BLOCK-wide chunks, in fp32."""
     offs0 = tl.arange(0, BLOCK)
     acc_amax = tl.zeros([BLOCK], dtype=tl.float32)
     acc_min = tl.full([BLOCK], float("inf"), dtype=tl.float32)
@@ -400,6 +401,8 @@ def _row_range(X, base, D, BLOCK: tl.constexpr):
         offs = start + offs0
         m = offs < D
         x = tl.load(X + base + offs, mask=m, other=0.0).to(tl.float32)
+        if HAS_CLIP:
+            x = tl.minimum(tl.maximum(x, -clip), clip)
         acc_amax = tl.maximum(acc_amax, tl.abs(x))
         acc_min = tl.minimum(acc_min, tl.where(m, x, float("inf")))
         acc_max = tl.maximum(acc_max, tl.where(m, x, float("-inf")))
@@ -407,23 +410,23 @@ def _row_range(X, base, D, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _fake_quant_activation_stats_kernel(X, AMAX, MN, MX, D, BLOCK: tl.constexpr):
+def _fake_quant_activation_stats_kernel(X, AMAX, MN, MX, D, clip, HAS_CLIP: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     base = row.to(tl.int64) * D
-    amax, row_min, row_max = _row_range(X, base, D, BLOCK)
+    amax, row_min, row_max = _row_range(X, base, D, clip, HAS_CLIP, BLOCK)
     tl.store(AMAX + row, amax)
     tl.store(MN + row, row_min)
     tl.store(MX + row, row_max)
 
 
 @triton.jit
-def _fake_quant_activation_kernel(X, OUT, AMAX, MN, MX, D, PER_TOKEN: tl.constexpr, SYMMETRIC: tl.constexpr,
-                                  TINY: tl.constexpr, BLOCK: tl.constexpr):
+def _fake_quant_activation_kernel(X, OUT, AMAX, MN, MX, D, clip, PER_TOKEN: tl.constexpr, SYMMETRIC: tl.constexpr,
+                                  HAS_CLIP: tl.constexpr, TINY: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     base = row.to(tl.int64) * D
     offs0 = tl.arange(0, BLOCK)
     if PER_TOKEN:  # the row's own range, reduced here (the second pass re-reads the row from L1/L2)
-        amax, row_min, row_max = _row_range(X, base, D, BLOCK)
+        amax, row_min, row_max = _row_range(X, base, D, clip, HAS_CLIP, BLOCK)
     else:  # the tensor's range, reduced by the stats kernel and the launcher
         amax = tl.load(AMAX)
         row_min = tl.load(MN)
@@ -440,6 +443,8 @@ def _fake_quant_activation_kernel(X, OUT, AMAX, MN, MX, D, PER_TOKEN: tl.constex
         offs = start + offs0
         m = offs < D
         x = tl.load(X + base + offs, mask=m, other=0.0).to(tl.float32)
+        if HAS_CLIP:
+            x = tl.minimum(tl.maximum(x, -clip), clip)
         r = tl.floor(tl.math.div_rn(x, s) + 0.5)
         if SYMMETRIC:
             q = tl.minimum(tl.maximum(r, -127.0), 127.0)
@@ -651,11 +656,17 @@ def fake_quant_weight_bwd(grad: torch.Tensor, w: torch.Tensor, spec, scale: Opti
     return gw, gs, gz
 
 
-def fake_quant_activation(x: torch.Tensor, symmetric: bool, per_token: bool) -> torch.Tensor:
-    """Dynamic 8-bit min-max fake-quant of x [..., D] (row = token); output in x's dtype."""
+def fake_quant_activation(x: torch.Tensor, symmetric: bool, per_token: bool,
+                          clip: Optional[float] = None) -> torch.Tensor:
+    """Dynamic 8-bit min-max fake-quant of x [..., D] (row = token), after clipping to [-clip, clip] when a clip is
+    given; output in x's dtype."""
     if not isinstance(x, torch.Tensor) or x.dim() < 1 or not x.is_contiguous() or x.dtype not in _W_DTYPES \
             or x.numel() == 0:
         raise ValueError("x must be a non-empty contiguous float32/bfloat16/float16 tensor [..., D]")
+    if clip is not None and not (isinstance(clip, float) and clip > 0 and math.isfinite(clip)):
+        raise ValueError(f"clip={clip!r} is invalid: expected None or a finite float > 0")
+    has_clip = clip is not None
+    cv = float(clip) if has_clip else 0.0
     d = x.shape[-1]
     rows = x.numel() // d
     out = _empty(x.shape, x.dtype, x.device)
@@ -666,10 +677,11 @@ def fake_quant_activation(x: torch.Tensor, symmetric: bool, per_token: bool) -> 
         amax = _empty((rows,), torch.float32, x.device)
         mn = _empty((rows,), torch.float32, x.device)
         mx = _empty((rows,), torch.float32, x.device)
-        _fake_quant_activation_stats_kernel[(rows,)](x, amax, mn, mx, d, BLOCK=blk, num_warps=_warps(blk))
+        _fake_quant_activation_stats_kernel[(rows,)](x, amax, mn, mx, d, cv, HAS_CLIP=has_clip, BLOCK=blk,
+                                                     num_warps=_warps(blk))
         # max/min are order-independent: reducing the per-row results is exact
         amax, mn, mx = amax.amax().reshape(1), mn.amin().reshape(1), mx.amax().reshape(1)
-    _fake_quant_activation_kernel[(rows,)](x, out, amax, mn, mx, d, PER_TOKEN=per_token, SYMMETRIC=symmetric,
-                                           TINY=float(torch.finfo(torch.float32).tiny), BLOCK=blk,
-                                           num_warps=_warps(blk))
+    _fake_quant_activation_kernel[(rows,)](x, out, amax, mn, mx, d, cv, PER_TOKEN=per_token, SYMMETRIC=symmetric,
+                                           HAS_CLIP=has_clip, TINY=float(torch.finfo(torch.float32).tiny),
+                                           BLOCK=blk, num_warps=_warps(blk))
     return out

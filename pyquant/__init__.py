@@ -19,6 +19,8 @@ _LAZY = {
     "distill": "pyquant.distill",
     "PackedLinear": "pyquant.nn",
     "QATLinear": "pyquant.nn",
+    "QATEmbedding": "pyquant.nn",
+    "PackedEmbedding": "pyquant.nn",
     "QATConfig": "pyquant.convert",
     "prepare_qat": "pyquant.convert",
     "convert": "pyquant.convert",

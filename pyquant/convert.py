@@ -6,7 +6,8 @@ One generic walker plus a small table of exceptions; no per-model patches.
 Which layers are quantized (defaults follow TernaryBERT / the EMNLP'22 KD-QAT practice and BitNet/ParetoQ for decoders:
 every linear layer inside the Transformer blocks is quantized; embeddings and the task head stay full precision):
 
-* candidates are ``nn.Linear`` and HF GPT-2 ``Conv1D`` modules (embeddings are not linear, so they are never touched);
+* candidates are ``nn.Linear`` and HF GPT-2 ``Conv1D`` modules (embeddings are not linear: only the word embedding
+  is quantized, per row, and only when ``QATConfig.embeddings`` is set -- e.g. by ``preset="kdqat-emnlp22"``);
 * ``QATConfig.exclude=None`` means :data:`DEFAULT_EXCLUDE`: ``lm_head`` (incl. T5's and RoBERTa's LM head), the
   classifier heads (``classifier``, ``score``, ``qa_outputs``, BERT's ``cls`` MLM head), BERT's ``pooler`` (part of the
   classification head), and the embedding-side projections (OPT ``project_in``/``project_out``, GPT-NeoX
@@ -33,15 +34,39 @@ import torch
 from torch import nn
 
 from .formats import ActivationQuantConfig, WeightQuantConfig
+from .nn.embedding import PackedEmbedding, QATEmbedding, check_embedding_spec
 from .nn.packed_linear import PackedLinear
 from .nn.qat_linear import QATLinear, is_conv1d
 from .ops import fake_quant_activation, quantize_weight
 
-__all__ = ["QATConfig", "SwapReport", "prepare_qat", "convert", "quantize", "DEFAULT_EXCLUDE", "matches"]
+__all__ = ["QATConfig", "SwapReport", "prepare_qat", "convert", "quantize", "DEFAULT_EXCLUDE", "PRESETS", "matches"]
 
 DEFAULT_EXCLUDE: Tuple[str, ...] = (
     "lm_head", "classifier", "score", "qa_outputs", "cls", "pooler", "project_in", "project_out", "embed_out",
 )
+
+# The EMNLP'22 KD-QAT setting (MarsJacobs/kd-qat-large-enc, run_kd_qat_*.sh: weight_bits=2, input_bits=8,
+# clip_val=2.5 from main.py:212-215):
+# * every block Linear and the pooler: TWN per tensor (QuantizeLinear passes layerwise=True, transformer/
+#   utils_quant.py:268) with weights clipped to +-2.5 (:133-134, 259), and 8-bit symmetric per-tensor input
+#   fake-quant after clipping to +-2.5 (:261-262, 274; the pooler's act_flag=False at modeling_quant.py:309 is
+#   overridden: QuantizeLinear.__init__ sets act_flag=True at utils_quant.py:238 and main.py:579 sets it from
+#   --act_quant);
+# * word embeddings: TWN per row, clip 2.5 (utils_quant.py:285-316, layerwise=False -> :144-152); position and
+#   token-type embeddings FP (modeling_quant.py:60-62), classifier FP nn.Linear (modeling_quant.py:458);
+# * Q, K, V and the attention probabilities after dropout: 8-bit per tensor, clip 2.5 (modeling_quant.py:141-154).
+# Scales are fp32 (the paper's code never rounds alpha to 16 bits).
+_EMNLP22_W = WeightQuantConfig(method="twn", granularity="tensor", clip=2.5, scale_dtype="float32")
+_EMNLP22_A = ActivationQuantConfig(clip=2.5, granularity="tensor")
+PRESETS: Dict[str, Dict[str, object]] = {
+    "kdqat-emnlp22": {
+        "weight": _EMNLP22_W,
+        "activation": _EMNLP22_A,
+        "exclude": tuple(p for p in DEFAULT_EXCLUDE if p != "pooler"),
+        "embeddings": WeightQuantConfig(method="twn", granularity="channel", clip=2.5, scale_dtype="float32"),
+        "attention_activation": _EMNLP22_A,
+    },
+}
 
 
 def _patterns(value, name: str) -> Optional[Tuple[str, ...]]:
@@ -64,14 +89,36 @@ class QATConfig:
     weight: the weight format (default ternary TWN, per channel).  activation: 8-bit dynamic input fake-quant
     (W2A8) or None (weight-only).  include: patterns of modules to quantize (empty: every candidate).
     exclude: patterns kept full precision; None means :data:`DEFAULT_EXCLUDE` (embeddings and heads stay FP).
+    embeddings: a per-row spec for the word (input) embeddings (``QATEmbedding``; ``convert`` packs it into a
+    ``PackedEmbedding``) or None (FP).  attention_activation: 8-bit fake-quant of Q, K, V and the attention
+    probabilities after dropout (``pyquant/nn/qat_attention.py``; explicit O(L^2) probabilities) or None.
+    preset: a name from :data:`PRESETS` (``"kdqat-emnlp22"``: the EMNLP'22 KD-QAT setting) that fills every field
+    above; a field given together with a preset must equal the preset's value (else ValueError).
     """
 
-    weight: WeightQuantConfig = field(default_factory=WeightQuantConfig)
+    weight: Optional[WeightQuantConfig] = None
     activation: Optional[ActivationQuantConfig] = None
     include: Tuple[str, ...] = ()
     exclude: Optional[Tuple[str, ...]] = None
+    embeddings: Optional[WeightQuantConfig] = None
+    attention_activation: Optional[ActivationQuantConfig] = None
+    preset: Optional[str] = None
 
     def __post_init__(self):
+        for name, cls in (("weight", WeightQuantConfig), ("embeddings", WeightQuantConfig),
+                          ("activation", ActivationQuantConfig), ("attention_activation", ActivationQuantConfig)):
+            if isinstance(getattr(self, name), dict):
+                object.__setattr__(self, name, cls.from_dict(getattr(self, name)))
+        if self.preset is not None:
+            self._apply_preset()
+        if self.weight is None:
+            object.__setattr__(self, "weight", WeightQuantConfig())
+        if self.embeddings is not None:
+            check_embedding_spec(self.embeddings)
+        if self.attention_activation is not None and not isinstance(self.attention_activation,
+                                                                    ActivationQuantConfig):
+            raise TypeError(f"QATConfig.attention_activation must be an ActivationQuantConfig or None, got "
+                            f"{type(self.attention_activation).__name__}")
         if isinstance(self.weight, dict):
             object.__setattr__(self, "weight", WeightQuantConfig.from_dict(self.weight))
         if isinstance(self.activation, dict):
@@ -84,14 +131,36 @@ class QATConfig:
         object.__setattr__(self, "include", _patterns(self.include, "include") or ())
         object.__setattr__(self, "exclude", _patterns(self.exclude, "exclude"))
 
+    def _apply_preset(self) -> None:
+        if not isinstance(self.preset, str) or self.preset not in PRESETS:
+            raise ValueError(f"QATConfig.preset={self.preset!r} is invalid: expected one of {sorted(PRESETS)}")
+        if self.include:
+            raise ValueError(f"QATConfig(preset={self.preset!r}) selects the layers itself; include={self.include!r} "
+                             "contradicts it (drop include, or drop the preset)")
+        for name, value in PRESETS[self.preset].items():
+            given = getattr(self, name)
+            if name == "exclude" and given is not None:
+                given = tuple(given)
+            if given is not None and given != value:
+                raise ValueError(f"QATConfig(preset={self.preset!r}) sets {name}={value!r}; {name}={given!r} "
+                                 "contradicts it (drop the option, or drop the preset)")
+            if name != "exclude":  # the preset's exclusions act as defaults (unmatched patterns are fine)
+                object.__setattr__(self, name, value)
+
     @property
     def resolved_exclude(self) -> Tuple[str, ...]:
-        return DEFAULT_EXCLUDE if self.exclude is None else self.exclude
+        if self.exclude is not None:
+            return self.exclude
+        return PRESETS[self.preset]["exclude"] if self.preset is not None else DEFAULT_EXCLUDE
 
     def to_dict(self) -> dict:
         return {"weight": self.weight.to_dict(),
                 "activation": None if self.activation is None else self.activation.to_dict(),
-                "include": list(self.include), "exclude": None if self.exclude is None else list(self.exclude)}
+                "include": list(self.include), "exclude": None if self.exclude is None else list(self.exclude),
+                "embeddings": None if self.embeddings is None else self.embeddings.to_dict(),
+                "attention_activation": None if self.attention_activation is None
+                else self.attention_activation.to_dict(),
+                "preset": self.preset}
 
     @classmethod
     def from_dict(cls, d: dict) -> "QATConfig":
@@ -208,9 +277,12 @@ def _validate_targets(targets, spec: WeightQuantConfig) -> None:
 
 
 def _refuse_quantized(model: nn.Module, action: str) -> None:
-    done = [n for n, m in model.named_modules() if isinstance(m, (QATLinear, PackedLinear))]
+    done = [n for n, m in model.named_modules()
+            if isinstance(m, (QATLinear, PackedLinear, QATEmbedding, PackedEmbedding))]
     if done:
-        kind = "QATLinear" if any(isinstance(m, QATLinear) for _, m in model.named_modules()) else "PackedLinear"
+        kinds = {type(m).__name__: None for _, m in model.named_modules()
+                 if isinstance(m, (QATLinear, PackedLinear, QATEmbedding, PackedEmbedding))}
+        kind = "/".join(kinds)
         raise ValueError(f"{action}: the model already holds {len(done)} {kind} layer(s) (e.g. {done[0]!r}); "
                          f"it was already prepared/converted -- nothing was swapped")
 
@@ -231,14 +303,14 @@ def _total_params(model: nn.Module) -> int:
 
 
 def _native_act(act_spec: Optional[ActivationQuantConfig]) -> Optional[ActivationQuantConfig]:
-    """The act_spec PackedLinear's fused W2A8 forward supports (int8 symmetric per token), else None."""
-    if act_spec is not None and act_spec.symmetric and act_spec.granularity == "token":
+    """The act_spec PackedLinear's fused W2A8 forward supports (int8 symmetric per token, no clip), else None."""
+    if act_spec is not None and act_spec.symmetric and act_spec.granularity == "token" and act_spec.clip is None:
         return act_spec
     return None
 
 
 def _attach_act_quant(packed: PackedLinear, act_spec: Optional[ActivationQuantConfig]) -> None:
-    """Input fake-quant that PackedLinear's W2A8 op does not cover (asymmetric or per-tensor): a forward pre-hook
+    """Input fake-quant that PackedLinear's W2A8 op does not cover (asymmetric, per-tensor or clipped): a pre-hook
     keeps the QAT model's semantics (the hook is not saved in the state dict)."""
     if act_spec is None or _native_act(act_spec) is not None:
         return
@@ -257,6 +329,20 @@ def _packed_exceptions(packed: PackedLinear) -> None:
         packed.weight = None
 
 
+def _word_embedding(model: nn.Module) -> Tuple[str, nn.Embedding]:
+    """(name, module) of the model's word (input) embedding; ValueError when it cannot be quantized."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if not isinstance(emb, nn.Embedding):
+        raise ValueError(f"QATConfig.embeddings: {type(model).__name__} has no nn.Embedding input embedding "
+                         f"(get_input_embeddings() gave {type(emb).__name__}); set embeddings=None")
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if out is not None and getattr(out, "weight", None) is emb.weight:
+        raise ValueError("QATConfig.embeddings: the word embedding is tied to the output head (lm_head); quantizing "
+                         "it would leave the head on the same FP weight -- set embeddings=None or untie the weights")
+    name = next(n for n, m in model.named_modules() if m is emb)
+    return name, emb
+
+
 # ---- public API --------------------------------------------------------------------------------------------------
 def prepare_qat(model: nn.Module, config: Optional[QATConfig] = None) -> SwapReport:
     """Swap the selected ``nn.Linear``/``Conv1D`` layers for ``QATLinear`` in place; return what was swapped.
@@ -272,15 +358,32 @@ def prepare_qat(model: nn.Module, config: Optional[QATConfig] = None) -> SwapRep
     _refuse_quantized(model, "prepare_qat")
     targets, kept = _select(model, config)
     _validate_targets(targets, config.weight)
+    emb = _word_embedding(model) if config.embeddings is not None else None
+    if config.attention_activation is not None:
+        from .nn.qat_attention import attention_modules
+
+        if not attention_modules(model):
+            raise ValueError(f"QATConfig.attention_activation: {type(model).__name__} has no attention module that "
+                             "calls transformers' AttentionInterface; set attention_activation=None")
     total = _total_params(model)
     new = [(n, QATLinear.from_linear(m, config.weight, config.activation)) for n, m in targets]
     for n, q in new:
         _set(model, n, q)
-    return SwapReport("prepare_qat", [n for n, _ in new], kept, sum(q.weight.numel() for _, q in new), total)
+    names, count = [n for n, _ in new], sum(q.weight.numel() for _, q in new)
+    if emb is not None:
+        _set(model, emb[0], QATEmbedding(emb[1], config.embeddings))
+        names.append(emb[0])
+        count += emb[1].weight.numel()
+    if config.attention_activation is not None:
+        from .nn.qat_attention import enable_attention_quant
+
+        enable_attention_quant(model, config.attention_activation)
+    return SwapReport("prepare_qat", names, kept, count, total)
 
 
 def convert(model: nn.Module) -> SwapReport:
-    """Replace every ``QATLinear`` by a ``PackedLinear`` (2 bits/weight) in place.
+    """Replace every ``QATLinear`` by a ``PackedLinear`` (2 bits/weight), and every ``QATEmbedding`` by a
+    ``PackedEmbedding`` (2 bits/weight + one scale per row; gather + dequantize), in place.
 
     The packed codes and scales come from ``QATLinear.quantized_weight()`` -- the op the QAT forward uses -- so the
     packed layer's effective weight equals the fake-quantized weight bit for bit; the bias keeps the master weight's
@@ -289,7 +392,8 @@ def convert(model: nn.Module) -> SwapReport:
     """
     _check_model(model)
     targets = [(n, m) for n, m in model.named_modules() if isinstance(m, QATLinear)]
-    if not targets:
+    embs = [(n, m) for n, m in model.named_modules() if isinstance(m, QATEmbedding)]
+    if not targets and not embs:
         raise ValueError(f"convert: {type(model).__name__} holds no QATLinear layer (run prepare_qat first, or use "
                          f"quantize() for post-training quantization)")
     total = _total_params(model)
@@ -301,6 +405,8 @@ def convert(model: nn.Module) -> SwapReport:
             _attach_act_quant(p, act)
             _packed_exceptions(p)
             new.append((n, p, q.weight.numel()))
+        # QATEmbedding -> PackedEmbedding: 2-bit codes + one scale per row (same codes and scales as the QAT forward)
+        new += [(n, PackedEmbedding.from_qat(e), e.weight.numel()) for n, e in embs]
     for n, p, _ in new:
         _set(model, n, p)
     kept = [n for n, m in model.named_modules() if n and _is_candidate(m)]
@@ -335,8 +441,15 @@ def quantize(model: nn.Module, spec: Union[WeightQuantConfig, QATConfig, None] =
             _attach_act_quant(p, spec.activation)
             _packed_exceptions(p)
             new.append((n, p, w.numel()))
+        if spec.embeddings is not None:
+            en, e = _word_embedding(model)
+            new.append((en, PackedEmbedding.from_qat(QATEmbedding(e, spec.embeddings)), e.weight.numel()))
     for n, p, _ in new:
         _set(model, n, p)
+    if spec.attention_activation is not None:
+        from .nn.qat_attention import enable_attention_quant
+
+        enable_attention_quant(model, spec.attention_activation)
     return SwapReport("quantize", [n for n, _, _ in new], kept, sum(c for *_, c in new), total)
 
 

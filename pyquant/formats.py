@@ -236,11 +236,20 @@ class ActivationQuantConfig(_SpecMixin):
     asymmetric: s = (max - min) / 255, z = round(-min / s), q = clamp(round(x/s) + z, 0, 255), x_hat = (q - z) s,
     with the [min, max] range extended to include 0 (so z lies in [0, 255] and no value is clipped).
     The backward pass is the straight-through estimator (nothing is clipped by a dynamic min-max range).
+
+    clip: optional clipping of x to [-clip, clip] *before* the min-max range is taken (the EMNLP'22 KD-QAT setting
+    uses ``ActivationQuantConfig(clip=2.5, granularity="tensor")``: MarsJacobs/kd-qat-large-enc
+    ``transformer/utils_quant.py`` lines 28-29 clip, 32 max|x| of the clipped tensor, 43-44 s = 127 / max,
+    round(x * s) / s; pyquant's s = max / 127 and q = round_half_up(x / s) are the same grid (``torch.round`` ties
+    to even there, pyquant rounds ties up: they differ only on exact .5 ties).  The straight-through gradient is
+    then zero where the *unclipped* x has ``|x| >= clip`` (lines 57-58 use ``ge`` / ``le``: at exactly +-clip the
+    gradient is zero too).
     """
 
     bits: int = 8
     symmetric: bool = True
     granularity: str = "token"
+    clip: Optional[float] = None
 
     def __post_init__(self):
         n = type(self).__name__
@@ -250,6 +259,11 @@ class ActivationQuantConfig(_SpecMixin):
             _fail(n, "symmetric", self.symmetric, "a bool")
         if not isinstance(self.granularity, str) or self.granularity not in ("tensor", "token"):
             _fail(n, "granularity", self.granularity, "'tensor' or 'token'")
+        if self.clip is not None:
+            if isinstance(self.clip, bool) or not isinstance(self.clip, (int, float)) or not (self.clip > 0) \
+                    or not math.isfinite(self.clip):
+                _fail(n, "clip", self.clip, "None or a finite float > 0")
+            object.__setattr__(self, "clip", float(self.clip))
 
 
 def packed_cols(in_features: int) -> int:

@@ -47,7 +47,7 @@ def test_causal_lm_terms_match_reference():
     ce = R.cross_entropy(sl, lab)
     kd = R.soft_cross_entropy(sl, tl, 2.0, labels=lab)
     ts = R.tsld_loss(sl, tl, lab, 10.0, 2.0)
-    hm = R.hidden_mse(list(so.hidden_states), list(to.hidden_states), attention_mask=batch["attention_mask"])
+    hm = R.hidden_mse(list(so.hidden_states), list(to.hidden_states))  # hidden_reduction="paper": no mask
     for k, v in (("ce", ce), ("kd", kd), ("tsld", ts), ("hidden", hm)):
         assert out.losses[k].item() == pytest.approx(v.item(), rel=1e-5), k
     ref = 0.5 * ce + 0.7 * kd + 1.1 * ts + 0.3 * hm
@@ -91,7 +91,7 @@ def test_classification_and_regression():
                                                     rel=1e-5)
     assert out.losses["kd"].item() == pytest.approx(R.soft_cross_entropy(so.logits, to.logits, 3.0).item(), rel=1e-5)
     assert out.losses["hidden"].item() == pytest.approx(
-        R.hidden_mse(list(so.hidden_states), list(to.hidden_states), attention_mask=batch["attention_mask"]).item(),
+        R.hidden_mse(list(so.hidden_states), list(to.hidden_states)).item(),  # hidden_reduction="paper": no mask
         rel=1e-5)
     sr, tr = _bert(3, num_labels=1), _bert(4, num_labels=1)
     batch["labels"] = torch.tensor([0.5, 3.0, 1.25, 4.0])

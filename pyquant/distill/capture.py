@@ -116,8 +116,16 @@ def _capture_attention_forward(module: nn.Module, query, key, value, attention_m
                                **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    out = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                 **kwargs)
+    from ..nn import qat_attention
+
+    if getattr(module, qat_attention.ATTR, None) is not None:  # QAT Q/K/V/probability fake-quant: explicit
+        # probabilities (O(L^2), pyquant/nn/qat_attention.py); record the quantized Q/K the probabilities come from
+        out = qat_attention.qat_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                                  dropout=dropout, **kwargs)
+        query, key = qat_attention.quantize_qk(module, query, key)
+    else:
+        out = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                     **kwargs)
     rec = _active_records().get(id(module))
     if rec is not None:
         b, _, lq, d = query.shape
@@ -274,6 +282,7 @@ def attention_kd_losses(
     layer_map: Optional[Sequence[int]] = None,
     temperature: float = 1.0,
     reduction: str = "paper",
+    output_mask: bool = True,
 ) -> Dict[str, torch.Tensor]:
     """Summed layer losses of a captured (student, teacher) forward pair; frees both records afterwards.
 
@@ -283,7 +292,8 @@ def attention_kd_losses(
     ``map_weight * attn_map + output_weight * attn_output``; a weight of 0 (or gamma 0 / 1) skips computing that
     loss (its entry is then 0).  ``layer_map``: a teacher attention index for each student attention call (length =
     number of student calls); default one to one (equal counts required).  The student's masks are used; the
-    teacher's must describe the same padding.
+    teacher's must describe the same padding.  ``output_mask=False``: the output MSE is the mean over all B*L*D
+    entries, padding included (kd-qat-large-enc main.py:688-693, ``MSELoss()`` on the attention sub-layer output).
     """
     for nm, r in (("student_record", student_record), ("teacher_record", teacher_record)):
         if not isinstance(r, AttentionRecord):
@@ -323,7 +333,7 @@ def attention_kd_losses(
                     raise ValueError(f"no attention sub-layer output was recorded for {which.name}: this "
                                      "architecture is not in pyquant.distill.capture's output table "
                                      f"({'; '.join(r.describe for r in _OUTPUT_RULES)}); use output_weight=0")
-                kpm = s.key_padding_mask if s.q.shape[2] == s.k.shape[2] else None
+                kpm = s.key_padding_mask if output_mask and s.q.shape[2] == s.k.shape[2] else None
                 total_out = total_out + attention_output_loss(s.output, t.output, kpm)
     finally:
         student_record.clear()

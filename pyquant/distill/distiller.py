@@ -9,6 +9,20 @@ Losses (weight 0 disables one; it is then not computed):
 * ``attn_map`` / ``attn_output``  attention-map KL and attention-output MSE from ``pyquant.distill.capture``;
   with ``attn_gamma`` set they enter as the unified mix ``attn_kd`` (gamma * map + (1 - gamma) * output) instead.
 
+Reductions (named options; "paper" = the seed papers' code, cited line by line in the README's distillation table):
+
+* ``tsld_reduction``: "sum" (default, aiha-lab/TSLD utils/utils_quant.py:100) or "mean" (per sequence, line 101).
+* ``ce_reduction`` (classification): "mean" (default) or "sum" -- kd-qat-large-enc main.py:666
+  ``nll_loss(..., reduction='sum')`` (its ``gt_loss``; the shipped run_kd_qat_*.sh scripts set gt_loss=0).
+* ``hidden_reduction``: "paper" (default): mean over all B*L*D entries including padding, summed over the embedding
+  output and every layer (kd-qat-large-enc main.py:763-766 ``MSELoss()(student_rep, teacher_rep)``; TSLD's layer-
+  to-layer loss likewise, aiha-lab/TSLD utils/utils_quant.py:113-115); it depends on how far the batch is padded.
+  "masked": mean over the non-padding tokens x D only (padding-invariant).
+* ``attn_output_reduction``: "paper" (default): ``MSELoss`` mean over all B*L*D entries of the attention sub-layer
+  output, no padding mask, summed over layers (kd-qat-large-enc main.py:688-693); "masked": non-padding tokens only.
+* classification logit KD at ``temperature=1``, ``kd_kind="soft_ce"`` is the paper's ``soft_cross_entropy`` (mean over
+  the batch, main.py:144-147, used at :674); regression logit KD is ``MSELoss`` (main.py:676).
+
 Causal-LM logit losses are computed in token chunks (``pyquant.distill.losses``); when the student's head is a
 plain ``nn.Linear`` the Distiller runs the base model and feeds its final hidden states and the lm_head weight to
 the chunked loss, so neither a full fp32 nor even a full model-dtype student ``[B, L, V]`` logits tensor exists.
@@ -24,12 +38,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..reference.distill import KD_KINDS, hidden_mse, logit_kd_loss, resolve_layer_map
+from ..reference.distill import KD_KINDS, TSLD_REDUCTIONS, hidden_mse, logit_kd_loss, resolve_layer_map
 from .losses import LogitLossWeights, chunked_logit_losses
 
 __all__ = ["DistillConfig", "DistillOutput", "Distiller", "TASKS"]
 
 TASKS = ("causal_lm", "classification", "regression")
+CE_REDUCTIONS = ("mean", "sum")
+MSE_REDUCTIONS = ("masked", "paper")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -48,6 +64,10 @@ class DistillConfig:
     temperature: float = 1.0
     kd_kind: str = "soft_ce"
     tsld_tau: float = 10.0
+    tsld_reduction: str = "sum"
+    ce_reduction: str = "mean"
+    hidden_reduction: str = "paper"
+    attn_output_reduction: str = "paper"
     layer_map: Optional[tuple] = None
     attn_layer_map: Optional[tuple] = None
     chunk_size: int = 1024
@@ -68,6 +88,17 @@ class DistillConfig:
             raise ValueError(f"{n}.tsld={self.tsld} needs task='causal_lm' (TSLD weights tokens), got {self.task!r}")
         if self.kd_kind not in KD_KINDS:
             raise ValueError(f"{n}.kd_kind={self.kd_kind!r} is invalid: expected one of {KD_KINDS}")
+        if self.tsld_reduction not in TSLD_REDUCTIONS:
+            raise ValueError(f"{n}.tsld_reduction={self.tsld_reduction!r} is invalid: expected one of "
+                             f"{TSLD_REDUCTIONS}")
+        if self.ce_reduction not in CE_REDUCTIONS:
+            raise ValueError(f"{n}.ce_reduction={self.ce_reduction!r} is invalid: expected one of {CE_REDUCTIONS}")
+        if self.ce_reduction == "sum" and self.task != "classification":
+            raise ValueError(f"{n}.ce_reduction='sum' is defined for task='classification' only (the paper's NLL "
+                             f"sum), got task={self.task!r}")
+        for name in ("hidden_reduction", "attn_output_reduction"):
+            if getattr(self, name) not in MSE_REDUCTIONS:
+                raise ValueError(f"{n}.{name}={getattr(self, name)!r} is invalid: expected one of {MSE_REDUCTIONS}")
         if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
             raise ValueError(f"{n}.temperature={self.temperature!r} is invalid: expected a float > 0")
         if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size <= 0:
@@ -151,7 +182,8 @@ class Distiller(nn.Module):
         self.logit_weights = LogitLossWeights(ce=config.ce if config.task == "causal_lm" else 0.0,
                                               kd=config.kd if config.task == "causal_lm" else 0.0,
                                               tsld=config.tsld, temperature=config.temperature,
-                                              kd_kind=config.kd_kind, tsld_tau=config.tsld_tau) \
+                                              kd_kind=config.kd_kind, tsld_tau=config.tsld_tau,
+                                              tsld_reduction=config.tsld_reduction) \
             if (config.ce or config.kd or config.tsld) and config.task == "causal_lm" else None
 
     @property
@@ -243,7 +275,8 @@ class Distiller(nn.Module):
             if c.task == "regression":
                 s_logits = s_logits.squeeze(-1)
             if c.ce:
-                ce = F.mse_loss(s_logits, labels.float()) if c.task == "regression" else F.cross_entropy(s_logits, labels)
+                ce = F.mse_loss(s_logits, labels.float()) if c.task == "regression" else \
+                    F.cross_entropy(s_logits, labels, reduction=c.ce_reduction)
                 add("ce", ce, c.ce)
             if c.kd:
                 t_logits = t_out["logits"].float()
@@ -254,7 +287,7 @@ class Distiller(nn.Module):
                 add("kd", kd, c.kd)
         if c.hidden:
             hm = hidden_mse(list(s_out["hidden_states"]), list(t_out["hidden_states"]), c.layer_map,
-                            inputs.get("attention_mask"))
+                            None if c.hidden_reduction == "paper" else inputs.get("attention_mask"))
             add("hidden", hm, c.hidden)
         if c.needs_attention:
             from .capture import attention_kd_losses
@@ -262,7 +295,7 @@ class Distiller(nn.Module):
             ad = attention_kd_losses(s_rec, t_rec, gamma=c.attn_gamma, map_weight=c.attn_map,
                                      output_weight=c.attn_output,
                                      layer_map=None if c.attn_layer_map is None else list(c.attn_layer_map),
-                                     temperature=1.0)
+                                     temperature=1.0, output_mask=c.attn_output_reduction == "masked")
             if c.attn_gamma is not None:
                 add("attn_kd", ad["attn_kd"], 1.0)
                 for k in ("attn_map", "attn_output"):

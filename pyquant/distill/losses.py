@@ -27,14 +27,18 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..reference.distill import KD_KINDS, tsld_token_weights
+from ..reference.distill import KD_KINDS, check_tsld_reduction, tsld_token_weights
 
 __all__ = ["LogitLossWeights", "chunked_logit_losses"]
 
 
 @dataclass(frozen=True)
 class LogitLossWeights:
-    """Weights of the logit terms (0 disables a term; it is then not computed)."""
+    """Weights of the logit terms (0 disables a term; it is then not computed).
+
+    ``tsld_reduction``: "sum" (default; sum over sequences and tokens of w_i * softCE_i, aiha-lab/TSLD
+    ``utils/utils_quant.py`` line 100) or "mean" (divided by the number of sequences, line 101 there, commented out).
+    """
 
     ce: float = 1.0
     kd: float = 0.0
@@ -42,6 +46,7 @@ class LogitLossWeights:
     temperature: float = 1.0
     kd_kind: str = "soft_ce"
     tsld_tau: float = 10.0
+    tsld_reduction: str = "sum"
 
     def __post_init__(self):
         for name in ("ce", "kd", "tsld"):
@@ -55,6 +60,7 @@ class LogitLossWeights:
             raise ValueError(f"LogitLossWeights.kd_kind={self.kd_kind!r} is invalid: expected one of {KD_KINDS}")
         if isinstance(self.tsld_tau, bool) or not isinstance(self.tsld_tau, (int, float)) or not self.tsld_tau > 0:
             raise ValueError(f"LogitLossWeights.tsld_tau={self.tsld_tau!r} is invalid: expected a float > 0")
+        check_tsld_reduction(self.tsld_reduction, "LogitLossWeights.tsld_reduction")
 
 
 def _project(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -115,7 +121,9 @@ class _ChunkedLogitLoss(torch.autograd.Function):
                 tce[a:b] = nll * (lab != ignore_index)
             lab2 = labels.view(-1, seq_len)
             tok_w = tsld_token_weights(tce.view(-1, seq_len), lab2, w.tsld_tau, ignore_index).reshape(-1)
-            n_seq = valid.view(-1, seq_len).any(-1).sum().clamp_min(1).float()
+            # "sum" (the paper's): no division; "mean": over the sequences that have a valid token
+            n_seq = valid.view(-1, seq_len).any(-1).sum().clamp_min(1).float() if w.tsld_reduction == "mean" \
+                else torch.ones((), dtype=torch.float32, device=x.device)
 
         grad_x = torch.zeros_like(x) if x.requires_grad else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if weight is not None and weight.requires_grad else None
@@ -188,8 +196,9 @@ def chunked_logit_losses(
     student: ``[B, L, V]`` logits, or ``[B, L, D]`` hidden states when ``weight`` (lm_head ``[V, D]``) is given.
     teacher: likewise ``[B, L, V]`` logits, or ``[B, L, D_t]`` hidden with ``teacher_weight [V, D_t]``; needed for
         kd/tsld.  labels: ``[B, L]`` int (``ignore_index`` skips a token), already aligned (shifted) by the caller.
-    Only ``total`` carries gradient; the parts (detached, unweighted means: ce and kd over valid tokens, tsld over
-    sequences) are for logging and equal ``pyquant.reference.distill`` cross_entropy / logit_kd_loss / tsld_loss.
+    Only ``total`` carries gradient; the parts (detached, unweighted: ce and kd means over valid tokens, tsld reduced
+    as ``loss_weights.tsld_reduction``) are for logging and equal ``pyquant.reference.distill`` cross_entropy /
+    logit_kd_loss / tsld_loss.
     """
     if not isinstance(loss_weights, LogitLossWeights):
         raise TypeError(f"loss_weights must be a LogitLossWeights, got {type(loss_weights).__name__}")

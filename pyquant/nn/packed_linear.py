@@ -164,7 +164,7 @@ def _check_act_spec(act_spec) -> None:
         return
     if not isinstance(act_spec, ActivationQuantConfig):
         raise TypeError(f"act_spec must be an ActivationQuantConfig or None, got {type(act_spec).__name__}")
-    if not act_spec.symmetric or act_spec.granularity != "token":
+    if not act_spec.symmetric or act_spec.granularity != "token" or act_spec.clip is not None:
         raise ValueError(f"act_spec={act_spec} is not supported by the fused W2A8 op: expected "
                          "ActivationQuantConfig(bits=8, symmetric=True, granularity='token')")
 

@@ -9,7 +9,8 @@ Ops (``torch.library`` custom ops, each with a fake implementation so ``torch.co
   zero_point through ``pyquant::fake_quant_weight_backward``;
 * ``pyquant::fake_quant_weight_backward(grad, w, spec_json, scale?, zero_point?) -> (grad_w, grad_scale, grad_zp)``
   (empty tensors stand for "no gradient");
-* ``pyquant::fake_quant_activation(x, symmetric, per_token) -> x_hat`` with the identity (STE) backward.
+* ``pyquant::fake_quant_activation(x, symmetric, per_token, clip?) -> x_hat`` with the identity (STE) backward (zero
+  where ``|x| >= clip`` when a clip is given).
 
 Memory: the forward saves nothing but its inputs (w and the scale parameters, which autograd keeps alive anyway); the
 backward recomputes codes and the in-range mask from them in the same fused pass that reduces the scale gradient, so
@@ -156,28 +157,39 @@ _fake_quant_weight_op.register_autograd(_fq_backward, setup_context=_fq_setup_co
 
 # ---- pyquant::fake_quant_activation ----------------------------------------------------------------------------
 @torch.library.custom_op("pyquant::fake_quant_activation", mutates_args=())
-def _fake_quant_activation_op(x: torch.Tensor, symmetric: bool, per_token: bool) -> torch.Tensor:
-    return call("fake_quant_activation", x, symmetric, per_token)
+def _fake_quant_activation_op(x: torch.Tensor, symmetric: bool, per_token: bool,
+                              clip: Optional[float] = None) -> torch.Tensor:
+    return call("fake_quant_activation", x, symmetric, per_token, clip)
 
 
 @_fake_quant_activation_op.register_fake
-def _(x, symmetric, per_token):
+def _(x, symmetric, per_token, clip=None):
     return torch.empty_like(x)
 
 
+def _act_spec(symmetric, per_token, clip) -> ActivationQuantConfig:
+    return ActivationQuantConfig(symmetric=symmetric, granularity="token" if per_token else "tensor", clip=clip)
+
+
 @register("fake_quant_activation", "reference")
-def _fake_quant_activation_ref(x, symmetric, per_token):
-    spec = ActivationQuantConfig(symmetric=symmetric, granularity="token" if per_token else "tensor")
-    return reference.fake_quant_activation(x, spec)
+def _fake_quant_activation_ref(x, symmetric, per_token, clip=None):
+    return reference.fake_quant_activation(x, _act_spec(symmetric, per_token, clip))
 
 
 def _fqa_setup_context(ctx, inputs, output):
-    pass
+    x, symmetric, per_token = inputs[:3]
+    ctx.clip = inputs[3] if len(inputs) > 3 else None
+    if ctx.clip is not None:
+        ctx.save_for_backward(x)
 
 
 def _fqa_backward(ctx, grad):
-    # Straight-through: a dynamic min-max range clips nothing, so the gradient passes unchanged.
-    return grad, None, None
+    # Straight-through: a dynamic min-max range clips nothing, so the gradient passes unchanged -- except where a
+    # clip range cut the input (zero there, as reference.fake_quant_activation_backward).
+    if ctx.clip is None:
+        return grad, None, None, None
+    (x,) = ctx.saved_tensors
+    return grad * (x.abs() < ctx.clip).to(grad.dtype), None, None, None
 
 
 _fake_quant_activation_op.register_autograd(_fqa_backward, setup_context=_fqa_setup_context)
@@ -197,7 +209,7 @@ def _triton_supports_w(*args, **kwargs):
     return True, "ok"
 
 
-def _triton_supports_x(x, symmetric, per_token):
+def _triton_supports_x(x, symmetric, per_token, clip=None):
     if x.dtype not in W_DTYPES:
         return False, f"x dtype {x.dtype} (kernels take float32/bfloat16/float16)"
     if x.numel() >= 2**31:
@@ -226,8 +238,8 @@ def _fake_quant_weight_backward_triton(grad, w, spec_json, scale, zero_point):
 
 
 @register("fake_quant_activation", "triton", supports=_triton_supports_x)
-def _fake_quant_activation_triton(x, symmetric, per_token):
-    return _kernels().fake_quant_activation(x.contiguous(), symmetric, per_token)
+def _fake_quant_activation_triton(x, symmetric, per_token, clip=None):
+    return _kernels().fake_quant_activation(x.contiguous(), symmetric, per_token, clip)
 
 
 # ---- public wrappers --------------------------------------------------------------------------------------------
@@ -305,7 +317,10 @@ def fake_quant_weight_backward(grad: torch.Tensor, w: torch.Tensor, spec: Weight
 
 
 def fake_quant_activation(x: torch.Tensor, spec: Optional[ActivationQuantConfig] = None) -> torch.Tensor:
-    """Dynamic 8-bit min-max fake-quant of x [..., D] (per token: per row of the last dim), STE backward."""
+    """Dynamic 8-bit min-max fake-quant of x [..., D] (per token: per row of the last dim), STE backward.
+
+    With ``spec.clip``: x is clipped to [-clip, clip] first and the gradient is zero where |x| >= clip (the
+    EMNLP'22 setting, see ``ActivationQuantConfig``)."""
     spec = ActivationQuantConfig() if spec is None else spec
     if not isinstance(spec, ActivationQuantConfig):
         raise TypeError(f"spec must be an ActivationQuantConfig, got {type(spec).__name__}")
@@ -316,4 +331,4 @@ def fake_quant_activation(x: torch.Tensor, spec: Optional[ActivationQuantConfig]
     if x.dim() < 1 or x.numel() == 0:
         raise ValueError(f"x must be a non-empty tensor [..., D], got shape {tuple(x.shape)}")
     return _fake_quant_activation_op(x if x.is_contiguous() else x.contiguous(), spec.symmetric,
-                                     spec.granularity == "token")
+                                     spec.granularity == "token", spec.clip)

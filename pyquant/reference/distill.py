@@ -19,9 +19,16 @@ Losses
 ``tsld_token_weights``   TSLD (Kim et al., NeurIPS 2023): ``CE_i = -log p_t(label_i)`` of the *teacher*, and
     ``w_i = softmax_i(CE_i / tau)`` over the valid tokens of each sequence (last-but-one dim), ``tau = 10``;
     detached (no gradient).  Tokens the teacher finds hard get more weight, the weights of a sequence sum to 1.
-``tsld_loss``            ``(1 / n_seq) * sum_seq sum_i w_i * softCE_i`` (sequences with no valid token excluded)
+``tsld_loss``            ``reduction="sum"`` (default, the paper's code): ``sum_seq sum_i w_i * softCE_i`` over every
+    sequence and valid token -- aiha-lab/TSLD ``utils/utils_quant.py`` line 100 (``(... * token_scale).sum() # SUM``);
+    ``reduction="mean"``: ``(1 / n_seq) * sum_seq sum_i w_i * softCE_i`` (sequences with no valid token excluded),
+    the per-sequence mean that line 101 of the same file leaves commented out.  With "sum" the term grows with the
+    batch size (B times the "mean" value) relative to the ground-truth CE, as in the paper's training.
     The TSLD objective adds the ground-truth CE of the student (``cross_entropy``) to this term; the Distiller
-    weights and logs both separately.
+    weights and logs both separately.  Difference from the paper's code on ignored tokens (``ignore_index``): the
+    paper's ``CrossEntropyLoss(reduction="none")`` gives an ignored token CE 0, which still enters the softmax
+    (weight exp(0) / Z) and its soft CE is summed; pyquant gives ignored tokens weight 0 and excludes them.  The
+    paper trains on packed blocks with no ignored token (``utils/lm_dataset.py`` group_texts), where both agree.
 ``hidden_mse``           ``sum over mapped layers of mean((h_s - h_t)^2)`` over valid tokens and features.
 """
 from __future__ import annotations
@@ -42,9 +49,18 @@ __all__ = [
     "hidden_mse",
     "resolve_layer_map",
     "KD_KINDS",
+    "TSLD_REDUCTIONS",
 ]
 
 KD_KINDS = ("soft_ce", "kl")
+TSLD_REDUCTIONS = ("sum", "mean")
+
+
+def check_tsld_reduction(reduction, name: str = "reduction") -> str:
+    if not isinstance(reduction, str) or reduction not in TSLD_REDUCTIONS:
+        raise ValueError(f"{name}={reduction!r} is invalid: expected one of {TSLD_REDUCTIONS} ('sum' is the "
+                         "paper's code, aiha-lab/TSLD utils/utils_quant.py:100)")
+    return reduction
 
 
 def _check_logits(name: str, x) -> None:
@@ -153,14 +169,22 @@ def tsld_token_weights(teacher_ce, labels=None, tau: float = 10.0, ignore_index:
 
 
 def tsld_loss(student_logits, teacher_logits, labels, tau: float = 10.0, temperature: float = 1.0,
-              ignore_index: int = -100) -> torch.Tensor:
-    """TSLD logit term: ``mean over sequences of sum_i w_i * softCE_i`` (``[..., L, V]`` logits, labels ``[..., L]``)."""
+              ignore_index: int = -100, reduction: str = "sum") -> torch.Tensor:
+    """TSLD logit term on ``[..., L, V]`` logits, labels ``[..., L]``.
+
+    ``reduction="sum"`` (default): ``sum over sequences and tokens of w_i * softCE_i``, as aiha-lab/TSLD
+    ``utils/utils_quant.py`` line 100; ``"mean"``: the same divided by the number of sequences with a valid token
+    (the per-sequence mean, line 101 there, commented out).  ``w_i``: :func:`tsld_token_weights` (line 95).
+    """
+    check_tsld_reduction(reduction)
     _check_pair(student_logits, teacher_logits)
     if student_logits.dim() < 3:
         raise ValueError(f"student_logits must be [..., L, V] for TSLD, got shape {tuple(student_logits.shape)}")
     w = tsld_token_weights(teacher_token_ce(teacher_logits, labels, ignore_index), labels, tau, ignore_index)
     per = soft_cross_entropy(student_logits, teacher_logits, temperature, labels, ignore_index, reduction="none")
     seq_loss = (w * per).sum(-1)
+    if reduction == "sum":
+        return seq_loss.sum()
     has = (labels != ignore_index).any(-1)
     return (seq_loss * has).sum() / has.sum().clamp_min(1)
 

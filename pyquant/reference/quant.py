@@ -25,6 +25,7 @@ __all__ = [
     "fake_quant_weight_backward",
     "lsq_grad_scale",
     "fake_quant_activation",
+    "fake_quant_activation_backward",
 ]
 
 TWN_DELTA_RATIO = 0.7  # TWN threshold: Delta = 0.7 * mean|W| (Li & Liu 2016; TernaryBERT / EMNLP'22 code)
@@ -241,10 +242,13 @@ def _reduce_to(t: torch.Tensor, shape) -> torch.Tensor:
 
 
 def fake_quant_activation(x: torch.Tensor, spec: ActivationQuantConfig) -> torch.Tensor:
-    """Dynamic 8-bit min-max fake-quant of x [..., D] (per token = per row of the last dim)."""
+    """Dynamic 8-bit min-max fake-quant of x [..., D] (per token = per row of the last dim), after clipping to
+    ``[-spec.clip, spec.clip]`` when ``spec.clip`` is set."""
     if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
         raise TypeError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
     xf = x.float()
+    if spec.clip is not None:  # clip, then the range of the clipped values (kd-qat-large-enc utils_quant.py:28-32)
+        xf = xf.clamp(-spec.clip, spec.clip)
     red = dict(dim=-1, keepdim=True) if spec.granularity == "token" else {}
     tiny = torch.finfo(torch.float32).tiny
     if spec.symmetric:
@@ -260,6 +264,14 @@ def fake_quant_activation(x: torch.Tensor, spec: ActivationQuantConfig) -> torch
         q = (round_half_up(xf / s) + z).clamp(0, 255)
         out = (q - z) * s
     return out.to(x.dtype)
+
+
+def fake_quant_activation_backward(grad: torch.Tensor, x: torch.Tensor, spec: ActivationQuantConfig) -> torch.Tensor:
+    """Straight-through gradient of :func:`fake_quant_activation`: ``grad`` unchanged, except zero where
+    ``|x| >= spec.clip`` (the unclipped input; kd-qat-large-enc utils_quant.py:57-58)."""
+    if spec.clip is None:
+        return grad
+    return grad * (x.abs() < spec.clip).to(grad.dtype)
 
 
 def _check_weight(w) -> None:

@@ -30,7 +30,8 @@ def _add_train_args(p: argparse.ArgumentParser, *, epochs=3.0, lr=2e-5, batch=32
     g.add_argument("--output-dir", required=True, help="checkpoints, log.jsonl, metrics.json")
     g.add_argument("--epochs", type=float, default=epochs)
     g.add_argument("--max-steps", type=int, default=None, help="overrides --epochs")
-    g.add_argument("--batch-size", type=int, default=batch, help="per device")
+    g.add_argument("--batch-size", type=int, default=batch,
+                   help="per device" + (" (default: the task's, 32; CoLA 16)" if batch is None else ""))
     g.add_argument("--grad-accum", type=int, default=1)
     g.add_argument("--lr", type=float, default=lr)
     g.add_argument("--weight-decay", type=float, default=0.01)
@@ -48,11 +49,13 @@ def _add_train_args(p: argparse.ArgumentParser, *, epochs=3.0, lr=2e-5, batch=32
                             "teacher stays a full replica per rank); without torchrun it trains unsharded (notice)")
 
 
-def _train_config(args):
+def _train_config(args, **over):
     from .loop import TrainConfig
 
+    kw = dict(batch_size=args.batch_size)
+    kw.update(over)
     return TrainConfig(output_dir=args.output_dir, epochs=args.epochs, max_steps=args.max_steps,
-                       batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+                       grad_accum=args.grad_accum, lr=args.lr, **kw,
                        weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
                        max_grad_norm=args.max_grad_norm, bf16=args.bf16, seed=args.seed, save_every=args.save_every,
                        keep_last=args.keep_last, resume=args.resume, progress=not args.no_progress,
@@ -61,8 +64,10 @@ def _train_config(args):
 
 def _add_quant_args(p, *, granularity: str, act: bool) -> None:
     g = p.add_argument_group("quantization")
-    g.add_argument("--method", default="twn", choices=["twn", "absmean", "uniform", "seq"])
-    g.add_argument("--granularity", default=granularity, choices=["tensor", "channel", "group"])
+    g.add_argument("--method", default=None, choices=["twn", "absmean", "uniform", "seq"], help="default twn")
+    g.add_argument("--granularity", default=None, choices=["tensor", "channel", "group"],
+                   help=f"default {granularity}")
+    g.set_defaults(_granularity_default=granularity)
     g.add_argument("--group-size", type=int, default=None)
     if act:
         g.add_argument("--no-act-quant", action="store_true", help="W2A16 instead of W2A8")
@@ -73,7 +78,8 @@ def _add_quant_args(p, *, granularity: str, act: bool) -> None:
 def _weight_spec(args):
     from ..formats import WeightQuantConfig
 
-    return WeightQuantConfig(method=args.method, granularity=args.granularity, group_size=args.group_size)
+    return WeightQuantConfig(method=args.method or "twn", granularity=args.granularity or args._granularity_default,
+                             group_size=args.group_size)
 
 
 def _write_json(path: Path, obj) -> None:
@@ -110,19 +116,38 @@ def add_qat_glue_arguments(p: argparse.ArgumentParser) -> None:
                                                     "default: HF datasets")
     p.add_argument("--dataset", default="nyu-mll/glue", help="HF dataset name when --data-dir is not given")
     p.add_argument("--max-length", type=int, default=None, help="default 128 (64 for SST-2/CoLA)")
+    p.add_argument("--padding", default="longest", choices=["longest", "max_length"],
+                   help="pad each batch to its longest example (default) or to --max-length as the EMNLP'22 code "
+                        "does (its unmasked MSE losses and per-tensor activation ranges see the padding)")
     p.add_argument("--train-limit", type=int, default=None, help="use only the first N training examples")
     p.add_argument("--no-kd", action="store_true", help="ground-truth CE only (QAT without distillation)")
+    p.add_argument("--gt-loss", action="store_true",
+                   help="add the ground-truth loss to KD (NLL summed over the batch, as the EMNLP'22 code's "
+                        "gt_loss; its shipped scripts leave it off)")
     p.add_argument("--attention-kd", default="map", choices=["map", "output", "both", "none"])
     p.add_argument("--attn-gamma", type=float, default=None, help="unified mix gamma*map + (1-gamma)*output")
     p.add_argument("--no-hidden-kd", action="store_true")
     p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--mse-reduction", default="paper", choices=["masked", "paper"],
+                   help="hidden-state and attention-output MSE: over all B*L*D entries as the paper's MSELoss "
+                        "('paper', default) or over non-padding tokens only ('masked')")
+    p.add_argument("--preset", default=None, choices=["kdqat-emnlp22"],
+                   help="the EMNLP'22 KD-QAT quantization setting in one switch (TWN per tensor + clip 2.5 incl. "
+                        "the pooler, 8-bit activations clipped at 2.5, row-wise TWN word embeddings, 8-bit Q/K/V "
+                        "and attention probabilities); excludes --method/--granularity/--group-size/"
+                        "--no-act-quant/--exclude")
+    p.add_argument("--eval-every", type=int, default=None,
+                   help="evaluate on dev every N optimizer steps (default: the EMNLP'22 code's eval_step: CoLA 50, "
+                        "SST-2 100, MRPC 50, STS-B 100, RTE 20, QNLI/QQP 1000, MNLI 8000; 0 = only at the end); "
+                        "best and last dev score are both reported")
     _add_quant_args(p, granularity="tensor", act=True)
-    _add_train_args(p)
+    _add_train_args(p, batch=None)
 
 
 def run_qat_glue(args) -> int:
     import copy
 
+    from ..convert import QATConfig
     from ..distill.distiller import DistillConfig
     from ..formats import ActivationQuantConfig
     from . import recipes
@@ -130,15 +155,30 @@ def run_qat_glue(args) -> int:
 
     try:
         t = glue_task(args.task)
-        weight = _weight_spec(args)
-        act = None if args.no_act_quant else ActivationQuantConfig()
+        if args.preset is not None:
+            clash = [f for f, v in (("--method", args.method), ("--granularity", args.granularity),
+                                    ("--group-size", args.group_size), ("--no-act-quant", args.no_act_quant or None),
+                                    ("--exclude", args.exclude)) if v is not None]
+            if clash:
+                raise ValueError(f"--preset {args.preset} sets the quantization itself; {', '.join(clash)} "
+                                 "contradicts it (drop the option, or drop --preset)")
+            weight = act = None
+        else:
+            weight = _weight_spec(args)
+            act = None if args.no_act_quant else ActivationQuantConfig()
+        if args.no_kd and args.gt_loss:
+            raise ValueError("--gt-loss adds the ground-truth loss to KD; with --no-kd it is the only loss already")
+        if args.eval_every is not None and args.eval_every < 0:
+            raise ValueError(f"--eval-every={args.eval_every} is invalid: expected an int >= 0")
         dc = recipes.glue_distill_config(t.name, kd=not args.no_kd, attention=args.attention_kd,
-                                         hidden=not args.no_hidden_kd)
+                                         hidden=not args.no_hidden_kd, mse_reduction=args.mse_reduction,
+                                         gt_loss=args.gt_loss)
         if not args.no_kd and (args.attn_gamma is not None or args.temperature != 1.0):
             d = dc.to_dict()
             d.update(attn_gamma=args.attn_gamma, temperature=args.temperature)
             dc = DistillConfig(**d)
-        tcfg = _train_config(args)
+        eval_every = t.eval_every if args.eval_every is None else (args.eval_every or None)
+        tcfg = _train_config(args, batch_size=args.batch_size or t.batch_size, eval_every=eval_every)
         tok = recipes.load_tokenizer(args.tokenizer or args.teacher)
         ml = args.max_length or t.max_length
         train_ex = encode_pairs(load_glue(t.name, "train", args.data_dir, args.dataset, args.train_limit), tok, ml)
@@ -148,22 +188,28 @@ def run_qat_glue(args) -> int:
             if args.student else copy.deepcopy(teacher)
         run = {"command": "qat-glue", "task": t.name, "teacher": args.teacher, "student": args.student,
                "data": args.data_dir or args.dataset, "max_length": ml, "train_limit": args.train_limit,
-               "weight": weight.to_dict(), "activation": None if act is None else act.to_dict(),
-               "distill": dc.to_dict(), "exclude": args.exclude}
+               "weight": None if weight is None else weight.to_dict(),
+               "activation": None if act is None else act.to_dict(),
+               "quantization": QATConfig(preset=args.preset).to_dict() if args.preset else None,
+               "distill": dc.to_dict(), "exclude": args.exclude, "preset": args.preset, "padding": args.padding}
         teacher_metrics = recipes.evaluate_glue(teacher, t.name, dev_ex, tok.pad_token_id) if dc.needs_teacher \
             else None
         res = recipes.qat_glue(teacher, student, t.name, train_ex, tok.pad_token_id, tcfg, dc, weight, act,
-                               dev_examples=dev_ex, run_config=run, exclude=args.exclude)
+                               dev_examples=dev_ex, run_config=run, exclude=args.exclude, preset=args.preset,
+                               pad_to=ml if args.padding == "max_length" else None)
     except ValueError as e:
         return _fail(str(e))
     from .loop import dist_info
 
     if dist_info()[0] != 0:  # rank 0 evaluates and writes
         return 0
-    metrics = {"student": res.history[-1].get("eval"), "teacher": teacher_metrics, "steps": res.steps,
+    bl = recipes.best_and_last(t.name, res.history)
+    metrics = {"student": res.history[-1].get("eval"), "student_best": bl["best"], "student_last": bl["last"],
+               "evals": [h for h in res.history if "eval" in h], "teacher": teacher_metrics, "steps": res.steps,
                "checkpoint": res.checkpoint, "run": run}
     _write_json(Path(args.output_dir) / "metrics.json", metrics)
-    print(json.dumps({"student": metrics["student"], "teacher": teacher_metrics}))
+    print(json.dumps({"student": metrics["student"], "best": bl["best"], "last": bl["last"],
+                      "teacher": teacher_metrics}))
     return 0
 
 

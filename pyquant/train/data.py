@@ -21,7 +21,7 @@ import torch
 
 __all__ = [
     "GlueTask", "GLUE_TASKS", "glue_task", "load_glue", "encode_pairs", "PadCollator",
-    "glue_metrics", "accuracy", "f1_binary", "matthews", "pearson", "spearman",
+    "glue_metrics", "paper_score", "accuracy", "f1_binary", "matthews", "pearson", "spearman",
     "read_text_files", "load_text_dataset", "block_examples", "CausalCollator",
     "demo_corpus", "train_bpe_tokenizer", "sliding_window_perplexity",
 ]
@@ -45,6 +45,10 @@ class GlueTask:
     label_map: Optional[Tuple[Tuple[str, int], ...]] = None
     max_length: int = 128
     dev_split: str = "validation"
+    # the EMNLP'22 code's per-task defaults (MarsJacobs/kd-qat-large-enc main.py:392-400, no augmentation):
+    # max_seq_length (above), batch_size and eval_step
+    batch_size: int = 32
+    eval_every: int = 100
 
     @property
     def is_regression(self) -> bool:
@@ -52,17 +56,22 @@ class GlueTask:
 
 
 GLUE_TASKS: Dict[str, GlueTask] = {t.name: t for t in [
-    GlueTask("cola", "CoLA", (3,), 1, ("sentence",), 2, "matthews", header=False, max_length=64),
-    GlueTask("sst2", "SST-2", ("sentence",), "label", ("sentence",), 2, "accuracy", max_length=64),
-    GlueTask("mrpc", "MRPC", ("#1 String", "#2 String"), "Quality", ("sentence1", "sentence2"), 2, "f1"),
-    GlueTask("stsb", "STS-B", ("sentence1", "sentence2"), "score", ("sentence1", "sentence2"), 1, "pearson"),
+    GlueTask("cola", "CoLA", (3,), 1, ("sentence",), 2, "matthews", header=False, max_length=64, batch_size=16,
+             eval_every=50),
+    GlueTask("sst2", "SST-2", ("sentence",), "label", ("sentence",), 2, "accuracy", max_length=64, eval_every=100),
+    GlueTask("mrpc", "MRPC", ("#1 String", "#2 String"), "Quality", ("sentence1", "sentence2"), 2, "f1",
+             eval_every=50),
+    GlueTask("stsb", "STS-B", ("sentence1", "sentence2"), "score", ("sentence1", "sentence2"), 1, "pearson",
+             eval_every=100),
     GlueTask("rte", "RTE", ("sentence1", "sentence2"), "label", ("sentence1", "sentence2"), 2, "accuracy",
-             label_map=(("entailment", 0), ("not_entailment", 1))),
+             label_map=(("entailment", 0), ("not_entailment", 1)), eval_every=20),
     GlueTask("qnli", "QNLI", ("question", "sentence"), "label", ("question", "sentence"), 2, "accuracy",
-             label_map=(("entailment", 0), ("not_entailment", 1))),
-    GlueTask("qqp", "QQP", ("question1", "question2"), "is_duplicate", ("question1", "question2"), 2, "f1"),
+             label_map=(("entailment", 0), ("not_entailment", 1)), eval_every=1000),
+    GlueTask("qqp", "QQP", ("question1", "question2"), "is_duplicate", ("question1", "question2"), 2, "f1",
+             eval_every=1000),
     GlueTask("mnli", "MNLI", ("sentence1", "sentence2"), "gold_label", ("premise", "hypothesis"), 3, "accuracy",
-             label_map=(("entailment", 0), ("neutral", 1), ("contradiction", 2)), dev_split="validation_matched"),
+             label_map=(("entailment", 0), ("neutral", 1), ("contradiction", 2)), dev_split="validation_matched",
+             eval_every=8000),
 ]}
 _ALIASES = {"sst-2": "sst2", "sts-b": "stsb", "sst_2": "sst2", "sts_b": "stsb"}
 
@@ -160,13 +169,21 @@ def encode_pairs(rows, tokenizer, max_length: int) -> List[Dict]:
 
 
 class PadCollator:
-    """Pads ``input_ids`` (and ``token_type_ids``) to the batch's longest example; builds ``attention_mask``."""
+    """Pads ``input_ids`` (and ``token_type_ids``) to the batch's longest example (dynamic padding), or to
+    ``pad_to`` tokens when given (the EMNLP'22 code pads every example to max_seq_length, utils_glue.py:519-522: its
+    unmasked MSE losses and per-tensor activation ranges see those padding positions); builds ``attention_mask``."""
 
-    def __init__(self, pad_id: int, regression: bool = False):
-        self.pad_id, self.regression = int(pad_id), regression
+    def __init__(self, pad_id: int, regression: bool = False, pad_to: Optional[int] = None):
+        if pad_to is not None and (isinstance(pad_to, bool) or not isinstance(pad_to, int) or pad_to <= 0):
+            raise ValueError(f"pad_to={pad_to!r} is invalid: expected None or a positive int")
+        self.pad_id, self.regression, self.pad_to = int(pad_id), regression, pad_to
 
     def __call__(self, examples: List[Dict]) -> Dict[str, torch.Tensor]:
         n = max(len(e["input_ids"]) for e in examples)
+        if self.pad_to is not None:
+            if n > self.pad_to:
+                raise ValueError(f"an example has {n} tokens, more than pad_to={self.pad_to}")
+            n = self.pad_to
         ids = torch.full((len(examples), n), self.pad_id, dtype=torch.long)
         am = torch.zeros((len(examples), n), dtype=torch.long)
         tt = torch.zeros((len(examples), n), dtype=torch.long) if "token_type_ids" in examples[0] else None
@@ -185,6 +202,22 @@ class PadCollator:
 
 
 # ---- metrics ---------------------------------------------------------------------------------------------------------
+def paper_score(task: str, metrics: Dict[str, float]) -> Tuple[float, float]:
+    """(selection key, reported score) of one dev evaluation as the EMNLP'22 code picks its best checkpoint
+    (kd-qat-large-enc main.py:854-866): accuracy for SST-2/RTE/QNLI/MNLI (reported as is) and for MRPC/QQP
+    (reported as (f1 + accuracy) / 2), (pearson + spearman) / 2 for STS-B, Matthews correlation for CoLA."""
+    t = glue_task(task)
+    if t.is_regression:
+        c = (metrics["pearson"] + metrics["spearman"]) / 2
+        return c, c
+    if t.metric == "matthews":
+        return metrics["matthews"], metrics["matthews"]
+    if t.metric == "f1":
+        return metrics["accuracy"], (metrics["f1"] + metrics["accuracy"]) / 2
+    return metrics["accuracy"], metrics["accuracy"]
+
+
+
 def accuracy(pred: Sequence[int], gold: Sequence[int]) -> float:
     return sum(int(p == g) for p, g in zip(pred, gold)) / max(len(gold), 1)
 

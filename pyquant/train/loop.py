@@ -74,6 +74,7 @@ class TrainConfig:
     device: Optional[str] = None
     progress: bool = True
     distributed: str = "ddp"  # "ddp" | "fsdp" (FSDP2 fully_shard); only used under torchrun (WORLD_SIZE > 1)
+    eval_every: Optional[int] = None  # also run eval_fn every N optimizer steps (the final evaluation always runs)
 
     def __post_init__(self):
         n = "TrainConfig"
@@ -83,7 +84,7 @@ class TrainConfig:
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{n}.{k}={v!r} is invalid: expected a positive int")
-        for k in ("max_steps", "save_every", "keep_last"):
+        for k in ("max_steps", "save_every", "keep_last", "eval_every"):
             v = getattr(self, k)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
                 raise ValueError(f"{n}.{k}={v!r} is invalid: expected None or a positive int")
@@ -101,7 +102,8 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         # ``distributed`` is left out: DDP and FSDP compute the same update from the same global batch and write the
         # same checkpoint files, so a run may be resumed under the other one (and pre-FSDP checkpoints still match).
-        for k in ("output_dir", "resume", "device", "progress", "log_every", "save_every", "keep_last", "distributed"):
+        for k in ("output_dir", "resume", "device", "progress", "log_every", "save_every", "keep_last", "distributed",
+                  "eval_every"):
             d.pop(k)
         return d
 
@@ -268,6 +270,29 @@ def train(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
+    def evaluate(at_step: int) -> None:
+        """eval_fn on rank 0 (FSDP: every rank takes part in the all-gathers); appends {"step", "eval"}."""
+        if eval_fn is None or not (rank == 0 or fsdp):
+            return
+        was = model.training
+        model.eval()
+        if fsdp:
+            # eval_fn calls ``trainable`` itself, not the FSDP root: gather the root's own parameters (a student's
+            # embeddings, final norm, head) for the duration; the blocks gather theirs in their forward hooks
+            model.unshard()
+            try:
+                with torch.no_grad():
+                    metrics = eval_fn(trainable)
+            finally:
+                model.reshard()
+        else:
+            metrics = eval_fn(trainable)
+        model.train(was)
+        result.history.append({"step": at_step, "eval": metrics})
+        if rank == 0:
+            with open(log_path, "a") as f:
+                f.write(json.dumps({"step": at_step, "eval": metrics}) + "\n")
+
     model.train()
     t_last, tok_acc, steps_acc, tps = time.perf_counter(), 0, 0, float("nan")
     ckpt = None
@@ -332,6 +357,8 @@ def train(
                 bar.set_postfix(loss=f"{sums.get('total', float('nan')):.4f}",
                                 tok_s=f"{tps:.0f}", refresh=False)
             last = step + 1 == total
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and not last:
+                evaluate(step + 1)  # the paper's periodic dev evaluation (kd-qat-large-enc main.py:799)
             saving = bool((cfg.save_every and (step + 1) % cfg.save_every == 0) or last)
             full = gather_full_state(trainable, optimizer) if (fsdp and saving) else None  # collective
             if rank == 0 and saving:
@@ -349,22 +376,8 @@ def train(
             bar.close()
     model.eval()
     result.checkpoint = None if ckpt is None else str(ckpt)
-    if eval_fn is not None and (rank == 0 or fsdp):  # FSDP: every rank takes part in the all-gathers
-        if fsdp:
-            # eval_fn calls ``trainable`` itself, not the FSDP root: gather the root's own parameters (a student's
-            # embeddings, final norm, head) for the duration; the blocks gather theirs in their forward hooks
-            model.unshard()
-            try:
-                with torch.no_grad():
-                    metrics = eval_fn(trainable)
-            finally:
-                model.reshard()
-        else:
-            metrics = eval_fn(trainable)
-        result.history.append({"step": total, "eval": metrics})
-        if rank == 0:
-            with open(log_path, "a") as f:
-                f.write(json.dumps({"step": total, "eval": metrics}) + "\n")
+    evaluate(total)
+    model.eval()
     return result
 
 

@@ -23,13 +23,14 @@ from torch import nn
 
 from ..distill.distiller import DistillConfig, Distiller
 from ..formats import ActivationQuantConfig, WeightQuantConfig
-from .data import (CausalCollator, PadCollator, block_examples, encode_pairs, glue_metrics, glue_task,
+from ..convert import QATConfig, prepare_qat
+from .data import (CausalCollator, PadCollator, block_examples, encode_pairs, glue_metrics, glue_task, paper_score,
                    sliding_window_perplexity)
 from .loop import TrainConfig, TrainResult, train
 from .quant import prepare_student
 
 __all__ = ["load_model", "load_tokenizer", "evaluate_glue", "finetune", "qat_glue", "qat_clm",
-           "glue_distill_config", "attention_kd_available"]
+           "glue_distill_config", "attention_kd_available", "best_and_last"]
 
 
 def attention_kd_available() -> bool:
@@ -84,8 +85,17 @@ def evaluate_glue(model: nn.Module, task: str, dev_examples: List[Dict], pad_id:
     return glue_metrics(task, preds, gold)
 
 
-def glue_distill_config(task: str, kd: bool, attention: str = "map", hidden: bool = True) -> DistillConfig:
-    """EMNLP'22 losses (kd=True): logit + hidden + attention ("map", "output", "both", "none"); kd=False: CE only."""
+def glue_distill_config(task: str, kd: bool, attention: str = "map", hidden: bool = True,
+                        mse_reduction: str = "paper", gt_loss: bool = False) -> DistillConfig:
+    """EMNLP'22 losses (kd=True): logit + hidden + attention ("map", "output", "both", "none"); kd=False: CE only.
+
+    The defaults are the shipped scripts' (run_kd_qat_map.sh: gt_loss=0, pred_distill=1, rep_distill=1,
+    attnmap_distill=1; run_kd_qat_output.sh: output_distill=1 instead; map_coeff = output_coeff = 1).
+    ``mse_reduction``: "paper" (the paper code's unmasked MSE for the hidden and attention-output losses) or
+    "masked" (``DistillConfig.hidden_reduction`` / ``attn_output_reduction``).  ``gt_loss=True`` adds the
+    ground-truth loss as that code computes it when enabled (classification: NLL summed over the batch, main.py:666;
+    regression: pyquant's MSE to the labels -- the paper's code uses MSE to the *teacher* there, main.py:668).
+    """
     t = glue_task(task)
     tk = "regression" if t.is_regression else "classification"
     if not kd:
@@ -95,9 +105,13 @@ def glue_distill_config(task: str, kd: bool, attention: str = "map", hidden: boo
     if attention != "none" and not attention_kd_available():
         raise ValueError("attention KD needs pyquant.distill.capture, which is not available in this build; "
                          "pass attention='none' (--attention-kd none)")
-    return DistillConfig(task=tk, ce=0.0, kd=1.0, hidden=1.0 if hidden else 0.0,
+    red = mse_reduction
+    return DistillConfig(task=tk, ce=1.0 if gt_loss else 0.0,
+                         ce_reduction="sum" if gt_loss and tk == "classification" else "mean",
+                         kd=1.0, hidden=1.0 if hidden else 0.0,
                          attn_map=1.0 if attention in ("map", "both") else 0.0,
-                         attn_output=1.0 if attention in ("output", "both") else 0.0)
+                         attn_output=1.0 if attention in ("output", "both") else 0.0,
+                         hidden_reduction=red, attn_output_reduction=red)
 
 
 def _glue_examples(task, tokenizer, rows, max_length):
@@ -112,16 +126,45 @@ def finetune(model: nn.Module, train_examples: Sequence, collate, cfg: TrainConf
 
 
 def qat_glue(teacher: nn.Module, student: nn.Module, task: str, train_examples: Sequence, pad_id: int,
-             cfg: TrainConfig, distill: DistillConfig, weight: WeightQuantConfig,
+             cfg: TrainConfig, distill: DistillConfig, weight: Optional[WeightQuantConfig],
              activation: Optional[ActivationQuantConfig] = ActivationQuantConfig(),
              dev_examples: Optional[List[Dict]] = None, run_config: Optional[dict] = None,
-             exclude: Optional[Sequence[str]] = None) -> TrainResult:
-    """QAT of ``student`` (prepared here, in place) with the given losses; teacher frozen."""
+             exclude: Optional[Sequence[str]] = None, preset: Optional[str] = None,
+             pad_to: Optional[int] = None) -> TrainResult:
+    """QAT of ``student`` (prepared here, in place) with the given losses; teacher frozen.
+
+    ``preset``: a ``QATConfig`` preset (e.g. "kdqat-emnlp22") used instead of ``weight`` / ``activation`` /
+    ``exclude`` (pass those as None).  ``pad_to``: pad every batch to this length (default: dynamic padding).
+    ``cfg.eval_every``: periodic dev evaluation (every entry lands in the result's history).
+    """
     t = glue_task(task)
-    prepare_student(student, weight, activation, exclude=exclude)
+    if preset is not None:
+        if weight is not None or activation is not None or exclude is not None:
+            raise ValueError(f"preset={preset!r} sets the quantization itself; weight/activation/exclude must be None")
+        prepare_qat(student, QATConfig(preset=preset))
+    else:
+        prepare_student(student, weight, activation, exclude=exclude)
     d = Distiller(student, teacher if distill.needs_teacher else None, distill)
     ev = (lambda m: evaluate_glue(m, task, dev_examples, pad_id)) if dev_examples else None
-    return train(d, train_examples, PadCollator(pad_id, t.is_regression), cfg, run_config=run_config, eval_fn=ev)
+    return train(d, train_examples, PadCollator(pad_id, t.is_regression, pad_to), cfg, run_config=run_config,
+                 eval_fn=ev)
+
+
+def best_and_last(task: str, history: Sequence[Dict]) -> Dict[str, Optional[Dict]]:
+    """{"best": {"step", "score", "eval"}, "last": {...}} over the dev evaluations in ``history``, the best picked
+    and scored as the EMNLP'22 code does (``pyquant.train.data.paper_score``; ties keep the earlier one)."""
+    evals = [h for h in history if "eval" in h and h["eval"]]
+    if not evals:
+        return {"best": None, "last": None}
+
+    def rec(h):
+        return {"step": h["step"], "score": paper_score(task, h["eval"])[1], "eval": h["eval"]}
+
+    best = evals[0]
+    for h in evals[1:]:
+        if paper_score(task, h["eval"])[0] > paper_score(task, best["eval"])[0]:
+            best = h
+    return {"best": rec(best), "last": rec(evals[-1])}
 
 
 def qat_clm(teacher: Optional[nn.Module], student: nn.Module, train_ids: Sequence[int], block: int, cfg: TrainConfig,
