@@ -1,130 +1,282 @@
 """Streaming attention-map KL distillation: KL(P_T || P_S) per query row without materializing L_q x L_k.
 
-Math (per query row i, effective scores s = q.k * scale / temperature, kept keys j only):
+Notation (per query row i; kept keys j only): raw dots x_T[j] = q_T . k_T[j], x_S[j] = q_S . k_S[j]; effective scores
+t_j = c_T x_T[j], s_j = c_S x_S[j] with c = softmax scale / temperature; P_T = softmax(t), P_S = softmax(s).
 
-    KL_i = sum_j P_T[i,j] * (s_T[i,j] - s_S[i,j]) - lse_T[i] + lse_S[i]
+    KL_i = sum_j P_T[j] (log P_T[j] - log P_S[j]) = sum_j P_T[j] (t_j - s_j) - lse(t) + lse(s)
 
-Forward (``_attention_kd_fwd_kernel``), one program per (query block, batch x head):
-  pass 1 streams over key blocks and keeps only the online-softmax statistics (running max m, running sum l) of both
-  maps, giving lse_T and lse_S; pass 2 streams again and accumulates sum_j exp(s_T - lse_T) * (s_T - s_S) with the
-  *final* lse_T.  The two-pass form is exact (no running rescale of the KL accumulator), so KL ~ 0 stays ~ 0: when
-  teacher == student every term cancels bit for bit.  Memory: three fp32 values per row (KL, lse_S, lse_T).
+Forward in ONE online pass (``_attention_kd_fwd_kernel``, one program per (query block, batch x head), one stream
+over the key blocks, 2 QK dots per tile pair).  Running per row, updated tile by tile (flash-attention style):
+
+    m_T = max_j x_T[j],  l_T = sum_j exp(c_T (x_T[j] - m_T)),  A = sum_j exp(c_T (x_T[j] - m_T)) * D_j,
+    m_S = max_j x_S[j],  l_S = sum_j exp(c_S (x_S[j] - m_S)),  D_j = r x_T[j] - x_S[j],  r = c_T / c_S,
+
+so that c_S D_j = t_j - s_j.  When a tile raises m_T to m_T', every term of l_T and A carries the factor
+exp(c_T (m_T - m_T')), so both are rescaled by it (l_S likewise with m_S); A, like l_T, is a sum of
+exp(t_j - c_T m_T) weights, which is why one rescale serves both.  At the end P_T[j] = exp(c_T (x_T[j] - m_T)) / l_T,
+lse(t) = c_T m_T + log l_T, and
+
+    KL_i = c_S A / l_T + (c_S m_S - c_T m_T) + (log l_S - log l_T).
+
+Exact zero when teacher == student: then x_T == x_S bit for bit, r == 1 (``SAME_SCALE``: D_j = x_T - x_S, no
+multiply), so every D_j is 0 exactly and A == 0; m, l are computed by the same instructions on the same values, so
+m_S == m_T and l_S == l_T and the two differences are exactly 0: KL = 0.0, not a rounding residue.  (D_j comes from
+the raw dots, never from an FMA of a product against a rounded product, which would leave the rounding error.)
+The differences are also taken before adding large log-sum-exps, so a small KL keeps its relative accuracy.
+Exponentials run as exp2 with c * log2(e) folded into one FFMA per element (``exp2(x * c2 - m * c2)``).
+The row log-sum-exps lse_S, lse_T are stored for the backward.  Memory: three fp32 values per row.
+
+Masking without fp32 overhead in the main loop.  The launcher reduces the key-padding mask to, per example, the
+kept range [lo, hi) and whether every key in it is kept ("contiguous": right/left padding).  The key loop then runs
+  * unmasked over tiles that lie inside [lo, hi) of a contiguous mask and, when ``causal``, are visible to every query
+    row of the block (no select, compare or mask load at all; K loads without row masks), and
+  * masked over the at most one leading partial tile, the trailing boundary tiles (L_k edge, padding edge, the causal
+    diagonal band) and, for a non-contiguous mask, every tile in [lo, hi).
+Tiles beyond hi (padding) and beyond the causal band are skipped.  Masked scores become a finite sentinel NEG
+(-2**100, raw units) in both maps, which makes exp(...) exactly 0 and D_j exactly 0 there; a row that has seen only
+masked keys has m = NEG and is reset by the exp(c (NEG - m')) = 0 rescale once a kept key arrives; a row that never
+sees a kept key returns KL = 0, lse = 0 (and zero gradients).  Query rows past L_q are computed on zero Q and never
+stored, so rows need no mask.  |c| * 2**100 must stay finite in fp32: the launcher rejects scales > 2**26.
 Backward (``_attention_kd_bwd_dq_kernel`` and ``_attention_kd_bwd_dk_kernel``): recompute P_S and P_T tile by tile from
-  the saved lse's; dS = g_i * (P_S - P_T) * scale_s; dQ_S = dS @ K_S (one program per query block, loop over keys);
-  dK_S = sum over the query heads sharing the key head of dS^T @ Q_S (one program per key block and key head, loop
-  over its query heads and query blocks; no atomics, deterministic).  The teacher gets no gradient.
+  the saved lse's (P = exp2(x c2 - lse log2 e)); dS = g_i * (P_S - P_T) * c_S; dQ_S = dS @ K_S (one program per query
+  block, loop over keys, same unmasked/masked split as the forward); dK_S = sum over the query heads sharing the key
+  head of dS^T @ Q_S (one program per key block and key head, loop over its query heads and query blocks; the
+  program's K tiles are loaded once; its key block's padding is fixed, so when all its keys are kept only the
+  causal diagonal query blocks are masked, by a CTA-uniform branch; no atomics, deterministic).  6 dots per tile
+  pair over the two backward kernels (2 QK recomputations each + dS @ K, dS^T @ Q).  The teacher gets no gradient.
 
-Masking: key-padding mask [B, L_k] (nonzero = keep) and ``causal`` (key j visible to query i iff
-j <= i + L_k - L_q).  Masked scores are replaced by a finite -1e30 and their probabilities by an explicit 0 (tl.where),
-so no inf - inf appears; a row with no kept key has l = 0 and returns KL = 0, lse = 0 and zero gradients.
+Tiles (``_blocks``) were chosen from the sm_90 SASS (no GPU has run these kernels yet): at d = 128, 8 warps; fwd and
+dq take 128 query rows (one 64-row wgmma tile per warpgroup), dk 64 x 64.  Predicted with H200 constants for
+B=8, H=32, L=2048, d=128 bf16: fwd ~0.59 ms, dq ~0.83 ms, dk ~0.89 ms (issue / tensor-core bound), against >= 64 ms
+of HBM traffic for the materialized eager loss (``pyquant bench static`` reports the committed figures).
 
-GQA/MQA: query head h reads key head h // (H / H_kv) (``transformers``' repeat_kv grouping), separately for teacher and
-student; K is never repeated in memory.  Head dims are padded to a power of two in registers (any d <= 256).
+Masking semantics: key-padding mask [B, L_k] (nonzero = keep) and ``causal`` (key j visible to query i iff
+j <= i + L_k - L_q).  GQA/MQA: query head h reads key head h // (H / H_kv) (``transformers``' repeat_kv grouping),
+separately for teacher and student; K is never repeated in memory.  Head dims are padded to a power of two in
+registers (any d <= 256).  ``ALIGN`` (constexpr): when the launcher has checked that every base pointer is 16-byte
+aligned and every row/head/batch stride a multiple of 16 bytes, the kernels state it (``tl.multiple_of``), so the
+compiled loads are 16-byte vectors whether the kernel is JIT-launched or compiled ahead of time (static analysis).
+
+``static_launches(B, H, L, d, dtype)`` (end of file) describes what the launchers run, for ``pyquant bench static``.
 """
 from __future__ import annotations
 
 import os
+import struct
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["attention_kd_fwd", "attention_kd_bwd", "MAX_HEAD_DIM", "SUPPORTED_DTYPES"]
+__all__ = ["attention_kd_fwd", "attention_kd_bwd", "static_launches", "MAX_HEAD_DIM", "MAX_SCALE", "SUPPORTED_DTYPES"]
 
 MAX_HEAD_DIM = 256
+MAX_SCALE = float(2 ** 26)  # NEG * scale * log2(e) must stay finite in fp32 (module docstring)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+NEG = tl.constexpr(-1.2676506002282294e30)  # -2**100: masked raw dot
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def _scores_tile(q, k_ptr, offs_n, offs_d, stride_kn, stride_kd, lk, d, sc, IEEE: tl.constexpr):
-    """s[BM, BN] = q @ k_tile^T * sc (fp32 accumulate)."""
-    k = tl.load(k_ptr + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                mask=(offs_n[:, None] < lk) & (offs_d[None, :] < d), other=0.0)
-    if IEEE:
-        s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+def _astride(s, ALIGN: tl.constexpr):
+    """A stride the launcher checked to be a multiple of ALIGN elements, rewritten so the compiler can see it."""
+    if ALIGN > 1:
+        s = (s // ALIGN) * ALIGN
+    return s
+
+
+@triton.jit
+def _load_rows(base, offs_r, row_stride, n_rows, offs_d, d, ALIGN: tl.constexpr, ROW_MASK: tl.constexpr,
+               EVEN_D: tl.constexpr):
+    """[R, BLOCK_D] tile of a [rows, d] matrix with unit column stride; rows >= n_rows (when ROW_MASK) and head-dim
+    padding read as 0.  No column mask when d is a power of two, so the load stays a 16-byte vector."""
+    ptrs = base + offs_r[:, None] * row_stride + offs_d[None, :]
+    if ALIGN > 1:  # rows start on 16-byte boundaries (launcher-checked); the hint must sit where ptrs is made
+        ptrs = tl.multiple_of(ptrs, [1, 16])
+    if ROW_MASK:
+        if EVEN_D:
+            t = tl.load(ptrs, mask=offs_r[:, None] < n_rows, other=0.0)
+        else:
+            t = tl.load(ptrs, mask=(offs_r[:, None] < n_rows) & (offs_d[None, :] < d), other=0.0)
     else:
-        s = tl.dot(q, tl.trans(k))
-    return s * sc, k
+        if EVEN_D:
+            t = tl.load(ptrs)
+        else:
+            t = tl.load(ptrs, mask=offs_d[None, :] < d, other=0.0)
+    return t
+
+
+@triton.jit
+def _qk(q, k, IEEE: tl.constexpr):
+    """Raw x[BM, BN] = q @ k^T, fp32 accumulate, no scale."""
+    if IEEE:
+        return tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+    return tl.dot(q, tl.trans(k))
 
 
 @triton.jit
 def _keep_tile(offs_m, offs_n, kpm_ptr, stride_kpm, lq, lk, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr):
-    keep = (offs_m[:, None] < lq) & (offs_n[None, :] < lk)
+    """bool [BM, BN] (or [1, BN]): key j kept for query i.  Rows past L_q are not masked (never stored)."""
     if HAS_KPM:
         kp = tl.load(kpm_ptr + offs_n * stride_kpm, mask=offs_n < lk, other=0)
-        keep = keep & (kp != 0)[None, :]
+        keep = (kp != 0)[None, :]
+    else:
+        keep = (offs_n < lk)[None, :]
     if CAUSAL:
         keep = keep & (offs_n[None, :] <= offs_m[:, None] + (lk - lq))
     return keep
 
 
 @triton.jit
+def _score_tiles(q_s, q_t, k_s, k_t, kpm_base, offs_m, offs_n, skpm_n, LQ, LK,
+                 MASKED: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr):
+    """Raw dots of both maps for one (query block, key tile); masked keys set to NEG when MASKED."""
+    x_s = _qk(q_s, k_s, IEEE)
+    x_t = _qk(q_t, k_t, IEEE)
+    if MASKED:
+        keep = _keep_tile(offs_m, offs_n, kpm_base, skpm_n, LQ, LK, HAS_KPM, CAUSAL)
+        x_s = tl.where(keep, x_s, NEG)
+        x_t = tl.where(keep, x_t, NEG)
+    return x_s, x_t
+
+
+@triton.jit
+def _key_range(kinfo_ptr, b, m0, LQ, LK, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Tile plan of one query block [m0, m0 + BLOCK_M): (t_lo, n_head, f_lo, f_hi, n_tail).
+
+    masked head tiles t_lo + i * BLOCK_N (i < n_head <= 1), unmasked tiles [f_lo, f_hi), masked tail tiles
+    f_hi + i * BLOCK_N (i < n_tail)."""
+    if HAS_KPM:
+        lo = tl.load(kinfo_ptr + b * 3)
+        hi = tl.load(kinfo_ptr + b * 3 + 1)
+        contig = tl.load(kinfo_ptr + b * 3 + 2)
+    else:
+        lo = 0
+        hi = LK
+        contig = 1
+    end = hi
+    full = hi
+    if CAUSAL:
+        end = tl.minimum(end, tl.maximum(m0 + BLOCK_M + (LK - LQ), 0))  # no row of the block sees keys >= end
+        full = tl.minimum(full, tl.maximum(m0 + 1 + (LK - LQ), 0))  # every row of the block sees keys < full
+    t_lo = (lo // BLOCK_N) * BLOCK_N
+    if contig != 0:
+        f_lo = ((lo + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
+        f_hi = tl.maximum((full // BLOCK_N) * BLOCK_N, f_lo)
+    else:
+        f_lo = t_lo
+        f_hi = t_lo
+    n_head = tl.where((f_lo > t_lo) & (end > t_lo), 1, 0)  # the partial tile holding lo, if anything in it is seen
+    n_tail = tl.maximum(end - f_hi + BLOCK_N - 1, 0) // BLOCK_N
+    return t_lo, n_head, f_lo, f_hi, n_tail
+
+
+
+
+@triton.jit
+def _query_block(qs_ptr, ks_ptr, qt_ptr, kt_ptr, b, h, offs_m, offs_ds, offs_dt, sqs_b, sqs_h, sqs_m, sks_b, sks_h,
+                 sks_n, sqt_b, sqt_h, sqt_m, skt_b, skt_h, skt_n, G_S, G_T, LQ, DS, DT, ALIGN: tl.constexpr,
+                 EVEN_DS: tl.constexpr, EVEN_DT: tl.constexpr):
+    """Prologue of a query-block program: both Q tiles, both K bases (GQA head), the K row strides."""
+    qs_base = qs_ptr + b * _astride(sqs_b, ALIGN) + h * _astride(sqs_h, ALIGN)
+    qt_base = qt_ptr + b * _astride(sqt_b, ALIGN) + h * _astride(sqt_h, ALIGN)
+    q_s = _load_rows(qs_base, offs_m, _astride(sqs_m, ALIGN), LQ, offs_ds, DS, ALIGN, True, EVEN_DS)
+    q_t = _load_rows(qt_base, offs_m, _astride(sqt_m, ALIGN), LQ, offs_dt, DT, ALIGN, True, EVEN_DT)
+    ks_base = ks_ptr + b * _astride(sks_b, ALIGN) + (h // G_S) * _astride(sks_h, ALIGN)
+    kt_base = kt_ptr + b * _astride(skt_b, ALIGN) + (h // G_T) * _astride(skt_h, ALIGN)
+    return q_s, q_t, ks_base, kt_base, _astride(sks_n, ALIGN), _astride(skt_n, ALIGN)
+
+
+@triton.jit
+def _fwd_tile(q_s, q_t, ks_base, kt_base, kpm_base, offs_m, offs_n, offs_ds, offs_dt, sks_n, skt_n, skpm_n,
+              m_s, m_t, l_s, l_t, acc, LQ, LK, DS, DT, c2_s, c2_t, r_ts,
+              MASKED: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, SAME_SCALE: tl.constexpr,
+              EVEN_DS: tl.constexpr, EVEN_DT: tl.constexpr, IEEE: tl.constexpr, ALIGN: tl.constexpr):
+    """One key tile of the online pass (module docstring): returns the updated (m_s, m_t, l_s, l_t, A)."""
+    k_s = _load_rows(ks_base, offs_n, sks_n, LK, offs_ds, DS, ALIGN, MASKED, EVEN_DS)
+    k_t = _load_rows(kt_base, offs_n, skt_n, LK, offs_dt, DT, ALIGN, MASKED, EVEN_DT)
+    x_s, x_t = _score_tiles(q_s, q_t, k_s, k_t, kpm_base, offs_m, offs_n, skpm_n, LQ, LK, MASKED, HAS_KPM, CAUSAL,
+                            IEEE)
+    mn_s = tl.maximum(m_s, tl.max(x_s, 1))
+    mn_t = tl.maximum(m_t, tl.max(x_t, 1))
+    e_s = tl.exp2(x_s * c2_s - (mn_s * c2_s)[:, None])
+    e_t = tl.exp2(x_t * c2_t - (mn_t * c2_t)[:, None])
+    if SAME_SCALE:
+        dd = x_t - x_s
+    else:
+        dd = x_t * r_ts - x_s
+    al_s = tl.exp2((m_s - mn_s) * c2_s)
+    al_t = tl.exp2((m_t - mn_t) * c2_t)
+    l_s = l_s * al_s + tl.sum(e_s, 1)
+    l_t = l_t * al_t + tl.sum(e_t, 1)
+    acc = acc * al_t + tl.sum(e_t * dd, 1)
+    return mn_s, mn_t, l_s, l_t, acc
+
+
+@triton.jit
 def _attention_kd_fwd_kernel(
-    qs_ptr, ks_ptr, qt_ptr, kt_ptr, kpm_ptr, kl_ptr, lses_ptr, lset_ptr,
-    sqs_b, sqs_h, sqs_m, sqs_d,
-    sks_b, sks_h, sks_n, sks_d,
-    sqt_b, sqt_h, sqt_m, sqt_d,
-    skt_b, skt_h, skt_n, skt_d,
+    qs_ptr, ks_ptr, qt_ptr, kt_ptr, kpm_ptr, kinfo_ptr, kl_ptr, lses_ptr, lset_ptr,
+    sqs_b, sqs_h, sqs_m,
+    sks_b, sks_h, sks_n,
+    sqt_b, sqt_h, sqt_m,
+    skt_b, skt_h, skt_n,
     skpm_b, skpm_n,
     H, G_S, G_T, LQ, LK, DS, DT, sc_s, sc_t,
-    HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+    HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr, SAME_SCALE: tl.constexpr,
+    ALIGN: tl.constexpr, EVEN_DS: tl.constexpr, EVEN_DT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_ds = tl.arange(0, BLOCK_DS)
     offs_dt = tl.arange(0, BLOCK_DT)
     offs_nb = tl.arange(0, BLOCK_N)
-
-    q_s = tl.load(qs_ptr + b * sqs_b + h * sqs_h + offs_m[:, None] * sqs_m + offs_ds[None, :] * sqs_d,
-                  mask=(offs_m[:, None] < LQ) & (offs_ds[None, :] < DS), other=0.0)
-    q_t = tl.load(qt_ptr + b * sqt_b + h * sqt_h + offs_m[:, None] * sqt_m + offs_dt[None, :] * sqt_d,
-                  mask=(offs_m[:, None] < LQ) & (offs_dt[None, :] < DT), other=0.0)
-    ks_base = ks_ptr + b * sks_b + (h // G_S) * sks_h
-    kt_base = kt_ptr + b * skt_b + (h // G_T) * skt_h
+    q_s, q_t, ks_base, kt_base, sks_n, skt_n = _query_block(
+        qs_ptr, ks_ptr, qt_ptr, kt_ptr, b, h, offs_m, offs_ds, offs_dt, sqs_b, sqs_h, sqs_m, sks_b, sks_h, sks_n,
+        sqt_b, sqt_h, sqt_m, skt_b, skt_h, skt_n, G_S, G_T, LQ, DS, DT, ALIGN, EVEN_DS, EVEN_DT)
     kpm_base = kpm_ptr + b * skpm_b
+    c2_s = sc_s * LOG2E
+    c2_t = sc_t * LOG2E
+    r_ts = sc_t / sc_s
 
-    # causal: keys beyond the last query of this block (+ offset) are never visible
-    hi = LK
-    if CAUSAL:
-        hi = tl.minimum(LK, tl.maximum(pid_m * BLOCK_M + BLOCK_M + (LK - LQ), 0))
-
-    m_s = tl.full([BLOCK_M], -1.0e30, tl.float32)
-    m_t = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    t_lo, n_head, f_lo, f_hi, n_tail = _key_range(kinfo_ptr, b, m0, LQ, LK, HAS_KPM, CAUSAL, BLOCK_M, BLOCK_N)
+    m_s = tl.full([BLOCK_M], NEG, tl.float32)
+    m_t = tl.full([BLOCK_M], NEG, tl.float32)
     l_s = tl.zeros([BLOCK_M], tl.float32)
     l_t = tl.zeros([BLOCK_M], tl.float32)
-    # pass 1: online softmax statistics of both maps
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + offs_nb
-        keep = _keep_tile(offs_m, offs_n, kpm_base, skpm_n, LQ, LK, HAS_KPM, CAUSAL)
-        s_s, _ = _scores_tile(q_s, ks_base, offs_n, offs_ds, sks_n, sks_d, LK, DS, sc_s, IEEE)
-        s_t, _ = _scores_tile(q_t, kt_base, offs_n, offs_dt, skt_n, skt_d, LK, DT, sc_t, IEEE)
-        s_s = tl.where(keep, s_s, -1.0e30)
-        s_t = tl.where(keep, s_t, -1.0e30)
-        mn_s = tl.maximum(m_s, tl.max(s_s, 1))
-        mn_t = tl.maximum(m_t, tl.max(s_t, 1))
-        l_s = l_s * tl.exp(m_s - mn_s) + tl.sum(tl.where(keep, tl.exp(s_s - mn_s[:, None]), 0.0), 1)
-        l_t = l_t * tl.exp(m_t - mn_t) + tl.sum(tl.where(keep, tl.exp(s_t - mn_t[:, None]), 0.0), 1)
-        m_s = mn_s
-        m_t = mn_t
-    row_ok = l_t > 0.0
-    lse_s = tl.where(row_ok, m_s + tl.log(tl.where(row_ok, l_s, 1.0)), 0.0)
-    lse_t = tl.where(row_ok, m_t + tl.log(tl.where(row_ok, l_t, 1.0)), 0.0)
-
-    # pass 2: sum_j P_T * (s_T - s_S) with the final lse_T
     acc = tl.zeros([BLOCK_M], tl.float32)
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + offs_nb
-        keep = _keep_tile(offs_m, offs_n, kpm_base, skpm_n, LQ, LK, HAS_KPM, CAUSAL)
-        s_s, _ = _scores_tile(q_s, ks_base, offs_n, offs_ds, sks_n, sks_d, LK, DS, sc_s, IEEE)
-        s_t, _ = _scores_tile(q_t, kt_base, offs_n, offs_dt, skt_n, skt_d, LK, DT, sc_t, IEEE)
-        p_t = tl.where(keep, tl.exp(tl.where(keep, s_t, 0.0) - lse_t[:, None]), 0.0)
-        acc += tl.sum(p_t * tl.where(keep, s_t - s_s, 0.0), 1)
-    kl = tl.where(row_ok, acc - lse_t + lse_s, 0.0)
+    # main loop: interior tiles, no masking of any kind
+    for start_n in range(f_lo, f_hi, BLOCK_N):
+        m_s, m_t, l_s, l_t, acc = _fwd_tile(
+            q_s, q_t, ks_base, kt_base, kpm_base, offs_m, start_n + offs_nb, offs_ds, offs_dt, sks_n, skt_n, skpm_n,
+            m_s, m_t, l_s, l_t, acc, LQ, LK, DS, DT, c2_s, c2_t, r_ts,
+            False, HAS_KPM, CAUSAL, SAME_SCALE, EVEN_DS, EVEN_DT, IEEE, ALIGN)
+    # boundary tiles: leading partial tile, trailing L_k / padding edge, causal diagonal band, non-contiguous masks
+    for i in range(0, n_head + n_tail):
+        start_n = tl.where(i < n_head, t_lo, f_hi + (i - n_head) * BLOCK_N)
+        m_s, m_t, l_s, l_t, acc = _fwd_tile(
+            q_s, q_t, ks_base, kt_base, kpm_base, offs_m, start_n + offs_nb, offs_ds, offs_dt, sks_n, skt_n, skpm_n,
+            m_s, m_t, l_s, l_t, acc, LQ, LK, DS, DT, c2_s, c2_t, r_ts,
+            True, HAS_KPM, CAUSAL, SAME_SCALE, EVEN_DS, EVEN_DT, IEEE, ALIGN)
+
+    row_ok = m_t > 0.5 * NEG  # some kept key was seen (the masks of both maps are the same)
+    l_s1 = tl.where(row_ok, l_s, 1.0)
+    l_t1 = tl.where(row_ok, l_t, 1.0)
+    log_ls = tl.log2(l_s1)
+    log_lt = tl.log2(l_t1)
+    ms2 = m_s * c2_s
+    mt2 = m_t * c2_t
+    kl = sc_s * acc / l_t1 + LN2 * ((ms2 - mt2) + (log_ls - log_lt))
+    kl = tl.where(row_ok, kl, 0.0)
+    lse_s = tl.where(row_ok, LN2 * (ms2 + log_ls), 0.0)
+    lse_t = tl.where(row_ok, LN2 * (mt2 + log_lt), 0.0)
 
     out = bh * LQ + offs_m
     tl.store(kl_ptr + out, kl, mask=offs_m < LQ)
@@ -133,126 +285,174 @@ def _attention_kd_fwd_kernel(
 
 
 @triton.jit
-def _ds_tile(q_s, q_t, ks_base, kt_base, kpm_base, offs_m, offs_n, offs_ds, offs_dt,
-             sks_n, sks_d, skt_n, skt_d, skpm_n, lse_s, lse_t, g,
-             LQ, LK, DS, DT, sc_s, sc_t,
-             HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr):
-    """dS[BM, BN] = g * (P_S - P_T) * sc_s (fp32) and the student's K tile."""
-    keep = _keep_tile(offs_m, offs_n, kpm_base, skpm_n, LQ, LK, HAS_KPM, CAUSAL)
-    s_s, k_s = _scores_tile(q_s, ks_base, offs_n, offs_ds, sks_n, sks_d, LK, DS, sc_s, IEEE)
-    s_t, _ = _scores_tile(q_t, kt_base, offs_n, offs_dt, skt_n, skt_d, LK, DT, sc_t, IEEE)
-    p_s = tl.where(keep, tl.exp(tl.where(keep, s_s, 0.0) - lse_s[:, None]), 0.0)
-    p_t = tl.where(keep, tl.exp(tl.where(keep, s_t, 0.0) - lse_t[:, None]), 0.0)
-    return g[:, None] * (p_s - p_t) * sc_s, k_s
+def _ds_from_scores(x_s, x_t, lse2_s, lse2_t, gs, c2_s, c2_t):
+    """dS[BM, BN] = g * c_S * (P_S - P_T), fp32 (gs = g * c_S per row; lse2 = lse * log2(e))."""
+    p_s = tl.exp2(x_s * c2_s - lse2_s[:, None])
+    p_t = tl.exp2(x_t * c2_t - lse2_t[:, None])
+    return gs[:, None] * (p_s - p_t)
+
+
+@triton.jit
+def _dq_step(dq, q_s, q_t, ks_base, kt_base, kpm_base, offs_m, offs_n, offs_ds, offs_dt,
+             sks_n, skt_n, skpm_n, lse2_s, lse2_t, gs, LQ, LK, DS, DT, c2_s, c2_t,
+             MASKED: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
+             EVEN_DS: tl.constexpr, EVEN_DT: tl.constexpr, IEEE: tl.constexpr, ALIGN: tl.constexpr):
+    """dq += dS @ K_S for one key tile."""
+    k_s = _load_rows(ks_base, offs_n, sks_n, LK, offs_ds, DS, ALIGN, MASKED, EVEN_DS)
+    k_t = _load_rows(kt_base, offs_n, skt_n, LK, offs_dt, DT, ALIGN, MASKED, EVEN_DT)
+    x_s, x_t = _score_tiles(q_s, q_t, k_s, k_t, kpm_base, offs_m, offs_n, skpm_n, LQ, LK, MASKED, HAS_KPM, CAUSAL,
+                            IEEE)
+    ds = _ds_from_scores(x_s, x_t, lse2_s, lse2_t, gs, c2_s, c2_t)
+    if IEEE:
+        dq += tl.dot(ds.to(k_s.dtype).to(tl.float32), k_s.to(tl.float32), input_precision="ieee")
+    else:
+        dq += tl.dot(ds.to(k_s.dtype), k_s)
+    return dq
 
 
 @triton.jit
 def _attention_kd_bwd_dq_kernel(
-    qs_ptr, ks_ptr, qt_ptr, kt_ptr, kpm_ptr, lses_ptr, lset_ptr, g_ptr, dq_ptr,
-    sqs_b, sqs_h, sqs_m, sqs_d,
-    sks_b, sks_h, sks_n, sks_d,
-    sqt_b, sqt_h, sqt_m, sqt_d,
-    skt_b, skt_h, skt_n, skt_d,
+    qs_ptr, ks_ptr, qt_ptr, kt_ptr, kpm_ptr, kinfo_ptr, lses_ptr, lset_ptr, g_ptr, dq_ptr,
+    sqs_b, sqs_h, sqs_m,
+    sks_b, sks_h, sks_n,
+    sqt_b, sqt_h, sqt_m,
+    skt_b, skt_h, skt_n,
     skpm_b, skpm_n,
     H, G_S, G_T, LQ, LK, DS, DT, sc_s, sc_t,
     HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+    ALIGN: tl.constexpr, EVEN_DS: tl.constexpr, EVEN_DT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_ds = tl.arange(0, BLOCK_DS)
     offs_dt = tl.arange(0, BLOCK_DT)
     offs_nb = tl.arange(0, BLOCK_N)
     mrow = offs_m < LQ
-
-    q_s = tl.load(qs_ptr + b * sqs_b + h * sqs_h + offs_m[:, None] * sqs_m + offs_ds[None, :] * sqs_d,
-                  mask=mrow[:, None] & (offs_ds[None, :] < DS), other=0.0)
-    q_t = tl.load(qt_ptr + b * sqt_b + h * sqt_h + offs_m[:, None] * sqt_m + offs_dt[None, :] * sqt_d,
-                  mask=mrow[:, None] & (offs_dt[None, :] < DT), other=0.0)
+    q_s, q_t, ks_base, kt_base, sks_n, skt_n = _query_block(
+        qs_ptr, ks_ptr, qt_ptr, kt_ptr, b, h, offs_m, offs_ds, offs_dt, sqs_b, sqs_h, sqs_m, sks_b, sks_h, sks_n,
+        sqt_b, sqt_h, sqt_m, skt_b, skt_h, skt_n, G_S, G_T, LQ, DS, DT, ALIGN, EVEN_DS, EVEN_DT)
     row = bh * LQ + offs_m
-    lse_s = tl.load(lses_ptr + row, mask=mrow, other=0.0)
-    lse_t = tl.load(lset_ptr + row, mask=mrow, other=0.0)
-    g = tl.load(g_ptr + row, mask=mrow, other=0.0)
-    ks_base = ks_ptr + b * sks_b + (h // G_S) * sks_h
-    kt_base = kt_ptr + b * skt_b + (h // G_T) * skt_h
+    lse2_s = tl.load(lses_ptr + row, mask=mrow, other=0.0) * LOG2E
+    lse2_t = tl.load(lset_ptr + row, mask=mrow, other=0.0) * LOG2E
+    gs = tl.load(g_ptr + row, mask=mrow, other=0.0) * sc_s
     kpm_base = kpm_ptr + b * skpm_b
+    c2_s = sc_s * LOG2E
+    c2_t = sc_t * LOG2E
 
-    hi = LK
-    if CAUSAL:
-        hi = tl.minimum(LK, tl.maximum(pid_m * BLOCK_M + BLOCK_M + (LK - LQ), 0))
+    t_lo, n_head, f_lo, f_hi, n_tail = _key_range(kinfo_ptr, b, m0, LQ, LK, HAS_KPM, CAUSAL, BLOCK_M, BLOCK_N)
     dq = tl.zeros([BLOCK_M, BLOCK_DS], tl.float32)
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + offs_nb
-        ds, k_s = _ds_tile(q_s, q_t, ks_base, kt_base, kpm_base, offs_m, offs_n, offs_ds, offs_dt,
-                           sks_n, sks_d, skt_n, skt_d, skpm_n, lse_s, lse_t, g,
-                           LQ, LK, DS, DT, sc_s, sc_t, HAS_KPM, CAUSAL, IEEE)
-        if IEEE:
-            dq += tl.dot(ds.to(k_s.dtype).to(tl.float32), k_s.to(tl.float32), input_precision="ieee")
-        else:
-            dq += tl.dot(ds.to(k_s.dtype), k_s)
+    for start_n in range(f_lo, f_hi, BLOCK_N):
+        dq = _dq_step(dq, q_s, q_t, ks_base, kt_base, kpm_base, offs_m, start_n + offs_nb, offs_ds, offs_dt,
+                      sks_n, skt_n, skpm_n, lse2_s, lse2_t, gs, LQ, LK, DS, DT, c2_s, c2_t,
+                      False, HAS_KPM, CAUSAL, EVEN_DS, EVEN_DT, IEEE, ALIGN)
+    for i in range(0, n_head + n_tail):
+        start_n = tl.where(i < n_head, t_lo, f_hi + (i - n_head) * BLOCK_N)
+        dq = _dq_step(dq, q_s, q_t, ks_base, kt_base, kpm_base, offs_m, start_n + offs_nb, offs_ds, offs_dt,
+                      sks_n, skt_n, skpm_n, lse2_s, lse2_t, gs, LQ, LK, DS, DT, c2_s, c2_t,
+                      True, HAS_KPM, CAUSAL, EVEN_DS, EVEN_DT, IEEE, ALIGN)
     tl.store(dq_ptr + bh * LQ * DS + offs_m[:, None] * DS + offs_ds[None, :], dq,
              mask=mrow[:, None] & (offs_ds[None, :] < DS))
 
 
 @triton.jit
+def _dk_block(dk, offs_m, masked, qs_base, qt_base, sqs_m, sqt_m, k_s, k_t, kpm_base, offs_n, offs_ds, offs_dt,
+              skpm_n, rows_s, rows_t, rows_g, LQ, LK, DS, DT, sc_s, c2_s, c2_t,
+              HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
+              EVEN_DS: tl.constexpr, EVEN_DT: tl.constexpr, IEEE: tl.constexpr, ALIGN: tl.constexpr):
+    """dk += dS^T @ Q_S for the query block at offs_m of one query head (rows_* point at its row statistics).
+    ``masked`` is a runtime (CTA-uniform) branch, not a second loop: two inner loops made the compiler spill."""
+    mrow = offs_m < LQ
+    q_s = _load_rows(qs_base, offs_m, sqs_m, LQ, offs_ds, DS, ALIGN, True, EVEN_DS)
+    q_t = _load_rows(qt_base, offs_m, sqt_m, LQ, offs_dt, DT, ALIGN, True, EVEN_DT)
+    lse2_s = tl.load(rows_s + offs_m, mask=mrow, other=0.0) * LOG2E
+    lse2_t = tl.load(rows_t + offs_m, mask=mrow, other=0.0) * LOG2E
+    gs = tl.load(rows_g + offs_m, mask=mrow, other=0.0) * sc_s  # rows past L_q: g = 0, so they add nothing
+    x_s, x_t = _score_tiles(q_s, q_t, k_s, k_t, kpm_base, offs_m, offs_n, skpm_n, LQ, LK, False, HAS_KPM, CAUSAL,
+                            IEEE)
+    if masked:
+        keep = _keep_tile(offs_m, offs_n, kpm_base, skpm_n, LQ, LK, HAS_KPM, CAUSAL)
+        x_s = tl.where(keep, x_s, NEG)
+        x_t = tl.where(keep, x_t, NEG)
+    ds = _ds_from_scores(x_s, x_t, lse2_s, lse2_t, gs, c2_s, c2_t)
+    if IEEE:
+        dk += tl.dot(tl.trans(ds.to(q_s.dtype).to(tl.float32)), q_s.to(tl.float32), input_precision="ieee")
+    else:
+        dk += tl.dot(tl.trans(ds.to(q_s.dtype)), q_s)
+    return dk
+
+
+@triton.jit
 def _attention_kd_bwd_dk_kernel(
     qs_ptr, ks_ptr, qt_ptr, kt_ptr, kpm_ptr, lses_ptr, lset_ptr, g_ptr, dk_ptr,
-    sqs_b, sqs_h, sqs_m, sqs_d,
-    sks_b, sks_h, sks_n, sks_d,
-    sqt_b, sqt_h, sqt_m, sqt_d,
-    skt_b, skt_h, skt_n, skt_d,
+    sqs_b, sqs_h, sqs_m,
+    sks_b, sks_h, sks_n,
+    sqt_b, sqt_h, sqt_m,
+    skt_b, skt_h, skt_n,
     skpm_b, skpm_n,
     H, HK, G_S, G_T, LQ, LK, DS, DT, sc_s, sc_t,
     HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+    ALIGN: tl.constexpr, EVEN_DS: tl.constexpr, EVEN_DT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
     b = bhk // HK
     hk = bhk % HK
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_ds = tl.arange(0, BLOCK_DS)
     offs_dt = tl.arange(0, BLOCK_DT)
     offs_mb = tl.arange(0, BLOCK_M)
+    sqs_m = _astride(sqs_m, ALIGN)
+    sqt_m = _astride(sqt_m, ALIGN)
     kpm_base = kpm_ptr + b * skpm_b
-    ks_base = ks_ptr + b * sks_b + hk * sks_h
+    # the student's K tile of this program is loaded once (it stays in shared memory for the dots)
+    ks_base = ks_ptr + b * _astride(sks_b, ALIGN) + hk * _astride(sks_h, ALIGN)
+    k_s = _load_rows(ks_base, offs_n, _astride(sks_n, ALIGN), LK, offs_ds, DS, ALIGN, True, EVEN_DS)
+    c2_s = sc_s * LOG2E
+    c2_t = sc_t * LOG2E
 
-    # causal: query i sees key j iff i >= j - (LK - LQ); start at the block holding the first such query
+    # this program's key block: are all its keys kept (and < L_k)?  Then only causal diagonal query blocks mask.
+    if HAS_KPM:
+        kp = tl.load(kpm_base + offs_n * skpm_n, mask=offs_n < LK, other=0)
+        cols_full = tl.min((kp != 0).to(tl.int32), 0) != 0
+    else:
+        cols_full = n0 + BLOCK_N <= LK
+    # causal: query i sees key j iff i >= j - (LK - LQ); queries before lo see none of the block, queries from
+    # diag_end on see all of it
     lo = 0
+    diag_end = 0
     if CAUSAL:
-        lo = tl.maximum(pid_n * BLOCK_N - (LK - LQ), 0)
+        lo = tl.maximum(n0 - (LK - LQ), 0)
         lo = (lo // BLOCK_M) * BLOCK_M
+        diag_end = tl.maximum(n0 + BLOCK_N - 1 - (LK - LQ), 0)
+        diag_end = ((diag_end + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
+        diag_end = tl.minimum(tl.maximum(diag_end, lo), LQ)
+    split = tl.where(cols_full, diag_end, LQ)
     dk = tl.zeros([BLOCK_N, BLOCK_DS], tl.float32)
     for gi in range(0, G_S):
         h = hk * G_S + gi
-        kt_base = kt_ptr + b * skt_b + (h // G_T) * skt_h
+        # the teacher's K tile for this query head (its key head may differ from the student's)
+        kt_base = kt_ptr + b * _astride(skt_b, ALIGN) + (h // G_T) * _astride(skt_h, ALIGN)
+        k_t = _load_rows(kt_base, offs_n, _astride(skt_n, ALIGN), LK, offs_dt, DT, ALIGN, True, EVEN_DT)
+        qs_base = qs_ptr + b * _astride(sqs_b, ALIGN) + h * _astride(sqs_h, ALIGN)
+        qt_base = qt_ptr + b * _astride(sqt_b, ALIGN) + h * _astride(sqt_h, ALIGN)
+        row0 = (b * H + h) * LQ
         for start_m in range(lo, LQ, BLOCK_M):
-            offs_m = start_m + offs_mb
-            mrow = offs_m < LQ
-            q_s = tl.load(qs_ptr + b * sqs_b + h * sqs_h + offs_m[:, None] * sqs_m + offs_ds[None, :] * sqs_d,
-                          mask=mrow[:, None] & (offs_ds[None, :] < DS), other=0.0)
-            q_t = tl.load(qt_ptr + b * sqt_b + h * sqt_h + offs_m[:, None] * sqt_m + offs_dt[None, :] * sqt_d,
-                          mask=mrow[:, None] & (offs_dt[None, :] < DT), other=0.0)
-            row = (b * H + h) * LQ + offs_m
-            lse_s = tl.load(lses_ptr + row, mask=mrow, other=0.0)
-            lse_t = tl.load(lset_ptr + row, mask=mrow, other=0.0)
-            g = tl.load(g_ptr + row, mask=mrow, other=0.0)
-            ds, _ = _ds_tile(q_s, q_t, ks_base, kt_base, kpm_base, offs_m, offs_n, offs_ds, offs_dt,
-                             sks_n, sks_d, skt_n, skt_d, skpm_n, lse_s, lse_t, g,
-                             LQ, LK, DS, DT, sc_s, sc_t, HAS_KPM, CAUSAL, IEEE)
-            if IEEE:
-                dk += tl.dot(tl.trans(ds.to(q_s.dtype).to(tl.float32)), q_s.to(tl.float32), input_precision="ieee")
-            else:
-                dk += tl.dot(tl.trans(ds.to(q_s.dtype)), q_s)
+            dk = _dk_block(dk, start_m + offs_mb, start_m < split, qs_base, qt_base, sqs_m, sqt_m, k_s, k_t,
+                           kpm_base, offs_n, offs_ds, offs_dt, skpm_n, lses_ptr + row0, lset_ptr + row0, g_ptr + row0,
+                           LQ, LK, DS, DT, sc_s, c2_s, c2_t, HAS_KPM, CAUSAL, EVEN_DS, EVEN_DT, IEEE, ALIGN)
     tl.store(dk_ptr + bhk * LK * DS + offs_n[:, None] * DS + offs_ds[None, :], dk,
              mask=(offs_n[:, None] < LK) & (offs_ds[None, :] < DS))
 
 
 # ---- launchers --------------------------------------------------------------------------------------------------
-def _check(q_s, k_s, q_t, k_t, key_padding_mask) -> None:
+def _check(q_s, k_s, q_t, k_t, key_padding_mask, scale_s, scale_t) -> None:
     for name, t in (("q_s", q_s), ("k_s", k_s), ("q_t", q_t), ("k_t", k_t)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"{name} must be a 4-D tensor [B, heads, L, d]")
@@ -272,6 +472,9 @@ def _check(q_s, k_s, q_t, k_t, key_padding_mask) -> None:
         raise ValueError(f"head dim {max(ds, q_t.shape[3])} exceeds the kernel's maximum {MAX_HEAD_DIM}")
     if key_padding_mask is not None and tuple(key_padding_mask.shape) != (b, lk):
         raise ValueError(f"key_padding_mask has shape {tuple(key_padding_mask.shape)}: expected ({b}, {lk})")
+    for name, v in (("scale_s", scale_s), ("scale_t", scale_t)):
+        if not 0.0 < float(v) <= MAX_SCALE:
+            raise ValueError(f"{name}={v!r} is outside the kernel's range (0, {MAX_SCALE:g}] (masking sentinel)")
 
 
 def _interpreting() -> bool:
@@ -280,11 +483,40 @@ def _interpreting() -> bool:
 
 def _same_dtype(q_s, k_s, q_t, k_t):
     """One dtype for all four (tl.dot needs equal operand types): the widest of them, so a fp32 teacher is not
-    rounded to a bf16 student's precision."""
+    rounded to a bf16 student's precision.  The kernels address the head dim with unit stride."""
     dt = q_s.dtype
     for t in (k_s, q_t, k_t):
         dt = torch.promote_types(dt, t.dtype)
-    return tuple(t if t.dtype == dt else t.to(dt) for t in (q_s, k_s, q_t, k_t))
+    out = []
+    for t in (q_s, k_s, q_t, k_t):
+        t = t if t.dtype == dt else t.to(dt)
+        out.append(t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous())
+    return tuple(out)
+
+
+def _f32(x: float) -> float:
+    return struct.unpack("f", struct.pack("f", float(x)))[0]
+
+
+def _key_info(key_padding_mask: torch.Tensor) -> torch.Tensor:
+    """int32 [B, 3]: per example the kept range [lo, hi) of the key-padding mask and 1 if every key in it is kept."""
+    kp = key_padding_mask != 0
+    lk = kp.shape[1]
+    idx = torch.arange(lk, device=kp.device, dtype=torch.int32)
+    hi = torch.where(kp, idx + 1, torch.zeros_like(idx)).amax(1)
+    lo = torch.minimum(torch.where(kp, idx, torch.full_like(idx, lk)).amin(1), hi)  # nothing kept: [0, 0)
+    contig = kp.sum(1, dtype=torch.int32) == hi - lo
+    return torch.stack([lo, hi, contig.to(torch.int32)], 1).to(torch.int32).contiguous()
+
+
+def _align(tensors) -> int:
+    """ALIGN constexpr: elements per 16 bytes if every base pointer is 16-byte aligned and every stride but the
+    (unit) head-dim stride a multiple of 16 bytes, else 1 (no hint)."""
+    es = tensors[0].element_size()
+    for t in tensors:
+        if t.data_ptr() % 16 or any((s * es) % 16 for s in t.stride()[:3]):
+            return 1
+    return 16 // es
 
 
 def _common(q_s, k_s, q_t, k_t, key_padding_mask):
@@ -292,9 +524,11 @@ def _common(q_s, k_s, q_t, k_t, key_padding_mask):
     lk, dt = k_s.shape[2], q_t.shape[3]
     if key_padding_mask is None:
         kpm = torch.ones(1, 1, dtype=torch.int8, device=q_s.device)
+        kinfo = torch.zeros(1, 3, dtype=torch.int32, device=q_s.device)
         kpm_strides = (0, 0)
     else:
         kpm = (key_padding_mask != 0).to(torch.int8)
+        kinfo = _key_info(kpm)
         kpm_strides = kpm.stride()
     # IEEE: dots on fp32 operands without TF32.  Used for fp32 inputs (to match the fp32 reference) and, under the
     # interpreter, for bf16 inputs: Triton's interpreter (3.9) returns garbage from tl.dot on bf16 operands.  Operands
@@ -303,19 +537,29 @@ def _common(q_s, k_s, q_t, k_t, key_padding_mask):
     ieee = q_s.dtype == torch.float32 or (q_s.dtype == torch.bfloat16 and _interpreting())
     blk_ds = max(16, triton.next_power_of_2(ds))
     blk_dt = max(16, triton.next_power_of_2(dt))
-    strides = (*q_s.stride(), *k_s.stride(), *q_t.stride(), *k_t.stride(), *kpm_strides)
-    meta = dict(HAS_KPM=key_padding_mask is not None, IEEE=ieee, BLOCK_DS=blk_ds, BLOCK_DT=blk_dt)
-    return b, h, lq, lk, ds, dt, kpm, strides, meta
+    strides = (*q_s.stride()[:3], *k_s.stride()[:3], *q_t.stride()[:3], *k_t.stride()[:3], *kpm_strides)
+    meta = dict(HAS_KPM=key_padding_mask is not None, IEEE=ieee, ALIGN=_align((q_s, k_s, q_t, k_t)),
+                EVEN_DS=blk_ds == ds, EVEN_DT=blk_dt == dt, BLOCK_DS=blk_ds, BLOCK_DT=blk_dt)
+    return b, h, lq, lk, ds, dt, kpm, kinfo, strides, meta
 
 
-def _blocks(lq, lk, d_max) -> Tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps).  Untuned defaults (no GPU was available when this was written): 64 x 64 tiles
-    keep two Q tiles (teacher + student) and two K tiles of d <= 128 in registers; 8 warps from d = 128."""
+def _blocks(kind: str, lq: int, lk: int, d_max: int) -> Tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of kernel ``kind`` ("fwd", "dq", "dk").
+
+    Chosen from sm_90 SASS (no GPU measured yet): from d = 128 the kernels run 8 warps = two warpgroups, and the fwd
+    / dq programs take 128 query rows, one 64-row wgmma tile per warpgroup.  With 64 rows and 8 warps Triton splits
+    the tile's columns over the warpgroups, and whatever feeds a second dot or a row reduction is then computed
+    twice or reduced through shared memory (26.9 instructions per score element in the forward loop instead of
+    17.6).  dk stays at 64 x 64 (128 query rows need more than 255 registers there)."""
     bm = 64 if lq > 32 else max(16, triton.next_power_of_2(lq))
     bn = 64 if lk > 32 else max(16, triton.next_power_of_2(lk))
     if d_max > 128:
-        bm, bn = min(bm, 32), min(bn, 32)
-    return bm, bn, (8 if d_max >= 128 else 4)
+        return min(bm, 32), min(bn, 32), 8, 2
+    if d_max < 128:
+        return bm, bn, 4, 2
+    if kind in ("fwd", "dq") and lq > 64:
+        bm = 128
+    return bm, bn, 8, (2 if kind == "dk" else 3)
 
 
 def attention_kd_fwd(
@@ -323,20 +567,21 @@ def attention_kd_fwd(
     key_padding_mask: Optional[torch.Tensor], causal: bool, scale_s: float, scale_t: float,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(kl, lse_s, lse_t), each fp32 [B, H, L_q]; scale_* are effective (softmax scale / temperature)."""
-    _check(q_s, k_s, q_t, k_t, key_padding_mask)
+    _check(q_s, k_s, q_t, k_t, key_padding_mask, scale_s, scale_t)
     q_s, k_s, q_t, k_t = _same_dtype(q_s, k_s, q_t, k_t)
-    b, h, lq, lk, ds, dt, kpm, strides, meta = _common(q_s, k_s, q_t, k_t, key_padding_mask)
+    b, h, lq, lk, ds, dt, kpm, kinfo, strides, meta = _common(q_s, k_s, q_t, k_t, key_padding_mask)
     kl = torch.empty(b, h, lq, dtype=torch.float32, device=q_s.device)
     lse_s = torch.empty_like(kl)
     lse_t = torch.empty_like(kl)
     if kl.numel() == 0:
         return kl.zero_(), lse_s.zero_(), lse_t.zero_()
-    bm, bn, nw = _blocks(lq, lk, max(ds, dt))
+    bm, bn, nw, ns = _blocks("fwd", lq, lk, max(ds, dt))
     grid = (triton.cdiv(lq, bm), b * h)
     _attention_kd_fwd_kernel[grid](
-        q_s, k_s, q_t, k_t, kpm, kl, lse_s, lse_t, *strides,
+        q_s, k_s, q_t, k_t, kpm, kinfo, kl, lse_s, lse_t, *strides,
         h, h // k_s.shape[1], h // k_t.shape[1], lq, lk, ds, dt, float(scale_s), float(scale_t),
-        CAUSAL=bool(causal), BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, **meta,
+        CAUSAL=bool(causal), SAME_SCALE=_f32(scale_s) == _f32(scale_t), BLOCK_M=bm, BLOCK_N=bn, num_warps=nw,
+        num_stages=ns, **meta,
     )
     return kl, lse_s, lse_t
 
@@ -347,14 +592,14 @@ def attention_kd_bwd(
     lse_s: torch.Tensor, lse_t: torch.Tensor,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(dq_s, dk_s) in the dtypes of q_s and k_s for the upstream gradient ``grad_rows`` [B, H, L_q] on the KL rows."""
-    _check(q_s, k_s, q_t, k_t, key_padding_mask)
+    _check(q_s, k_s, q_t, k_t, key_padding_mask, scale_s, scale_t)
     b, h, lq = q_s.shape[:3]
     for name, t in (("grad_rows", grad_rows), ("lse_s", lse_s), ("lse_t", lse_t)):
         if tuple(t.shape) != (b, h, lq):
             raise ValueError(f"{name} has shape {tuple(t.shape)}: expected ({b}, {h}, {lq})")
     out_dtypes = (q_s.dtype, k_s.dtype)
     q_s, k_s, q_t, k_t = _same_dtype(q_s, k_s, q_t, k_t)
-    b, h, lq, lk, ds, dt, kpm, strides, meta = _common(q_s, k_s, q_t, k_t, key_padding_mask)
+    b, h, lq, lk, ds, dt, kpm, kinfo, strides, meta = _common(q_s, k_s, q_t, k_t, key_padding_mask)
     hk = k_s.shape[1]
     g = grad_rows.float().contiguous()
     lse_s = lse_s.float().contiguous()
@@ -364,15 +609,132 @@ def attention_kd_bwd(
     dk = torch.empty(b, hk, lk, ds, dtype=out_dtypes[1], device=q_s.device)
     if dq.numel() == 0 or dk.numel() == 0:
         return dq.zero_(), dk.zero_()
-    bm, bn, nw = _blocks(lq, lk, max(ds, dt))
-    args = (q_s, k_s, q_t, k_t, kpm, lse_s, lse_t, g)
     common = (lq, lk, ds, dt, float(scale_s), float(scale_t))
+    bm, bn, nw, ns = _blocks("dq", lq, lk, max(ds, dt))
     _attention_kd_bwd_dq_kernel[(triton.cdiv(lq, bm), b * h)](
-        *args, dq, *strides, h, h // hk, h // k_t.shape[1], *common,
-        CAUSAL=bool(causal), BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, **meta,
+        q_s, k_s, q_t, k_t, kpm, kinfo, lse_s, lse_t, g, dq, *strides, h, h // hk, h // k_t.shape[1], *common,
+        CAUSAL=bool(causal), BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns, **meta,
     )
+    bm, bn, nw, ns = _blocks("dk", lq, lk, max(ds, dt))
     _attention_kd_bwd_dk_kernel[(triton.cdiv(lk, bn), b * hk)](
-        *args, dk, *strides, h, hk, h // hk, h // k_t.shape[1], *common,
-        CAUSAL=bool(causal), BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, **meta,
+        q_s, k_s, q_t, k_t, kpm, lse_s, lse_t, g, dk, *strides, h, hk, h // hk, h // k_t.shape[1], *common,
+        CAUSAL=bool(causal), BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns, **meta,
     )
     return dq, dk
+
+
+# ---- static-analysis launch descriptors (pyquant bench static; schema in the issue-#10 shared interface) --------
+_PTR_TYPES = {"kpm_ptr": "*i8", "kinfo_ptr": "*i32", "kl_ptr": "*fp32", "lses_ptr": "*fp32", "lset_ptr": "*fp32",
+              "g_ptr": "*fp32"}
+_DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+def _key_plan(lq: int, lk: int, bm: int, bn: int, causal: bool, lo: int, hi: int, contig: bool):
+    """Host mirror of ``_key_range``: (unmasked, masked) key-tile counts of every query block."""
+    plans = []
+    for m0 in range(0, lq, bm):
+        end, full = hi, hi
+        if causal:
+            end = min(end, max(m0 + bm + lk - lq, 0))
+            full = min(full, max(m0 + 1 + lk - lq, 0))
+        t_lo = (lo // bn) * bn
+        if contig:
+            f_lo = -(-lo // bn) * bn
+            f_hi = max((full // bn) * bn, f_lo)
+        else:
+            f_lo = f_hi = t_lo
+        n_head = 1 if f_lo > t_lo and end > t_lo else 0
+        n_tail = max(end - f_hi + bn - 1, 0) // bn
+        plans.append((max(f_hi - f_lo, 0) // bn, n_head + n_tail))
+    return plans
+
+
+def _signature(fn, constexprs: dict, elem: str) -> dict:
+    sig = {}
+    for n in fn.arg_names:
+        if n in constexprs:
+            sig[n] = "constexpr"
+        elif n.endswith("_ptr"):
+            sig[n] = _PTR_TYPES.get(n, f"*{elem}")
+        elif n in ("sc_s", "sc_t"):
+            sig[n] = "fp32"
+        else:
+            sig[n] = "i32"
+    return sig
+
+
+def static_launches(B: int, H: int, L: int, d: int, dtype: str = "bf16", *, causal: bool = False,
+                    key_padding: bool = True, kv_heads: Optional[int] = None) -> list:
+    """What ``attention_kd_fwd`` + ``attention_kd_bwd`` launch for teacher and student of equal shape
+    (q [B, H, L, d], k [B, kv_heads or H, L, d]) with a key-padding mask that keeps every key (as the benchmark).
+
+    One candidate call (the launchers have one config per shape, no autotuning) with three launches: fwd, bwd dq,
+    bwd dk.  ``weights`` = score elements of one map (B * H * L * L), so the tool's "instructions per weight" reads
+    "per score element".  ``bytes`` = DRAM traffic with K re-read from L2 by the query blocks of a head: Q and K of
+    both models once, the mask, the row statistics and the outputs.  ``mma_flops`` = tensor-core flops of the dots
+    at the padded tile shapes (2 QK dots per tile pair in the forward; 2 QK dots + one dS dot in each backward
+    kernel); 0 for fp32 inputs (IEEE fp32 dots run on the FMA pipe).  ``loop_trips`` = unmasked main-loop iterations
+    per program, averaged (the masked boundary loop's trips are in ``boundary_trips``)."""
+    if dtype not in _DTYPE_BYTES:
+        raise ValueError(f"dtype={dtype!r} is invalid: expected one of {tuple(_DTYPE_BYTES)}")
+    for name, v in (("B", B), ("H", H), ("L", L), ("d", d)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name}={v!r} is invalid: expected an int >= 1")
+    if d > MAX_HEAD_DIM:
+        raise ValueError(f"d={d} exceeds the kernel's maximum head dim {MAX_HEAD_DIM}")
+    hk = H if kv_heads is None else kv_heads
+    if H % hk:
+        raise ValueError(f"kv_heads={kv_heads!r} must divide H={H}")
+    es = _DTYPE_BYTES[dtype]
+    blk_d = max(16, triton.next_power_of_2(d))
+    ieee = dtype == "fp32"
+    common = dict(HAS_KPM=key_padding, CAUSAL=causal, IEEE=ieee, ALIGN=16 // es if (d * es) % 16 == 0 else 1,
+                  EVEN_DS=blk_d == d, EVEN_DT=blk_d == d, BLOCK_DS=blk_d, BLOCK_DT=blk_d)
+    if key_padding:
+        common["skpm_n"] = 1  # the JIT specializes an int argument equal to 1 to a constant
+    score = B * H * L * L
+    qk_bytes = 2 * (B * H * L * d + B * hk * L * d) * es
+    mask_bytes = (B * L + B * 12) if key_padding else 0
+    rows = B * H * L * 4
+    launches = []
+    for kind, fn in (("fwd", _attention_kd_fwd_kernel), ("bwd_dq", _attention_kd_bwd_dq_kernel),
+                     ("bwd_dk", _attention_kd_bwd_dk_kernel)):
+        bm, bn, nw, ns = _blocks(kind.replace("bwd_", ""), L, L, d)
+        cx = dict(common, BLOCK_M=bm, BLOCK_N=bn)
+        if kind == "fwd":
+            cx["SAME_SCALE"] = True
+        cx = {k: v for k, v in cx.items() if k in fn.arg_names}
+        if kind == "bwd_dk":
+            grid = [triton.cdiv(L, bn), B * hk, 1]
+            per_prog = []
+            for n0 in range(0, L, bn):
+                first = (max(n0, 0) // bm) * bm if causal else 0
+                per_prog.append((H // hk) * len(range(first, L, bm)))
+            trips, boundary = sum(per_prog) / len(per_prog), 0.0
+            tiles = sum(per_prog) * B * hk
+            dots, tile_elems = 3, bm * bn
+            out_bytes = B * hk * L * d * es
+        else:
+            grid = [triton.cdiv(L, bm), B * H, 1]
+            plan = _key_plan(L, L, bm, bn, causal, 0, L, True)
+            trips = sum(p[0] for p in plan) / len(plan)
+            boundary = sum(p[1] for p in plan) / len(plan)
+            tiles = sum(p[0] + p[1] for p in plan) * B * H
+            dots, tile_elems = (2, bm * bn) if kind == "fwd" else (3, bm * bn)
+            out_bytes = 3 * rows if kind == "fwd" else B * H * L * d * es
+        in_rows = 0 if kind == "fwd" else 3 * rows
+        launches.append({
+            "name": kind,
+            "triton": {"fn": fn, "signature": _signature(fn, cx, dtype), "constexprs": cx, "num_warps": nw,
+                       "num_stages": ns},
+            "grid": grid, "threads_per_cta": 32 * nw, "loop_trips": float(trips), "boundary_trips": float(boundary),
+            "weights": score, "bytes": qk_bytes + mask_bytes + in_rows + out_bytes,
+            "mma_flops": 0 if ieee else int(tiles * dots * 2 * tile_elems * blk_d),
+        })
+    cfg = ", ".join(f"{x['name']} {x['triton']['constexprs']['BLOCK_M']}x{x['triton']['constexprs']['BLOCK_N']} "
+                    f"w{x['triton']['num_warps']} s{x['triton']['num_stages']}" for x in launches)
+    tags = [dtype, "causal" if causal else "bidirectional", "key-padding" if key_padding else "no mask"]
+    if hk != H:
+        tags.append(f"kv_heads={hk}")
+    return [{"kernel": "attention_kd", "backend": "triton", "config": f"{cfg} ({', '.join(tags)})",
+             "launches": launches}]

@@ -171,9 +171,13 @@ def test_teacher_equals_student_gives_zero_loss_and_grad(backend, causal):
     q, k, _, _, kpm = _inputs(3, 4, 2, 2, 23, 23, 32, 32, torch.float32, True, seed=9, sharp=3.0)
     qa, ka = q.clone().requires_grad_(), k.clone().requires_grad_()
     with use_backend(backend):
+        rows = attention_map_kl(q, k, q, k, kpm, causal=causal, scale_s=0.3, scale_t=0.3)
         loss = attention_map_loss(qa, ka, q, k, kpm, causal=causal, reduction="mean_rows")
         loss.backward()
-    assert abs(loss.item()) < 1e-6
+    # exactly zero, not a rounding residue: the (t - s) factor is 0 identically and the log-sum-exp terms cancel
+    assert (rows == 0).all() and loss.item() == 0.0
+    if backend == "triton":  # dS = g (P_S - P_T) with bit-identical maps
+        assert (qa.grad == 0).all() and (ka.grad == 0).all()
     assert qa.grad.abs().max().item() < 1e-6 and ka.grad.abs().max().item() < 1e-6
 
 
@@ -184,13 +188,181 @@ def test_reductions_and_temperature_follow_the_documented_formulas():
     rows = _kl_rows_fp64(q_s, k_s, q_t, k_t, kpm, False, 1 / math.sqrt(8) / tau, 1 / math.sqrt(16) / tau)
     valid = kpm.bool()[:, None, :].expand(b, h, lq)  # padding query rows excluded (L_q == L_k)
     total = rows[valid].sum()
-    want_paper = tau ** 2 * total / (b * h * lq)
+    lens = kpm.sum(1).double()  # each example's own valid length (0 for the all-padding one: it adds 0)
+    want_paper = tau ** 2 * (torch.where(valid, rows, 0).sum(-1) / lens.clamp_min(1)[:, None]).mean()
     want_rows = tau ** 2 * total / valid.sum()
     for reduction, want in (("paper", want_paper), ("mean_rows", want_rows)):
         got = attention_map_loss(q_s, k_s, q_t, k_t, kpm, temperature=tau, reduction=reduction)
         ref = reference.attention_map_loss(q_s, k_s, q_t, k_t, kpm, temperature=tau, reduction=reduction)
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(ref.double(), want, rtol=1e-5, atol=1e-7)
+
+
+def _paper_code_attnmap_loss(q_s, k_s, q_t, k_t, seq_lengths):
+    """kd-qat-large-enc main.py (d037e2d) l. 719-752, rewritten: the model's softmax with BERT's -10000 additive
+    mask, the [:s, :s] mask of each example, probabilities clamped at 1e-8, sums over keys and query rows divided by
+    seq_lengths.view(-1, 1), the mean over batch x heads."""
+    b, h, L, d = q_s.shape
+    add = (torch.arange(L)[None, :] >= seq_lengths[:, None]).double()[:, None, None, :] * -10000.0
+    p_s = torch.softmax(q_s.double() @ k_s.double().transpose(-1, -2) / math.sqrt(d) + add, -1)
+    p_t = torch.softmax(q_t.double() @ k_t.double().transpose(-1, -2) / math.sqrt(d) + add, -1)
+    mask = torch.zeros(b, h, L, L, dtype=torch.float64)
+    for sent in range(b):
+        s = seq_lengths[sent]
+        mask[sent, :, :s, :s] = 1.0
+    student = torch.clamp_min(p_s, 1e-8)
+    teacher = torch.clamp_min(p_t, 1e-8)
+    neg_cross_entropy = (teacher * torch.log(student) * mask).sum(-1).sum(-1) / seq_lengths.view(-1, 1)
+    neg_entropy = (teacher * torch.log(teacher) * mask).sum(-1).sum(-1) / seq_lengths.view(-1, 1)
+    return torch.mean(neg_entropy - neg_cross_entropy)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton)])
+def test_paper_reduction_matches_kd_qat_large_enc_code_on_unequal_lengths(backend):
+    # lengths 13 / 7 / 4 padded to 13 (the issue's example): each example is divided by its own length
+    g = torch.Generator().manual_seed(31)
+    b, h, L, d = 3, 2, 13, 16
+    q_s, k_s, q_t, k_t = (torch.randn(b, h, L, d, generator=g) for _ in range(4))
+    seq_lengths = torch.tensor([13, 7, 4])
+    kpm = torch.arange(L)[None, :] < seq_lengths[:, None]
+    want = _paper_code_attnmap_loss(q_s, k_s, q_t, k_t, seq_lengths)
+    with use_backend(backend):
+        got = attention_map_loss(q_s, k_s, q_t, k_t, kpm, reduction="paper")
+        rows = attention_map_kl(q_s, k_s, q_t, k_t, kpm, scale_s=0.25, scale_t=0.25)
+    # the paper's 1e-8 clamp changes nothing measurable here (no probability of a kept key is that small)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7)
+    # the former normalization by the padded length B * H * L_q is far off on such a batch
+    padded = rows[kpm[:, None, :].expand(b, h, L)].sum().item() / (b * h * L)
+    assert padded < 0.8 * want.item()
+    # mean_rows: every valid token weighs the same
+    with use_backend(backend):
+        mr = attention_map_loss(q_s, k_s, q_t, k_t, kpm, reduction="mean_rows")
+    torch.testing.assert_close(mr.item(), rows[kpm[:, None, :].expand(b, h, L)].mean().item(), rtol=1e-5, atol=1e-7)
+
+
+def test_paper_clamp_only_matters_below_1e_minus_8():
+    # sharp maps: some kept probabilities fall below 1e-8; the paper's clamped value differs from the exact KL only by
+    # the clamped entries' terms, which this recomputes in closed form
+    g = torch.Generator().manual_seed(5)
+    b, h, L, d = 2, 2, 9, 16
+    q_s, k_s, q_t, k_t = (torch.randn(b, h, L, d, generator=g) * 2.5 for _ in range(4))
+    seq_lengths = torch.tensor([9, 6])
+    kpm = torch.arange(L)[None, :] < seq_lengths[:, None]
+    exact = reference.attention_map_loss(q_s.double().float(), k_s, q_t, k_t, kpm, reduction="paper").double()
+    paper = _paper_code_attnmap_loss(q_s, k_s, q_t, k_t, seq_lengths)
+    add = (~kpm).double()[:, None, None, :] * -10000.0
+    p_s = torch.softmax(q_s.double() @ k_s.double().transpose(-1, -2) / 4 + add, -1)
+    p_t = torch.softmax(q_t.double() @ k_t.double().transpose(-1, -2) / 4 + add, -1)
+    m = (kpm[:, None, :, None] & kpm[:, None, None, :]).double()
+    assert ((p_s < 1e-8) & (m > 0)).any()  # the clamp is active in this case
+    c_s, c_t = p_s.clamp_min(1e-8), p_t.clamp_min(1e-8)
+    per_entry = (c_t * (c_t.log() - c_s.log()) - p_t * (p_t.clamp_min(1e-300).log() - p_s.clamp_min(1e-300).log()))
+    correction = ((per_entry * m).sum((-1, -2)) / seq_lengths.view(-1, 1)).mean()
+    torch.testing.assert_close(paper - correction, exact, rtol=1e-4, atol=1e-6)
+
+
+@needs_triton
+@pytest.mark.parametrize("kind", ["holes", "left-padding", "both-sides", "none"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_kernel_masked_and_unmasked_tiles_match_reference(kind, causal, poisoned_empty):
+    # L = 70 > one 64-key tile: interior tiles run unmasked, boundary tiles masked; non-contiguous masks mask all
+    g = torch.Generator().manual_seed(3)
+    b, h, lq, lk, d = 3, 2, 70, 70, 16
+    q_s, q_t = (torch.randn(b, h, lq, d, generator=g) for _ in range(2))
+    k_s, k_t = torch.randn(b, 1, lk, d, generator=g), torch.randn(b, 2, lk, d, generator=g)
+    j = torch.arange(lk)[None, :]
+    kpm = {"holes": torch.rand(b, lk, generator=g) > 0.3,
+           "left-padding": j >= torch.tensor([0, 17, 65])[:, None],
+           "both-sides": (j >= torch.tensor([3, 0, 66])[:, None]) & (j < torch.tensor([70, 67, 69])[:, None]),
+           "none": None}[kind]
+    w = torch.linspace(0.5, 1.5, lq)
+    qa, ka = q_s.clone().requires_grad_(), k_s.clone().requires_grad_()
+    with use_backend("triton"):
+        rows = attention_map_kl(qa, ka, q_t, k_t, kpm, causal=causal, scale_s=0.3, scale_t=0.2)
+        (rows * w).sum().backward()
+    qr, kr = q_s.clone().requires_grad_(), k_s.clone().requires_grad_()
+    ref, _, _ = reference.attention_map_kl_rows(qr, kr, q_t, k_t, kpm, causal, 0.3, 0.2)
+    (ref * w).sum().backward()
+    torch.testing.assert_close(rows, ref.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(qa.grad, qr.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ka.grad, kr.grad, rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+def test_kernel_unaligned_and_strided_inputs(poisoned_empty):
+    # d = 18 fp32: row strides of 72 bytes (no 16-byte alignment hint); q_s / k_t with a non-unit head-dim stride
+    g = torch.Generator().manual_seed(4)
+    b, h, L, d = 2, 2, 21, 18
+    q_s = torch.randn(b, h, d, L, generator=g).transpose(-1, -2)
+    k_s = torch.randn(b, 1, L, d, generator=g)
+    q_t = torch.randn(b, h, L, d, generator=g)
+    k_t = torch.randn(b, h, d, L, generator=g).transpose(-1, -2)
+    kpm = torch.arange(L)[None, :] < torch.tensor([L, 9])[:, None]
+    with use_backend("triton"):
+        rows = attention_map_kl(q_s, k_s, q_t, k_t, kpm, causal=True, scale_s=0.3, scale_t=0.2)
+    ref, _, _ = reference.attention_map_kl_rows(q_s, k_s, q_t, k_t, kpm, True, 0.3, 0.2)
+    torch.testing.assert_close(rows, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_static_launches_describe_fwd_and_bwd():
+    from pyquant.ops._dispatch import kernel_module
+
+    K = kernel_module("attention_kd")
+    calls = K.static_launches(8, 32, 2048, 128, "bf16")
+    assert len(calls) == 1 and calls[0]["kernel"] == "attention_kd" and calls[0]["backend"] == "triton"
+    la = {x["name"]: x for x in calls[0]["launches"]}
+    assert set(la) == {"fwd", "bwd_dq", "bwd_dk"}
+    for x in la.values():
+        t = x["triton"]
+        assert set(t["signature"]) == set(t["fn"].arg_names)
+        assert all(t["signature"][k] == "constexpr" for k in t["constexprs"])
+        assert x["threads_per_cta"] == 32 * t["num_warps"] and x["weights"] == 8 * 32 * 2048 * 2048
+    bm, bn = (la["fwd"]["triton"]["constexprs"][k] for k in ("BLOCK_M", "BLOCK_N"))
+    assert la["fwd"]["grid"] == [2048 // bm, 8 * 32, 1] and la["fwd"]["loop_trips"] == 2048 / bn
+    # one pass: 2 QK dots (2 * 2 * d flops) per score element; each backward kernel 3 dots
+    assert la["fwd"]["mma_flops"] == 2 * 2 * 128 * 8 * 32 * 2048 * 2048
+    assert la["bwd_dq"]["mma_flops"] == la["bwd_dk"]["mma_flops"] == 3 * 2 * 128 * 8 * 32 * 2048 * 2048
+    causal = {x["name"]: x for x in K.static_launches(8, 32, 2048, 128, causal=True)[0]["launches"]}
+    assert causal["fwd"]["loop_trips"] + causal["fwd"]["boundary_trips"] < 0.6 * la["fwd"]["loop_trips"]
+    with pytest.raises(ValueError, match="dtype"):
+        K.static_launches(8, 32, 2048, 128, "int8")
+
+
+_AOT_SCRIPT = r"""
+import sys
+try:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+except ImportError as e:
+    print("no AOT compiler:", e); sys.exit(3)
+from pyquant.ops._dispatch import kernel_module
+for call in kernel_module("attention_kd").static_launches(2, 4, 256, 128, "bf16", causal=True):
+    for ln in call["launches"]:
+        t = ln["triton"]
+        try:
+            src = ASTSource(fn=t["fn"], signature=t["signature"], constexprs=t["constexprs"])
+        except TypeError as e:
+            print("unsupported ASTSource API:", e); sys.exit(3)
+        try:
+            k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                               options=dict(num_warps=t["num_warps"], num_stages=t["num_stages"]))
+        except FileNotFoundError as e:
+            print("no ptxas:", e); sys.exit(3)
+        assert k.metadata.shared <= 227 * 1024, (ln["name"], k.metadata.shared)
+print("ok")
+"""
+
+
+def test_kernels_compile_for_sm90_from_their_descriptors():
+    """The compiled (non-interpreter) path: the launches static_launches describes lower to sm_90 cubins."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    if r.returncode == 3:
+        pytest.skip(r.stdout.strip())
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
 
 
 def test_general_additive_mask_goes_through_the_reference():
@@ -211,6 +383,16 @@ def test_unsupported_head_dim_falls_back_to_reference():
         got = attention_map_loss(q_s, k_s, q_t, k_t, kpm)
         assert last_backend() == ("attention_map_kl", "reference")
     torch.testing.assert_close(got, reference.attention_map_loss(q_s, k_s, q_t, k_t, kpm), rtol=1e-5, atol=1e-7)
+
+
+def test_extreme_scale_falls_back_to_reference():
+    # an effective scale beyond the kernel's masking-sentinel range (1/4 over temperature 1e-9) goes to the reference
+    q_s, k_s, q_t, k_t, kpm = _inputs(1, 2, 2, 2, 5, 5, 16, 16, torch.float32, True, seed=8)
+    with use_backend("triton", "reference"):
+        got = attention_map_loss(q_s * 1e-9, k_s, q_t * 1e-9, k_t, kpm, temperature=1e-9)
+        assert last_backend() == ("attention_map_kl", "reference")
+    want = reference.attention_map_loss(q_s * 1e-9, k_s, q_t * 1e-9, k_t, kpm, temperature=1e-9)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
 
 
 def test_attention_output_loss():

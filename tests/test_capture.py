@@ -73,14 +73,14 @@ def _eager_oracle(model, outputs_of, ids, am):
 
 
 def _oracle_losses(p_s_layers, p_t_layers, o_s, o_t, am):
-    """The documented losses from materialized maps: KL over keys (P_T > 0), padding query rows excluded,
-    / (B * H * L) ("paper"), summed over layers; output MSE over non-padding tokens."""
+    """The documented losses from materialized maps: KL over keys (P_T > 0), padding query rows excluded, each
+    example's sum / its own number of tokens, mean over B x H ("paper"), summed over layers; output MSE over
+    non-padding tokens."""
     total_map = 0.0
     for p_s, p_t in zip(p_s_layers, p_t_layers):
-        b, h, lq, _ = p_s.shape
         term = torch.where(p_t > 0, p_t * (torch.log(p_t) - torch.log(p_s.clamp_min(1e-38))), torch.zeros_like(p_t))
         rows = term.sum(-1) * am.bool()[:, None, :]
-        total_map = total_map + rows.sum() / (b * h * lq)
+        total_map = total_map + (rows.sum(-1) / am.sum(1)[:, None]).mean()
     total_out = 0.0
     m = am.bool()
     for a, b_ in zip(o_s, o_t):

@@ -6,8 +6,10 @@ memory, no L x L map; the materialized reference elsewhere) and reduces its per-
 choice is documented in ``pyquant/reference/attention.py`` (the oracle the tests compare against):
 
 * row loss ``KL(P_T || P_S)`` over kept keys, ``P = softmax(scale * q.k / temperature + mask)``;
-* ``reduction="paper"``: sum over valid query rows / (B * H * L_q) -- the paper's code: sum over keys and query
-  rows, divided by the sequence length, mean over batch x heads; ``"mean_rows"``: mean over valid rows;
+* ``reduction="paper"``: per example and head, the KL summed over its valid query rows and kept keys divided by
+  *that example's* valid length, then the mean over batch x heads -- MarsJacobs/kd-qat-large-enc ``main.py``
+  (d037e2d) l. 743/748 ``torch.sum(..., dim=-1) / seq_lengths.view(-1, 1)`` and l. 752 ``torch.mean(kld_loss)``
+  (summing the layers' losses is the caller's, l. 758); ``"mean_rows"``: mean over all valid rows;
 * both multiplied by ``temperature ** 2``;
 * padding keys are masked; padding query rows (the key-padding mask, when L_q == L_k) and rows with no kept key are
   excluded; ``causal=True`` masks key j for query i unless j <= i + L_k - L_q.
@@ -69,10 +71,14 @@ def attention_map_loss(
     q_s [B, H, L_q, d_s], k_s [B, H_kv_s, L_k, d_s] (student, after RoPE; GQA/MQA: H_kv_s divides H, K not
     repeated); q_t [B, H, L_q, d_t], k_t [B, H_kv_t, L_k, d_t] (teacher, no gradient; same number of query heads).
     key_padding_mask: [B, L_k] bool/int, nonzero = keep.  ``scale``: the student's softmax scale (default
-    1/sqrt(d_s)); ``teacher_scale``: default ``scale`` when given, else 1/sqrt(d_t).  ``reduction``: "paper" or
-    "mean_rows" (module docstring).  ``attn_mask`` (optional, [B|1, H|1, L_q, L_k], bool keep-mask or additive
-    float): a general mask, computed by the materialized reference (O(L^2) memory) -- the streaming kernel takes
-    key-padding + causal, which covers encoder and decoder models.
+    1/sqrt(d_s)); ``teacher_scale``: default ``scale`` when given, else 1/sqrt(d_t).  ``reduction``:
+    ``"paper"`` (default) = mean over batch x heads of [sum over the example's valid query rows and kept keys of
+    KL(P_T || P_S)] / the example's valid length, as kd-qat-large-enc ``main.py`` l. 743/748
+    (``/ seq_lengths.view(-1, 1)``) and l. 752 (``torch.mean``); ``"mean_rows"`` = mean over all valid query rows
+    (every valid token weighs the same).  Anything else raises ValueError.  ``attn_mask`` (optional,
+    [B|1, H|1, L_q, L_k], bool keep-mask or additive float): a general mask, computed by the materialized
+    reference (O(L^2) memory) -- the streaming kernel takes key-padding + causal, which covers encoder and decoder
+    models.
     """
     check_attention_map_args(q_s, k_s, q_t, k_t, key_padding_mask, causal)
     if reduction not in reference.ATTENTION_REDUCTIONS:

@@ -23,6 +23,7 @@ __all__ = ["attention_map_kl", "check_attention_map_args", "KERNEL_MAX_HEAD_DIM"
 
 QK_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 KERNEL_MAX_HEAD_DIM = 256  # kernels/attention_kd.py pads head dims to a power of two in registers
+KERNEL_MAX_SCALE = float(2 ** 26)  # kernels/attention_kd.py MAX_SCALE (its masking sentinel x scale stays finite)
 
 
 @torch.library.custom_op("pyquant::attention_map_kl", mutates_args=())
@@ -112,11 +113,13 @@ def _kernels():
 _WARNED = set()
 
 
-def _triton_supports(q_s, k_s, q_t, k_t, *rest):
+def _triton_supports(q_s, k_s, q_t, k_t, key_padding_mask=None, causal=False, scale_s=1.0, scale_t=1.0, *rest):
     d = max(q_s.shape[-1], q_t.shape[-1])
     why = None
     if d > KERNEL_MAX_HEAD_DIM:
         why = f"head dim {d} > {KERNEL_MAX_HEAD_DIM}"
+    elif max(scale_s, scale_t) > KERNEL_MAX_SCALE:
+        why = f"effective softmax scale {max(scale_s, scale_t):g} > {KERNEL_MAX_SCALE:g}"
     elif max(t.numel() for t in (q_s, k_s, q_t, k_t)) >= 2**31:
         why = "a tensor has >= 2**31 elements (the kernel indexes with int32)"
     if why is None:
@@ -134,7 +137,7 @@ def _triton_fwd(q_s, k_s, q_t, k_t, key_padding_mask, causal, scale_s, scale_t):
 
 
 def _triton_supports_bwd(grad_rows, q_s, k_s, q_t, k_t, *rest):
-    return _triton_supports(q_s, k_s, q_t, k_t)
+    return _triton_supports(q_s, k_s, q_t, k_t, *rest)
 
 
 @register("attention_map_kl_backward", "triton", supports=_triton_supports_bwd)

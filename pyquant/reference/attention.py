@@ -15,8 +15,14 @@ Conventions shared with the fused kernel (``kernels/attention_kd.py``) and the p
   Rows that are not valid contribute 0 (never NaN).
 * Row loss: ``KL_i = sum_j P_T[i, j] * (log P_T[i, j] - log P_S[i, j])`` over kept keys.
 * Reductions (``reduce_attention_kl``), both multiplied by ``temperature**2``:
-  ``"paper"``: ``sum(valid rows' KL) / (B * H * L_q)`` -- Kim et al.'s code sums the KL over keys and query rows,
-  divides by the (padded) sequence length and averages over batch x heads;
+  ``"paper"``: ``mean over (b, h) of [sum of example b's valid rows' KL] / n_b`` with n_b = the number of valid query
+  rows of example b (its own valid length; an example with none adds 0) -- Kim et al.'s code
+  (MarsJacobs/kd-qat-large-enc ``main.py`` at d037e2d: l. 727 ``mask[sent, :, :s, :s] = 1.0`` keeps the example's
+  s valid query rows and keys, l. 743/748 ``torch.sum(..., dim=-1) / seq_lengths.view(-1, 1)`` divides each
+  (example, head) sum by that example's length, l. 752 ``torch.mean(kld_loss)`` averages over batch x heads).
+  For a right-padded BERT batch n_b is exactly its ``seq_length``.  The paper's code clamps both probabilities at
+  1e-8 before the logs (l. 737-738); this KL does not: the two differ only on entries where a probability is below
+  1e-8 (tests/test_attention_kd.py compares them on padded batches);
   ``"mean_rows"``: ``sum(valid rows' KL) / (H * number of valid (b, i) rows)`` -- the mean over valid rows.
 """
 from __future__ import annotations
@@ -163,16 +169,22 @@ def attention_map_kl_rows_backward(
 def reduce_attention_kl(
     kl_rows: torch.Tensor, row_valid: torch.Tensor, reduction: str = "paper", temperature: float = 1.0
 ) -> torch.Tensor:
-    """Reduce per-row KL [B, H, L_q] over valid rows (bool, broadcastable) to a scalar (see the module docstring)."""
+    """Reduce per-row KL [B, H, L_q] over valid rows (bool, broadcastable) to a scalar (see the module docstring).
+
+    ``"paper"``: per (example, head) the sum over valid rows divided by that example's number of valid rows, mean
+    over B x H (kd-qat-large-enc main.py l. 743/748 ``/ seq_lengths.view(-1, 1)``, l. 752 ``torch.mean``);
+    ``"mean_rows"``: the mean over all valid rows.  Unknown names raise ValueError."""
     if reduction not in ATTENTION_REDUCTIONS:
         raise ValueError(f"reduction={reduction!r} is invalid: expected one of {ATTENTION_REDUCTIONS}")
     b, h, lq = kl_rows.shape
     valid = row_valid.expand(b, h, lq)
-    total = torch.where(valid, kl_rows, torch.zeros_like(kl_rows)).sum()
+    kept = torch.where(valid, kl_rows, torch.zeros_like(kl_rows))
     if reduction == "paper":
-        denom = float(b * h * lq)
-        out = total / denom
+        # each (example, head) sum over its valid rows divided by its own valid length, then the mean over B x H
+        n = valid.sum(-1)
+        out = (kept.sum(-1) / n.clamp_min(1)).mean()
     else:
+        total = kept.sum()
         n = valid.sum()
         out = torch.where(n > 0, total / n.clamp_min(1), torch.zeros_like(total))
     return out * (float(temperature) ** 2)
