@@ -306,8 +306,11 @@ def plot(data: dict, path: Path) -> None:
     ax.set_ylabel(c.get("metric", "score"))
     lo = min([r["best"] for r in rows] + [r["last"] for r in rows] + ([maj] if maj is not None else []))
     ax.set_ylim(max(0, lo - 10), None)
-    ax.set_title(f"GLUE {c['task']} dev, MiniLM-L6, ternary W2A8 ({c['tag']}, train {c['train_examples']} ex.)")
-    ax.legend(fontsize=8, loc="lower left")
+    ax.set_title(f"GLUE {c['task']} dev, {c['model']}, ternary W2A8 ({c['tag']}, train {c['train_examples']} ex.)",
+                 fontsize=10)
+    for x, r in zip(xs, rows):
+        ax.text(x - 0.2, r["best"], f"{r['best']:.1f}", ha="center", va="bottom", fontsize=7)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110, format="png")
     plt.close(fig)

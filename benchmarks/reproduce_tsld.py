@@ -126,9 +126,9 @@ def plot(data: dict, path: Path) -> None:
     ax.set_xticks(range(len(rows)))
     ax.set_xticklabels([r["row"] for r in rows])
     ax.set_ylabel("test perplexity (sliding window)")
-    ax.set_yscale("log")
+    ax.set_ylim(0, max(r["test_ppl"] for r in rows) * 1.15)
     c = data["config"]
-    ax.set_title(f"WikiText-2, {c['teacher_params'] / 1e6:.1f}M Llama-style, ternary W2A16 ({c['tag']})")
+    ax.set_title(f"WikiText-2, {c['teacher_params'] / 1e6:.2f}M-parameter Llama-style, ternary W2A16 ({c['tag']})")
     fig.tight_layout()
     fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
