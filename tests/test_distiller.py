@@ -150,3 +150,41 @@ def test_attention_kd_terms():
                                         attn_gamma=0.25))(batch)
     want = 0.25 * mix.losses["attn_map"] + 0.75 * mix.losses["attn_output"]
     assert mix.losses["attn_kd"].item() == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_attention_score_term_matches_formula():
+    """attn_score (the TernaryBERT baseline): sum over layers of the MSE of the scaled pre-softmax scores
+    Q K^T / sqrt(d), key-padding entries zeroed in both maps, mean over all B*H*L*L entries -- computed here from the
+    query/key projections' outputs, independently of the capture path."""
+    pytest.importorskip("pyquant.distill.capture")
+    s, t = _bert(0), _bert(1)
+    batch = {"input_ids": torch.randint(0, 100, (2, 7)), "attention_mask": torch.ones(2, 7, dtype=torch.long),
+             "labels": torch.tensor([1, 0])}
+    batch["attention_mask"][1, 5:] = 0
+
+    def scores(model):
+        qk = {}
+        hooks = [m.register_forward_hook(lambda _m, _i, o, n=n: qk.__setitem__(n, o))
+                 for n, m in model.named_modules() if n.endswith(("self.query", "self.key"))]
+        with torch.no_grad():
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        for h in hooks:
+            h.remove()
+        out = []
+        for n in sorted(k for k in qk if k.endswith("query")):
+            q, k = qk[n], qk[n[:-len("query")] + "key"]
+            B, L, D = q.shape
+            q, k = (x.view(B, L, 4, D // 4).transpose(1, 2) for x in (q, k))
+            out.append(q @ k.transpose(-1, -2) / (D // 4) ** 0.5)
+        return out
+
+    keep = batch["attention_mask"].bool()[:, None, None, :].expand(2, 4, 7, 7)
+    want = sum(torch.where(keep, a - b, torch.zeros_like(a)).pow(2).mean() for a, b in zip(scores(s), scores(t)))
+    d = Distiller(s, t, DistillConfig(task="classification", ce=0.0, attn_score=1.0))
+    out = d(batch)
+    assert out.losses["attn_score"].item() == pytest.approx(want.item(), rel=1e-4)
+    assert out.loss.item() == pytest.approx(want.item(), rel=1e-4)
+    out.loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in s.parameters())
+    with pytest.raises(ValueError, match="attn_score"):
+        DistillConfig(task="classification", attn_score=-1.0)

@@ -8,6 +8,8 @@ Losses (weight 0 disables one; it is then not computed):
 * ``hidden``  hidden-state MSE over the embedding output and every layer (``layer_map`` when depths differ)
 * ``attn_map`` / ``attn_output``  attention-map KL and attention-output MSE from ``pyquant.distill.capture``;
   with ``attn_gamma`` set they enter as the unified mix ``attn_kd`` (gamma * map + (1 - gamma) * output) instead.
+* ``attn_score``  TernaryBERT's attention-score MSE (pre-softmax scaled scores, masked entries zeroed, summed over
+  layers; ``pyquant.distill.attention.attention_score_mse``, materializes the L x L maps): the baseline row.
 
 Reductions (named options; "paper" = the seed papers' code, cited line by line in the README's distillation table):
 
@@ -72,6 +74,7 @@ class DistillConfig:
     hidden: float = 0.0
     attn_map: float = 0.0
     attn_output: float = 0.0
+    attn_score: float = 0.0
     attn_gamma: Optional[float] = None
     temperature: float = 1.0
     kd_kind: str = "soft_ce"
@@ -97,7 +100,7 @@ class DistillConfig:
         if self.task not in TASKS:
             raise ValueError(f"{n}.task={self.task!r} is invalid: expected one of {TASKS}")
         for name in ("ce", "kd", "tsld", "hidden", "attn_map", "attn_output", "crild", "crild_consistency",
-                     "kd_schedule_start", "kd_schedule_end"):
+                     "kd_schedule_start", "kd_schedule_end", "attn_score"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
                 raise ValueError(f"{n}.{name}={v!r} is invalid: expected a float >= 0")
@@ -130,7 +133,8 @@ class DistillConfig:
             v = getattr(self, name)
             if v is not None:
                 object.__setattr__(self, name, tuple(v))
-        if not (self.ce or self.kd or self.tsld or self.hidden or self.attn_map or self.attn_output or self.crild):
+        if not (self.ce or self.kd or self.tsld or self.hidden or self.attn_map or self.attn_output or self.crild
+                or self.attn_score):
             raise ValueError(f"{n}: every loss weight is 0; enable at least one of ce/kd/tsld/hidden/attn_*/crild")
         self._check_methods(n)
 
@@ -142,7 +146,7 @@ class DistillConfig:
             raise ValueError(f"{n}.kd_schedule={self.kd_schedule!r} is invalid: expected one of {KD_SCHEDULES}")
         if self.kd_schedule != "constant" and not self.kd:
             raise ValueError(f"{n}.kd_schedule={self.kd_schedule!r} schedules the logit-KD weight, but kd=0")
-        others = [k for k in ("tsld", "hidden", "attn_map", "attn_output") if getattr(self, k)]
+        others = [k for k in ("tsld", "hidden", "attn_map", "attn_output", "attn_score") if getattr(self, k)]
         if self.crild:
             if self.task == "causal_lm":
                 raise ValueError(f"{n}.crild needs task='classification' or 'regression' (CR-ILD distils BERT-style "
@@ -173,11 +177,12 @@ class DistillConfig:
 
     @property
     def needs_teacher(self) -> bool:
-        return bool(self.kd or self.tsld or self.hidden or self.attn_map or self.attn_output or self.crild)
+        return bool(self.kd or self.tsld or self.hidden or self.attn_map or self.attn_output or self.crild
+                    or self.attn_score)
 
     @property
     def needs_attention(self) -> bool:
-        return bool(self.attn_map or self.attn_output)
+        return bool(self.attn_map or self.attn_output or self.attn_score)
 
 
 @dataclass
@@ -391,7 +396,9 @@ class Distiller(nn.Module):
             hm = hidden_mse(list(s_out["hidden_states"]), list(t_out["hidden_states"]), c.layer_map,
                             None if c.hidden_reduction == "paper" else inputs.get("attention_mask"))
             add("hidden", hm, c.hidden)
-        if c.needs_attention:
+        if c.attn_score:
+            add("attn_score", self._score_mse(s_rec, t_rec), c.attn_score)
+        if c.attn_map or c.attn_output:
             from .capture import attention_kd_losses
 
             ad = attention_kd_losses(s_rec, t_rec, gamma=c.attn_gamma, map_weight=c.attn_map,
@@ -408,8 +415,24 @@ class Distiller(nn.Module):
                     add("attn_map", ad["attn_map"], c.attn_map)
                 if c.attn_output:
                     add("attn_output", ad["attn_output"], c.attn_output)
+        if s_rec is not None:  # free what the attention losses did not consume
+            s_rec.clear()
+            t_rec.clear()
         losses["total"] = total.detach()
         return DistillOutput(loss=total, losses=losses)
+
+    def _score_mse(self, s_rec, t_rec) -> torch.Tensor:
+        from .attention import attention_score_mse
+
+        lm = resolve_layer_map(len(s_rec), len(t_rec),
+                               None if self.config.attn_layer_map is None else list(self.config.attn_layer_map))
+        total = None
+        for j, i in enumerate(lm):
+            s, t = s_rec[j], t_rec[i]
+            v = attention_score_mse(s.q, s.k, t.q, t.k, s.key_padding_mask, causal=s.causal, scale=s.scaling,
+                                    teacher_scale=t.scaling)
+            total = v if total is None else total + v
+        return total
 
     # ---- helpers --------------------------------------------------------------------------------------------------
     @staticmethod

@@ -185,7 +185,8 @@ def add_qat_glue_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gt-loss", action="store_true",
                    help="add the ground-truth loss to KD (NLL summed over the batch, as the EMNLP'22 code's "
                         "gt_loss; its shipped scripts leave it off)")
-    p.add_argument("--attention-kd", default="map", choices=["map", "output", "both", "none"])
+    p.add_argument("--attention-kd", default="map", choices=["map", "output", "both", "none", "score"],
+                   help="score = TernaryBERT's attention-score MSE (the baseline)")
     p.add_argument("--attn-gamma", type=float, default=None, help="unified mix gamma*map + (1-gamma)*output")
     p.add_argument("--no-hidden-kd", action="store_true")
     p.add_argument("--temperature", type=float, default=1.0)

@@ -106,7 +106,8 @@ def evaluate_glue(model: nn.Module, task: str, dev_examples: List[Dict], pad_id:
 
 def glue_distill_config(task: str, kd: bool, attention: str = "map", hidden: bool = True,
                         mse_reduction: str = "paper", gt_loss: bool = False) -> DistillConfig:
-    """EMNLP'22 losses (kd=True): logit + hidden + attention ("map", "output", "both", "none"); kd=False: CE only.
+    """EMNLP'22 losses (kd=True): logit + hidden + attention ("map", "output", "both", "none", or "score": the
+    TernaryBERT baseline's attention-score MSE); kd=False: CE only.
 
     The defaults are the shipped scripts' (run_kd_qat_map.sh: gt_loss=0, pred_distill=1, rep_distill=1,
     attnmap_distill=1; run_kd_qat_output.sh: output_distill=1 instead; map_coeff = output_coeff = 1).
@@ -119,8 +120,8 @@ def glue_distill_config(task: str, kd: bool, attention: str = "map", hidden: boo
     tk = "regression" if t.is_regression else "classification"
     if not kd:
         return DistillConfig(task=tk, ce=1.0)
-    if attention not in ("map", "output", "both", "none"):
-        raise ValueError(f"attention={attention!r} is invalid: expected 'map', 'output', 'both' or 'none'")
+    if attention not in ("map", "output", "both", "none", "score"):
+        raise ValueError(f"attention={attention!r} is invalid: expected 'map', 'output', 'both', 'none' or 'score'")
     if attention != "none" and not attention_kd_available():
         raise ValueError("attention KD needs pyquant.distill.capture, which is not available in this build; "
                          "pass attention='none' (--attention-kd none)")
@@ -130,6 +131,7 @@ def glue_distill_config(task: str, kd: bool, attention: str = "map", hidden: boo
                          kd=1.0, hidden=1.0 if hidden else 0.0,
                          attn_map=1.0 if attention in ("map", "both") else 0.0,
                          attn_output=1.0 if attention in ("output", "both") else 0.0,
+                         attn_score=1.0 if attention == "score" else 0.0,
                          hidden_reduction=red, attn_output_reduction=red)
 
 
