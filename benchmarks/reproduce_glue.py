@@ -244,13 +244,16 @@ def distill_config(a, task: str, row: str):
         return recipes.glue_distill_config(task, kd=False)
     if row in ("crild", "codistill"):
         fields = DistillConfig.__dataclass_fields__
-        want = {"crild": "crild", "codistill": "co_distill"}[row]
-        if want not in fields:
+        if row == "codistill" or "crild" not in fields:
+            # co-distillation trains the teacher too (one optimizer over both models); this script's student loop
+            # keeps the teacher frozen, so the row is not run here (pyquant.distill: DistillConfig(codistill=True))
             return None
-        dc = recipes.glue_distill_config(task, kd=True, attention="none", mse_reduction=a.mse_reduction)
-        d = dc.to_dict()
-        d[want] = 1.0
-        return DistillConfig(**d)
+        # CR-ILD in one stage: last-layer Q/K/V relations (+ MixUp, consistency 0.1) with logit KD at T = 2; the
+        # released script runs these as two stages (pyquant.distill.crild.crild_stages)
+        from pyquant.train.data import glue_task
+
+        tk = "regression" if glue_task(task).is_regression else "classification"
+        return DistillConfig(task=tk, ce=0.0, kd=1.0, temperature=2.0, crild=1.0)
     dc = recipes.glue_distill_config(task, kd=True, attention=ATTENTION[row], mse_reduction=a.mse_reduction)
     if row == "both":
         d = dc.to_dict()
@@ -424,8 +427,9 @@ def main(argv=None) -> int:
         else:
             dc = distill_config(a, t.name, row)
             if dc is None:
-                skipped[row] = ("this build's DistillConfig has no "
-                                f"{'CR-ILD' if row == 'crild' else 'co-distillation'} option (branch 'capture')")
+                skipped[row] = ("not run by this script: co-distillation trains the teacher too, and this script's "
+                                "student loop keeps it frozen" if row == "codistill" else
+                                "this build's DistillConfig has no CR-ILD option")
                 print(f"{row}: {skipped[row]}")
                 continue
             res, sps = run_student(a, ctx, teacher, row, dc, eval_every)
