@@ -204,3 +204,35 @@ def test_bench_moe_smoke(capsys):
     out = capsys.readouterr().out
     assert "reference-loop" in out and "nothing written" in out
     assert "smoke" not in moe.MOE_SHAPES  # the tiny case does not leak into the real shape table
+
+
+def test_distiller_router_logit_kd():
+    from pyquant.distill import DistillConfig, Distiller
+
+    torch.manual_seed(0)
+    teacher = _model("qwen3_moe")
+    student = _model("qwen3_moe")
+    student.load_state_dict(teacher.state_dict())
+    ids = torch.randint(0, 96, (2, 8))
+    d0 = Distiller(student, teacher, DistillConfig(task="causal_lm", ce=0.0, router=1.0))
+    assert d0({"input_ids": ids, "labels": ids}).losses["router"].item() == pytest.approx(0.0, abs=1e-6)
+    pyquant.prepare_qat(student, QATConfig())
+    gate = student.model.layers[0].mlp.gate.weight
+    with torch.no_grad():  # move the student's router so the two routings differ
+        gate.add_(0.3 * torch.randn_like(gate))
+    student.train()
+    d = Distiller(student, teacher, DistillConfig(task="causal_lm", ce=0.0, router=1.0))
+    opt = torch.optim.SGD([gate], lr=0.05)  # the router alone: its KD gradient must pull it back
+    losses = []
+    for _ in range(5):
+        out = d({"input_ids": ids, "labels": ids})
+        out.loss.backward()
+        assert gate.grad is not None and gate.grad.abs().sum() > 0
+        opt.step()
+        opt.zero_grad()
+        losses.append(out.losses["router"].item())
+    assert losses[-1] < losses[0], losses
+    with pytest.raises(ValueError, match="not a mixture-of-experts"):
+        dense = T.LlamaForCausalLM(T.LlamaConfig(**{**_COMMON, "intermediate_size": 64}))
+        Distiller(dense, T.LlamaForCausalLM(dense.config), DistillConfig(task="causal_lm", router=1.0))(
+            {"input_ids": ids, "labels": ids})

@@ -10,6 +10,8 @@ Losses (weight 0 disables one; it is then not computed):
   with ``attn_gamma`` set they enter as the unified mix ``attn_kd`` (gamma * map + (1 - gamma) * output) instead.
 * ``attn_score``  TernaryBERT's attention-score MSE (pre-softmax scaled scores, masked entries zeroed, summed over
   layers; ``pyquant.distill.attention.attention_score_mse``, materializes the L x L maps): the baseline row.
+* ``router``  MoE students: KL(softmax(teacher router logits) || softmax(student router logits)) per token, mean over
+  the non-padding tokens, summed over the MoE layers (``output_router_logits=True``; optional, off by default).
 
 Reductions (named options; "paper" = the seed papers' code, cited line by line in the README's distillation table):
 
@@ -75,6 +77,7 @@ class DistillConfig:
     attn_map: float = 0.0
     attn_output: float = 0.0
     attn_score: float = 0.0
+    router: float = 0.0
     attn_gamma: Optional[float] = None
     temperature: float = 1.0
     kd_kind: str = "soft_ce"
@@ -100,7 +103,7 @@ class DistillConfig:
         if self.task not in TASKS:
             raise ValueError(f"{n}.task={self.task!r} is invalid: expected one of {TASKS}")
         for name in ("ce", "kd", "tsld", "hidden", "attn_map", "attn_output", "crild", "crild_consistency",
-                     "kd_schedule_start", "kd_schedule_end", "attn_score"):
+                     "kd_schedule_start", "kd_schedule_end", "attn_score", "router"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
                 raise ValueError(f"{n}.{name}={v!r} is invalid: expected a float >= 0")
@@ -134,7 +137,7 @@ class DistillConfig:
             if v is not None:
                 object.__setattr__(self, name, tuple(v))
         if not (self.ce or self.kd or self.tsld or self.hidden or self.attn_map or self.attn_output or self.crild
-                or self.attn_score):
+                or self.attn_score or self.router):
             raise ValueError(f"{n}: every loss weight is 0; enable at least one of ce/kd/tsld/hidden/attn_*/crild")
         self._check_methods(n)
 
@@ -178,7 +181,7 @@ class DistillConfig:
     @property
     def needs_teacher(self) -> bool:
         return bool(self.kd or self.tsld or self.hidden or self.attn_map or self.attn_output or self.crild
-                    or self.attn_score)
+                    or self.attn_score or self.router)
 
     @property
     def needs_attention(self) -> bool:
@@ -349,10 +352,11 @@ class Distiller(nn.Module):
             with torch.no_grad():
                 cm = self._capture(teacher) if c.needs_attention else contextlib.nullcontext()
                 with cm as t_rec:
-                    t_out = self._run(teacher, inputs, want_hidden, fused and self._fused_head_ok(teacher))
+                    t_out = self._run(teacher, inputs, want_hidden, fused and self._fused_head_ok(teacher),
+                                      bool(c.router))
         cm = self._capture(self.student) if c.needs_attention else contextlib.nullcontext()
         with cm as s_rec:
-            s_out = self._run(self.student, inputs, want_hidden, fused)
+            s_out = self._run(self.student, inputs, want_hidden, fused, bool(c.router))
 
         losses: Dict[str, torch.Tensor] = {}
         total = None
@@ -396,6 +400,9 @@ class Distiller(nn.Module):
             hm = hidden_mse(list(s_out["hidden_states"]), list(t_out["hidden_states"]), c.layer_map,
                             None if c.hidden_reduction == "paper" else inputs.get("attention_mask"))
             add("hidden", hm, c.hidden)
+        if c.router:
+            add("router", _router_kl(s_out["router_logits"], t_out["router_logits"], inputs.get("attention_mask")),
+                c.router)
         if c.attn_score:
             add("attn_score", self._score_mse(s_rec, t_rec), c.attn_score)
         if c.attn_map or c.attn_output:
@@ -454,19 +461,46 @@ class Distiller(nn.Module):
         return bool(prefix) and isinstance(getattr(model, prefix, None), nn.Module)
 
     @staticmethod
-    def _run(model: nn.Module, inputs, want_hidden: bool, fused: bool) -> dict:
+    def _run(model: nn.Module, inputs, want_hidden: bool, fused: bool, want_router: bool = False) -> dict:
+        rk = {"output_router_logits": True} if want_router else {}
         if fused:
             base = getattr(model, model.base_model_prefix)
-            out = base(**inputs, output_hidden_states=want_hidden, use_cache=False, return_dict=True)
+            out = base(**inputs, output_hidden_states=want_hidden, use_cache=False, return_dict=True, **rk)
             head = model.get_output_embeddings()
             res = {"head_input": (out.last_hidden_state, head.weight, head.bias)}
         else:
             kw = {"use_cache": False} if _is_causal(model) else {}
-            out = model(**inputs, output_hidden_states=want_hidden, return_dict=True, **kw)
+            out = model(**inputs, output_hidden_states=want_hidden, return_dict=True, **kw, **rk)
             res = {"logits": out.logits, "head_input": (out.logits, None, None)}
         if want_hidden:
             res["hidden_states"] = out.hidden_states
+        if want_router:
+            rl = getattr(out, "router_logits", None)
+            if not rl:
+                raise ValueError(f"DistillConfig.router: {type(model).__name__} returned no router logits "
+                                 "(output_router_logits=True): it is not a mixture-of-experts model")
+            res["router_logits"] = tuple(rl)
         return res
+
+
+def _router_kl(s_logits, t_logits, attention_mask) -> torch.Tensor:
+    """Sum over MoE layers of the mean over non-padding tokens of KL(softmax(t) || softmax(s)) of the router logits
+    ([tokens, experts] per layer, tokens = B * L in the batch's order)."""
+    if len(s_logits) != len(t_logits):
+        raise ValueError(f"DistillConfig.router: student has {len(s_logits)} MoE layers, teacher {len(t_logits)}")
+    keep = None if attention_mask is None else attention_mask.reshape(-1).bool()
+    total = None
+    for s, t in zip(s_logits, t_logits):
+        if s.shape != t.shape:
+            raise ValueError(f"DistillConfig.router: router logits {tuple(s.shape)} (student) vs {tuple(t.shape)} "
+                             "(teacher): the experts must match")
+        kl = F.kl_div(F.log_softmax(s.float(), -1), F.log_softmax(t.float(), -1), reduction="none", log_target=True)
+        kl = kl.sum(-1)
+        if keep is not None and keep.numel() == kl.numel():
+            kl = kl[keep]
+        term = kl.mean()
+        total = term if total is None else total + term
+    return total
 
 
 def _is_causal(model) -> bool:
