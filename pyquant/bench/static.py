@@ -1001,10 +1001,10 @@ def check_call(call: Dict[str, Any]) -> None:
         miss = _LAUNCH_KEYS - set(la)
         if miss:
             raise ValueError(f"launch {la.get('name')!r} of {call['kernel']!r} misses {sorted(miss)}")
-        if sum(k in la for k in ("triton", "cuda", "builtin")) != 1:
+        if sum(k in la for k in ("triton", "cuda", "builtin", "library")) != 1:
             raise ValueError(f"launch {la['name']!r} of {call['kernel']!r}: give exactly one of 'triton', 'cuda' "
                              f"or 'builtin' (a torch side kernel: bytes only)")
-        if len(la["grid"]) != 3 or any(int(g) < 0 for g in la["grid"]):
+        if "library" not in la and (len(la["grid"]) != 3 or any(int(g) < 0 for g in la["grid"])):
             raise ValueError(f"launch {la['name']!r}: grid must be [gx, gy, gz] >= 0, got {la['grid']}")
 
 
@@ -1040,10 +1040,18 @@ def score_call(comp: Compiler, c: Constants, call: Dict[str, Any]) -> Dict[str, 
     main = None
     loop_load, loop_bytes_desc = 0.0, 0
     for la in call["launches"]:
-        gx, gy, gz = (int(g) for g in la["grid"])
-        ctas, tpc = gx * gy * gz, int(la["threads_per_cta"])
         weights += int(la["weights"])
         nbytes += int(la["bytes"])
+        if "library" in la:  # a library GEMM (cuBLAS): bounded like the cuBLAS baseline, by bytes and MMA flops
+            us_lib = max(int(la["bytes"]) / c.hbm_Bps, float(la.get("mma_flops", 0))
+                         / (c.bf16_tc_flops * c.tc_efficiency)) * 1e6 + c.launch_overhead_us
+            us += us_lib
+            launches.append(dict(name=la["name"], library=la["library"], bytes=int(la["bytes"]),
+                                 mma_flops=int(la.get("mma_flops", 0)), predicted_us=us_lib, bound="library"))
+            notes.append(f"{la['name']}: library GEMM, bounded like the cuBLAS baseline (instructions not counted)")
+            continue
+        gx, gy, gz = (int(g) for g in la["grid"])
+        ctas, tpc = gx * gy * gz, int(la["threads_per_cta"])
         if "builtin" in la:
             p = predict_launch(c, thread_instrs_per_cta=0, ctas=max(ctas, 1), threads_per_cta=max(tpc, 1),
                                nbytes=int(la["bytes"]))
