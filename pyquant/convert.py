@@ -267,9 +267,14 @@ def _select(model: nn.Module, cfg: QATConfig) -> Tuple[List[Tuple[str, nn.Module
                 raise ValueError(f"QATConfig.{what} pattern {p!r} matches no module of {type(model).__name__} "
                                  f"(patterns are globs over dotted names such as {names[-1]!r})" if names else
                                  f"QATConfig.{what} pattern {p!r}: the model has no submodules")
+    return _pick(model, cfg, _is_candidate)
+
+
+def _pick(model: nn.Module, cfg: QATConfig, candidate) -> Tuple[List[Tuple[str, nn.Module]], List[str]]:
+    """(targets, kept) among the modules ``candidate`` accepts, by the config's include / exclude patterns."""
     targets, kept, seen = [], [], set()
     for n, m in model.named_modules():
-        if not n or not _is_candidate(m):
+        if not n or not candidate(m):
             continue
         if cfg.include and not any(matches(n, p) for p in cfg.include):
             continue
@@ -285,17 +290,7 @@ def _select(model: nn.Module, cfg: QATConfig) -> Tuple[List[Tuple[str, nn.Module
 
 def _select_experts(model: nn.Module, cfg: QATConfig) -> Tuple[List[Tuple[str, nn.Module]], List[str]]:
     """Fused MoE experts modules selected by the same include / exclude patterns as the linear layers."""
-    targets, kept = [], []
-    for n, m in model.named_modules():
-        if not n or not _experts.is_experts(m):
-            continue
-        if cfg.include and not any(matches(n, p) for p in cfg.include):
-            continue
-        if any(matches(n, p) for p in cfg.resolved_exclude):
-            kept.append(n)
-            continue
-        targets.append((n, m))
-    return targets, kept
+    return _pick(model, cfg, _experts.is_experts)
 
 
 def _nothing_selected(model: nn.Module, cfg: QATConfig) -> ValueError:
