@@ -1002,8 +1002,8 @@ def check_call(call: Dict[str, Any]) -> None:
         if miss:
             raise ValueError(f"launch {la.get('name')!r} of {call['kernel']!r} misses {sorted(miss)}")
         if sum(k in la for k in ("triton", "cuda", "builtin", "library")) != 1:
-            raise ValueError(f"launch {la['name']!r} of {call['kernel']!r}: give exactly one of 'triton', 'cuda' "
-                             f"or 'builtin' (a torch side kernel: bytes only)")
+            raise ValueError(f"launch {la['name']!r} of {call['kernel']!r}: give exactly one of 'triton', 'cuda', "
+                             f"'builtin' (a torch side kernel: bytes only) or 'library' (a cuBLAS GEMM)")
         if "library" not in la and (len(la["grid"]) != 3 or any(int(g) < 0 for g in la["grid"])):
             raise ValueError(f"launch {la['name']!r}: grid must be [gx, gy, gz] >= 0, got {la['grid']}")
 
