@@ -88,6 +88,14 @@ def test_tsld_does_not_depend_on_padding_length(reduction):
     assert parts2["tsld"].item() == pytest.approx(a, rel=1e-5)
     assert tot2.item() == pytest.approx(tot.item(), rel=1e-5)
 
+    def literal(s, t, lab):  # utils_quant.py:89-100 applied as written to a padded batch: padding tokens get CE 0,
+        tc = F.cross_entropy(t.transpose(1, 2), lab, reduction="none")  # still take softmax weight, and their
+        scale = torch.softmax(tc / 10, dim=-1)  # soft CE is summed: the literal code is not padding invariant
+        per = (torch.sum(-torch.softmax(t, -1) * torch.log_softmax(s, -1), dim=-1) * scale).sum(-1)
+        return (per.sum() if reduction == "sum" else per.mean()).item()
+
+    assert abs(literal(s, t, lab) - literal(s2, t2, lab2)) > 1e-2 * abs(a)
+
 
 def test_tsld_bad_reduction():
     s, t, lab = _padded_lm(0, [3, 2])
