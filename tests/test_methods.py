@@ -147,6 +147,10 @@ def test_crild_refuses_uncapturable_and_bad_options():
     cfg = DistillConfig(task="classification", ce=0.0, crild=1.0)
     with pytest.raises(ValueError, match="AttentionInterface"):
         Distiller(deb, _bert(1), cfg)
+    with pytest.raises(ValueError, match=r"crild: the teacher \(DebertaV2ForSequenceClassification\) computes"):
+        Distiller(_bert(1), deb, cfg)
+    with pytest.raises(ValueError, match="crild: the student must be a transformers model"):
+        Distiller(torch.nn.Linear(4, 3), _bert(1), cfg)
     with pytest.raises(ValueError, match="num_attention_heads"):
         Distiller(_bert(1), _bert(2, hidden=48, heads=6), cfg)
     with pytest.raises(ValueError, match="MixUp"):

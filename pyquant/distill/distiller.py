@@ -23,6 +23,9 @@ Reductions (named options; "paper" = the seed papers' code, cited line by line i
   output and every layer (kd-qat-large-enc main.py:763-766 ``MSELoss()(student_rep, teacher_rep)``; TSLD's layer-
   to-layer loss likewise, aiha-lab/TSLD utils/utils_quant.py:113-115); it depends on how far the batch is padded.
   "masked": mean over the non-padding tokens x D only (padding-invariant).
+* ``attn_map_reduction``: "paper" (default): per example the KL summed over its valid query rows and keys divided by
+  its own valid length, mean over B x H (kd-qat-large-enc main.py l. 743/748, 752); "mean_rows": mean over all valid
+  query rows (``pyquant.distill.attention.attention_map_loss``).  Both are padding-invariant.
 * ``attn_output_reduction``: "paper" (default): ``MSELoss`` mean over all B*L*D entries of the attention sub-layer
   output, no padding mask, summed over layers (kd-qat-large-enc main.py:688-693); "masked": non-padding tokens only.
 * classification logit KD at ``temperature=1``, ``kd_kind="soft_ce"`` is the paper's ``soft_cross_entropy`` (mean over
@@ -59,6 +62,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..reference.attention import ATTENTION_REDUCTIONS
 from ..reference.distill import KD_KINDS, TSLD_REDUCTIONS, hidden_mse, logit_kd_loss, resolve_layer_map
 from .losses import LogitLossWeights, chunked_logit_losses
 
@@ -92,6 +96,7 @@ class DistillConfig:
     ce_reduction: str = "mean"
     hidden_reduction: str = "paper"
     attn_output_reduction: str = "paper"
+    attn_map_reduction: str = "paper"
     layer_map: Optional[tuple] = None
     attn_layer_map: Optional[tuple] = None
     chunk_size: int = 1024
@@ -132,6 +137,9 @@ class DistillConfig:
         for name in ("hidden_reduction", "attn_output_reduction"):
             if getattr(self, name) not in MSE_REDUCTIONS:
                 raise ValueError(f"{n}.{name}={getattr(self, name)!r} is invalid: expected one of {MSE_REDUCTIONS}")
+        if self.attn_map_reduction not in ATTENTION_REDUCTIONS:
+            raise ValueError(f"{n}.attn_map_reduction={self.attn_map_reduction!r} is invalid: expected one of "
+                             f"{ATTENTION_REDUCTIONS}")
         if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
             raise ValueError(f"{n}.temperature={self.temperature!r} is invalid: expected a float > 0")
         if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size <= 0:
@@ -238,6 +246,7 @@ class Distiller(nn.Module):
             from .codistill import check_trainable_teacher
 
             check_trainable_teacher(teacher)
+            self._check_compatible(student, teacher)  # e.g. num_labels, before any step
             self.co_teacher = teacher
         elif teacher is not None:
             teacher.eval()
@@ -424,7 +433,8 @@ class Distiller(nn.Module):
             ad = attention_kd_losses(s_rec, t_rec, gamma=c.attn_gamma, map_weight=c.attn_map,
                                      output_weight=c.attn_output,
                                      layer_map=None if c.attn_layer_map is None else list(c.attn_layer_map),
-                                     temperature=1.0, output_mask=c.attn_output_reduction == "masked")
+                                     temperature=1.0, reduction=c.attn_map_reduction,
+                                     output_mask=c.attn_output_reduction == "masked")
             if c.attn_gamma is not None:
                 add("attn_kd", ad["attn_kd"], 1.0)
                 for k in ("attn_map", "attn_output"):
