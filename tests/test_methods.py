@@ -342,3 +342,25 @@ def test_train_loop_drives_progress_and_trains_both_in_codistill(tmp_path):
     train(co, rows, collate, TrainConfig(output_dir=str(tmp_path / "b"), max_steps=2, batch_size=4, lr=1e-2,
                                          progress=False))
     assert not torch.equal(before, t.classifier.weight)
+
+
+def test_qat_glue_recipe_co_distills_and_evaluates_the_student(tmp_path, monkeypatch):
+    # the recipe behind benchmarks/reproduce_glue.py's codistill row: the teacher trains in place with the student
+    # (one optimizer), and the periodic dev evaluations score the student, not the Distiller
+    from pyquant.train import recipes
+    from pyquant.train.loop import TrainConfig
+
+    s, t = _bert(50), _bert(51, layers=3)
+    t.requires_grad_(True)
+    g = torch.Generator().manual_seed(52)
+    ex = [{"input_ids": torch.randint(1, 100, (int(n),), generator=g).tolist(), "labels": i % 2}
+          for i, n in enumerate(torch.randint(3, 9, (8,), generator=g))]
+    seen = []
+    real = recipes.evaluate_glue
+    monkeypatch.setattr(recipes, "evaluate_glue", lambda m, *a, **k: (seen.append(m), real(m, *a, **k))[1])
+    before = t.classifier.weight.detach().clone()
+    dc = DistillConfig(task="classification", ce=1.0, kd=1.0, temperature=2.0, codistill=True)
+    cfg = TrainConfig(output_dir=str(tmp_path), max_steps=2, batch_size=4, lr=1e-2, eval_every=1, progress=False)
+    res = recipes.qat_glue(t, s, "rte", ex, 0, cfg, dc, None, None, dev_examples=ex[:4], preset="kdqat-emnlp22")
+    assert len([h for h in res.history if h.get("eval")]) >= 2 and seen and all(m is s for m in seen)
+    assert not torch.equal(before, t.classifier.weight)
