@@ -250,7 +250,7 @@ def _padded_pair(lengths, L, h=2, d=32):
         for t in ts:
             t[i, :, :n] = torch.randn(h, n, d, generator=gv)
     kpm = torch.arange(L)[None, :] < torch.tensor(lengths)[:, None]
-    return (*ts, kpm)
+    return (*(x.to(DEV) for x in ts), kpm.to(DEV))
 
 
 @pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton)])
