@@ -225,7 +225,8 @@ class Distiller(nn.Module):
     (causal LM: token ids with -100 on padding, unshifted; classification: class ids [B]; regression: floats [B]).
     The teacher is frozen (eval mode, ``requires_grad=False``, run under ``no_grad``, optionally cast to
     ``teacher_dtype``); it is a submodule so ``.to(device)`` moves it, but it never appears in ``parameters()`` of
-    the student optimizer (use ``distiller.student.parameters()``).
+    the student optimizer (use ``distiller.student.parameters()``) -- except with ``codistill=True``, where it is
+    trained too and ``parameters()`` holds both (``trainable_module()``).
     """
 
     def __init__(self, student: nn.Module, teacher: Optional[nn.Module], config: DistillConfig = DistillConfig()):
