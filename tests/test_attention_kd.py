@@ -240,6 +240,46 @@ def test_paper_reduction_matches_kd_qat_large_enc_code_on_unequal_lengths(backen
     torch.testing.assert_close(mr.item(), rows[kpm[:, None, :].expand(b, h, L)].mean().item(), rtol=1e-5, atol=1e-7)
 
 
+def _padded_pair(lengths, L, h=2, d=32):
+    """q_s, k_s, q_t, k_t [B, H, L, d] whose valid positions (example i: the first lengths[i]) hold the same values
+    whatever L is, and whose padding positions hold large random garbage (a mask that leaks shows up)."""
+    gv, gp = torch.Generator().manual_seed(5), torch.Generator().manual_seed(L)
+    b = len(lengths)
+    ts = [torch.randn(b, h, L, d, generator=gp) * 5 for _ in range(4)]
+    for i, n in enumerate(lengths):
+        for t in ts:
+            t[i, :, :n] = torch.randn(h, n, d, generator=gv)
+    kpm = torch.arange(L)[None, :] < torch.tensor(lengths)[:, None]
+    return (*(x.to(DEV) for x in ts), kpm.to(DEV))
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_map_loss_and_grads_do_not_depend_on_padding_length(backend, causal):
+    # issue 13: a batch padded to its own longest example (13) or to a fixed max length (40) gives the same loss
+    # under both reductions ("paper": per-example valid length; "mean_rows"), and the same gradients at the valid
+    # positions, zero at the padding ones -- for the streaming kernel (interpreter) and the reference
+    lengths = [13, 7, 4]
+    for reduction in ("paper", "mean_rows"):
+        got = []
+        for L in (max(lengths), 40):
+            q_s, k_s, q_t, k_t, kpm = _padded_pair(lengths, L)
+            q_s.requires_grad_(), k_s.requires_grad_()
+            with use_backend(backend):
+                loss = attention_map_loss(q_s, k_s, q_t, k_t, kpm, causal=causal, reduction=reduction)
+                assert last_backend() == ("attention_map_kl", backend)
+                loss.backward()
+            pad = ~kpm[:, None, :, None].expand_as(q_s)
+            assert q_s.grad[pad].abs().max() == 0 and k_s.grad[pad].abs().max() == 0, (reduction, L)
+            got.append((loss.detach(), [g[:, :, :max(lengths)][~pad[:, :, :max(lengths)]] for g in
+                                        (q_s.grad, k_s.grad)]))
+        (l0, g0), (l1, g1) = got
+        assert l0.item() > 1e-2
+        torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-7)
+        for a, b_ in zip(g1, g0):
+            torch.testing.assert_close(a, b_, rtol=1e-4, atol=1e-6 * b_.abs().max().item())
+
+
 def test_paper_clamp_only_matters_below_1e_minus_8():
     # sharp maps: some kept probabilities fall below 1e-8; the paper's clamped value differs from the exact KL only by
     # the clamped entries' terms, which this recomputes in closed form

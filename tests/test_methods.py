@@ -3,6 +3,7 @@ consistency), co-distillation (CTCD) and the weak-teacher KD weight schedule (DW
 training."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from types import SimpleNamespace
@@ -34,6 +35,15 @@ def _batch(seed=0, B=4, L=7):
     am[1, 5:] = 0
     am[3, 2:] = 0
     return {"input_ids": ids, "attention_mask": am, "labels": torch.randint(0, 3, (B,), generator=g)}
+
+
+def _tiny_llama_pair(vocab=53):
+    torch.manual_seed(0)
+    lcfg = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=32)
+    ids = torch.randint(0, vocab, (2, 7))
+    return LlamaForCausalLM(lcfg), LlamaForCausalLM(lcfg), {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                                                            "labels": ids}
 
 
 def _paper_attention_kl(s_rel, t_rel, mask=None):
@@ -137,6 +147,10 @@ def test_crild_refuses_uncapturable_and_bad_options():
     cfg = DistillConfig(task="classification", ce=0.0, crild=1.0)
     with pytest.raises(ValueError, match="AttentionInterface"):
         Distiller(deb, _bert(1), cfg)
+    with pytest.raises(ValueError, match=r"crild: the teacher \(DebertaV2ForSequenceClassification\) computes"):
+        Distiller(_bert(1), deb, cfg)
+    with pytest.raises(ValueError, match="crild: the student must be a transformers model"):
+        Distiller(torch.nn.Linear(4, 3), _bert(1), cfg)
     with pytest.raises(ValueError, match="num_attention_heads"):
         Distiller(_bert(1), _bert(2, hidden=48, heads=6), cfg)
     with pytest.raises(ValueError, match="MixUp"):
@@ -236,12 +250,7 @@ def test_dwt_schedule_and_progress():
     const.set_progress(3, 10)
     assert const.kd_weight() == 1.5
     # causal LM: the chunked logit path takes the scheduled weight
-    torch.manual_seed(0)
-    lcfg = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=53, max_position_embeddings=32)
-    s_lm, t_lm = LlamaForCausalLM(lcfg), LlamaForCausalLM(lcfg)
-    ids = torch.randint(0, 53, (2, 7))
-    lb = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    s_lm, t_lm, lb = _tiny_llama_pair()
     sched = Distiller(s_lm, t_lm, DistillConfig(ce=1.0, kd=1.0, kd_schedule="linear"))
     sched.set_progress(5, 10)
     fixed = Distiller(s_lm, t_lm, DistillConfig(ce=1.0, kd=2.5))
@@ -259,6 +268,49 @@ def test_dwt_schedule_and_progress():
         d.set_progress(1, 0)
     with pytest.raises(TypeError, match="set_progress"):
         ProgressCallback(object())
+
+
+def test_dwt_objective_is_the_papers_eq3():
+    """Lee et al., Findings of ACL 2023 (DWT), Sec. 2: Eq. 1 H(q, p_theta) = -sum_c q(c) log p_theta(c); Eq. 2
+    S = sum_c p_omega^tau(c) log(p_omega^tau(c) / p_theta^tau(c)); Eq. 3 L = alpha_h * H + alpha_s * S (no tau^2);
+    Sec. 3 "Training setting": alpha_h : alpha_s = 1 : 1; Sec. 3.2: "Strong" alpha_s = 4, decay 4 -> 1 suggested."""
+    student, teacher = _bert(40, layers=3), _bert(41, layers=1)  # the weak teacher is the smaller model
+    b = _batch(42)
+    inp = {k: b[k] for k in ("input_ids", "attention_mask")}
+    tau = 2.0
+    cfg = DistillConfig(task="classification", ce=1.0, kd=1.0, kd_kind="kl", temperature=tau, kd_t_squared=False)
+    d = Distiller(student, teacher, cfg)
+    out = d(b)
+    zs = student(**inp).logits
+    with torch.no_grad():
+        zt = teacher(**inp).logits
+    log_pt, log_ps = F.log_softmax(zt / tau, -1), F.log_softmax(zs / tau, -1)
+    S = (log_pt.exp() * (log_pt - log_ps)).sum(-1).mean()  # Eq. 2, mean over the batch
+    H = F.cross_entropy(zs, b["labels"])  # Eq. 1 at tau = 1
+    torch.testing.assert_close(out.losses["kd"], S.detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(out.loss, H + S, rtol=1e-5, atol=1e-7)
+    # the default keeps Hinton's tau^2 factor: tau^2 times Eq. 2's term
+    d2 = Distiller(student, teacher, DistillConfig(task="classification", ce=1.0, kd=1.0, kd_kind="kl",
+                                                   temperature=tau))
+    torch.testing.assert_close(d2(b).losses["kd"], tau ** 2 * S.detach(), rtol=1e-5, atol=1e-6)
+    # "Strong" at the start of the suggested decay: alpha_s = 4
+    lin = Distiller(student, teacher, dataclasses.replace(cfg, kd_schedule="linear"))
+    lin.set_progress(0, 10)
+    torch.testing.assert_close(lin(b).loss, H + 4 * S, rtol=1e-5, atol=1e-6)
+    # causal LM (chunked logit path) and co-distillation take the same option
+    s_lm, t_lm, lb = _tiny_llama_pair()
+    a = Distiller(s_lm, t_lm, DistillConfig(ce=1.0, kd=1.0, kd_kind="kl", temperature=tau, kd_t_squared=False))(lb)
+    w = Distiller(s_lm, t_lm, DistillConfig(ce=1.0, kd=1.0 / tau ** 2, kd_kind="kl", temperature=tau))(lb)
+    torch.testing.assert_close(a.loss, w.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a.losses["kd"], w.losses["kd"] / tau ** 2, rtol=1e-5, atol=1e-7)
+    teacher.requires_grad_(True)
+    co = Distiller(student, teacher, dataclasses.replace(cfg, codistill=True))(b)
+    zt = teacher(**inp).logits
+    want = H + F.cross_entropy(zt, b["labels"]) + (R.kl_divergence(zs, zt.detach(), tau)
+                                                   + R.kl_divergence(zt, zs.detach(), tau)) / tau ** 2
+    torch.testing.assert_close(co.loss, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="kd_t_squared"):
+        DistillConfig(task="classification", kd=1.0, kd_t_squared="no")
 
 
 def test_train_loop_drives_progress_and_trains_both_in_codistill(tmp_path):
@@ -289,4 +341,26 @@ def test_train_loop_drives_progress_and_trains_both_in_codistill(tmp_path):
     collate = lambda xs: {k: torch.stack([x[k] for x in xs]) for k in xs[0]}  # noqa: E731
     train(co, rows, collate, TrainConfig(output_dir=str(tmp_path / "b"), max_steps=2, batch_size=4, lr=1e-2,
                                          progress=False))
+    assert not torch.equal(before, t.classifier.weight)
+
+
+def test_qat_glue_recipe_co_distills_and_evaluates_the_student(tmp_path, monkeypatch):
+    # the recipe behind benchmarks/reproduce_glue.py's codistill row: the teacher trains in place with the student
+    # (one optimizer), and the periodic dev evaluations score the student, not the Distiller
+    from pyquant.train import recipes
+    from pyquant.train.loop import TrainConfig
+
+    s, t = _bert(50), _bert(51, layers=3)
+    t.requires_grad_(True)
+    g = torch.Generator().manual_seed(52)
+    ex = [{"input_ids": torch.randint(1, 100, (int(n),), generator=g).tolist(), "labels": i % 2}
+          for i, n in enumerate(torch.randint(3, 9, (8,), generator=g))]
+    seen = []
+    real = recipes.evaluate_glue
+    monkeypatch.setattr(recipes, "evaluate_glue", lambda m, *a, **k: (seen.append(m), real(m, *a, **k))[1])
+    before = t.classifier.weight.detach().clone()
+    dc = DistillConfig(task="classification", ce=1.0, kd=1.0, temperature=2.0, codistill=True)
+    cfg = TrainConfig(output_dir=str(tmp_path), max_steps=2, batch_size=4, lr=1e-2, eval_every=1, progress=False)
+    res = recipes.qat_glue(t, s, "rte", ex, 0, cfg, dc, None, None, dev_examples=ex[:4], preset="kdqat-emnlp22")
+    assert len([h for h in res.history if h.get("eval")]) >= 2 and seen and all(m is s for m in seen)
     assert not torch.equal(before, t.classifier.weight)

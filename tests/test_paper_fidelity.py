@@ -67,6 +67,36 @@ def test_tsld_sum_is_default_and_batch_times_mean():
     assert R.tsld_loss(s, t, lab).item() == pytest.approx(paper.item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_tsld_does_not_depend_on_padding_length(reduction):
+    # the same sequences padded to their own longest (7) or to 12, padding logits random garbage: equal losses
+    # (padding tokens carry label -100 and are left out of the per-sequence token-weight softmax); the paper's code
+    # never pads (fixed-length WikiText/PTB blocks), so this is its per-sequence formula on each unpadded sequence
+    lengths = [7, 4, 2, 5]
+    s, t, lab = _padded_lm(0, lengths)
+    g = torch.Generator().manual_seed(9)
+    B, L, V = s.shape
+    pad = lambda x: torch.cat([x, torch.randn(B, 12 - L, V, generator=g) * 4], 1)  # noqa: E731
+    s2, t2 = pad(s), pad(t)
+    lab2 = torch.cat([lab, torch.full((B, 12 - L), -100)], 1)
+    w = LogitLossWeights(ce=1.0, tsld=1.0, tsld_reduction=reduction)
+    a = R.tsld_loss(s, t, lab, reduction=reduction).item()
+    assert a == pytest.approx(R.tsld_loss(s2, t2, lab2, reduction=reduction).item(), rel=1e-5)
+    tot, parts = chunked_logit_losses(s, lab, teacher=t, loss_weights=w, chunk_size=5)
+    tot2, parts2 = chunked_logit_losses(s2, lab2, teacher=t2, loss_weights=w, chunk_size=5)
+    assert parts["tsld"].item() == pytest.approx(a, rel=1e-5)
+    assert parts2["tsld"].item() == pytest.approx(a, rel=1e-5)
+    assert tot2.item() == pytest.approx(tot.item(), rel=1e-5)
+
+    def literal(s, t, lab):  # utils_quant.py:89-100 applied as written to a padded batch: padding tokens get CE 0,
+        tc = F.cross_entropy(t.transpose(1, 2), lab, reduction="none")  # still take softmax weight, and their
+        scale = torch.softmax(tc / 10, dim=-1)  # soft CE is summed: the literal code is not padding invariant
+        per = (torch.sum(-torch.softmax(t, -1) * torch.log_softmax(s, -1), dim=-1) * scale).sum(-1)
+        return (per.sum() if reduction == "sum" else per.mean()).item()
+
+    assert abs(literal(s, t, lab) - literal(s2, t2, lab2)) > 1e-2 * abs(a)
+
+
 def test_tsld_bad_reduction():
     s, t, lab = _padded_lm(0, [3, 2])
     with pytest.raises(ValueError, match="reduction"):
@@ -170,7 +200,12 @@ def test_padding_further_invariance():
         return sum(attention_map_loss(e.q, e.k, f.q, f.k, e.key_padding_mask, reduction=reduction)
                    for e, f in zip(rs, rt)).item()
 
-    assert map_loss(short, "mean_rows") == pytest.approx(map_loss(long, "mean_rows"), rel=1e-4)
+    for reduction in ("mean_rows", "paper"):  # both per-valid-row normalizations: invariant
+        assert map_loss(short, reduction) == pytest.approx(map_loss(long, reduction), rel=1e-4), reduction
+    # through the Distiller (capture, the paper reduction, summed over layers) likewise
+    cfg = DistillConfig(task="classification", ce=0.0, attn_map=1.0)
+    a, b = (Distiller(s, t, cfg)(x).losses["attn_map"].item() for x in (short, long))
+    assert a > 1e-5 and a == pytest.approx(b, rel=1e-4)
 
 
 # ---- activation clip (kd-qat-large-enc transformer/utils_quant.py SymQuantizer, layerwise=True) ---------------------

@@ -39,9 +39,9 @@ def test_reproduce_glue_smoke(tmp_path, capsys):
         pytest.skip("no GLUE data pack")
     out = tmp_path / "res"
     assert g.main(["--smoke", "--out", str(out)]) == 0
-    data = _check_files(out / "reproduce_glue-rte-smoke", 8)
+    data = _check_files(out / "reproduce_glue-rte-smoke", 9)
     rows = {r["row"]: r for r in data["rows"]}
-    assert list(rows) == ["fp", "ptq", "qat", "ternarybert", "map", "output", "both", "crild"]
+    assert list(rows) == ["fp", "ptq", "qat", "ternarybert", "map", "output", "both", "crild", "codistill"]
     assert rows["crild"]["distill"]["crild"] == 1.0 and rows["crild"]["distill"]["temperature"] == 2.0
     for r in rows.values():
         assert 0.0 <= r["best"] <= 100.0 and 0.0 <= r["last"] <= 100.0
@@ -50,7 +50,12 @@ def test_reproduce_glue_smoke(tmp_path, capsys):
     assert rows["both"]["distill"]["attn_gamma"] == 0.5
     assert rows["map"]["best_step"] >= 1 and len(rows["map"]["evals"]) == rows["map"]["steps"]
     assert data["extra"]["teacher"]["recipe"]["best_epoch"] == 1
-    assert set(data["extra"].get("skipped", {})) == {"codistill"}  # the teacher would have to train too
+    assert not data["extra"].get("skipped")
+    # co-distillation: the teacher trains too (a copy; the row records its dev score after co-training)
+    co = rows["codistill"]
+    assert co["distill"]["codistill"] is True and co["distill"]["temperature"] == 2.0
+    assert 0.0 <= co["teacher_after"] <= 100.0 and "co-trained teacher" in co["note"]
+    assert len(co["evals"]) == co["steps"] >= 1
     # rerun: nothing retrained, the table is printed from the file
     capsys.readouterr()
     assert g.main(["--smoke", "--out", str(out), "--rows", "fp,ptq,both"]) == 0

@@ -29,6 +29,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from ..reference.attention import ATTENTION_REDUCTIONS
 from ..reference.distill import resolve_layer_map
 from .attention import attention_map_loss, attention_output_loss
 
@@ -441,6 +442,8 @@ def attention_kd_losses(
     if gamma is not None and (isinstance(gamma, bool) or not isinstance(gamma, (int, float))
                               or not 0.0 <= gamma <= 1.0):
         raise ValueError(f"gamma={gamma!r} is invalid: expected None or a float in [0, 1]")
+    if reduction not in ATTENTION_REDUCTIONS:  # even when the map loss is off: a misspelt name never passes
+        raise ValueError(f"reduction={reduction!r} is invalid: expected one of {ATTENTION_REDUCTIONS}")
     for nm, w in (("map_weight", map_weight), ("output_weight", output_weight)):
         if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
             raise ValueError(f"{nm}={w!r} is invalid: expected a float >= 0")

@@ -3,7 +3,8 @@
 Losses (weight 0 disables one; it is then not computed):
 
 * ``ce``      ground-truth cross-entropy (causal LM: next token; classification: label; regression: MSE)
-* ``kd``      logit KD, soft cross-entropy or KL at temperature T (times T^2), see ``pyquant.reference.distill``
+* ``kd``      logit KD, soft cross-entropy or KL at temperature T (times T^2, ``kd_t_squared=True``, the default;
+  ``False``: without the T^2 factor, as DWT's Eq. 3), see ``pyquant.reference.distill``
 * ``tsld``    TSLD token-scaled logit distillation (causal LM only); with ``ce`` this is the TSLD objective
 * ``hidden``  hidden-state MSE over the embedding output and every layer (``layer_map`` when depths differ)
 * ``attn_map`` / ``attn_output``  attention-map KL and attention-output MSE from ``pyquant.distill.capture``;
@@ -22,6 +23,9 @@ Reductions (named options; "paper" = the seed papers' code, cited line by line i
   output and every layer (kd-qat-large-enc main.py:763-766 ``MSELoss()(student_rep, teacher_rep)``; TSLD's layer-
   to-layer loss likewise, aiha-lab/TSLD utils/utils_quant.py:113-115); it depends on how far the batch is padded.
   "masked": mean over the non-padding tokens x D only (padding-invariant).
+* ``attn_map_reduction``: "paper" (default): per example the KL summed over its valid query rows and keys divided by
+  its own valid length, mean over B x H (kd-qat-large-enc main.py l. 743/748, 752); "mean_rows": mean over all valid
+  query rows (``pyquant.distill.attention.attention_map_loss``).  Both are padding-invariant.
 * ``attn_output_reduction``: "paper" (default): ``MSELoss`` mean over all B*L*D entries of the attention sub-layer
   output, no padding mask, summed over layers (kd-qat-large-enc main.py:688-693); "masked": non-padding tokens only.
 * classification logit KD at ``temperature=1``, ``kd_kind="soft_ce"`` is the paper's ``soft_cross_entropy`` (mean over
@@ -33,10 +37,15 @@ Other seed methods (options of the same Distiller; each cites its paper/repo in 
   (``crild_mixup``) plus the consistency term ``crild_consistency * (epoch / E) * ...``; ``crild_stages()`` gives
   the released two-stage recipe (stage 2 = logit KD at T = 2).
 * ``codistill=True``: co-distillation, CTCD (pyquant/distill/codistill.py) -- the teacher is trained too, one
-  optimizer over both (``trainable_module()`` is the Distiller itself); a frozen teacher is refused.
-* ``kd_schedule``: the logit-KD weight alpha_s over training (weak-teacher KD, DWT): "constant" or "linear"
-  (``kd * (kd_schedule_start -> kd_schedule_end)``, 4 -> 1 by default) driven by ``set_progress(step, total)``,
-  which pyquant's train loop calls every step (the HF Trainer: ``pyquant.distill.progress.ProgressCallback``).
+  optimizer over both (``trainable_module()`` is the Distiller itself); a frozen teacher is refused.  Unverified:
+  only the paper's abstract was available (the module docstring says which choices are the library's).
+* ``kd_schedule``: the logit-KD weight alpha_s over training (weak-teacher KD, DWT): "constant" (default; the
+  paper's experiments, alpha_h : alpha_s = 1 : 1) or "linear" (``kd * (kd_schedule_start -> kd_schedule_end)``,
+  4 -> 1 by default: the decay the paper *suggests* but did not run, Sec. 3.2 last sentence; the linear shape is
+  this library's choice) driven by ``set_progress(step, total)``, which pyquant's train loop calls every step (the
+  HF Trainer: ``pyquant.distill.progress.ProgressCallback``).  DWT's objective, Lee et al., Findings of ACL 2023,
+  Eq. 3: ``alpha_h * CE + alpha_s * KL(p_T^tau || p_S^tau)`` -- no tau^2 factor: ``kd_kind="kl",
+  kd_t_squared=False`` (identical to the default at ``temperature=1``; the paper does not state its tau).
 
 Causal-LM logit losses are computed in token chunks (``pyquant.distill.losses``); when the student's head is a
 plain ``nn.Linear`` the Distiller runs the base model and feeds its final hidden states and the lm_head weight to
@@ -53,6 +62,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..reference.attention import ATTENTION_REDUCTIONS
 from ..reference.distill import KD_KINDS, TSLD_REDUCTIONS, hidden_mse, logit_kd_loss, resolve_layer_map
 from .losses import LogitLossWeights, chunked_logit_losses
 
@@ -86,6 +96,7 @@ class DistillConfig:
     ce_reduction: str = "mean"
     hidden_reduction: str = "paper"
     attn_output_reduction: str = "paper"
+    attn_map_reduction: str = "paper"
     layer_map: Optional[tuple] = None
     attn_layer_map: Optional[tuple] = None
     chunk_size: int = 1024
@@ -97,6 +108,7 @@ class DistillConfig:
     kd_schedule: str = "constant"
     kd_schedule_start: float = 4.0
     kd_schedule_end: float = 1.0
+    kd_t_squared: bool = True
 
     def __post_init__(self):
         n = "DistillConfig"
@@ -125,6 +137,9 @@ class DistillConfig:
         for name in ("hidden_reduction", "attn_output_reduction"):
             if getattr(self, name) not in MSE_REDUCTIONS:
                 raise ValueError(f"{n}.{name}={getattr(self, name)!r} is invalid: expected one of {MSE_REDUCTIONS}")
+        if self.attn_map_reduction not in ATTENTION_REDUCTIONS:
+            raise ValueError(f"{n}.attn_map_reduction={self.attn_map_reduction!r} is invalid: expected one of "
+                             f"{ATTENTION_REDUCTIONS}")
         if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
             raise ValueError(f"{n}.temperature={self.temperature!r} is invalid: expected a float > 0")
         if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size <= 0:
@@ -142,7 +157,7 @@ class DistillConfig:
         self._check_methods(n)
 
     def _check_methods(self, n: str) -> None:
-        for name in ("crild_mixup", "codistill"):
+        for name in ("crild_mixup", "codistill", "kd_t_squared"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{n}.{name}={getattr(self, name)!r} is invalid: expected a bool")
         if self.kd_schedule not in KD_SCHEDULES:
@@ -210,7 +225,8 @@ class Distiller(nn.Module):
     (causal LM: token ids with -100 on padding, unshifted; classification: class ids [B]; regression: floats [B]).
     The teacher is frozen (eval mode, ``requires_grad=False``, run under ``no_grad``, optionally cast to
     ``teacher_dtype``); it is a submodule so ``.to(device)`` moves it, but it never appears in ``parameters()`` of
-    the student optimizer (use ``distiller.student.parameters()``).
+    the student optimizer (use ``distiller.student.parameters()``) -- except with ``codistill=True``, where it is
+    trained too and ``parameters()`` holds both (``trainable_module()``).
     """
 
     def __init__(self, student: nn.Module, teacher: Optional[nn.Module], config: DistillConfig = DistillConfig()):
@@ -231,6 +247,7 @@ class Distiller(nn.Module):
             from .codistill import check_trainable_teacher
 
             check_trainable_teacher(teacher)
+            self._check_compatible(student, teacher)  # e.g. num_labels, before any step
             self.co_teacher = teacher
         elif teacher is not None:
             teacher.eval()
@@ -249,7 +266,7 @@ class Distiller(nn.Module):
                 raise ValueError("attn_map/attn_output losses need pyquant.distill.capture, which is not available "
                                  f"in this build ({e})") from e
         self.logit_weights = LogitLossWeights(ce=config.ce if config.task == "causal_lm" else 0.0,
-                                              kd=config.kd if config.task == "causal_lm" else 0.0,
+                                              kd=config.kd * self.kd_scale() if config.task == "causal_lm" else 0.0,
                                               tsld=config.tsld, temperature=config.temperature,
                                               kd_kind=config.kd_kind, tsld_tau=config.tsld_tau,
                                               tsld_reduction=config.tsld_reduction) \
@@ -304,6 +321,10 @@ class Distiller(nn.Module):
             return float(c.kd)
         return float(c.kd) * (c.kd_schedule_start + (c.kd_schedule_end - c.kd_schedule_start) * self._progress[0])
 
+    def kd_scale(self) -> float:
+        """Factor on the (T^2-scaled) logit-KD term: 1, or 1 / T^2 with ``kd_t_squared=False`` (DWT Eq. 3)."""
+        return 1.0 if self.config.kd_t_squared else 1.0 / float(self.config.temperature) ** 2
+
     # ---- checks before any training -----------------------------------------------------------------------------
     def _check_compatible(self, student: nn.Module, teacher: nn.Module) -> None:
         c = self.config
@@ -342,7 +363,7 @@ class Distiller(nn.Module):
 
             return crild_forward(self, inputs, labels)
         if c.kd_schedule != "constant" and self.logit_weights is not None:
-            self.logit_weights = dataclasses.replace(self.logit_weights, kd=self.kd_weight())
+            self.logit_weights = dataclasses.replace(self.logit_weights, kd=self.kd_weight() * self.kd_scale())
         want_hidden = bool(c.hidden)
         fused = c.task == "causal_lm" and self._fused_head_ok(self.student)
         s_rec = t_rec = None
@@ -381,6 +402,8 @@ class Distiller(nn.Module):
                                                  loss_weights=self.logit_weights, chunk_size=c.chunk_size, **kw)
                 total = lt
                 losses.update({k: v.detach() for k, v in parts.items()})
+                if "kd" in losses and self.kd_scale() != 1.0:  # report the term as weighted (without T^2)
+                    losses["kd"] = losses["kd"] * self.kd_scale()
         else:
             s_logits = s_out["logits"].float()
             if c.task == "regression":
@@ -394,7 +417,7 @@ class Distiller(nn.Module):
                 if c.task == "regression":
                     kd = F.mse_loss(s_logits, t_logits.squeeze(-1))
                 else:
-                    kd = logit_kd_loss(s_logits, t_logits, c.temperature, c.kd_kind)
+                    kd = logit_kd_loss(s_logits, t_logits, c.temperature, c.kd_kind) * self.kd_scale()
                 add("kd", kd, self.kd_weight())
         if c.hidden:
             hm = hidden_mse(list(s_out["hidden_states"]), list(t_out["hidden_states"]), c.layer_map,
@@ -411,7 +434,8 @@ class Distiller(nn.Module):
             ad = attention_kd_losses(s_rec, t_rec, gamma=c.attn_gamma, map_weight=c.attn_map,
                                      output_weight=c.attn_output,
                                      layer_map=None if c.attn_layer_map is None else list(c.attn_layer_map),
-                                     temperature=1.0, output_mask=c.attn_output_reduction == "masked")
+                                     temperature=1.0, reduction=c.attn_map_reduction,
+                                     output_mask=c.attn_output_reduction == "masked")
             if c.attn_gamma is not None:
                 add("attn_kd", ad["attn_kd"], 1.0)
                 for k in ("attn_map", "attn_output"):

@@ -152,7 +152,10 @@ def qat_glue(teacher: nn.Module, student: nn.Module, task: str, train_examples: 
              dev_examples: Optional[List[Dict]] = None, run_config: Optional[dict] = None,
              exclude: Optional[Sequence[str]] = None, preset: Optional[str] = None,
              pad_to: Optional[int] = None) -> TrainResult:
-    """QAT of ``student`` (prepared here, in place) with the given losses; teacher frozen.
+    """QAT of ``student`` (prepared here, in place) with the given losses; teacher frozen -- except with
+    ``distill.codistill`` (CTCD): then the teacher (which must have trainable parameters) is trained together with
+    the student by one optimizer and updated in place (pass a copy to keep the original); the dev evaluations score
+    the student.
 
     ``preset``: a ``QATConfig`` preset (e.g. "kdqat-emnlp22") used instead of ``weight`` / ``activation`` /
     ``exclude`` (pass those as None).  ``pad_to``: pad every batch to this length (default: dynamic padding).
@@ -166,7 +169,9 @@ def qat_glue(teacher: nn.Module, student: nn.Module, task: str, train_examples: 
     else:
         prepare_student(student, weight, activation, exclude=exclude)
     d = Distiller(student, teacher if distill.needs_teacher else None, distill)
-    ev = (lambda m: evaluate_glue(m, task, dev_examples, pad_id)) if dev_examples else None
+    # the loop evaluates what it trains: the student, or the Distiller (student + teacher) when co-distilling
+    ev = (lambda m: evaluate_glue(m.student if isinstance(m, Distiller) else m, task, dev_examples, pad_id)) \
+        if dev_examples else None
     return train(d, train_examples, PadCollator(pad_id, t.is_regression, pad_to), cfg, run_config=run_config,
                  eval_fn=ev)
 
