@@ -329,7 +329,7 @@ class BoundGemv:
     argument).  Built once per (layer, M) by ``PackedLinear``'s fast path: the extension module, the launch plan's
     workspace size and the last stream's workspace are looked up here, not per call."""
 
-    __slots__ = ("ext", "args", "group_size", "code_offset", "device", "ws_bytes", "_stream", "_ws")
+    __slots__ = ("ext", "args", "group_size", "code_offset", "device", "ws_bytes", "_cur")
 
     def __init__(self, M: int, qweight, scale, zero_point, bias, group_size: int, code_offset: float):
         ext = load()
@@ -340,15 +340,16 @@ class BoundGemv:
         self.group_size, self.code_offset = int(group_size), float(code_offset)
         self.device = qweight.device
         self.ws_bytes = plan(M, N, K)["workspace_bytes"] if 1 <= M <= GEMV_MAX_M and N >= 1 else 0
-        self._stream, self._ws = None, None
+        self._cur = (None, None)  # (stream, its workspace): one tuple, so threads on two streams never mix them
 
     def __call__(self, x):
         ws = None
         if self.ws_bytes:
             stream = _current_stream(self.device)
-            if stream != self._stream:  # first call, or another stream (CUDA-graph capture, a side stream)
-                self._ws = workspace(self.device, stream, self.ws_bytes)
-                self._stream = stream
-            ws = self._ws
+            cur = self._cur
+            if cur[0] != stream:  # first call, or another stream (CUDA-graph capture, a side stream)
+                cur = (stream, workspace(self.device, stream, self.ws_bytes))
+                self._cur = cur
+            ws = cur[1]
         q, s, z, b = self.args
         return self.ext.packed_gemv(x, q, s, z, b, self.group_size, self.code_offset, ws)
