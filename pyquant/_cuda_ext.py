@@ -13,7 +13,8 @@ Where ``_C`` comes from, in order:
    environment variable ``PYQUANT_JIT_BUILD=1`` -- and only when a GPU is visible (the build targets its arch).
 
 Python callers use :func:`packed_gemv` (``load().packed_gemv`` plus the split-K workspace kept here, one per
-device and stream); the binding (csrc/binding.cpp) checks every argument itself.
+device and stream) or :class:`BoundGemv` (the same with everything but x fixed once: the decode fast path); the
+binding (csrc/binding.cpp) checks every argument itself.
 
 :func:`plan` mirrors the launcher's launch plan (``pyquant_packed_gemv_plan`` in csrc/packed_gemv.cu; the tests
 check both agree) and :func:`static_launches` describes the launch for the static roofline tool.
@@ -30,7 +31,7 @@ from types import ModuleType
 from typing import List, Optional, Tuple
 
 __all__ = ["load", "status", "source_dir", "sources", "jit_cuda_flags", "plan", "static_launches", "packed_gemv",
-           "workspace"]
+           "workspace", "BoundGemv"]
 
 _log = logging.getLogger("pyquant")
 _lock = threading.Lock()
@@ -279,13 +280,28 @@ def static_launches(M: int, N: int, K: int, fmt: str, group_size: Optional[int])
 _workspaces: dict = {}
 
 
-def workspace(device, stream_id: int, nbytes: int):
-    """A zero-initialized uint8 buffer of >= nbytes for the GEMV's split-K counters and partials on this
-    (device, stream).  Allocated (and zeroed) only when it must grow; the kernel leaves its counters at zero, so the
-    buffer is reused as is by every later call on that stream (no memset per call)."""
+def _current_stream(device) -> int:
+    """The raw handle (``cudaStream_t`` as an int, = ``torch.cuda.Stream.cuda_stream``) of the current stream on
+    ``device``: the key of its split-K workspace.  ``torch._C._cuda_getCurrentRawStream`` is what Triton and
+    Inductor call before every launch (~0.1 us; ``torch.cuda.current_stream()`` builds a Stream object, ~2 us)."""
     import torch
 
-    key = (device, stream_id)
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if raw is not None:
+        return raw(index)
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def workspace(device, stream: int, nbytes: int):
+    """A zero-initialized uint8 buffer of >= nbytes for the GEMV's split-K counters and partials on this
+    (device, stream) -- stream is the raw handle, :func:`_current_stream`.  Allocated (and zeroed) only when it must
+    grow; the kernel leaves its counters at zero, so the buffer is reused as is by every later call on that stream
+    (no memset per call).  A buffer replaced by a larger one stays valid for whoever still holds it
+    (:class:`BoundGemv`): launches on one stream run in order, so two buffers never race."""
+    import torch
+
+    key = (device, stream)
     buf = _workspaces.get(key)
     if buf is None or buf.numel() < nbytes:
         size = max(nbytes, 2 * (0 if buf is None else buf.numel()), 1 << 16)
@@ -296,8 +312,6 @@ def workspace(device, stream_id: int, nbytes: int):
 
 def packed_gemv(x, qweight, scale, zero_point, bias, group_size: int, code_offset: float):
     """``pyquant._C.packed_gemv`` with the split-K workspace of x's device and current stream."""
-    import torch
-
     ext = load()
     if ext is None:
         raise RuntimeError(f"pyquant._C is unavailable: {status()[1]}")
@@ -305,5 +319,37 @@ def packed_gemv(x, qweight, scale, zero_point, bias, group_size: int, code_offse
     ws = None
     pl = plan(M, qweight.shape[0], K) if 1 <= M <= GEMV_MAX_M and qweight.shape[0] >= 1 else None
     if pl is not None and pl["workspace_bytes"]:
-        ws = workspace(x.device, torch.cuda.current_stream(x.device).stream_id, pl["workspace_bytes"])
+        ws = workspace(x.device, _current_stream(x.device), pl["workspace_bytes"])
     return ext.packed_gemv(x, qweight, scale, zero_point, bias, group_size, code_offset, ws)
+
+
+class BoundGemv:
+    """:func:`packed_gemv` for one weight and one M, everything but x fixed: ``BoundGemv(...)(x)`` equals
+    ``packed_gemv(x, qweight, ...)`` for any x [M, K] on the weight's device (the binding still checks every
+    argument).  Built once per (layer, M) by ``PackedLinear``'s fast path: the extension module, the launch plan's
+    workspace size and the last stream's workspace are looked up here, not per call."""
+
+    __slots__ = ("ext", "args", "group_size", "code_offset", "device", "ws_bytes", "_cur")
+
+    def __init__(self, M: int, qweight, scale, zero_point, bias, group_size: int, code_offset: float):
+        ext = load()
+        if ext is None:
+            raise RuntimeError(f"pyquant._C is unavailable: {status()[1]}")
+        N, K = qweight.shape[0], scale.shape[1] * int(group_size)
+        self.ext, self.args = ext, (qweight, scale, zero_point, bias)
+        self.group_size, self.code_offset = int(group_size), float(code_offset)
+        self.device = qweight.device
+        self.ws_bytes = plan(M, N, K)["workspace_bytes"] if 1 <= M <= GEMV_MAX_M and N >= 1 else 0
+        self._cur = (None, None)  # (stream, its workspace): one tuple, so threads on two streams never mix them
+
+    def __call__(self, x):
+        ws = None
+        if self.ws_bytes:
+            stream = _current_stream(self.device)
+            cur = self._cur
+            if cur[0] != stream:  # first call, or another stream (CUDA-graph capture, a side stream)
+                cur = (stream, workspace(self.device, stream, self.ws_bytes))
+                self._cur = cur
+            ws = cur[1]
+        q, s, z, b = self.args
+        return self.ext.packed_gemv(x, q, s, z, b, self.group_size, self.code_offset, ws)

@@ -571,7 +571,7 @@ def test_packed_gemv_model_shape_and_side_stream(ext, M):
     assert torch.equal(y, y2)
     pl = _cuda_ext.plan(M, N, K)
     if pl["splits"] > 1:
-        ws = _cuda_ext._workspaces[(x.device, s.stream_id)]
+        ws = _cuda_ext._workspaces[(x.device, s.cuda_stream)]  # keyed by the raw stream handle
         assert (ws[: pl["grid_x"] * 4].view(torch.int32) == 0).all()
         with pytest.raises(ValueError, match="needs a zero-initialized workspace"):
             ext.packed_gemv(x, qweight, scale, zero, bias, gs, 1.0)

@@ -320,6 +320,106 @@ def test_bad_buffers_loaded_later_are_caught():
         torch.testing.assert_close(fresh(x), m(x), rtol=0, atol=0)
 
 
+def test_fast_path_follows_backend_order_and_env_changes(monkeypatch):
+    """The cached launch plans are keyed on the dispatch state: a new order / env value re-resolves the backend."""
+    from pyquant.ops import _dispatch as D
+
+    monkeypatch.delenv(D.ENV_VAR, raising=False)
+    m = PackedLinear.from_linear(nn.Linear(64, 8), WeightQuantConfig(method="twn"), dtype=torch.float32)
+    x = torch.randn(2, 64)
+    calls = []
+    monkeypatch.setitem(D._REGISTRY["packed_matmul"], "triton", D._Impl(  # a stand-in backend, counted
+        lambda *a: calls.append(a) or torch.zeros(2, 8), None))
+    monkeypatch.setattr(D, "backend_status", lambda b, device=None, explicit=False: (b != "cuda", "test"))
+    with torch.no_grad():
+        m(x)
+        assert last_backend() == ("packed_matmul", "triton") and len(calls) == 1
+        monkeypatch.setenv(D.ENV_VAR, "reference")  # read at call time, as by the checked path
+        torch.testing.assert_close(m(x), m.__dict__["_fast_plan"].checked(x))
+        assert last_backend() == ("packed_matmul", "reference") and len(calls) == 1
+        monkeypatch.delenv(D.ENV_VAR)
+        with use_backend("reference"):
+            m(x)
+            assert last_backend() == ("packed_matmul", "reference")
+        assert torch.equal(m(x), torch.zeros(2, 8)) and len(calls) == 2
+
+
+def test_env_reader_sees_every_environ_change(monkeypatch):
+    from unittest import mock
+
+    from pyquant.ops import _dispatch as D
+
+    monkeypatch.setenv(D.ENV_VAR, "triton,reference")
+    assert D._read_backend_env() == "triton,reference"
+    with mock.patch.dict(os.environ, {D.ENV_VAR: "reference"}):
+        assert D._read_backend_env() == "reference" and D.backend_order() == (("reference",), True)
+    monkeypatch.delenv(D.ENV_VAR)
+    assert D._read_backend_env() is None and D.backend_order() == (D.BACKENDS, False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not D.triton_interpret()
+
+
+def test_fast_path_shapes_and_plan_cache_bound():
+    from pyquant.ops.packed_matmul import PackedMatmulPlan
+
+    m = PackedLinear.from_linear(nn.Linear(32, 8), WeightQuantConfig(method="twn"), dtype=torch.float32)
+    with torch.no_grad(), use_backend("reference"):
+        for x in (torch.randn(32), torch.randn(5, 32), torch.randn(2, 3, 32), torch.randn(3, 2, 32)):
+            y = m(x)
+            assert y.shape == (*x.shape[:-1], 8)
+            torch.testing.assert_close(y, m.__dict__["_fast_plan"].checked(x), rtol=0, atol=0)
+        for rows in range(1, PackedMatmulPlan.MAX_PLANS + 10):  # varying prefill lengths: the cache stays bounded
+            m(torch.randn(rows, 32))
+        assert 0 < len(m.__dict__["_fast_plan"]._cache) <= PackedMatmulPlan.MAX_PLANS
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the Triton backend runs on CPU only under TRITON_INTERPRET=1")
+def test_fast_path_triton_non_contiguous_buffer_is_never_stale():
+    """A non-contiguous buffer is not copied once at bind time (it would go stale): in-place edits are seen."""
+    spec = WeightQuantConfig(method="absmean", granularity="group", group_size=32)
+    m = PackedLinear.from_linear(nn.Linear(64, 8), spec, dtype=torch.float32)
+    m.scale = m.scale.t().contiguous().t()  # same values, column-major
+    assert not m.scale.is_contiguous()
+    x = torch.randn(3, 64)
+    with torch.no_grad(), use_backend("triton"):
+        y0 = m(x)
+        assert last_backend() == ("packed_matmul", "triton")
+        m.scale.mul_(2)  # in place: same object, same storage, the cached plan is kept
+        y1 = m(x)
+    torch.testing.assert_close(y1 - m.bias, 2 * (y0 - m.bias), rtol=1e-5, atol=1e-5)
+
+
+def test_bound_gemv_workspace_per_stream(monkeypatch):
+    """_cuda_ext.BoundGemv (the CUDA fast path, fake extension on CPU): the split-K workspace of the current stream,
+    looked up again only when the stream changes, shared with packed_gemv's; none when the plan does not split."""
+    import types
+
+    from pyquant import _cuda_ext
+
+    seen, stream = [], [7]
+    fake = types.SimpleNamespace(packed_gemv=lambda x, q, s, z, b, gs, co, ws: seen.append((gs, co, ws)) or x)
+    monkeypatch.setattr(_cuda_ext, "load", lambda jit=None: fake)
+    monkeypatch.setattr(_cuda_ext, "_workspaces", {})
+    monkeypatch.setattr(_cuda_ext, "_current_stream", lambda device: stream[0])
+    N, K, gs = 4096, 4096, 128
+    q = torch.zeros(N, K // 4, dtype=torch.uint8)
+    s = torch.ones(N, K // gs, dtype=torch.float16)
+    split = next(M for M in range(1, 9) if _cuda_ext.plan(M, N, K)["workspace_bytes"])
+    nosplit = next(M for M in range(1, 9) if not _cuda_ext.plan(M, N, K)["workspace_bytes"])
+    bound = _cuda_ext.BoundGemv(split, q, s, None, None, gs, 1.0)
+    x = torch.randn(split, K)
+    bound(x), bound(x)
+    ws = seen[0][2]
+    assert seen[0][:2] == (gs, 1.0) and seen[1][2] is ws
+    assert ws.numel() >= _cuda_ext.plan(split, N, K)["workspace_bytes"] and not ws.any()
+    assert _cuda_ext.workspace(torch.device("cpu"), 7, 1) is ws  # the same buffer packed_gemv would use
+    stream[0] = 9  # e.g. a CUDA-graph capture stream
+    bound(x)
+    assert seen[2][2] is not ws and seen[2][2] is _cuda_ext._workspaces[(torch.device("cpu"), 9)]
+    _cuda_ext.BoundGemv(nosplit, q, s, None, None, gs, 1.0)(torch.randn(nosplit, K))
+    assert seen[3][2] is None
+
+
 def test_host_overhead_benchmark_adapter(monkeypatch):
     """benchmarks/test_host_overhead.py's no-op launch: the layer dispatches to 'cuda' and returns the no-op's output."""
     import importlib.util

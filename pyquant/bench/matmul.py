@@ -351,6 +351,19 @@ def smoke(cfg: MatmulBenchConfig, log=print) -> int:
     rows = [MatmulBenchRow("smoke", n, k, m, f"pyquant-{backend}", cfg.dtype, None, None, None, None, None, None,
                            note=f"CPU smoke run ({dt * 1e3:.1f} ms wall, not a GPU measurement); "
                                 f"max rel err vs reference {err:.2e}")]
+    # the public PackedLinear path, built exactly as the GPU run builds it (one copy: no L2 to defeat here)
+    fn, _, _ = _make_impl("pyquant-linear", m, n, k, cfg, "cpu", 0, 1 << 40)
+    lin, xl = fn.sets[0]
+    t0 = time.perf_counter()
+    with use_backend(backend):
+        y = fn()
+    dt = time.perf_counter() - t0
+    ref = reference.packed_matmul(xl, lin.qweight, lin.scale, lin.zero_point, None, k, pw["code_offset"])
+    lerr = (y.float() - ref.float()).abs().max().item() / max(ref.float().abs().max().item(), 1e-12)
+    rows.append(MatmulBenchRow("smoke", n, k, m, "pyquant-linear", cfg.dtype, None, None, None, None, None, None,
+                               note=f"CPU smoke run ({dt * 1e3:.1f} ms wall, {backend} backend, not a GPU "
+                                    f"measurement); max rel err vs reference {lerr:.2e}"))
+    err = max(err, lerr)
     for r in rows:
         log(_fmt(r))
     log(f"targets (nothing measured): {[t['target'] for t in check_targets(rows)]}")

@@ -31,28 +31,63 @@ log = logging.getLogger("pyquant")
 BACKENDS = ("cuda", "triton", "reference")
 ENV_VAR = "PYQUANT_BACKEND"
 
-_local = threading.local()
+class _Local(threading.local):
+    # class-level defaults: reading an attribute never set in this thread costs no AttributeError (~1 us otherwise)
+    order: Optional[Tuple[str, ...]] = None
+    last: Optional[Tuple[str, str]] = None
+
+
+_local = _Local()
+
+
+def _env_reader(name: str) -> Callable[[], Optional[str]]:
+    """A getter for one environment variable that sees every ``os.environ`` change (monkeypatch.setenv included).
+
+    ``os.environ.get`` costs ~1-2 us per call (key encoding, Mapping machinery); the dispatch reads two variables on
+    every op call, so on CPython this reads ``os.environ``'s own dict with the key encoded once (same value, same
+    staleness as ``os.environ.get``: ``os.putenv`` is invisible to both).  Anything else uses ``os.environ.get``."""
+    env = os.environ
+    data, enc, dec = getattr(env, "_data", None), getattr(env, "encodekey", None), getattr(env, "decodevalue", None)
+    if isinstance(data, dict) and callable(enc) and callable(dec):
+        key = enc(name)
+        get = data.get
+
+        def read() -> Optional[str]:
+            v = get(key)
+            return None if v is None else dec(v)
+
+        return read
+    return lambda: os.environ.get(name)
+
+
+_read_backend_env = _env_reader(ENV_VAR)
+_read_interpret_env = _env_reader("TRITON_INTERPRET")
 
 
 @dataclass
 class _Impl:
     fn: Callable
     supports: Optional[Callable[..., Tuple[bool, str]]]
+    bind: Optional[Callable[..., Callable]] = None
 
 
 _REGISTRY: Dict[str, Dict[str, _Impl]] = {}
 
 
-def register(op: str, backend: str, supports: Optional[Callable[..., Tuple[bool, str]]] = None):
+def register(op: str, backend: str, supports: Optional[Callable[..., Tuple[bool, str]]] = None,
+             bind: Optional[Callable[..., Callable]] = None):
     """Decorator: register ``fn`` as ``backend``'s implementation of ``op``.
 
     ``supports(*args, **kwargs) -> (ok, reason)`` may reject calls (shapes, dtypes) the kernel does not handle.
+    ``bind(*args, **kwargs) -> launch`` (optional) precomputes, for the weight arguments and the x shape / dtype of
+    this call, a ``launch(x)`` equivalent to ``fn(x, *the other args)``: what :func:`resolve_bound` hands to callers
+    that repeat one kind of call (``PackedLinear``'s fast path).  Without it the fast path calls ``fn`` itself.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is invalid: expected one of {BACKENDS}")
 
     def deco(fn):
-        _REGISTRY.setdefault(op, {})[backend] = _Impl(fn, supports)
+        _REGISTRY.setdefault(op, {})[backend] = _Impl(fn, supports, bind)
         return fn
 
     return deco
@@ -86,18 +121,29 @@ def use_backend(*names: str) -> Iterator[None]:
 
 def backend_order() -> Tuple[Tuple[str, ...], bool]:
     """(order, explicit): the context manager's order, else the env var's, else the default."""
-    order = getattr(_local, "order", None)
+    order = _local.order
     if order is not None:
         return order, True
-    env = os.environ.get(ENV_VAR)
+    env = _read_backend_env()
     if env:
-        return _parse(env.split(","), f"environment variable {ENV_VAR}={env!r}"), True
+        return _parse_env(env), True
     return BACKENDS, False
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_env(env: str) -> Tuple[str, ...]:
+    return _parse(env.split(","), f"environment variable {ENV_VAR}={env!r}")
+
+
+def dispatch_state() -> Tuple[Tuple[Tuple[str, ...], bool], Optional[str]]:
+    """Everything besides the call's arguments that backend selection depends on: (:func:`backend_order`, the raw
+    ``TRITON_INTERPRET`` value).  Callers caching :func:`resolve` results key their cache on it (cheap: ~0.5 us)."""
+    return backend_order(), _read_interpret_env()
 
 
 # ---- availability (cheap, cached, never initializes CUDA at import) ---------------------------------------------
 def triton_interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
+    return (_read_interpret_env() or "0") not in ("", "0", "false", "False")
 
 
 @functools.lru_cache(maxsize=None)
@@ -172,10 +218,26 @@ def _device_of(args, kwargs) -> torch.device:
 
 
 def resolve(op: str, *args, **kwargs) -> Tuple[str, Callable]:
-    """(backend, implementation) that :func:`call` would run for these arguments (in the current order).
+    """(backend, implementation) that :func:`call` would run for these arguments (in the current order)."""
+    b, impl = _select(op, args, kwargs)
+    return b, impl.fn
 
-    Callers that make the same kind of call many times (``PackedLinear``'s fast path) cache the result per
-    (backend order, device, dtype, shape class) and call the implementation directly."""
+
+def resolve_bound(op: str, *args, **kwargs) -> Tuple[str, Callable]:
+    """(backend, launch) for a caller that makes this kind of call many times: ``launch(x)`` runs what
+    ``call(op, x, *args[1:], **kwargs)`` would run for an x like ``args[0]`` (same shape, dtype, device), with what
+    depends only on the other arguments and that shape precomputed by the backend's ``bind`` (see :func:`register`).
+
+    The caller (``PackedMatmulPlan``) caches it per (:func:`dispatch_state`, x dtype, rows) and must pass the same
+    other arguments (tensors unchanged) every time."""
+    b, impl = _select(op, args, kwargs)
+    if impl.bind is not None:
+        return b, impl.bind(*args, **kwargs)
+    fn, rest = impl.fn, args[1:]
+    return b, (lambda x: fn(x, *rest, **kwargs))
+
+
+def _select(op: str, args, kwargs) -> Tuple[str, _Impl]:
     impls = _REGISTRY.get(op)
     if not impls:
         raise KeyError(f"no implementation registered for op {op!r}")
@@ -191,7 +253,7 @@ def resolve(op: str, *args, **kwargs) -> Tuple[str, Callable]:
         if ok and impl.supports is not None:
             ok, why = impl.supports(*args, **kwargs)
         if ok:
-            return b, impl.fn
+            return b, impl
         reasons.append(f"{b}: {why}")
     raise RuntimeError(f"pyquant op {op!r}: no backend in {order} can run this call: " + "; ".join(reasons))
 
@@ -210,7 +272,7 @@ def note_backend(op: str, backend: str) -> None:
 
 def last_backend() -> Optional[Tuple[str, str]]:
     """(op, backend) of the most recent dispatch in this thread (for tests and ``pyquant env``)."""
-    return getattr(_local, "last", None)
+    return _local.last
 
 
 def registered(op: str) -> Tuple[str, ...]:

@@ -12,14 +12,13 @@ packed weight is frozen) dequantizes once in PyTorch.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 
 from .. import reference
 from ..formats import group_size_of, validate_packed
-from ._dispatch import backend_order, call, kernel_module, note_backend, register, resolve
+from ._dispatch import call, dispatch_state, kernel_module, note_backend, register, resolve_bound
 
 __all__ = ["packed_matmul", "packed_matmul_a8", "check_packed_matmul_args", "check_packed_weight_args",
            "PackedMatmulPlan"]
@@ -113,14 +112,33 @@ def _triton_supports(x, qweight, scale, zero_point, bias, in_features, code_offs
     return True, "ok"
 
 
-@register("packed_matmul", "triton", supports=_triton_supports)
+def _all_contiguous(*ts) -> bool:
+    return all(t is None or t.is_contiguous() for t in ts)
+
+
+def _bind_triton(a8: bool):
+    """``bind`` of the Triton backends (see ``_dispatch.register``): the kernel module's launcher, looked up once,
+    with the weight tensors as they are -- contiguous ones need no per-call ``.contiguous()``; others keep the
+    per-call copy (a copy made once here would go stale when the buffer is modified in place)."""
+    def bind(x, qweight, scale, zero_point, bias, in_features, code_offset):
+        if not _all_contiguous(qweight, scale, zero_point, bias):
+            impl = _triton_a8_impl if a8 else _triton_impl
+            return lambda x2: impl(x2, qweight, scale, zero_point, bias, in_features, code_offset)
+        km = _kernels()
+        fn = km.packed_matmul_a8 if a8 else km.packed_matmul
+        return lambda x2: fn(x2, qweight, scale, zero_point, bias, in_features, code_offset)
+
+    return bind
+
+
+@register("packed_matmul", "triton", supports=_triton_supports, bind=_bind_triton(False))
 def _triton_impl(x, qweight, scale, zero_point, bias, in_features, code_offset):
     return _kernels().packed_matmul(x, qweight.contiguous(), scale.contiguous(), None if zero_point is None else
                                     zero_point.contiguous(), None if bias is None else bias.contiguous(),
                                     in_features, code_offset)
 
 
-@register("packed_matmul_a8", "triton", supports=_triton_supports)
+@register("packed_matmul_a8", "triton", supports=_triton_supports, bind=_bind_triton(True))
 def _triton_a8_impl(x, qweight, scale, zero_point, bias, in_features, code_offset):
     return _kernels().packed_matmul_a8(x, qweight.contiguous(), scale.contiguous(), None if zero_point is None else
                                        zero_point.contiguous(), None if bias is None else bias.contiguous(),
@@ -146,7 +164,19 @@ def _cuda_supports(x, qweight, scale, zero_point, bias, in_features, code_offset
     return True, "ok"
 
 
-@register("packed_matmul", "cuda", supports=_cuda_supports)
+def _bind_cuda(x, qweight, scale, zero_point, bias, in_features, code_offset):
+    """``bind`` of the CUDA backend: ``pyquant._C.packed_gemv`` with its launch plan, split-K workspace need, group
+    size and code offset fixed for this weight and M (``_cuda_ext.BoundGemv``); per call it only looks up the current
+    stream when the plan splits K."""
+    from .. import _cuda_ext
+
+    if not _all_contiguous(scale, zero_point, bias):
+        return lambda x2: _cuda_impl(x2, qweight, scale, zero_point, bias, in_features, code_offset)
+    return _cuda_ext.BoundGemv(x.shape[0], qweight, scale, zero_point, bias, in_features // scale.shape[1],
+                               0.0 if code_offset is None else float(code_offset))
+
+
+@register("packed_matmul", "cuda", supports=_cuda_supports, bind=_bind_cuda)
 def _cuda_impl(x, qweight, scale, zero_point, bias, in_features, code_offset):
     from .. import _cuda_ext
 
@@ -236,27 +266,42 @@ def packed_matmul_a8(
 
 
 # ---- the fast path of a validated layer (PackedLinear.forward) ----------------------------------------------------
-def _compiling() -> bool:
-    return torch.compiler.is_compiling()
+_compiling = torch.compiler.is_compiling
+
+
+class _Launch:
+    """One cached launch plan of :class:`PackedMatmulPlan`: for one x shape (and dtype, device, dispatch state),
+    the rows M, the output shape and the backend's bound launch (``_dispatch.resolve_bound``)."""
+
+    __slots__ = ("backend", "M", "out_shape", "flat", "fn")
+
+    def __init__(self, backend, M, out_shape, flat, fn):
+        self.backend, self.M, self.out_shape, self.flat, self.fn = backend, M, out_shape, flat, fn
 
 
 class PackedMatmulPlan:
     """``packed_matmul`` (or ``packed_matmul_a8``) bound to one validated packed weight: the decode-time fast path.
 
-    Built once (the weight tensors are checked here, with the same messages as the checked path); each call then
-    checks only x (dtype, device, last dimension, non-empty -- anything else falls back to the checked path, which
-    raises the usual error), looks the backend up in a cache keyed by (backend order, TRITON_INTERPRET, x dtype,
-    M <= 8) -- the only inputs of the backends' ``supports`` predicates that vary from call to call for one weight
-    -- and calls the backend function directly, without the custom-op layer.
+    Built once (the weight tensors are checked here, with the same messages as the checked path).  Per call it
+    looks up a launch plan keyed by (x shape, x dtype, x device, ``_dispatch.dispatch_state()`` -- the backend order
+    and TRITON_INTERPRET, the only other inputs of backend selection); a miss checks x (anything the checked path
+    would refuse goes there and raises its error), resolves the backend and lets it bind what depends only on the
+    weight and M (``_dispatch.register(bind=...)``: the CUDA GEMV's launch plan and split-K workspace, the Triton
+    launcher looked up once).  A hit costs two views and the launch: no argument checks, no allocation besides the
+    kernel's output, no custom-op layer.  At most :attr:`MAX_PLANS` shapes are kept (prefill lengths vary; a miss
+    costs ~20 us, nothing next to a prefill).
 
     The custom op (``torch.ops.pyquant.packed_matmul``) is still used whenever it matters: under ``torch.compile``
     / export (``torch.compiler.is_compiling()``), for tensor subclasses (fake / functional tensors of tracing), and
     when autograd must record the call (grad mode on and x or the bias requires grad) -- so compile, autograd and
-    ``opcheck`` see the op exactly as before.  CUDA-graph capture works on both paths (same kernels, no host sync).
+    ``opcheck`` see the op exactly as before.  CUDA-graph capture works on both paths (same kernels, no host sync;
+    the bound CUDA launch picks the capture stream's workspace).
 
     :meth:`matches` tells whether the tensors it was built for are still the ones given (same objects, same
     storage); the owner rebuilds the plan when they are not.
     """
+
+    MAX_PLANS = 64
 
     __slots__ = ("qweight", "scale", "zero_point", "bias", "in_features", "out_features", "code_offset", "device",
                  "op", "_checked", "_ptrs", "_cache")
@@ -273,11 +318,12 @@ class PackedMatmulPlan:
         self._cache = {}
 
     @staticmethod
-    def _pointers(*ts):
-        return tuple(None if t is None else (t.data_ptr(), t.dtype) for t in ts)
+    def _pointers(q, s, z, b):
+        return (q.data_ptr(), s.data_ptr(), None if z is None else z.data_ptr(), None if b is None else b.data_ptr())
 
     def matches(self, qweight, scale, zero_point, bias) -> bool:
-        """True when these are the very tensors (objects, storage and dtype) the plan was validated for."""
+        """True when these are the very tensors (objects and storage) the plan was validated for.  (A dtype or
+        shape change of the same object replaces its storage: ``Module.to`` / ``.data =`` allocate anew.)"""
         return (qweight is self.qweight and scale is self.scale and zero_point is self.zero_point
                 and bias is self.bias and self._pointers(qweight, scale, zero_point, bias) == self._ptrs)
 
@@ -287,22 +333,38 @@ class PackedMatmulPlan:
                              code_offset=self.code_offset)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        bias = self.bias
         if (type(x) is not torch.Tensor or _compiling()
-                or (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))):
+                or (torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None
+                                                                     and self.bias.requires_grad)))):
             return self.checked(x)
+        key = (x.shape, x.dtype, x.device, dispatch_state())
+        plan = self._cache.get(key)
+        if plan is None:
+            plan = self._plan(x, key)
+            if plan is None:
+                return self.checked(x)  # raises the checked path's error
+        note_backend(self.op, plan.backend)
+        if x.is_contiguous():
+            y = plan.fn(x.view(plan.M, self.in_features) if plan.flat else x)
+        else:
+            y = plan.fn(x.reshape(plan.M, self.in_features).contiguous())
+        return y.view(plan.out_shape) if plan.flat else y
+
+    def _plan(self, x, key):
+        """Check x and build its launch plan (None: x is not something the fast path runs; the checked path
+        raises the error)."""
         K = self.in_features
-        if x.dtype not in X_DTYPES or x.device != self.device or x.dim() < 1 or x.shape[-1] != K or x.numel() == 0:
-            return self.checked(x)  # raises the checked path's error
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, K)
+        if x.dtype not in X_DTYPES or x.device != self.device or x.dim() < 1 or x.shape[-1] != K \
+                or x.numel() == 0:
+            return None
+        M = x.numel() // K
+        x2 = x.reshape(M, K)
         if not x2.is_contiguous():
             x2 = x2.contiguous()
-        key = (backend_order(), os.environ.get("TRITON_INTERPRET"), x.dtype, x2.shape[0] <= 8)
-        hit = self._cache.get(key)
-        if hit is None:
-            hit = resolve(self.op, x2, self.qweight, self.scale, self.zero_point, bias, K, self.code_offset)
-            self._cache[key] = hit
-        note_backend(self.op, hit[0])
-        y = hit[1](x2, self.qweight, self.scale, self.zero_point, bias, K, self.code_offset)
-        return y.reshape(*lead, self.out_features)
+        backend, fn = resolve_bound(self.op, x2, self.qweight, self.scale, self.zero_point, self.bias, K,
+                                    self.code_offset)
+        plan = _Launch(backend, M, (*x.shape[:-1], self.out_features), x.dim() != 2, fn)
+        if len(self._cache) >= self.MAX_PLANS:
+            self._cache.clear()
+        self._cache[key] = plan
+        return plan
