@@ -499,10 +499,10 @@ def _blocks(kind: str, lq: int, lk: int, d_max: int, elem_bytes: int = 2) -> Tup
     programs take 128 query rows, one 64-row wgmma tile per warpgroup.  With 64 rows and 8 warps Triton splits
     the tile's columns over the warpgroups, and whatever feeds a second dot or a row reduction is then computed
     twice or reduced through shared memory (26.9 instructions per score element in the forward loop instead of
-    17.6).  The fused backward takes 32-key tiles: with 64 it needs 255 registers and spills around the masked
-    loop (64-112 bytes), with 32 it has 240 and no spill, is still tensor-core bound, and its wgmma stays
-    64x32x16.  fp32 inputs (IEEE dots on the FMA pipe, not the fast path) keep 64-row tiles and 2 stages so that
-    their tiles fit in 227 KB of shared memory."""
+    17.6).  The fused backward uses the same 128 x 64 tile (254 registers, no spill; 255 when causal): with 32
+    keys it has 240 registers, but its dS^T @ Q dot (M = 32 rows) falls back to mma.sync (HMMA); 64 x 64 on 4
+    warps spills 312 bytes.  fp32 inputs (IEEE dots on the FMA pipe, not the fast path) keep 64-row tiles and 2
+    stages so that their tiles fit in 227 KB of shared memory."""
     bm = 64 if lq > 32 else max(16, triton.next_power_of_2(lq))
     bn = 64 if lk > 32 else max(16, triton.next_power_of_2(lk))
     if d_max > 128:
