@@ -677,9 +677,11 @@ def static_launches(B: int, H: int, L: int, d: int, dtype: str = "bf16", *, caus
             nbytes = qk_bytes + mask_bytes + 3 * rows + B * H * L * d * es + ws
             if es != 4:  # the in-kernel conversion: one program per key head reads the workspace, writes dK
                 nbytes += ws + ws // 4 * es
-                # The tool takes the conversion loop (its trips: L / BLOCK_N per key head) for an alternative of
-                # the masked loop (both end in the epilogue) and counts only the larger, the masked loop: giving it
-                # the trips of both counts the conversion at the masked loop's size, an upper bound.
+                # The tool (pyquant/bench/static.py at this commit) takes the conversion loop (trips: L / BLOCK_N
+                # per key head) for an alternative of the masked loop and counts only the larger, the masked loop:
+                # ``analyze`` drops NOPs before building the CFG, so the masked loop's exit branch, whose target is
+                # a NOP, loses its edge.  Giving the masked loop the trips of both counts the conversion at the
+                # masked loop's size, an upper bound.  Once the tool keeps that edge, this is a third value.
                 trip_list[1] += triton.cdiv(L, bn) * B * hk / (grid[0] * grid[1])
         launches.append({
             "name": kind,
