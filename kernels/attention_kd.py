@@ -37,18 +37,29 @@ Tiles beyond hi (padding) and beyond the causal band are skipped.  Masked scores
 masked keys has m = NEG and is reset by the exp(c (NEG - m')) = 0 rescale once a kept key arrives; a row that never
 sees a kept key returns KL = 0, lse = 0 (and zero gradients).  Query rows past L_q are computed on zero Q and never
 stored, so rows need no mask.  |c| * 2**100 must stay finite in fp32: the launcher rejects scales > 2**26.
-Backward (``_attention_kd_bwd_dq_kernel`` and ``_attention_kd_bwd_dk_kernel``): recompute P_S and P_T tile by tile from
-  the saved lse's (P = exp2(x c2 - lse log2 e)); dS = g_i * (P_S - P_T) * c_S; dQ_S = dS @ K_S (one program per query
-  block, loop over keys, same unmasked/masked split as the forward); dK_S = sum over the query heads sharing the key
-  head of dS^T @ Q_S (one program per key block and key head, loop over its query heads and query blocks; the
-  program's K tiles are loaded once; its key block's padding is fixed, so when all its keys are kept only the
-  causal diagonal query blocks are masked, by a CTA-uniform branch; no atomics, deterministic).  6 dots per tile
-  pair over the two backward kernels (2 QK recomputations each + dS @ K, dS^T @ Q).  The teacher gets no gradient.
+Backward in ONE fused pass (``_attention_kd_bwd_kernel``, one program per (query block, batch x head), the same
+  key-tile plan as the forward): recompute P_S and P_T once per tile pair from the saved lse's
+  (P = exp2(x c2 - lse log2 e)); dS = g_i * (P_S - P_T) * c_S, rounded once to the input dtype; dQ_S += dS @ K_S in
+  registers; dS^T @ Q_S is added with relaxed fp32 atomics (``red.global.add.f32``; the workspace pointer is
+  typed fp32: a 16-bit atomic add is a CAS loop) into a zeroed fp32 dK workspace [B, H_kv, L_k, d], which also sums
+  the query heads of a GQA group.  4 dots per tile pair (2 QK recomputations, dS @ K, dS^T @ Q) instead of 6 in the
+  earlier dq + dk kernel pair, which recomputed both maps twice.  The last of a key head's cdiv(L_q, BLOCK_M) x G_S
+  programs to finish (an acq_rel ticket per key head) rounds its fp32 workspace into dK (16-bit dK: no cast
+  kernel; fp32 dK is the workspace).  Boundary tiles send the atomics of keys past L_k to row L_k - 1, where they add
+  exact zeros (their dS is exactly 0), so the atomics need no row predicate.  The query blocks of a head run
+  side by side (grid axis 0 is fastest), so the atomics of concurrent programs hit the same few dK rows, which stay
+  in L2.  dK is NOT bitwise deterministic (fp32 atomic order varies from run to run, ~1 ulp of fp32 before the
+  rounding to the output dtype); dQ is.  When teacher == student every dS is exactly 0, so dQ = dK = 0 exactly.
+  The teacher gets no gradient.
 
-Tiles (``_blocks``) were chosen from the sm_90 SASS (no GPU has run these kernels yet): at d = 128, 8 warps; fwd and
-dq take 128 query rows (one 64-row wgmma tile per warpgroup), dk 64 x 64.  Predicted with H200 constants for
-B=8, H=32, L=2048, d=128 bf16: fwd ~0.59 ms, dq ~0.83 ms, dk ~0.89 ms (issue / tensor-core bound), against >= 64 ms
-of HBM traffic for the materialized eager loss (``pyquant bench static`` reports the committed figures).
+Tiles (``_blocks``) were chosen from the sm_90 SASS (no GPU has run these kernels yet): at d = 128, 8 warps and 128
+query rows (one 64-row wgmma tile per warpgroup) x 64 keys; every dot is wgmma (HGMMA, no mma.sync); registers
+169 (fwd) / 254 (bwd), no spills.  Predicted with H200 constants for B=8, H=32, L=2048, d=128 bf16 with a
+key-padding mask (``pyquant bench static``): fwd 717 us, dK zeroing 68 us, bwd 1434 us (both kernels tensor-core
+bound: 2 and 4 dots per tile pair; issue 610 / 786 us), 2218 us in all = 12.2x the eager materialized loss
+(27164 us).  Before: fwd 1380 us and the dq + dk pair 1075 + 1177 us = 3632 us (7.5x); part of that was the
+descriptor giving every loop of a kernel the main loop's trips (the masked boundary loop, which runs 0 times when
+every key is kept, and dk's outer head loop), which the tool's list form of ``loop_trips`` now avoids.
 
 Masking semantics: key-padding mask [B, L_k] (nonzero = keep) and ``causal`` (key j visible to query i iff
 j <= i + L_k - L_q).  GQA/MQA: query head h reads key head h // (H / H_kv) (``transformers``' repeat_kv grouping),
@@ -293,34 +304,48 @@ def _ds_from_scores(x_s, x_t, lse2_s, lse2_t, gs, c2_s, c2_t):
 
 
 @triton.jit
-def _dq_step(dq, q_s, q_t, ks_base, kt_base, kpm_base, offs_m, offs_n, offs_ds, offs_dt,
-             sks_n, skt_n, skpm_n, lse2_s, lse2_t, gs, LQ, LK, DS, DT, c2_s, c2_t,
-             MASKED: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
-             EVEN_DS: tl.constexpr, EVEN_DT: tl.constexpr, IEEE: tl.constexpr, ALIGN: tl.constexpr):
-    """dq += dS @ K_S for one key tile."""
+def _bwd_step(dq, q_s, q_t, ks_base, kt_base, kpm_base, dkw_base, offs_m, offs_n, offs_ds, offs_dt,
+              sks_n, skt_n, skpm_n, lse2_s, lse2_t, gs, LQ, LK, DS, DT, c2_s, c2_t,
+              MASKED: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
+              EVEN_DS: tl.constexpr, EVEN_DT: tl.constexpr, IEEE: tl.constexpr, ALIGN: tl.constexpr):
+    """One key tile of the fused backward: recompute dS once, dq += dS @ K_S (registers), and dS^T @ Q_S added
+    atomically (relaxed fp32 adds) to the key tile's rows of the fp32 dK workspace."""
     k_s = _load_rows(ks_base, offs_n, sks_n, LK, offs_ds, DS, ALIGN, MASKED, EVEN_DS)
     k_t = _load_rows(kt_base, offs_n, skt_n, LK, offs_dt, DT, ALIGN, MASKED, EVEN_DT)
     x_s, x_t = _score_tiles(q_s, q_t, k_s, k_t, kpm_base, offs_m, offs_n, skpm_n, LQ, LK, MASKED, HAS_KPM, CAUSAL,
                             IEEE)
-    ds = _ds_from_scores(x_s, x_t, lse2_s, lse2_t, gs, c2_s, c2_t)
+    ds = _ds_from_scores(x_s, x_t, lse2_s, lse2_t, gs, c2_s, c2_t).to(k_s.dtype)  # rounded once, as before
     if IEEE:
-        dq += tl.dot(ds.to(k_s.dtype).to(tl.float32), k_s.to(tl.float32), input_precision="ieee")
+        dsf = ds.to(tl.float32)
+        dq += tl.dot(dsf, k_s.to(tl.float32), input_precision="ieee")
+        dk = tl.dot(tl.trans(dsf), q_s.to(tl.float32), input_precision="ieee")
     else:
-        dq += tl.dot(ds.to(k_s.dtype), k_s)
+        dq += tl.dot(ds, k_s)
+        dk = tl.dot(tl.trans(ds), q_s)
+    if MASKED:
+        # keys past L_k add to row L_k - 1 instead of being masked out: their dS column is exactly 0 (NEG score,
+        # P_S = P_T = 0), so they add exact zeros, and the atomics need no row predicate (a predicated atomic is
+        # a branch per element: 64 bytes of spills around this loop)
+        offs_n = tl.minimum(offs_n, LK - 1)
+    ptrs = dkw_base + offs_n[:, None] * DS + offs_ds[None, :]
+    if EVEN_DS:
+        tl.atomic_add(ptrs, dk, sem="relaxed")
+    else:
+        tl.atomic_add(ptrs, dk, mask=offs_ds[None, :] < DS, sem="relaxed")
     return dq
 
 
 @triton.jit
-def _attention_kd_bwd_dq_kernel(
-    qs_ptr, ks_ptr, qt_ptr, kt_ptr, kpm_ptr, kinfo_ptr, lses_ptr, lset_ptr, g_ptr, dq_ptr,
+def _attention_kd_bwd_kernel(
+    qs_ptr, ks_ptr, qt_ptr, kt_ptr, kpm_ptr, kinfo_ptr, lses_ptr, lset_ptr, g_ptr, dq_ptr, dkw_ptr, dk_ptr, cnt_ptr,
     sqs_b, sqs_h, sqs_m,
     sks_b, sks_h, sks_n,
     sqt_b, sqt_h, sqt_m,
     skt_b, skt_h, skt_n,
     skpm_b, skpm_n,
-    H, G_S, G_T, LQ, LK, DS, DT, sc_s, sc_t,
+    H, HK, G_S, G_T, LQ, LK, DS, DT, sc_s, sc_t,
     HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
-    ALIGN: tl.constexpr, EVEN_DS: tl.constexpr, EVEN_DT: tl.constexpr,
+    CONVERT: tl.constexpr, ALIGN: tl.constexpr, EVEN_DS: tl.constexpr, EVEN_DT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -339,116 +364,40 @@ def _attention_kd_bwd_dq_kernel(
     row = bh * LQ + offs_m
     lse2_s = tl.load(lses_ptr + row, mask=mrow, other=0.0) * LOG2E
     lse2_t = tl.load(lset_ptr + row, mask=mrow, other=0.0) * LOG2E
-    gs = tl.load(g_ptr + row, mask=mrow, other=0.0) * sc_s
+    gs = tl.load(g_ptr + row, mask=mrow, other=0.0) * sc_s  # rows past L_q: g = 0, so they add nothing to dK
     kpm_base = kpm_ptr + b * skpm_b
+    khead = b * HK + h // G_S  # this program's key head (its dK workspace and conversion ticket)
+    dkw_base = dkw_ptr + khead * LK * DS
     c2_s = sc_s * LOG2E
     c2_t = sc_t * LOG2E
 
     t_lo, n_head, f_lo, f_hi, n_tail = _key_range(kinfo_ptr, b, m0, LQ, LK, HAS_KPM, CAUSAL, BLOCK_M, BLOCK_N)
     dq = tl.zeros([BLOCK_M, BLOCK_DS], tl.float32)
     for start_n in range(f_lo, f_hi, BLOCK_N):
-        dq = _dq_step(dq, q_s, q_t, ks_base, kt_base, kpm_base, offs_m, start_n + offs_nb, offs_ds, offs_dt,
-                      sks_n, skt_n, skpm_n, lse2_s, lse2_t, gs, LQ, LK, DS, DT, c2_s, c2_t,
-                      False, HAS_KPM, CAUSAL, EVEN_DS, EVEN_DT, IEEE, ALIGN)
+        dq = _bwd_step(dq, q_s, q_t, ks_base, kt_base, kpm_base, dkw_base, offs_m, start_n + offs_nb, offs_ds,
+                       offs_dt, sks_n, skt_n, skpm_n, lse2_s, lse2_t, gs, LQ, LK, DS, DT, c2_s, c2_t,
+                       False, HAS_KPM, CAUSAL, EVEN_DS, EVEN_DT, IEEE, ALIGN)
     for i in range(0, n_head + n_tail):
         start_n = tl.where(i < n_head, t_lo, f_hi + (i - n_head) * BLOCK_N)
-        dq = _dq_step(dq, q_s, q_t, ks_base, kt_base, kpm_base, offs_m, start_n + offs_nb, offs_ds, offs_dt,
-                      sks_n, skt_n, skpm_n, lse2_s, lse2_t, gs, LQ, LK, DS, DT, c2_s, c2_t,
-                      True, HAS_KPM, CAUSAL, EVEN_DS, EVEN_DT, IEEE, ALIGN)
+        dq = _bwd_step(dq, q_s, q_t, ks_base, kt_base, kpm_base, dkw_base, offs_m, start_n + offs_nb, offs_ds,
+                       offs_dt, sks_n, skt_n, skpm_n, lse2_s, lse2_t, gs, LQ, LK, DS, DT, c2_s, c2_t,
+                       True, HAS_KPM, CAUSAL, EVEN_DS, EVEN_DT, IEEE, ALIGN)
     tl.store(dq_ptr + bh * LQ * DS + offs_m[:, None] * DS + offs_ds[None, :], dq,
              mask=mrow[:, None] & (offs_ds[None, :] < DS))
-
-
-@triton.jit
-def _dk_block(dk, offs_m, masked, qs_base, qt_base, sqs_m, sqt_m, k_s, k_t, kpm_base, offs_n, offs_ds, offs_dt,
-              skpm_n, rows_s, rows_t, rows_g, LQ, LK, DS, DT, sc_s, c2_s, c2_t,
-              HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
-              EVEN_DS: tl.constexpr, EVEN_DT: tl.constexpr, IEEE: tl.constexpr, ALIGN: tl.constexpr):
-    """dk += dS^T @ Q_S for the query block at offs_m of one query head (rows_* point at its row statistics).
-    ``masked`` is a runtime (CTA-uniform) branch, not a second loop: two inner loops made the compiler spill."""
-    mrow = offs_m < LQ
-    q_s = _load_rows(qs_base, offs_m, sqs_m, LQ, offs_ds, DS, ALIGN, True, EVEN_DS)
-    q_t = _load_rows(qt_base, offs_m, sqt_m, LQ, offs_dt, DT, ALIGN, True, EVEN_DT)
-    lse2_s = tl.load(rows_s + offs_m, mask=mrow, other=0.0) * LOG2E
-    lse2_t = tl.load(rows_t + offs_m, mask=mrow, other=0.0) * LOG2E
-    gs = tl.load(rows_g + offs_m, mask=mrow, other=0.0) * sc_s  # rows past L_q: g = 0, so they add nothing
-    x_s, x_t = _score_tiles(q_s, q_t, k_s, k_t, kpm_base, offs_m, offs_n, skpm_n, LQ, LK, False, HAS_KPM, CAUSAL,
-                            IEEE)
-    if masked:
-        keep = _keep_tile(offs_m, offs_n, kpm_base, skpm_n, LQ, LK, HAS_KPM, CAUSAL)
-        x_s = tl.where(keep, x_s, NEG)
-        x_t = tl.where(keep, x_t, NEG)
-    ds = _ds_from_scores(x_s, x_t, lse2_s, lse2_t, gs, c2_s, c2_t)
-    if IEEE:
-        dk += tl.dot(tl.trans(ds.to(q_s.dtype).to(tl.float32)), q_s.to(tl.float32), input_precision="ieee")
-    else:
-        dk += tl.dot(tl.trans(ds.to(q_s.dtype)), q_s)
-    return dk
-
-
-@triton.jit
-def _attention_kd_bwd_dk_kernel(
-    qs_ptr, ks_ptr, qt_ptr, kt_ptr, kpm_ptr, lses_ptr, lset_ptr, g_ptr, dk_ptr,
-    sqs_b, sqs_h, sqs_m,
-    sks_b, sks_h, sks_n,
-    sqt_b, sqt_h, sqt_m,
-    skt_b, skt_h, skt_n,
-    skpm_b, skpm_n,
-    H, HK, G_S, G_T, LQ, LK, DS, DT, sc_s, sc_t,
-    HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
-    ALIGN: tl.constexpr, EVEN_DS: tl.constexpr, EVEN_DT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
-):
-    pid_n = tl.program_id(0)
-    bhk = tl.program_id(1)
-    b = bhk // HK
-    hk = bhk % HK
-    n0 = pid_n * BLOCK_N
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    offs_ds = tl.arange(0, BLOCK_DS)
-    offs_dt = tl.arange(0, BLOCK_DT)
-    offs_mb = tl.arange(0, BLOCK_M)
-    sqs_m = _astride(sqs_m, ALIGN)
-    sqt_m = _astride(sqt_m, ALIGN)
-    kpm_base = kpm_ptr + b * skpm_b
-    # the student's K tile of this program is loaded once (it stays in shared memory for the dots)
-    ks_base = ks_ptr + b * _astride(sks_b, ALIGN) + hk * _astride(sks_h, ALIGN)
-    k_s = _load_rows(ks_base, offs_n, _astride(sks_n, ALIGN), LK, offs_ds, DS, ALIGN, True, EVEN_DS)
-    c2_s = sc_s * LOG2E
-    c2_t = sc_t * LOG2E
-
-    # this program's key block: are all its keys kept (and < L_k)?  Then only causal diagonal query blocks mask.
-    if HAS_KPM:
-        kp = tl.load(kpm_base + offs_n * skpm_n, mask=offs_n < LK, other=0)
-        cols_full = tl.min((kp != 0).to(tl.int32), 0) != 0
-    else:
-        cols_full = n0 + BLOCK_N <= LK
-    # causal: query i sees key j iff i >= j - (LK - LQ); queries before lo see none of the block, queries from
-    # diag_end on see all of it
-    lo = 0
-    diag_end = 0
-    if CAUSAL:
-        lo = tl.maximum(n0 - (LK - LQ), 0)
-        lo = (lo // BLOCK_M) * BLOCK_M
-        diag_end = tl.maximum(n0 + BLOCK_N - 1 - (LK - LQ), 0)
-        diag_end = ((diag_end + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
-        diag_end = tl.minimum(tl.maximum(diag_end, lo), LQ)
-    split = tl.where(cols_full, diag_end, LQ)
-    dk = tl.zeros([BLOCK_N, BLOCK_DS], tl.float32)
-    for gi in range(0, G_S):
-        h = hk * G_S + gi
-        # the teacher's K tile for this query head (its key head may differ from the student's)
-        kt_base = kt_ptr + b * _astride(skt_b, ALIGN) + (h // G_T) * _astride(skt_h, ALIGN)
-        k_t = _load_rows(kt_base, offs_n, _astride(skt_n, ALIGN), LK, offs_dt, DT, ALIGN, True, EVEN_DT)
-        qs_base = qs_ptr + b * _astride(sqs_b, ALIGN) + h * _astride(sqs_h, ALIGN)
-        qt_base = qt_ptr + b * _astride(sqt_b, ALIGN) + h * _astride(sqt_h, ALIGN)
-        row0 = (b * H + h) * LQ
-        for start_m in range(lo, LQ, BLOCK_M):
-            dk = _dk_block(dk, start_m + offs_mb, start_m < split, qs_base, qt_base, sqs_m, sqt_m, k_s, k_t,
-                           kpm_base, offs_n, offs_ds, offs_dt, skpm_n, lses_ptr + row0, lset_ptr + row0, g_ptr + row0,
-                           LQ, LK, DS, DT, sc_s, c2_s, c2_t, HAS_KPM, CAUSAL, EVEN_DS, EVEN_DT, IEEE, ALIGN)
-    tl.store(dk_ptr + bhk * LK * DS + offs_n[:, None] * DS + offs_ds[None, :], dk,
-             mask=(offs_n[:, None] < LK) & (offs_ds[None, :] < DS))
+    if CONVERT:
+        # The last of the key head's cdiv(L_q, BLOCK_M) * G_S programs to finish rounds its fp32 dK workspace into
+        # dk (no separate cast kernel reading and writing it through HBM again).  Ordering (the pattern of CUTLASS's
+        # split-K semaphore): the barrier puts every thread's dK atomics before thread 0's acq_rel ticket (release,
+        # cumulative); the winner's acquire and the barrier that broadcasts the ticket put its loads after every other
+        # program's released atomics; the loads bypass L1 (.cg), which never held these lines anyway.
+        tl.debug_barrier()
+        ticket = tl.atomic_add(cnt_ptr + khead, 1, sem="acq_rel")
+        if ticket == tl.cdiv(LQ, BLOCK_M) * G_S - 1:
+            dk_base = dk_ptr + khead * LK * DS
+            for r0 in range(0, LK * DS, BLOCK_N * BLOCK_DS):  # flat: 16-byte vectors, one bounds mask
+                off = r0 + tl.arange(0, BLOCK_N * BLOCK_DS)
+                v = tl.load(dkw_base + off, mask=off < LK * DS, other=0.0, cache_modifier=".cg")
+                tl.store(dk_base + off, v.to(dk_ptr.dtype.element_ty), mask=off < LK * DS)
 
 
 # ---- launchers --------------------------------------------------------------------------------------------------
@@ -544,15 +493,16 @@ def _common(q_s, k_s, q_t, k_t, key_padding_mask):
 
 
 def _blocks(kind: str, lq: int, lk: int, d_max: int, elem_bytes: int = 2) -> Tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of kernel ``kind`` ("fwd", "dq", "dk").
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of kernel ``kind`` ("fwd", "bwd").
 
-    Chosen from sm_90 SASS (no GPU measured yet): from d = 128 the kernels run 8 warps = two warpgroups, and the fwd
-    / dq programs take 128 query rows, one 64-row wgmma tile per warpgroup.  With 64 rows and 8 warps Triton splits
+    Chosen from sm_90 SASS (no GPU measured yet): from d = 128 the kernels run 8 warps = two warpgroups, and the
+    programs take 128 query rows, one 64-row wgmma tile per warpgroup.  With 64 rows and 8 warps Triton splits
     the tile's columns over the warpgroups, and whatever feeds a second dot or a row reduction is then computed
     twice or reduced through shared memory (26.9 instructions per score element in the forward loop instead of
-    17.6).  dk stays at 64 x 64 (128 query rows need more than 255 registers there).  fp32 inputs (IEEE dots on
-    the FMA pipe, not the fast path) keep 64-row tiles and 2 stages so that their tiles fit in 227 KB of shared
-    memory."""
+    17.6).  The fused backward uses the same 128 x 64 tile (254 registers, no spill; 255 when causal): with 32
+    keys it has 240 registers, but its dS^T @ Q dot (M = 32 rows) falls back to mma.sync (HMMA); 64 x 64 on 4
+    warps spills 312 bytes.  fp32 inputs (IEEE dots on the FMA pipe, not the fast path) keep 64-row tiles and 2
+    stages so that their tiles fit in 227 KB of shared memory."""
     bm = 64 if lq > 32 else max(16, triton.next_power_of_2(lq))
     bn = 64 if lk > 32 else max(16, triton.next_power_of_2(lk))
     if d_max > 128:
@@ -561,9 +511,9 @@ def _blocks(kind: str, lq: int, lk: int, d_max: int, elem_bytes: int = 2) -> Tup
         return bm, bn, 4, 2
     if elem_bytes > 2:
         return bm, bn, 8, 2
-    if kind in ("fwd", "dq") and lq > 64:
+    if lq > 64:
         bm = 128
-    return bm, bn, 8, (2 if kind == "dk" else 3)
+    return bm, bn, 8, 3
 
 
 def attention_kd_fwd(
@@ -608,28 +558,30 @@ def attention_kd_bwd(
     g = grad_rows.float().contiguous()
     lse_s = lse_s.float().contiguous()
     lse_t = lse_t.float().contiguous()
-    # outputs in the caller's dtypes: the kernels accumulate in fp32 registers and round once on store
+    # dQ in the caller's dtype (fp32 registers, rounded once on store); dK is summed over the query blocks (and the
+    # query heads sharing a key head) by fp32 atomics into a zeroed fp32 workspace, rounded once at the end
     dq = torch.empty(b, h, lq, ds, dtype=out_dtypes[0], device=q_s.device)
-    dk = torch.empty(b, hk, lk, ds, dtype=out_dtypes[1], device=q_s.device)
+    convert = out_dtypes[1] != torch.float32
+    # one zeroing kernel for the workspace and the per-key-head tickets of the in-kernel conversion
+    n_ws = b * hk * lk * ds
+    buf = torch.zeros(n_ws + b * hk, dtype=torch.float32, device=q_s.device)
+    dkw, cnt = buf[:n_ws].view(b, hk, lk, ds), buf[n_ws:].view(torch.int32)
+    dk = torch.empty(b, hk, lk, ds, dtype=out_dtypes[1], device=q_s.device) if convert else dkw
     if dq.numel() == 0 or dk.numel() == 0:
         return dq.zero_(), dk.zero_()
-    common = (lq, lk, ds, dt, float(scale_s), float(scale_t))
-    bm, bn, nw, ns = _blocks("dq", lq, lk, max(ds, dt), q_s.element_size())
-    _attention_kd_bwd_dq_kernel[(triton.cdiv(lq, bm), b * h)](
-        q_s, k_s, q_t, k_t, kpm, kinfo, lse_s, lse_t, g, dq, *strides, h, h // hk, h // k_t.shape[1], *common,
-        CAUSAL=bool(causal), BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns, **meta,
-    )
-    bm, bn, nw, ns = _blocks("dk", lq, lk, max(ds, dt), q_s.element_size())
-    _attention_kd_bwd_dk_kernel[(triton.cdiv(lk, bn), b * hk)](
-        q_s, k_s, q_t, k_t, kpm, lse_s, lse_t, g, dk, *strides, h, hk, h // hk, h // k_t.shape[1], *common,
-        CAUSAL=bool(causal), BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns, **meta,
+    bm, bn, nw, ns = _blocks("bwd", lq, lk, max(ds, dt), q_s.element_size())
+    _attention_kd_bwd_kernel[(triton.cdiv(lq, bm), b * h)](
+        q_s, k_s, q_t, k_t, kpm, kinfo, lse_s, lse_t, g, dq, dkw, dk, cnt, *strides, h, hk, h // hk,
+        h // k_t.shape[1], lq, lk, ds, dt, float(scale_s), float(scale_t),
+        CAUSAL=bool(causal), CONVERT=convert, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns, **meta,
     )
     return dq, dk
 
 
 # ---- static-analysis launch descriptors (pyquant bench static; schema in the issue-#10 shared interface) --------
 _PTR_TYPES = {"kpm_ptr": "*i8", "kinfo_ptr": "*i32", "kl_ptr": "*fp32", "lses_ptr": "*fp32", "lset_ptr": "*fp32",
-              "g_ptr": "*fp32"}
+              "g_ptr": "*fp32", "dkw_ptr": "*fp32",
+              "cnt_ptr": "*i32"}
 _DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
@@ -701,42 +653,52 @@ def static_launches(B: int, H: int, L: int, d: int, dtype: str = "bf16", *, caus
     mask_bytes = (B * L + B * 12) if key_padding else 0
     rows = B * H * L * 4
     launches = []
-    for kind, fn in (("fwd", _attention_kd_fwd_kernel), ("bwd_dq", _attention_kd_bwd_dq_kernel),
-                     ("bwd_dk", _attention_kd_bwd_dk_kernel)):
-        bm, bn, nw, ns = _blocks(kind.replace("bwd_", ""), L, L, d, es)
+    plan = None
+    for kind, fn in (("fwd", _attention_kd_fwd_kernel), ("bwd", _attention_kd_bwd_kernel)):
+        bm, bn, nw, ns = _blocks(kind, L, L, d, es)
         cx = dict(common, BLOCK_M=bm, BLOCK_N=bn)
         if kind == "fwd":
             cx["SAME_SCALE"] = True
-        cx = {k: v for k, v in cx.items() if k in fn.arg_names}
-        if kind == "bwd_dk":
-            grid = [triton.cdiv(L, bn), B * hk, 1]
-            per_prog = []
-            for n0 in range(0, L, bn):
-                first = (max(n0, 0) // bm) * bm if causal else 0
-                per_prog.append((H // hk) * len(range(first, L, bm)))
-            trips, boundary = sum(per_prog) / len(per_prog), 0.0
-            tiles = sum(per_prog) * B * hk
-            dots, tile_elems = 3, bm * bn
-            out_bytes = B * hk * L * d * es
         else:
-            grid = [triton.cdiv(L, bm), B * H, 1]
-            plan = _key_plan(L, L, bm, bn, causal, 0, L, True)
-            trips = sum(p[0] for p in plan) / len(plan)
-            boundary = sum(p[1] for p in plan) / len(plan)
-            tiles = sum(p[0] + p[1] for p in plan) * B * H
-            dots, tile_elems = (2, bm * bn) if kind == "fwd" else (3, bm * bn)
-            out_bytes = 3 * rows if kind == "fwd" else B * H * L * d * es
-        in_rows = 0 if kind == "fwd" else 3 * rows
+            cx["CONVERT"] = es != 4
+        cx = {k: v for k, v in cx.items() if k in fn.arg_names}
+        grid = [triton.cdiv(L, bm), B * H, 1]
+        plan = _key_plan(L, L, bm, bn, causal, 0, L, True)
+        trips = sum(p[0] for p in plan) / len(plan)
+        boundary = sum(p[1] for p in plan) / len(plan)
+        tiles = sum(p[0] + p[1] for p in plan) * B * H
+        # fwd: 2 QK dots per tile pair; bwd: 2 QK recomputations + dS @ K_S + dS^T @ Q_S
+        dots = 2 if kind == "fwd" else 4
+        ws = B * hk * L * d * 4  # the fp32 dK workspace
+        trip_list = [float(trips), float(boundary)]
+        if kind == "fwd":
+            nbytes = qk_bytes + mask_bytes + 3 * rows
+        else:  # + 3 row vectors in, dQ out, the dK workspace written back once (its atomics resolve in L2)
+            nbytes = qk_bytes + mask_bytes + 3 * rows + B * H * L * d * es + ws
+            if es != 4:  # the in-kernel conversion: one program per key head reads the workspace, writes dK
+                nbytes += ws + ws // 4 * es
+                # The tool (pyquant/bench/static.py at this commit) takes the conversion loop (trips: L / BLOCK_N
+                # per key head) for an alternative of the masked loop and counts only the larger, the masked loop:
+                # ``analyze`` drops NOPs before building the CFG, so the masked loop's exit branch, whose target is
+                # a NOP, loses its edge.  Giving the masked loop the trips of both counts the conversion at the
+                # masked loop's size, an upper bound.  Once the tool keeps that edge, this is a third value.
+                trip_list[1] += triton.cdiv(L, bn) * B * hk / (grid[0] * grid[1])
         launches.append({
             "name": kind,
             "triton": {"fn": fn, "signature": _signature(fn, cx, dtype), "constexprs": cx, "num_warps": nw,
                        "num_stages": ns},
-            "grid": grid, "threads_per_cta": 32 * nw, "loop_trips": float(trips), "boundary_trips": float(boundary),
-            "weights": score, "bytes": qk_bytes + mask_bytes + in_rows + out_bytes,
-            "mma_flops": 0 if ieee else int(tiles * dots * 2 * tile_elems * blk_d),
+            # main loops in address order: the unmasked interior loop, then the masked boundary loop
+            "grid": grid, "threads_per_cta": 32 * nw, "loop_trips": trip_list,
+            "boundary_trips": float(boundary),
+            "weights": score, "bytes": nbytes,
+            "mma_flops": 0 if ieee else int(tiles * dots * 2 * bm * bn * blk_d),
         })
+    # the zeroing of the fp32 dK workspace (and the conversion tickets): torch.zeros, before the backward
+    ws = B * hk * L * d * 4 + B * hk * 4
+    launches.insert(1, {"name": "dk_zero", "builtin": "torch.zeros", "grid": [max(1, ws // 4096), 1, 1],
+                        "threads_per_cta": 128, "loop_trips": 0.0, "weights": 0, "bytes": ws, "mma_flops": 0})
     cfg = ", ".join(f"{x['name']} {x['triton']['constexprs']['BLOCK_M']}x{x['triton']['constexprs']['BLOCK_N']} "
-                    f"w{x['triton']['num_warps']} s{x['triton']['num_stages']}" for x in launches)
+                    f"w{x['triton']['num_warps']} s{x['triton']['num_stages']}" for x in launches if "triton" in x)
     tags = [dtype, "causal" if causal else "bidirectional", "key-padding" if key_padding else "no mask"]
     if hk != H:
         tags.append(f"kv_heads={hk}")

@@ -76,6 +76,8 @@ KERNEL_CASES = [
     pytest.param(2, 2, 2, 2, 129, 129, 64, 64, False, True, torch.bfloat16, id="L129-pad-bf16"),
     pytest.param(2, 2, 1, 1, 20, 100, 32, 32, True, True, torch.float32, id="Lq20-Lk100-causal-bottom-right"),
     pytest.param(3, 2, 2, 1, 7, 50, 80, 48, False, True, torch.float32, id="Lq7-Lk50-pad-d80-d48"),
+    # 16-bit dK rounded in the kernel by the last of 3 query blocks x 2 query heads per key head (the ticket)
+    pytest.param(2, 4, 2, 2, 150, 70, 32, 32, False, True, torch.bfloat16, id="Lq150-Lk70-pad-gqa-bf16-3blocks"),
 ]
 
 
@@ -351,19 +353,32 @@ def test_static_launches_describe_fwd_and_bwd():
     calls = K.static_launches(8, 32, 2048, 128, "bf16")
     assert len(calls) == 1 and calls[0]["kernel"] == "attention_kd" and calls[0]["backend"] == "triton"
     la = {x["name"]: x for x in calls[0]["launches"]}
-    assert set(la) == {"fwd", "bwd_dq", "bwd_dk"}
-    for x in la.values():
+    assert set(la) == {"fwd", "dk_zero", "bwd"}  # dK is rounded in the backward kernel: no cast kernel
+    assert "builtin" in la["dk_zero"]  # zeroing the fp32 dK workspace and its tickets: a torch kernel
+    assert la["dk_zero"]["bytes"] == 4 * 8 * 32 * (2048 * 128 + 1)
+    for x in (la["fwd"], la["bwd"]):
         t = x["triton"]
         assert set(t["signature"]) == set(t["fn"].arg_names)
         assert all(t["signature"][k] == "constexpr" for k in t["constexprs"])
         assert x["threads_per_cta"] == 32 * t["num_warps"] and x["weights"] == 8 * 32 * 2048 * 2048
+    assert la["bwd"]["triton"]["signature"]["dkw_ptr"] == "*fp32"  # fp32 atomics (a bf16 one is a CAS loop)
     bm, bn = (la["fwd"]["triton"]["constexprs"][k] for k in ("BLOCK_M", "BLOCK_N"))
-    assert la["fwd"]["grid"] == [2048 // bm, 8 * 32, 1] and la["fwd"]["loop_trips"] == 2048 / bn
-    # one pass: 2 QK dots (2 * 2 * d flops) per score element; each backward kernel 3 dots
+    # every key kept: all tiles run in the unmasked main loop, none in the masked boundary loop
+    assert la["fwd"]["grid"] == [2048 // bm, 8 * 32, 1] and la["fwd"]["loop_trips"] == [2048 / bn, 0.0]
+    # the backward's masked loop trips include the dK conversion's (one program per key head, L rows in BLOCK_N
+    # steps), which the tool counts at the masked loop's size
+    bbm, bbn = (la["bwd"]["triton"]["constexprs"][k] for k in ("BLOCK_M", "BLOCK_N"))
+    assert la["bwd"]["loop_trips"] == [2048 / bbn, (2048 / bbn) / (2048 / bbm)]
+    # one pass: 2 QK dots (2 * 2 * d flops) per score element; the fused backward 4 (2 QK, dS @ K, dS^T @ Q)
     assert la["fwd"]["mma_flops"] == 2 * 2 * 128 * 8 * 32 * 2048 * 2048
-    assert la["bwd_dq"]["mma_flops"] == la["bwd_dk"]["mma_flops"] == 3 * 2 * 128 * 8 * 32 * 2048 * 2048
+    assert la["bwd"]["mma_flops"] == 4 * 2 * 128 * 8 * 32 * 2048 * 2048
     causal = {x["name"]: x for x in K.static_launches(8, 32, 2048, 128, causal=True)[0]["launches"]}
-    assert causal["fwd"]["loop_trips"] + causal["fwd"]["boundary_trips"] < 0.6 * la["fwd"]["loop_trips"]
+    assert sum(causal["fwd"]["loop_trips"]) < 0.6 * sum(la["fwd"]["loop_trips"])
+    assert causal["fwd"]["loop_trips"][1] == causal["fwd"]["boundary_trips"] > 0
+    fp32 = {x["name"] for x in K.static_launches(2, 4, 256, 128, "fp32")[0]["launches"]}
+    assert fp32 == {"fwd", "dk_zero", "bwd"}
+    fp32_bwd = [x for x in K.static_launches(2, 4, 256, 128, "fp32")[0]["launches"] if x["name"] == "bwd"][0]
+    assert fp32_bwd["loop_trips"] == [256 / 64, 0.0]  # an fp32 dK is the workspace itself: no conversion loop
     with pytest.raises(ValueError, match="dtype"):
         K.static_launches(8, 32, 2048, 128, "int8")
 
@@ -381,6 +396,8 @@ calls = [c for dt in ("bf16", "fp32") for c in kernel_module("attention_kd").sta
                                                                                              causal=True)]
 for call in calls:
     for ln in call["launches"]:
+        if "triton" not in ln:  # torch side kernels (the dK workspace's zeroing)
+            continue
         t = ln["triton"]
         try:
             src = ASTSource(fn=t["fn"], signature=t["signature"], constexprs=t["constexprs"])
