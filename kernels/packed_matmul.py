@@ -406,6 +406,7 @@ def _packed_gemv_kernel(
 # The packed weight is read as int32 words (16 codes each, K-contiguous; rows are whole 16-byte vectors, so a K tile
 # of BLOCK_K >= 64 is one 16-byte load per row and thread).  Code e (0..7) of each 16-bit half of a word sits at bits
 # 2e; weight k of the word is half k // 8, code k % 8.
+_HMASK = -65536  # 0xFFFF0000 as int32: the high-half select mask of _gemm_dequant_pairs (a runtime argument)
 _BF16_MAGIC = 0x43004300  # bf16x2 (128, 128): ulp 1, 7 mantissa bits; code bits 2-5 stay inside the mantissa
 _FP16_MAGIC = 0x64006400  # fp16x2 (1024, 1024): ulp 1, 10 mantissa bits; code bits 2-9 stay inside the mantissa
 
@@ -471,6 +472,45 @@ def _gemm_dequant(w, magic, a_4, a_16, a_64, a_256, DT: tl.constexpr, F32_MATH: 
 
 
 @triton.jit
+def _gemm_dequant_pairs(w, magic, hmask, a_1, a_16, DT: tl.constexpr, F32_MATH: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr):
+    """int32 words [BLOCK_N, BLOCK_K // 16] -> ``c - z`` [BLOCK_N, BLOCK_K] (DT, exact), natural K order, with the
+    two halves of every 32-bit register holding NEIGHBOURING weights (k, k + 1) -- the pairing the MMA operand
+    fragments and the 16-byte shared-memory stores want, so x needs no permutation and no PRMT re-pairs weights.
+
+    Byte j of a word holds codes 4j .. 4j+3 (bits 0-1, 2-3, 4-5, 6-7).  With ``t = w >> 2`` (one shift per word),
+    ``d_j = byte j of w | byte j of t << 16`` is ONE byte permute (PRMT) and has code 4j / 4j+1 at bits 0-1 of its
+    low / high half and 4j+2 / 4j+3 at bits 4-5: two magic-number pairs (one LOP3 + one HFMA2 each, see
+    ``_gemm_magic_pair``; the bit 0-1 field has p = 0, so z must make ``M + z`` exact: z in {0, 1, 2}, the caller's
+    ``PAIRS`` condition).  Per 16 weights: 1 SHF + 4 PRMT + 8 LOP3 + 8 HFMA2 (the K-permuted ``_gemm_dequant``:
+    4 shifts + 8 LOP3 + 8 HFMA2, plus a 2-byte gather per x element)."""
+    # s_lo: codes 0..7 (low half) | codes 1..8 (high half); s_hi: codes 8..15 | codes 9..16 (no 16th: unread)
+    # the bit-select ((a ^ b) & m) ^ b = a & m | b & ~m with m = hmask = 0xFFFF0000 a kernel ARGUMENT: ptxas fuses
+    # it into ONE LOP3; with a literal m, LLVM rewrites it into and/or of complementary masks, which compiles to two.
+    # The arithmetic shifts' sign copies land in bits no mask reads.
+    w16 = w >> 16
+    s_lo = (((w << 14) ^ w) & hmask) ^ w
+    s_hi = (((w >> 2) ^ w16) & hmask) ^ w16
+    d0 = s_lo
+    d1 = s_lo >> 8
+    d2 = s_hi
+    d3 = s_hi >> 8
+    v00 = _gemm_magic_pair(d0, 0x00030003, 1.0, a_1, magic, DT, F32_MATH)
+    v01 = _gemm_magic_pair(d0, 0x00300030, 0.0625, a_16, magic, DT, F32_MATH)
+    v10 = _gemm_magic_pair(d1, 0x00030003, 1.0, a_1, magic, DT, F32_MATH)
+    v11 = _gemm_magic_pair(d1, 0x00300030, 0.0625, a_16, magic, DT, F32_MATH)
+    v20 = _gemm_magic_pair(d2, 0x00030003, 1.0, a_1, magic, DT, F32_MATH)
+    v21 = _gemm_magic_pair(d2, 0x00300030, 0.0625, a_16, magic, DT, F32_MATH)
+    v30 = _gemm_magic_pair(d3, 0x00030003, 1.0, a_1, magic, DT, F32_MATH)
+    v31 = _gemm_magic_pair(d3, 0x00300030, 0.0625, a_16, magic, DT, F32_MATH)
+    # v_jh: [BN, W, 2 (half l)] = weights k = 4j + 2h + l.  The joins append axes (h, j & 1, j >> 1) after l; the
+    # permute puts them in k order (j >> 1, j & 1, h, l) -- register renaming only, every axis is inside a thread
+    c = tl.join(tl.join(tl.join(v00, v01), tl.join(v10, v11)), tl.join(tl.join(v20, v21), tl.join(v30, v31)))
+    c = tl.permute(c, (0, 1, 5, 4, 3, 2))
+    return tl.reshape(c, (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
 def _gemm_codes_i8(w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """int32 words [BLOCK_N, BLOCK_K // 16] -> unsigned codes [BLOCK_N, BLOCK_K] as int8 (W2A8's int8 MMA operand;
     the code offset is applied through the row sums of x).  ``(w >> 2p) & 0x03030303`` extracts 4 codes per op,
@@ -506,10 +546,10 @@ def _gemm_dot(a, b, acc):
 @triton.jit
 def _packed_matmul_kernel(
     x_ptr, xs_ptr, qw_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr, ws_ptr, lock_ptr,
-    M, N, K, G, group_size, code_offset, magic, M_BUCKET,
+    M, N, K, G, group_size, code_offset, magic, hmask, M_BUCKET,
     stride_xm, stride_qn, stride_ym,
     HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, X_INT8: tl.constexpr, DOT_F32: tl.constexpr,
-    PER_CHANNEL: tl.constexpr,
+    PER_CHANNEL: tl.constexpr, PAIRS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SPLIT_K: tl.constexpr,
 ):
@@ -550,11 +590,13 @@ def _packed_matmul_kernel(
     # code c (z = 0 here) and subtract z * sum_k(x) per group (exact: codes are exact, z is one float per group)
     zc = 0.0 if HAS_ZERO else code_offset
     if DOT_F32:
+        a_1 = -(MB + zc)
         a_4 = -(MB * 0.25 + zc)
         a_16 = -(MB * 0.0625 + zc)
         a_64 = -(MB * 0.015625 + zc)
         a_256 = -(MB * 0.00390625 + zc)
     else:
+        a_1 = (-(MB + zc)).to(DT)
         a_4 = (-(MB * 0.25 + zc)).to(DT)
         a_16 = (-(MB * 0.0625 + zc)).to(DT)
         a_64 = (-(MB * 0.015625 + zc)).to(DT)
@@ -584,7 +626,7 @@ def _packed_matmul_kernel(
     # BLOCK_M = 16: permute K inside each 16-group (see _gemm_dequant) and load x in that order; the x tile is small
     # next to the weight tile there (16 rows), so its 2-byte gathers cost less than re-pairing every weight.  With
     # more rows (wgmma) the gathers cost more than they save, so K stays in order.
-    KPERM: tl.constexpr = BLOCK_M == 16 and not X_INT8
+    KPERM: tl.constexpr = BLOCK_M == 16 and not X_INT8 and not PAIRS
     if KPERM:
         rkx = (rk // 16) * 16 + (rk % 2) * 8 + (rk % 16) // 2
     else:
@@ -612,7 +654,10 @@ def _packed_matmul_kernel(
                     part = part - xs_t[:, None] * code_offset
                 acc += part * s[None, :]
         else:
-            c = _gemm_dequant(w, magic, a_4, a_16, a_64, a_256, DT, DOT_F32, BLOCK_N, BLOCK_K, KPERM)
+            if PAIRS:
+                c = _gemm_dequant_pairs(w, magic, hmask, a_1, a_16, DT, DOT_F32, BLOCK_N, BLOCK_K)
+            else:
+                c = _gemm_dequant(w, magic, a_4, a_16, a_64, a_256, DT, DOT_F32, BLOCK_N, BLOCK_K, KPERM)
             if DOT_F32 or x.dtype == tl.float32:  # interpreter bf16 (triton-lang/triton#11584) or fp32 x
                 x = x.to(tl.float32)
                 c = c.to(tl.float32)
@@ -1014,6 +1059,13 @@ def _split_locks(device: torch.device, n: int) -> torch.Tensor:
     return buf
 
 
+def _gemm_pairs(has_zero: bool, code_offset: float, x_int8: bool) -> bool:
+    """Whether the GEMM dequantizes with ``_gemm_dequant_pairs`` (natural K order, neighbouring weights per
+    register): 16-bit x and a zero point folded exactly into the magic bias (asymmetric formats fold none; seq's
+    z = 1.5 is not exact next to M = 128 in bf16, so it keeps the K-permuted ``_gemm_dequant``)."""
+    return not x_int8 and (has_zero or float(code_offset) in (0.0, 1.0, 2.0))
+
+
 def _gemm_magic(x: torch.Tensor) -> int:
     return _BF16_MAGIC if x.dtype == torch.bfloat16 else _FP16_MAGIC
 
@@ -1043,7 +1095,8 @@ def _launch_gemm(x, x_scale, qweight, scale, zero_point, bias, code_offset, M, N
     # the interpreter's tl.dot is wrong for bf16 (triton-lang/triton#11584), and so is its bf16 arithmetic: there,
     # bf16 tiles are dequantized and multiplied in fp32 (same bits, exact products), compiled code stays bf16
     common = dict(HAS_ZERO=zero_point is not None, HAS_BIAS=bias is not None, X_INT8=x_scale is not None,
-                  DOT_F32=x_scale is None and x.dtype == torch.bfloat16 and _interpret(), PER_CHANNEL=G == 1)
+                  DOT_F32=x_scale is None and x.dtype == torch.bfloat16 and _interpret(), PER_CHANNEL=G == 1,
+                  PAIRS=_gemm_pairs(zero_point is not None, co, x_scale is not None))
     m_bucket = min(_next_pow2(M), _M_BUCKET_CAP)
     if config is not None:
         max_split = config.get("SPLIT_K", 1)
@@ -1052,7 +1105,8 @@ def _launch_gemm(x, x_scale, qweight, scale, zero_point, bias, code_offset, M, N
     # split-K workspace: one fp32 slice per split, every element written before it is read (never zeroed)
     ws = _alloc((max_split, M, N), torch.float32, x.device) if max_split > 1 else None
     locks = _split_locks(x.device, triton.cdiv(M, 16) * triton.cdiv(N, 16)) if max_split > 1 else None
-    args = (x, x_scale, qweight, scale, zero_point, bias, y, ws, locks, M, N, K, G, gs, co, _gemm_magic(x), m_bucket,
+    args = (x, x_scale, qweight, scale, zero_point, bias, y, ws, locks, M, N, K, G, gs, co, _gemm_magic(x), _HMASK,
+            m_bucket,
             x.stride(0), qweight.stride(0), y.stride(0))
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),  # noqa: E731
                          meta["SPLIT_K"])
@@ -1120,8 +1174,8 @@ def _static_gemm_call(M, N, K, G, gs, has_zero, co, x_dtype, c) -> Dict:
     y_ty = "*bf16" if x_int8 else x_ty
     kw = dict(c.kwargs)
     bm, bn, bk, sk = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], kw["SPLIT_K"]
-    consts = dict(HAS_ZERO=has_zero, HAS_BIAS=False, X_INT8=x_int8, DOT_F32=False, PER_CHANNEL=G == 1, **kw,
-                  bias_ptr=None)
+    consts = dict(HAS_ZERO=has_zero, HAS_BIAS=False, X_INT8=x_int8, DOT_F32=False, PER_CHANNEL=G == 1,
+                  PAIRS=_gemm_pairs(has_zero, 0.0 if co is None else co, x_int8), **kw, bias_ptr=None)
     if not has_zero:
         consts["zero_ptr"] = None
     if not x_int8:
@@ -1131,12 +1185,14 @@ def _static_gemm_call(M, N, K, G, gs, has_zero, co, x_dtype, c) -> Dict:
         consts["lock_ptr"] = None
     types = dict(x_ptr=x_ty, xs_ptr="*fp32", qw_ptr="*u8", scale_ptr="*fp16", zero_ptr="*fp16", bias_ptr=y_ty,
                  y_ptr=y_ty, ws_ptr="*fp32", lock_ptr="*i32", M="i32", N="i32", K="i32", G="i32", group_size="i32",
-                 code_offset="fp32", magic="i32", M_BUCKET="i32", stride_xm="i32", stride_qn="i32", stride_ym="i32")
+                 code_offset="fp32", magic="i32", hmask="i32",
+                 M_BUCKET="i32", stride_xm="i32", stride_qn="i32", stride_ym="i32")
     fn = _packed_matmul_kernel
     sig = {a: ("constexpr" if a in consts else types[a]) for a in fn.arg_names}
     # what the JIT specializes at run time for these shapes: 16-byte aligned pointers, ints divisible by 16
     ints = dict(M=M, N=N, K=K, G=G, group_size=gs, M_BUCKET=min(_next_pow2(M), _M_BUCKET_CAP), stride_xm=K,
-                stride_qn=-(-K // 64) * 16, stride_ym=N, magic=_gemm_magic(torch.empty(0, dtype=torch_dt)))
+                stride_qn=-(-K // 64) * 16, stride_ym=N, magic=_gemm_magic(torch.empty(0, dtype=torch_dt)),
+                hmask=_HMASK)
     div16 = [a for a in fn.arg_names if sig[a] != "constexpr" and (sig[a].startswith("*") or
                                                                    (a in ints and ints[a] % 16 == 0))]
     grid = [triton.cdiv(M, bm) * triton.cdiv(N, bn), sk, 1]
