@@ -98,7 +98,11 @@ import triton.language as tl
 
 __all__ = ["packed_matmul", "packed_matmul_a8", "quantize_rows_int8", "GEMV_MAX_M"]
 
-GEMV_MAX_M = 8  # rows handled by the FMA GEMV kernel; larger M uses tl.dot
+GEMV_MAX_M = 8  # W2A8 rows handled by the FMA GEMV kernel (fp16-integer x); larger M uses tl.dot
+# 16-bit x with M >= _GEMM_MIN_M runs the tensor-core GEMM (BLOCK_M = 16, rows past M masked): predicted (sm_90
+# SASS, not measured) faster than the CUDA-core GEMV from M = 4 on at every benchmark shape (the GEMV's products
+# cost ~M/2 instructions per weight; the MMA's cost is the same for 1..16 rows); M = 1..3 keeps the GEMV
+_GEMM_MIN_M = 4
 _M_BUCKET_CAP = 4096
 _FP32_TINY = torch.finfo(torch.float32).tiny
 
@@ -1120,9 +1124,22 @@ def _launch_gemm(x, x_scale, qweight, scale, zero_point, bias, code_offset, M, N
     return y
 
 
+def _use_gemv(M: int, x_dtype: torch.dtype, w2a8: bool, config: Optional[Dict] = None) -> bool:
+    """The GEMV / GEMM boundary: 16-bit x with M < _GEMM_MIN_M, and W2A8 (fp16-integer x) with M <= GEMV_MAX_M,
+    take the half2 GEMV; fp32 x always takes the GEMM.  A pinned ``config`` names its kernel by its keys
+    (``BLOCK_M``: the GEMM), so tests and benchmarks can still run the GEMV at M = 4..8."""
+    if x_dtype not in _GEMV_MAGIC or M > GEMV_MAX_M:
+        return False
+    if w2a8:  # x holds fp16 integers here (packed_matmul_a8 quantizes for the GEMV at M <= GEMV_MAX_M)
+        return True
+    if config is not None:
+        return "BLOCK_M" not in config
+    return M < _GEMM_MIN_M
+
+
 def _launch(x, x_scale, qweight, scale, zero_point, bias, code_offset, M, N, K, G, gs, out_dtype,
             config: Optional[Dict] = None) -> torch.Tensor:
-    if M <= GEMV_MAX_M and x.dtype in _GEMV_MAGIC:  # decode: the half2 GEMV (fp32 x takes the GEMM)
+    if _use_gemv(M, x.dtype, x_scale is not None, config):  # decode: the half2 GEMV
         return _launch_gemv(x, x_scale, qweight, scale, zero_point, bias, code_offset, M, N, K, G, gs, out_dtype,
                             config)
     return _launch_gemm(x, x_scale, qweight, scale, zero_point, bias, code_offset, M, N, K, G, gs, out_dtype,
@@ -1238,7 +1255,8 @@ def _static_dequant_call(M, N, K, G, gs, has_zero, co, x_dtype) -> Dict:
 
 def _static_launches_gemm(M: int, N: int, K: int, fmt: str, group_size: Optional[int], x_dtype: str = "bf16",
                           path: Optional[str] = None) -> List[Dict]:
-    """Descriptors (schema: issue #10's static tool) of every call the launcher could make for M > 8: each GEMM
+    """Descriptors (schema: issue #10's static tool) of every call the launcher could make with the GEMM (16-bit x:
+    M >= _GEMM_MIN_M; W2A8: M > GEMV_MAX_M; fp32 x: any M): each GEMM
     config the autotuner may choose after pruning on an sm_90 GPU, or the dequantize + cuBLAS pair where
     ``_dequant_dispatch`` picks it.  ``path="fused"`` / ``"dequant+cublas"`` forces one path (the comparison the
     module docstring reports)."""
@@ -1246,8 +1264,10 @@ def _static_launches_gemm(M: int, N: int, K: int, fmt: str, group_size: Optional
         raise ValueError(f"fmt={fmt!r}: expected one of {sorted(_STATIC_FORMATS)}")
     if x_dtype not in _STATIC_X:
         raise ValueError(f"x_dtype={x_dtype!r}: expected one of {sorted(_STATIC_X)}")
-    if M <= GEMV_MAX_M:
-        raise ValueError(f"M={M}: the GEMM handles M > {GEMV_MAX_M}")
+    if x_dtype != "int8" and M < _GEMM_MIN_M:  # fp32 x is not one of _STATIC_X
+        raise ValueError(f"M={M}: with {x_dtype} x the GEMM handles M >= {_GEMM_MIN_M}")
+    if x_dtype == "int8" and M <= GEMV_MAX_M:
+        raise ValueError(f"M={M}: W2A8 runs the GEMM for M > {GEMV_MAX_M}")
     if group_size is not None and (K % group_size or group_size % 16):
         raise ValueError(f"group_size={group_size} must divide K={K} and be a multiple of 16")
     co = _STATIC_FORMATS[fmt]
@@ -1339,7 +1359,15 @@ def _static_launches_gemv(M: int, N: int, K: int, fmt: str, group_size: Optional
 
 def static_launches(M: int, N: int, K: int, fmt: str, group_size: Optional[int], x_dtype: str = "bf16") -> List[Dict]:
     """Plain-Python descriptors of what the launcher may launch for this call (see the static roofline tool):
-    one dict per candidate config.  M <= GEMV_MAX_M with 16-bit or int8 (W2A8) x: the GEMV."""
+    one dict per candidate config.  16-bit x: the GEMV for M < _GEMM_MIN_M, the GEMM from there on; W2A8 (int8 x):
+    the GEMV for M <= GEMV_MAX_M.  For 16-bit x with _GEMM_MIN_M <= M <= GEMV_MAX_M the GEMV's configs are listed
+    too (after the GEMM's, their config marked "not dispatched"), so the report scores the two kernels side by side;
+    the launcher runs the GEMM there (``_use_gemv``)."""
     if M <= GEMV_MAX_M and x_dtype in ("bf16", "fp16", "int8"):
-        return _static_launches_gemv(M, N, K, fmt, group_size, x_dtype)
+        if x_dtype == "int8" or M < _GEMM_MIN_M:
+            return _static_launches_gemv(M, N, K, fmt, group_size, x_dtype)
+        gemv = _static_launches_gemv(M, N, K, fmt, group_size, x_dtype)
+        for call in gemv:
+            call["config"] += f" (not dispatched: M >= {_GEMM_MIN_M} runs the GEMM)"
+        return _static_launches_gemm(M, N, K, fmt, group_size, x_dtype) + gemv
     return _static_launches_gemm(M, N, K, fmt, group_size, x_dtype)

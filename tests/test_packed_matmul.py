@@ -103,6 +103,28 @@ def test_triton_matches_reference(M, N, K, group, fmt, dtype, has_bias, poison):
     assert_close_to(y, ref, dtype)
 
 
+@needs_kernels
+@pytest.mark.parametrize("M,N,K,group,fmt,dtype", [
+    (4, 37, 192, None, "twn", torch.bfloat16),
+    (5, 45, 256, 128, "int2-asym", torch.float16),
+    (7, 33, 128, 64, "seq4", torch.bfloat16),  # z = 1.5: the K-permuted dequant, not the pairs
+    (8, 50, 320, None, "int2-asym", torch.bfloat16),
+])
+def test_small_m_runs_the_tensor_core_gemm(M, N, K, group, fmt, dtype, poison, monkeypatch):
+    """16-bit x with 4 <= M <= 8 takes the tensor-core GEMM (BLOCK_M = 16, rows past M masked), not the GEMV, and
+    matches the reference on odd shapes in every format family."""
+    k = _kern()
+    ran = []
+    real = k._launch_gemm
+    monkeypatch.setattr(k, "_launch_gemm", lambda *a, **kw: ran.append(a[7]) or real(*a, **kw))
+    qw, s, z, co, _ = make_weight(N, K, fmt, group)
+    x = torch.randn(M, K, device=DEV).to(dtype)
+    b = torch.randn(N, device=DEV).to(dtype)
+    y = k.packed_matmul(x, qw, s, z, b, K, co)
+    assert ran == [M]
+    assert_close_to(y, reference.packed_matmul(x, qw, s, z, b, K, co), dtype)
+
+
 # pinned meta-parameters: both kernels, split-K on and off (including a split that leaves some programs no K tile)
 CONFIGS = [
     (2, dict(BLOCK_N=16, WORDS=4, SPLIT_K=1)),
@@ -267,8 +289,34 @@ def test_static_launch_descriptors_gemm(M, fmt, group, x_dtype):
         assert ("ws_ptr" in c) == (c["SPLIT_K"] == 1)  # the workspace exists only for split-K
     with pytest.raises(ValueError, match="fmt="):
         k._static_launches_gemm(M, N, K, "int4", None)
-    with pytest.raises(ValueError, match="M=4"):
-        k._static_launches_gemm(4, N, K, "twn", None)
+    with pytest.raises(ValueError, match="M=3"):
+        k._static_launches_gemm(3, N, K, "twn", None)
+    with pytest.raises(ValueError, match="M=8"):
+        k._static_launches_gemm(8, N, K, "seq4", 128, "int8")
+
+
+@pytest.mark.parametrize("M", [1, 3, 4, 8])
+def test_static_launches_small_m_lists_what_the_launcher_picks(M):
+    """16-bit x at M = 4..8 runs the tensor-core GEMM (BLOCK_M = 16); the descriptors list its configs first and
+    the GEMV's after them, marked not dispatched, so the report scores both.  M < 4 and W2A8 at M <= 8: the GEMV."""
+    pytest.importorskip("triton")
+    k = _kern()
+    calls = k.static_launches(M, 1024, 4096, "twn", 128, "bf16")
+    kinds = [c["kernel"] for c in calls]
+    gemv = [c for c in calls if c["kernel"] == "packed_gemv"]
+    assert gemv
+    if M >= k._GEMM_MIN_M:
+        gemm = [c for c in calls if c["kernel"] == "packed_matmul_gemm"]
+        assert gemm and kinds == ["packed_matmul_gemm"] * len(gemm) + ["packed_gemv"] * len(gemv)
+        assert all(c["launches"][0]["triton"]["constexprs"]["BLOCK_M"] == 16 for c in gemm)
+        assert all("not dispatched" in c["config"] for c in gemv)
+    else:
+        assert kinds == ["packed_gemv"] * len(calls) and not any("not dispatched" in c["config"] for c in calls)
+    assert all(c["kernel"] == "packed_gemv" for c in k.static_launches(M, 1024, 4096, "twn", 128, "int8"))
+    use = k._use_gemv
+    assert use(M, torch.bfloat16, False) == (M < k._GEMM_MIN_M) and use(M, torch.float16, True)
+    assert not use(M, torch.float32, False) and not use(M, torch.bfloat16, False, dict(BLOCK_M=16))
+    assert use(M, torch.float16, False, dict(BLOCK_N=16, WORDS=4)) and not use(9, torch.bfloat16, False)
 
 
 @needs_kernels
