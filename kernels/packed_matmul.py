@@ -550,7 +550,7 @@ def _gemm_dot(a, b, acc):
 @triton.jit
 def _packed_matmul_kernel(
     x_ptr, xs_ptr, qw_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr, ws_ptr, lock_ptr,
-    M, N, K, G, group_size, code_offset, magic, hmask, M_BUCKET,
+    M, N, K, G, group_size: tl.constexpr, code_offset, magic, hmask, M_BUCKET,
     stride_xm, stride_qn, stride_ym,
     HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, X_INT8: tl.constexpr, DOT_F32: tl.constexpr,
     PER_CHANNEL: tl.constexpr, PAIRS: tl.constexpr,
@@ -1109,7 +1109,10 @@ def _launch_gemm(x, x_scale, qweight, scale, zero_point, bias, code_offset, M, N
     # split-K workspace: one fp32 slice per split, every element written before it is read (never zeroed)
     ws = _alloc((max_split, M, N), torch.float32, x.device) if max_split > 1 else None
     locks = _split_locks(x.device, triton.cdiv(M, 16) * triton.cdiv(N, 16)) if max_split > 1 else None
-    args = (x, x_scale, qweight, scale, zero_point, bias, y, ws, locks, M, N, K, G, gs, co, _gemm_magic(x), _HMASK,
+    # group_size is a constexpr (the tile's group index is a shift, not a runtime division, in the K loop); per
+    # channel it is unused and passed as 0, so per-channel layers of different K share one compiled kernel
+    args = (x, x_scale, qweight, scale, zero_point, bias, y, ws, locks, M, N, K, G, gs if G > 1 else 0, co,
+            _gemm_magic(x), _HMASK,
             m_bucket,
             x.stride(0), qweight.stride(0), y.stride(0))
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),  # noqa: E731
@@ -1192,7 +1195,8 @@ def _static_gemm_call(M, N, K, G, gs, has_zero, co, x_dtype, c) -> Dict:
     kw = dict(c.kwargs)
     bm, bn, bk, sk = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], kw["SPLIT_K"]
     consts = dict(HAS_ZERO=has_zero, HAS_BIAS=False, X_INT8=x_int8, DOT_F32=False, PER_CHANNEL=G == 1,
-                  PAIRS=_gemm_pairs(has_zero, 0.0 if co is None else co, x_int8), **kw, bias_ptr=None)
+                  PAIRS=_gemm_pairs(has_zero, 0.0 if co is None else co, x_int8), **kw, bias_ptr=None,
+                  group_size=gs if G > 1 else 0)
     if not has_zero:
         consts["zero_ptr"] = None
     if not x_int8:
@@ -1207,7 +1211,7 @@ def _static_gemm_call(M, N, K, G, gs, has_zero, co, x_dtype, c) -> Dict:
     fn = _packed_matmul_kernel
     sig = {a: ("constexpr" if a in consts else types[a]) for a in fn.arg_names}
     # what the JIT specializes at run time for these shapes: 16-byte aligned pointers, ints divisible by 16
-    ints = dict(M=M, N=N, K=K, G=G, group_size=gs, M_BUCKET=min(_next_pow2(M), _M_BUCKET_CAP), stride_xm=K,
+    ints = dict(M=M, N=N, K=K, G=G, M_BUCKET=min(_next_pow2(M), _M_BUCKET_CAP), stride_xm=K,
                 stride_qn=-(-K // 64) * 16, stride_ym=N, magic=_gemm_magic(torch.empty(0, dtype=torch_dt)),
                 hmask=_HMASK)
     div16 = [a for a in fn.arg_names if sig[a] != "constexpr" and (sig[a].startswith("*") or
