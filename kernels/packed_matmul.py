@@ -59,11 +59,11 @@ and the static model predicted time = max(bytes / 4.0e12 B/s, thread-instruction
   call; the counters are zeroed once per device (``_split_locks``).
 * W2A8: int8 x int8 -> int32 MMA on the unsigned codes (``_gemm_codes_i8``: 4 codes per AND), z applied through
   the (int32, exact) row sums of x, per-token scale at the end.
-* large M (M >= 1024): the fused wgmma kernel predicts MMA-bound (1.00x cuBLAS: dequant issue time ~86% of the MMA
-  time, hidden behind it) for per-channel weights and symmetric groups; with per-group zero points it predicts
-  0.76x, so those (and fp32 x) dispatch to dequantize-to-x's-dtype (``_packed_dequant_kernel``, memory-bound,
-  ~7% of the GEMM) + cuBLAS (``torch.matmul``), predicted 0.94x.  Which one is really faster is to be measured on
-  a GPU ("measured later"); ``_dequant_dispatch`` is the one switch.
+* large M (M >= 1024): the fused wgmma kernel predicts MMA-bound (0.97-1.00x cuBLAS, dequant issue time hidden
+  behind the MMA) in every 16-bit format, per-group zero points included (0.76x before the pair dequantization:
+  its byte permutes did not hide), so only fp32 x dispatches to dequantize-to-x's-dtype
+  (``_packed_dequant_kernel``, memory-bound, ~7% of the GEMM) + cuBLAS (``torch.matmul``); that path predicts
+  0.95x for the others and stays documented as "measured later" (``_dequant_dispatch`` is the one switch).
 
 Predicted (sm_90 SASS, NOT measured) speedup over cuBLAS bf16 of the best config per shape, bf16 x; ternary and
 symmetric 2-bit run the same code (only z differs).  The model counts the whole kernel (loop x trips + the rest
@@ -1045,12 +1045,13 @@ _DEQUANT_MATMUL_MIN_M = 1024  # from here on, some calls dequantize once + cuBLA
 
 def _dequant_dispatch(M: int, x_dtype: torch.dtype, has_zero: bool, G: int) -> bool:
     """Large M: fused kernel or dequantize + cuBLAS, whichever the static model predicts faster (module docstring):
-    the fused kernel is MMA-bound (~1.0x cuBLAS) except with per-group zero points (~0.76x: the x @ ones row sums
-    and per-group corrections do not hide behind the MMA), where dequantize + cuBLAS predicts 0.94x.  fp32 x has
-    no fp32 tensor-core path worth fusing; W2A8 (int8 x) always fuses (int8 MMA, no cuBLAS equivalent with groups)."""
+    with the pair dequantization (``_gemm_dequant_pairs``) the fused kernel is MMA-bound in every 16-bit format,
+    per-group zero points included (0.97-0.99x cuBLAS; dequantize + cuBLAS: 0.95x), so only fp32 x (no fp32
+    tensor-core path worth fusing) dequantizes; W2A8 (int8 x) always fuses (int8 MMA).  ``has_zero`` and ``G``
+    stay in the signature: the switch to flip if a GPU measures otherwise."""
     if M < _DEQUANT_MATMUL_MIN_M or x_dtype == torch.int8:
         return False
-    return x_dtype == torch.float32 or (has_zero and G > 1)
+    return x_dtype == torch.float32
 _split_k_locks: Dict[str, torch.Tensor] = {}
 
 
