@@ -26,8 +26,9 @@ Paths
   program per (N tile, K split); split-K (``SPLIT_K > 1``, fills the SMs when N / BLOCK_N alone would not) is
   reduced inside the kernel by the last program of each N tile, in split order: deterministic, no memset or cast
   kernel, a persistent workspace (``_gemv_workspace``) that is only allocated when a split-K config may run.
-  fp32 x at M <= 8 takes the GEMM.
-* ``_packed_matmul_kernel`` (M > 8): tensor-core ``tl.dot`` on magic-number-dequantized tiles (mma.sync for
+  Runs 16-bit x with M = 1..3 and W2A8 with M <= 8; fp32 x takes the GEMM.
+* ``_packed_matmul_kernel`` (16-bit x with M >= 4, W2A8 with M > 8, fp32 x): tensor-core ``tl.dot`` on
+  magic-number-dequantized tiles (M = 4..16 run BLOCK_M = 16, rows past M masked; mma.sync for
   ``BLOCK_M = 16``, wgmma for 64+ on Hopper), grouped program order for L2 reuse, fp32 accumulators; split-K for
   M <= 64 with the reduction fused into the kernel (deterministic).  Large M: see "GEMM" below.
 
@@ -35,8 +36,8 @@ Autotuning is keyed on a bucketed M (next power of two, capped at 4096 for the G
 and K, so a new batch size does not retune.  Configs are pruned to the group size and, on a GPU, to the device's
 shared memory (queried at the first launch, never at import).  Under ``TRITON_INTERPRET=1`` a single config is used.
 
-GEMM (M > 8), why it is built this way
---------------------------------------
+GEMM (M >= 4), why it is built this way
+---------------------------------------
 Judged by SASS compiled for sm_90 (Triton's AOT compiler; ``_static_launches_gemm`` lists every config it can pick)
 and the static model predicted time = max(bytes / 4.0e12 B/s, thread-instructions / 3.3e13 /s, MMA flops / 989e12
 (int8: 1979e12)), against cuBLAS bf16 bounded the same way:
@@ -45,10 +46,17 @@ and the static model predicted time = max(bytes / 4.0e12 B/s, thread-instruction
   magic-number trick (``_gemm_magic_pair``): ``(word >> shift) & mask | magic`` puts one code into the mantissa of
   each half of a bf16x2 / fp16x2 pair (ONE LOP3 for two weights, the magic a kernel argument so it stays in a
   register), one HFMA2 subtracts the bias (and z for symmetric formats): ``c - z`` exact, 2 values per 32-bit op,
-  no per-weight int->float converts.  Per 16 weights: 8 LOP3 + 8 HFMA2 + 4 (bf16) / 2 (fp16) shifts.
-* ``BLOCK_M = 16`` permutes K inside 16-groups (x is loaded in the same order) so the pairs the trick produces
-  are the pairs the MMA operand wants: no byte permutes (PRMT) in the loop.  With 64+ rows the 2-byte x gathers
-  cost more than the ~1 PRMT per weight they save, so wgmma configs keep K in order.
+  no per-weight int->float converts.
+* the two halves of each dequantized register must be NEIGHBOURING weights (k, k + 1): that is the pairing of the
+  MMA operand fragments and of the 16-byte shared-memory stores that stage the operand.  ``_gemm_dequant_pairs``
+  builds, per word, two selects (``w`` low half | ``w << 14`` high half, and the same for the upper bytes: ONE
+  LOP3 each, the select mask a runtime argument so LLVM cannot split it) in which code k sits in the low half and
+  code k + 1 at the same bits of the high half; per 16 weights 5 shifts + 2 selects + 8 LOP3 + 8 HFMA2, K in
+  natural order, so x streams with 16-byte ``cp.async`` (pipelined, no masks per element).  It replaced (predicted,
+  sm_90): at BLOCK_M = 16 a K permutation whose x was gathered 2 bytes at a time (~67 of 350 loop instructions per
+  thread; 311 now), at BLOCK_M >= 64 ~1 PRMT per weight re-pairing (k, k + 8) registers (445 -> 334 per thread at
+  M = 4096).  Its p = 0 field needs ``M + z`` exact, so seq's z = 1.5 (bf16) keeps the K-permuted
+  ``_gemm_dequant`` (``PAIRS``, chosen by ``_gemm_pairs``).
 * per-channel: scale (and zero point) applied ONCE in the epilogue, the MMA accumulating straight into ``acc``;
   per group: one FFMA per output per group (``BLOCK_K`` divides the group size; configs use BLOCK_K = group size
   where they can).  Asymmetric formats dequantize the raw code and subtract ``z * sum_k(x)``; the row sums come
@@ -58,7 +66,10 @@ and the static model predicted time = max(bytes / 4.0e12 B/s, thread-instruction
   sums the slices in fixed order, adds the bias, writes y and resets the counter.  No memset or cast kernel per
   call; the counters are zeroed once per device (``_split_locks``).
 * W2A8: int8 x int8 -> int32 MMA on the unsigned codes (``_gemm_codes_i8``: 4 codes per AND), z applied through
-  the (int32, exact) row sums of x, per-token scale at the end.
+  the (int32, exact) row sums of x, per-token scale at the end.  Its loop still spends ~1.7 PRMT/SHF per 4
+  weights regrouping bytes (and with BLOCK_M = 16 the SASS shows the int8 MMA issued by every warp for the whole
+  tile); a 4 x 4 K transpose removes the regrouping but costs byte-wise shared loads for x unless the quantizer
+  writes x transposed -- not done (predicted 2.7x at M = 16, g128).
 * large M (M >= 1024): the fused wgmma kernel predicts MMA-bound (0.97-1.00x cuBLAS, dequant issue time hidden
   behind the MMA) in every 16-bit format, per-group zero points included (0.76x before the pair dequantization:
   its byte permutes did not hide), so only fp32 x dispatches to dequantize-to-x's-dtype
@@ -75,9 +86,11 @@ multiply each row by its scale at the end: for M <= 8 the quantizer writes q as 
 GEMV runs on them; the GEMM uses int8 MMA.
 
 Limits (known, not hidden): the GEMV's 16-bit partial sums round more often than an fp32 accumulation (bounded at
-the kernel) and, for fp16 x, overflow if |x| > 2047 (LANE_RUN = 8 configs raise that to 4094); M = 5..8 does not
-reach 4x cuBLAS bf16 (predicted): the GEMV's CUDA-core products cost M/2 instructions per weight, which tensor
-cores would remove; group sizes that are not a multiple of 16 are declined (``supports``) and run on the reference;
+the kernel) and, for fp16 x, overflow if |x| > 2047 (LANE_RUN = 8 configs raise that to 4094); W2A8 at M = 4..8 stays on
+the fp16 GEMV (its CUDA-core products cost ~M/2 instructions per weight; the int8 GEMM is not yet scored there);
+at N = 1024 the GEMM is capped near 2.4x (M = 16) by ~500 instructions per thread outside the K loop (prologue,
+fused split-K reduction) over ~256 weights per thread, with 0.5 us launch overhead the model's cap is ~3.4x; group
+sizes that are not a multiple of 16 are declined (``supports``) and run on the reference;
 the first call for a new (M bucket, N, K) autotunes, so run a layer once before capturing it in a CUDA graph;
 split-K GEMV launches share one workspace per device and split-K GEMMs share arrival counters, so concurrent streams
 of one device must not run them at the same time; under the interpreter bf16 arithmetic and bf16 dots are wrong
