@@ -626,7 +626,10 @@ def _packed_matmul_kernel(
     # extra MMAs per tile instead of BLOCK_M * BLOCK_K adds: all 16 columns are equal, max reads one); with 16 rows
     # the extra operand costs more registers than it saves (spills), so there x is summed elementwise (per channel:
     # one add per element into a [16, BLOCK_K] accumulator, reduced once after the loop) or per tile (per group)
-    XSUM_MMA: tl.constexpr = BLOCK_M > 16 or X_INT8
+    # (int8 x too: with BLOCK_M = 16 the [16, 16] x @ ones dot made Triton lay the shared x operand out with all
+    # 4 warps along M, so every warp issued the whole tile's MMAs and epilogue -- 4x the work; predicted 2.7x ->
+    # 3.5x cuBLAS bf16 at M = 16, 14336 x 4096, g128)
+    XSUM_MMA: tl.constexpr = BLOCK_M > 16
     if X_INT8:
         ones = tl.full((BLOCK_K, 16), 1, dtype=tl.int8)
         xs_acc = tl.zeros((BLOCK_M, 16), dtype=tl.int32)
@@ -636,7 +639,9 @@ def _packed_matmul_kernel(
     else:
         ones = tl.full((BLOCK_K, 16), 1.0, dtype=DT)
         xs_acc = tl.zeros((BLOCK_M, 16), dtype=tl.float32)
-    if HAS_ZERO and PER_CHANNEL and not XSUM_MMA:
+    if X_INT8 and PER_CHANNEL and not XSUM_MMA:  # exact int32 row sums of int8 x (z = code offset too)
+        xacc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.int32)
+    elif HAS_ZERO and PER_CHANNEL and not XSUM_MMA:
         xacc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     else:
         xacc = tl.zeros((BLOCK_M, 16), dtype=tl.float32)  # unused
@@ -658,13 +663,19 @@ def _packed_matmul_kernel(
             c = tl.trans(_gemm_codes_i8(w, BLOCK_N, BLOCK_K))
             if PER_CHANNEL:
                 acc = tl.dot(x, c, acc, out_dtype=tl.int32)
-                xs_acc = tl.dot(x, ones, xs_acc, out_dtype=tl.int32)
+                if XSUM_MMA:
+                    xs_acc = tl.dot(x, ones, xs_acc, out_dtype=tl.int32)
+                else:
+                    xacc += x.to(tl.int32)
             else:
                 part = tl.dot(x, c, out_dtype=tl.int32).to(tl.float32)
                 s, z = _tile_group_params(scale_ptr, zero_ptr, offs_n, n_mask, (t * BLOCK_K) // group_size, G,
                                           HAS_ZERO)
-                xs_t = tl.max(tl.dot(x, ones, tl.zeros((BLOCK_M, 16), dtype=tl.int32), out_dtype=tl.int32),
-                              axis=1).to(tl.float32)
+                if XSUM_MMA:
+                    xs_t = tl.max(tl.dot(x, ones, tl.zeros((BLOCK_M, 16), dtype=tl.int32), out_dtype=tl.int32),
+                                  axis=1).to(tl.float32)
+                else:
+                    xs_t = tl.sum(x.to(tl.int32), axis=1).to(tl.float32)
                 if HAS_ZERO:
                     part = part - xs_t[:, None] * z[None, :]
                 else:
@@ -701,7 +712,10 @@ def _packed_matmul_kernel(
     if PER_CHANNEL:  # the per-channel scale (and zero point) applied ONCE, here, not per K step
         s, z = _tile_group_params(scale_ptr, zero_ptr, offs_n, n_mask, 0, G, HAS_ZERO)
         if X_INT8:
-            xsum = tl.max(xs_acc, axis=1).to(tl.float32)
+            if XSUM_MMA:
+                xsum = tl.max(xs_acc, axis=1).to(tl.float32)
+            else:
+                xsum = tl.sum(xacc, axis=1).to(tl.float32)
             if HAS_ZERO:
                 out = acc.to(tl.float32) - xsum[:, None] * z[None, :]
             else:

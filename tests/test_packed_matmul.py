@@ -190,7 +190,7 @@ def test_magic_number_dequant_is_exact_for_every_code(dtype):
 @needs_kernels
 @pytest.mark.parametrize("fmt", ["twn", "seq4", "int2-sym", "int2-asym"])
 @pytest.mark.parametrize("dtype,block_m", [(torch.float16, 64), (torch.bfloat16, 64), (torch.int8, 64),
-                                           (torch.float16, 16), (torch.bfloat16, 16)])  # 16: K-permuted path
+                                           (torch.float16, 16), (torch.bfloat16, 16), (torch.int8, 16)])
 def test_gemm_dequantizes_every_weight_exactly(fmt, dtype, block_m, poison):
     """x = identity rows: the GEMM returns the dequantized weight itself, bit for bit (each output is ONE product),
     which pins the word layout of the magic-number path (16-bit x) and of the int8 code path (W2A8)."""
@@ -370,6 +370,7 @@ def test_non_contiguous_and_3d_x(poison):
     (12, 24, 128, 64, "absmean", torch.bfloat16, True),
     (20, 40, 192, 32, "seq4", torch.float16, True),
     (17, 30, 200, None, "int2-asym", torch.bfloat16, True),  # per-channel: int32 accumulation over all of K
+    (9, 30, 200, None, "twn", torch.bfloat16, False),  # BLOCK_M = 16: row sums of x elementwise, not by MMA
     (40, 33, 128, None, "seq4", torch.float16, False),
 ])
 def test_w2a8_matches_reference(M, N, K, group, fmt, dtype, has_bias, poison):
