@@ -66,10 +66,10 @@ and the static model predicted time = max(bytes / 4.0e12 B/s, thread-instruction
   sums the slices in fixed order, adds the bias, writes y and resets the counter.  No memset or cast kernel per
   call; the counters are zeroed once per device (``_split_locks``).
 * W2A8: int8 x int8 -> int32 MMA on the unsigned codes (``_gemm_codes_i8``: 4 codes per AND), z applied through
-  the (int32, exact) row sums of x, per-token scale at the end.  Its loop still spends ~1.7 PRMT/SHF per 4
-  weights regrouping bytes (and with BLOCK_M = 16 the SASS shows the int8 MMA issued by every warp for the whole
-  tile); a 4 x 4 K transpose removes the regrouping but costs byte-wise shared loads for x unless the quantizer
-  writes x transposed -- not done (predicted 2.7x at M = 16, g128).
+  the (int32, exact) row sums of x (elementwise at BLOCK_M = 16: an x @ ones MMA there made every warp issue
+  the whole tile), per-token scale at the end.  Its loop still spends ~1.7 PRMT/SHF per 4 weights regrouping
+  bytes; a 4 x 4 K transpose removes the regrouping but costs byte-wise shared loads for x unless the quantizer
+  writes x transposed -- not done (predicted 3.5-3.9x at M = 16, g128).
 * large M (M >= 1024): the fused wgmma kernel predicts MMA-bound (0.97-1.00x cuBLAS, dequant issue time hidden
   behind the MMA) in every 16-bit format, per-group zero points included (0.76x before the pair dequantization:
   its byte permutes did not hide), so only fp32 x dispatches to dequantize-to-x's-dtype
