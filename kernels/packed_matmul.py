@@ -26,8 +26,9 @@ Paths
   program per (N tile, K split); split-K (``SPLIT_K > 1``, fills the SMs when N / BLOCK_N alone would not) is
   reduced inside the kernel by the last program of each N tile, in split order: deterministic, no memset or cast
   kernel, a persistent workspace (``_gemv_workspace``) that is only allocated when a split-K config may run.
-  fp32 x at M <= 8 takes the GEMM.
-* ``_packed_matmul_kernel`` (M > 8): tensor-core ``tl.dot`` on magic-number-dequantized tiles (mma.sync for
+  Runs 16-bit x with M = 1..3 and W2A8 with M <= 8; fp32 x takes the GEMM.
+* ``_packed_matmul_kernel`` (16-bit x with M >= 4, W2A8 with M > 8, fp32 x): tensor-core ``tl.dot`` on
+  magic-number-dequantized tiles (M = 4..16 run BLOCK_M = 16, rows past M masked; mma.sync for
   ``BLOCK_M = 16``, wgmma for 64+ on Hopper), grouped program order for L2 reuse, fp32 accumulators; split-K for
   M <= 64 with the reduction fused into the kernel (deterministic).  Large M: see "GEMM" below.
 
@@ -35,8 +36,8 @@ Autotuning is keyed on a bucketed M (next power of two, capped at 4096 for the G
 and K, so a new batch size does not retune.  Configs are pruned to the group size and, on a GPU, to the device's
 shared memory (queried at the first launch, never at import).  Under ``TRITON_INTERPRET=1`` a single config is used.
 
-GEMM (M > 8), why it is built this way
---------------------------------------
+GEMM (M >= 4), why it is built this way
+---------------------------------------
 Judged by SASS compiled for sm_90 (Triton's AOT compiler; ``_static_launches_gemm`` lists every config it can pick)
 and the static model predicted time = max(bytes / 4.0e12 B/s, thread-instructions / 3.3e13 /s, MMA flops / 989e12
 (int8: 1979e12)), against cuBLAS bf16 bounded the same way:
@@ -45,10 +46,17 @@ and the static model predicted time = max(bytes / 4.0e12 B/s, thread-instruction
   magic-number trick (``_gemm_magic_pair``): ``(word >> shift) & mask | magic`` puts one code into the mantissa of
   each half of a bf16x2 / fp16x2 pair (ONE LOP3 for two weights, the magic a kernel argument so it stays in a
   register), one HFMA2 subtracts the bias (and z for symmetric formats): ``c - z`` exact, 2 values per 32-bit op,
-  no per-weight int->float converts.  Per 16 weights: 8 LOP3 + 8 HFMA2 + 4 (bf16) / 2 (fp16) shifts.
-* ``BLOCK_M = 16`` permutes K inside 16-groups (x is loaded in the same order) so the pairs the trick produces
-  are the pairs the MMA operand wants: no byte permutes (PRMT) in the loop.  With 64+ rows the 2-byte x gathers
-  cost more than the ~1 PRMT per weight they save, so wgmma configs keep K in order.
+  no per-weight int->float converts.
+* the two halves of each dequantized register must be NEIGHBOURING weights (k, k + 1): that is the pairing of the
+  MMA operand fragments and of the 16-byte shared-memory stores that stage the operand.  ``_gemm_dequant_pairs``
+  builds, per word, two selects (``w`` low half | ``w << 14`` high half, and the same for the upper bytes: ONE
+  LOP3 each, the select mask a runtime argument so LLVM cannot split it) in which code k sits in the low half and
+  code k + 1 at the same bits of the high half; per 16 weights 5 shifts + 2 selects + 8 LOP3 + 8 HFMA2, K in
+  natural order, so x streams with 16-byte ``cp.async`` (pipelined, no masks per element).  It replaced (predicted,
+  sm_90): at BLOCK_M = 16 a K permutation whose x was gathered 2 bytes at a time (~67 of 350 loop instructions per
+  thread; 311 now), at BLOCK_M >= 64 ~1 PRMT per weight re-pairing (k, k + 8) registers (445 -> 334 per thread at
+  M = 4096).  Its p = 0 field needs ``M + z`` exact, so seq's z = 1.5 (bf16) keeps the K-permuted
+  ``_gemm_dequant`` (``PAIRS``, chosen by ``_gemm_pairs``).
 * per-channel: scale (and zero point) applied ONCE in the epilogue, the MMA accumulating straight into ``acc``;
   per group: one FFMA per output per group (``BLOCK_K`` divides the group size; configs use BLOCK_K = group size
   where they can).  Asymmetric formats dequantize the raw code and subtract ``z * sum_k(x)``; the row sums come
@@ -58,12 +66,15 @@ and the static model predicted time = max(bytes / 4.0e12 B/s, thread-instruction
   sums the slices in fixed order, adds the bias, writes y and resets the counter.  No memset or cast kernel per
   call; the counters are zeroed once per device (``_split_locks``).
 * W2A8: int8 x int8 -> int32 MMA on the unsigned codes (``_gemm_codes_i8``: 4 codes per AND), z applied through
-  the (int32, exact) row sums of x, per-token scale at the end.
-* large M (M >= 1024): the fused wgmma kernel predicts MMA-bound (1.00x cuBLAS: dequant issue time ~86% of the MMA
-  time, hidden behind it) for per-channel weights and symmetric groups; with per-group zero points it predicts
-  0.76x, so those (and fp32 x) dispatch to dequantize-to-x's-dtype (``_packed_dequant_kernel``, memory-bound,
-  ~7% of the GEMM) + cuBLAS (``torch.matmul``), predicted 0.94x.  Which one is really faster is to be measured on
-  a GPU ("measured later"); ``_dequant_dispatch`` is the one switch.
+  the (int32, exact) row sums of x (elementwise at BLOCK_M = 16: an x @ ones MMA there made every warp issue
+  the whole tile), per-token scale at the end.  Its loop still spends ~1.7 PRMT/SHF per 4 weights regrouping
+  bytes; a 4 x 4 K transpose removes the regrouping but costs byte-wise shared loads for x unless the quantizer
+  writes x transposed -- not done (predicted 3.5-3.9x at M = 16, g128).
+* large M (M >= 1024): the fused wgmma kernel predicts MMA-bound (0.97-1.00x cuBLAS, dequant issue time hidden
+  behind the MMA) in every 16-bit format, per-group zero points included (0.76x before the pair dequantization:
+  its byte permutes did not hide), so only fp32 x dispatches to dequantize-to-x's-dtype
+  (``_packed_dequant_kernel``, memory-bound, ~7% of the GEMM) + cuBLAS (``torch.matmul``); that path predicts
+  0.95x for the others and stays documented as "measured later" (``_dequant_dispatch`` is the one switch).
 
 Predicted (sm_90 SASS, NOT measured) speedup over cuBLAS bf16 of the best config per shape, bf16 x; ternary and
 symmetric 2-bit run the same code (only z differs).  The model counts the whole kernel (loop x trips + the rest
@@ -75,9 +86,11 @@ multiply each row by its scale at the end: for M <= 8 the quantizer writes q as 
 GEMV runs on them; the GEMM uses int8 MMA.
 
 Limits (known, not hidden): the GEMV's 16-bit partial sums round more often than an fp32 accumulation (bounded at
-the kernel) and, for fp16 x, overflow if |x| > 2047 (LANE_RUN = 8 configs raise that to 4094); M = 5..8 does not
-reach 4x cuBLAS bf16 (predicted): the GEMV's CUDA-core products cost M/2 instructions per weight, which tensor
-cores would remove; group sizes that are not a multiple of 16 are declined (``supports``) and run on the reference;
+the kernel) and, for fp16 x, overflow if |x| > 2047 (LANE_RUN = 8 configs raise that to 4094); W2A8 at M = 4..8 stays on
+the fp16 GEMV (its CUDA-core products cost ~M/2 instructions per weight; the int8 GEMM is not yet scored there);
+at N = 1024 the GEMM is capped near 2.4x (M = 16) by ~500 instructions per thread outside the K loop (prologue,
+fused split-K reduction) over ~256 weights per thread, with 0.5 us launch overhead the model's cap is ~3.4x; group
+sizes that are not a multiple of 16 are declined (``supports``) and run on the reference;
 the first call for a new (M bucket, N, K) autotunes, so run a layer once before capturing it in a CUDA graph;
 split-K GEMV launches share one workspace per device and split-K GEMMs share arrival counters, so concurrent streams
 of one device must not run them at the same time; under the interpreter bf16 arithmetic and bf16 dots are wrong
@@ -98,7 +111,11 @@ import triton.language as tl
 
 __all__ = ["packed_matmul", "packed_matmul_a8", "quantize_rows_int8", "GEMV_MAX_M"]
 
-GEMV_MAX_M = 8  # rows handled by the FMA GEMV kernel; larger M uses tl.dot
+GEMV_MAX_M = 8  # W2A8 rows handled by the FMA GEMV kernel (fp16-integer x); larger M uses tl.dot
+# 16-bit x with M >= _GEMM_MIN_M runs the tensor-core GEMM (BLOCK_M = 16, rows past M masked): predicted (sm_90
+# SASS, not measured) faster than the CUDA-core GEMV from M = 4 on at every benchmark shape (the GEMV's products
+# cost ~M/2 instructions per weight; the MMA's cost is the same for 1..16 rows); M = 1..3 keeps the GEMV
+_GEMM_MIN_M = 4
 _M_BUCKET_CAP = 4096
 _FP32_TINY = torch.finfo(torch.float32).tiny
 
@@ -406,6 +423,7 @@ def _packed_gemv_kernel(
 # The packed weight is read as int32 words (16 codes each, K-contiguous; rows are whole 16-byte vectors, so a K tile
 # of BLOCK_K >= 64 is one 16-byte load per row and thread).  Code e (0..7) of each 16-bit half of a word sits at bits
 # 2e; weight k of the word is half k // 8, code k % 8.
+_HMASK = -65536  # 0xFFFF0000 as int32: the high-half select mask of _gemm_dequant_pairs (a runtime argument)
 _BF16_MAGIC = 0x43004300  # bf16x2 (128, 128): ulp 1, 7 mantissa bits; code bits 2-5 stay inside the mantissa
 _FP16_MAGIC = 0x64006400  # fp16x2 (1024, 1024): ulp 1, 10 mantissa bits; code bits 2-9 stay inside the mantissa
 
@@ -471,6 +489,45 @@ def _gemm_dequant(w, magic, a_4, a_16, a_64, a_256, DT: tl.constexpr, F32_MATH: 
 
 
 @triton.jit
+def _gemm_dequant_pairs(w, magic, hmask, a_1, a_16, DT: tl.constexpr, F32_MATH: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr):
+    """int32 words [BLOCK_N, BLOCK_K // 16] -> ``c - z`` [BLOCK_N, BLOCK_K] (DT, exact), natural K order, with the
+    two halves of every 32-bit register holding NEIGHBOURING weights (k, k + 1) -- the pairing the MMA operand
+    fragments and the 16-byte shared-memory stores want, so x needs no permutation and no PRMT re-pairs weights.
+
+    Byte j of a word holds codes 4j .. 4j+3 (bits 0-1, 2-3, 4-5, 6-7).  With ``t = w >> 2`` (one shift per word),
+    ``d_j = byte j of w | byte j of t << 16`` is ONE byte permute (PRMT) and has code 4j / 4j+1 at bits 0-1 of its
+    low / high half and 4j+2 / 4j+3 at bits 4-5: two magic-number pairs (one LOP3 + one HFMA2 each, see
+    ``_gemm_magic_pair``; the bit 0-1 field has p = 0, so z must make ``M + z`` exact: z in {0, 1, 2}, the caller's
+    ``PAIRS`` condition).  Per 16 weights: 1 SHF + 4 PRMT + 8 LOP3 + 8 HFMA2 (the K-permuted ``_gemm_dequant``:
+    4 shifts + 8 LOP3 + 8 HFMA2, plus a 2-byte gather per x element)."""
+    # s_lo: codes 0..7 (low half) | codes 1..8 (high half); s_hi: codes 8..15 | codes 9..16 (no 16th: unread)
+    # the bit-select ((a ^ b) & m) ^ b = a & m | b & ~m with m = hmask = 0xFFFF0000 a kernel ARGUMENT: ptxas fuses
+    # it into ONE LOP3; with a literal m, LLVM rewrites it into and/or of complementary masks, which compiles to two.
+    # The arithmetic shifts' sign copies land in bits no mask reads.
+    w16 = w >> 16
+    s_lo = (((w << 14) ^ w) & hmask) ^ w
+    s_hi = (((w >> 2) ^ w16) & hmask) ^ w16
+    d0 = s_lo
+    d1 = s_lo >> 8
+    d2 = s_hi
+    d3 = s_hi >> 8
+    v00 = _gemm_magic_pair(d0, 0x00030003, 1.0, a_1, magic, DT, F32_MATH)
+    v01 = _gemm_magic_pair(d0, 0x00300030, 0.0625, a_16, magic, DT, F32_MATH)
+    v10 = _gemm_magic_pair(d1, 0x00030003, 1.0, a_1, magic, DT, F32_MATH)
+    v11 = _gemm_magic_pair(d1, 0x00300030, 0.0625, a_16, magic, DT, F32_MATH)
+    v20 = _gemm_magic_pair(d2, 0x00030003, 1.0, a_1, magic, DT, F32_MATH)
+    v21 = _gemm_magic_pair(d2, 0x00300030, 0.0625, a_16, magic, DT, F32_MATH)
+    v30 = _gemm_magic_pair(d3, 0x00030003, 1.0, a_1, magic, DT, F32_MATH)
+    v31 = _gemm_magic_pair(d3, 0x00300030, 0.0625, a_16, magic, DT, F32_MATH)
+    # v_jh: [BN, W, 2 (half l)] = weights k = 4j + 2h + l.  The joins append axes (h, j & 1, j >> 1) after l; the
+    # permute puts them in k order (j >> 1, j & 1, h, l) -- register renaming only, every axis is inside a thread
+    c = tl.join(tl.join(tl.join(v00, v01), tl.join(v10, v11)), tl.join(tl.join(v20, v21), tl.join(v30, v31)))
+    c = tl.permute(c, (0, 1, 5, 4, 3, 2))
+    return tl.reshape(c, (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
 def _gemm_codes_i8(w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """int32 words [BLOCK_N, BLOCK_K // 16] -> unsigned codes [BLOCK_N, BLOCK_K] as int8 (W2A8's int8 MMA operand;
     the code offset is applied through the row sums of x).  ``(w >> 2p) & 0x03030303`` extracts 4 codes per op,
@@ -506,10 +563,10 @@ def _gemm_dot(a, b, acc):
 @triton.jit
 def _packed_matmul_kernel(
     x_ptr, xs_ptr, qw_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr, ws_ptr, lock_ptr,
-    M, N, K, G, group_size, code_offset, magic, M_BUCKET,
+    M, N, K, G, group_size: tl.constexpr, code_offset, magic, hmask, M_BUCKET,
     stride_xm, stride_qn, stride_ym,
     HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, X_INT8: tl.constexpr, DOT_F32: tl.constexpr,
-    PER_CHANNEL: tl.constexpr,
+    PER_CHANNEL: tl.constexpr, PAIRS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SPLIT_K: tl.constexpr,
 ):
@@ -550,11 +607,13 @@ def _packed_matmul_kernel(
     # code c (z = 0 here) and subtract z * sum_k(x) per group (exact: codes are exact, z is one float per group)
     zc = 0.0 if HAS_ZERO else code_offset
     if DOT_F32:
+        a_1 = -(MB + zc)
         a_4 = -(MB * 0.25 + zc)
         a_16 = -(MB * 0.0625 + zc)
         a_64 = -(MB * 0.015625 + zc)
         a_256 = -(MB * 0.00390625 + zc)
     else:
+        a_1 = (-(MB + zc)).to(DT)
         a_4 = (-(MB * 0.25 + zc)).to(DT)
         a_16 = (-(MB * 0.0625 + zc)).to(DT)
         a_64 = (-(MB * 0.015625 + zc)).to(DT)
@@ -567,7 +626,10 @@ def _packed_matmul_kernel(
     # extra MMAs per tile instead of BLOCK_M * BLOCK_K adds: all 16 columns are equal, max reads one); with 16 rows
     # the extra operand costs more registers than it saves (spills), so there x is summed elementwise (per channel:
     # one add per element into a [16, BLOCK_K] accumulator, reduced once after the loop) or per tile (per group)
-    XSUM_MMA: tl.constexpr = BLOCK_M > 16 or X_INT8
+    # (int8 x too: with BLOCK_M = 16 the [16, 16] x @ ones dot made Triton lay the shared x operand out with all
+    # 4 warps along M, so every warp issued the whole tile's MMAs and epilogue -- 4x the work; predicted 2.7x ->
+    # 3.5x cuBLAS bf16 at M = 16, 14336 x 4096, g128)
+    XSUM_MMA: tl.constexpr = BLOCK_M > 16
     if X_INT8:
         ones = tl.full((BLOCK_K, 16), 1, dtype=tl.int8)
         xs_acc = tl.zeros((BLOCK_M, 16), dtype=tl.int32)
@@ -577,14 +639,16 @@ def _packed_matmul_kernel(
     else:
         ones = tl.full((BLOCK_K, 16), 1.0, dtype=DT)
         xs_acc = tl.zeros((BLOCK_M, 16), dtype=tl.float32)
-    if HAS_ZERO and PER_CHANNEL and not XSUM_MMA:
+    if X_INT8 and PER_CHANNEL and not XSUM_MMA:  # exact int32 row sums of int8 x (z = code offset too)
+        xacc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.int32)
+    elif HAS_ZERO and PER_CHANNEL and not XSUM_MMA:
         xacc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     else:
         xacc = tl.zeros((BLOCK_M, 16), dtype=tl.float32)  # unused
     # BLOCK_M = 16: permute K inside each 16-group (see _gemm_dequant) and load x in that order; the x tile is small
     # next to the weight tile there (16 rows), so its 2-byte gathers cost less than re-pairing every weight.  With
     # more rows (wgmma) the gathers cost more than they save, so K stays in order.
-    KPERM: tl.constexpr = BLOCK_M == 16 and not X_INT8
+    KPERM: tl.constexpr = BLOCK_M == 16 and not X_INT8 and not PAIRS
     if KPERM:
         rkx = (rk // 16) * 16 + (rk % 2) * 8 + (rk % 16) // 2
     else:
@@ -599,20 +663,29 @@ def _packed_matmul_kernel(
             c = tl.trans(_gemm_codes_i8(w, BLOCK_N, BLOCK_K))
             if PER_CHANNEL:
                 acc = tl.dot(x, c, acc, out_dtype=tl.int32)
-                xs_acc = tl.dot(x, ones, xs_acc, out_dtype=tl.int32)
+                if XSUM_MMA:
+                    xs_acc = tl.dot(x, ones, xs_acc, out_dtype=tl.int32)
+                else:
+                    xacc += x.to(tl.int32)
             else:
                 part = tl.dot(x, c, out_dtype=tl.int32).to(tl.float32)
                 s, z = _tile_group_params(scale_ptr, zero_ptr, offs_n, n_mask, (t * BLOCK_K) // group_size, G,
                                           HAS_ZERO)
-                xs_t = tl.max(tl.dot(x, ones, tl.zeros((BLOCK_M, 16), dtype=tl.int32), out_dtype=tl.int32),
-                              axis=1).to(tl.float32)
+                if XSUM_MMA:
+                    xs_t = tl.max(tl.dot(x, ones, tl.zeros((BLOCK_M, 16), dtype=tl.int32), out_dtype=tl.int32),
+                                  axis=1).to(tl.float32)
+                else:
+                    xs_t = tl.sum(x.to(tl.int32), axis=1).to(tl.float32)
                 if HAS_ZERO:
                     part = part - xs_t[:, None] * z[None, :]
                 else:
                     part = part - xs_t[:, None] * code_offset
                 acc += part * s[None, :]
         else:
-            c = _gemm_dequant(w, magic, a_4, a_16, a_64, a_256, DT, DOT_F32, BLOCK_N, BLOCK_K, KPERM)
+            if PAIRS:
+                c = _gemm_dequant_pairs(w, magic, hmask, a_1, a_16, DT, DOT_F32, BLOCK_N, BLOCK_K)
+            else:
+                c = _gemm_dequant(w, magic, a_4, a_16, a_64, a_256, DT, DOT_F32, BLOCK_N, BLOCK_K, KPERM)
             if DOT_F32 or x.dtype == tl.float32:  # interpreter bf16 (triton-lang/triton#11584) or fp32 x
                 x = x.to(tl.float32)
                 c = c.to(tl.float32)
@@ -639,7 +712,10 @@ def _packed_matmul_kernel(
     if PER_CHANNEL:  # the per-channel scale (and zero point) applied ONCE, here, not per K step
         s, z = _tile_group_params(scale_ptr, zero_ptr, offs_n, n_mask, 0, G, HAS_ZERO)
         if X_INT8:
-            xsum = tl.max(xs_acc, axis=1).to(tl.float32)
+            if XSUM_MMA:
+                xsum = tl.max(xs_acc, axis=1).to(tl.float32)
+            else:
+                xsum = tl.sum(xacc, axis=1).to(tl.float32)
             if HAS_ZERO:
                 out = acc.to(tl.float32) - xsum[:, None] * z[None, :]
             else:
@@ -748,6 +824,8 @@ _GEMM_CONFIGS = [_gemm_cfg(*c) for c in [
     (16, 32, 128, 4, 4, 3), (16, 64, 256, 4, 4, 3), (16, 64, 128, 8, 4, 3), (16, 128, 256, 2, 4, 3),
     (16, 128, 256, 4, 4, 3), (16, 128, 64, 4, 4, 4), (16, 64, 64, 4, 4, 4), (16, 64, 32, 2, 4, 4),
     (16, 128, 32, 4, 4, 4), (16, 64, 32, 4, 4, 4),
+    # small N (1024): 128+ CTAs from split-K, BLOCK_K = 256 halves the per-iteration overhead of 2-tile splits
+    (16, 64, 256, 8, 4, 2), (16, 32, 256, 4, 4, 2),
     # 16 < M <= 64 (BLOCK_M = 64: wgmma; BLOCK_N = 128 with BLOCK_K < 128 does not compile for sm_90 in Triton 3.9)
     (32, 32, 64, 1, 4, 2),  # interpreter config for M > 16
     (64, 64, 128, 1, 4, 3), (64, 128, 128, 1, 4, 3), (64, 128, 128, 2, 4, 3), (64, 64, 128, 2, 4, 3),
@@ -755,6 +833,7 @@ _GEMM_CONFIGS = [_gemm_cfg(*c) for c in [
     (64, 128, 256, 4, 4, 3), (32, 128, 128, 1, 4, 3), (32, 128, 128, 2, 4, 3), (64, 64, 64, 4, 4, 4),
     (64, 64, 32, 4, 4, 4), (64, 64, 32, 2, 4, 4), (64, 64, 32, 1, 4, 4), (32, 64, 32, 2, 4, 4),
     (32, 64, 32, 1, 4, 4), (32, 32, 32, 2, 4, 4),
+    (64, 32, 128, 4, 4, 2),  # small N (1024): 128 CTAs with half the split-K workspace of SPLIT_K = 8
     # M > 64 (wgmma on Hopper; 128 x 256 x 64 does not compile for sm_90 in Triton 3.9)
     (128, 128, 64, 1, 8, 3), (128, 128, 128, 1, 8, 3), (64, 256, 64, 1, 4, 4),
     (128, 64, 128, 1, 4, 3), (256, 128, 64, 1, 8, 3), (128, 128, 32, 1, 8, 4), (128, 64, 32, 1, 4, 4),
@@ -993,12 +1072,13 @@ _DEQUANT_MATMUL_MIN_M = 1024  # from here on, some calls dequantize once + cuBLA
 
 def _dequant_dispatch(M: int, x_dtype: torch.dtype, has_zero: bool, G: int) -> bool:
     """Large M: fused kernel or dequantize + cuBLAS, whichever the static model predicts faster (module docstring):
-    the fused kernel is MMA-bound (~1.0x cuBLAS) except with per-group zero points (~0.76x: the x @ ones row sums
-    and per-group corrections do not hide behind the MMA), where dequantize + cuBLAS predicts 0.94x.  fp32 x has
-    no fp32 tensor-core path worth fusing; W2A8 (int8 x) always fuses (int8 MMA, no cuBLAS equivalent with groups)."""
+    with the pair dequantization (``_gemm_dequant_pairs``) the fused kernel is MMA-bound in every 16-bit format,
+    per-group zero points included (0.97-0.99x cuBLAS; dequantize + cuBLAS: 0.95x), so only fp32 x (no fp32
+    tensor-core path worth fusing) dequantizes; W2A8 (int8 x) always fuses (int8 MMA).  ``has_zero`` and ``G``
+    stay in the signature: the switch to flip if a GPU measures otherwise."""
     if M < _DEQUANT_MATMUL_MIN_M or x_dtype == torch.int8:
         return False
-    return x_dtype == torch.float32 or (has_zero and G > 1)
+    return x_dtype == torch.float32
 _split_k_locks: Dict[str, torch.Tensor] = {}
 
 
@@ -1012,6 +1092,13 @@ def _split_locks(device: torch.device, n: int) -> torch.Tensor:
         buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
         _split_k_locks[key] = buf
     return buf
+
+
+def _gemm_pairs(has_zero: bool, code_offset: float, x_int8: bool) -> bool:
+    """Whether the GEMM dequantizes with ``_gemm_dequant_pairs`` (natural K order, neighbouring weights per
+    register): 16-bit x and a zero point folded exactly into the magic bias (asymmetric formats fold none; seq's
+    z = 1.5 is not exact next to M = 128 in bf16, so it keeps the K-permuted ``_gemm_dequant``)."""
+    return not x_int8 and (has_zero or float(code_offset) in (0.0, 1.0, 2.0))
 
 
 def _gemm_magic(x: torch.Tensor) -> int:
@@ -1043,7 +1130,8 @@ def _launch_gemm(x, x_scale, qweight, scale, zero_point, bias, code_offset, M, N
     # the interpreter's tl.dot is wrong for bf16 (triton-lang/triton#11584), and so is its bf16 arithmetic: there,
     # bf16 tiles are dequantized and multiplied in fp32 (same bits, exact products), compiled code stays bf16
     common = dict(HAS_ZERO=zero_point is not None, HAS_BIAS=bias is not None, X_INT8=x_scale is not None,
-                  DOT_F32=x_scale is None and x.dtype == torch.bfloat16 and _interpret(), PER_CHANNEL=G == 1)
+                  DOT_F32=x_scale is None and x.dtype == torch.bfloat16 and _interpret(), PER_CHANNEL=G == 1,
+                  PAIRS=_gemm_pairs(zero_point is not None, co, x_scale is not None))
     m_bucket = min(_next_pow2(M), _M_BUCKET_CAP)
     if config is not None:
         max_split = config.get("SPLIT_K", 1)
@@ -1052,7 +1140,11 @@ def _launch_gemm(x, x_scale, qweight, scale, zero_point, bias, code_offset, M, N
     # split-K workspace: one fp32 slice per split, every element written before it is read (never zeroed)
     ws = _alloc((max_split, M, N), torch.float32, x.device) if max_split > 1 else None
     locks = _split_locks(x.device, triton.cdiv(M, 16) * triton.cdiv(N, 16)) if max_split > 1 else None
-    args = (x, x_scale, qweight, scale, zero_point, bias, y, ws, locks, M, N, K, G, gs, co, _gemm_magic(x), m_bucket,
+    # group_size is a constexpr (the tile's group index is a shift, not a runtime division, in the K loop); per
+    # channel it is unused and passed as 0, so per-channel layers of different K share one compiled kernel
+    args = (x, x_scale, qweight, scale, zero_point, bias, y, ws, locks, M, N, K, G, gs if G > 1 else 0, co,
+            _gemm_magic(x), _HMASK,
+            m_bucket,
             x.stride(0), qweight.stride(0), y.stride(0))
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),  # noqa: E731
                          meta["SPLIT_K"])
@@ -1066,9 +1158,22 @@ def _launch_gemm(x, x_scale, qweight, scale, zero_point, bias, code_offset, M, N
     return y
 
 
+def _use_gemv(M: int, x_dtype: torch.dtype, w2a8: bool, config: Optional[Dict] = None) -> bool:
+    """The GEMV / GEMM boundary: 16-bit x with M < _GEMM_MIN_M, and W2A8 (fp16-integer x) with M <= GEMV_MAX_M,
+    take the half2 GEMV; fp32 x always takes the GEMM.  A pinned ``config`` names its kernel by its keys
+    (``BLOCK_M``: the GEMM), so tests and benchmarks can still run the GEMV at M = 4..8."""
+    if x_dtype not in _GEMV_MAGIC or M > GEMV_MAX_M:
+        return False
+    if w2a8:  # x holds fp16 integers here (packed_matmul_a8 quantizes for the GEMV at M <= GEMV_MAX_M)
+        return True
+    if config is not None:
+        return "BLOCK_M" not in config
+    return M < _GEMM_MIN_M
+
+
 def _launch(x, x_scale, qweight, scale, zero_point, bias, code_offset, M, N, K, G, gs, out_dtype,
             config: Optional[Dict] = None) -> torch.Tensor:
-    if M <= GEMV_MAX_M and x.dtype in _GEMV_MAGIC:  # decode: the half2 GEMV (fp32 x takes the GEMM)
+    if _use_gemv(M, x.dtype, x_scale is not None, config):  # decode: the half2 GEMV
         return _launch_gemv(x, x_scale, qweight, scale, zero_point, bias, code_offset, M, N, K, G, gs, out_dtype,
                             config)
     return _launch_gemm(x, x_scale, qweight, scale, zero_point, bias, code_offset, M, N, K, G, gs, out_dtype,
@@ -1120,8 +1225,9 @@ def _static_gemm_call(M, N, K, G, gs, has_zero, co, x_dtype, c) -> Dict:
     y_ty = "*bf16" if x_int8 else x_ty
     kw = dict(c.kwargs)
     bm, bn, bk, sk = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], kw["SPLIT_K"]
-    consts = dict(HAS_ZERO=has_zero, HAS_BIAS=False, X_INT8=x_int8, DOT_F32=False, PER_CHANNEL=G == 1, **kw,
-                  bias_ptr=None)
+    consts = dict(HAS_ZERO=has_zero, HAS_BIAS=False, X_INT8=x_int8, DOT_F32=False, PER_CHANNEL=G == 1,
+                  PAIRS=_gemm_pairs(has_zero, 0.0 if co is None else co, x_int8), **kw, bias_ptr=None,
+                  group_size=gs if G > 1 else 0)
     if not has_zero:
         consts["zero_ptr"] = None
     if not x_int8:
@@ -1131,12 +1237,14 @@ def _static_gemm_call(M, N, K, G, gs, has_zero, co, x_dtype, c) -> Dict:
         consts["lock_ptr"] = None
     types = dict(x_ptr=x_ty, xs_ptr="*fp32", qw_ptr="*u8", scale_ptr="*fp16", zero_ptr="*fp16", bias_ptr=y_ty,
                  y_ptr=y_ty, ws_ptr="*fp32", lock_ptr="*i32", M="i32", N="i32", K="i32", G="i32", group_size="i32",
-                 code_offset="fp32", magic="i32", M_BUCKET="i32", stride_xm="i32", stride_qn="i32", stride_ym="i32")
+                 code_offset="fp32", magic="i32", hmask="i32",
+                 M_BUCKET="i32", stride_xm="i32", stride_qn="i32", stride_ym="i32")
     fn = _packed_matmul_kernel
     sig = {a: ("constexpr" if a in consts else types[a]) for a in fn.arg_names}
     # what the JIT specializes at run time for these shapes: 16-byte aligned pointers, ints divisible by 16
-    ints = dict(M=M, N=N, K=K, G=G, group_size=gs, M_BUCKET=min(_next_pow2(M), _M_BUCKET_CAP), stride_xm=K,
-                stride_qn=-(-K // 64) * 16, stride_ym=N, magic=_gemm_magic(torch.empty(0, dtype=torch_dt)))
+    ints = dict(M=M, N=N, K=K, G=G, M_BUCKET=min(_next_pow2(M), _M_BUCKET_CAP), stride_xm=K,
+                stride_qn=-(-K // 64) * 16, stride_ym=N, magic=_gemm_magic(torch.empty(0, dtype=torch_dt)),
+                hmask=_HMASK)
     div16 = [a for a in fn.arg_names if sig[a] != "constexpr" and (sig[a].startswith("*") or
                                                                    (a in ints and ints[a] % 16 == 0))]
     grid = [triton.cdiv(M, bm) * triton.cdiv(N, bn), sk, 1]
@@ -1182,7 +1290,8 @@ def _static_dequant_call(M, N, K, G, gs, has_zero, co, x_dtype) -> Dict:
 
 def _static_launches_gemm(M: int, N: int, K: int, fmt: str, group_size: Optional[int], x_dtype: str = "bf16",
                           path: Optional[str] = None) -> List[Dict]:
-    """Descriptors (schema: issue #10's static tool) of every call the launcher could make for M > 8: each GEMM
+    """Descriptors (schema: issue #10's static tool) of every call the launcher could make with the GEMM (16-bit x:
+    M >= _GEMM_MIN_M; W2A8: M > GEMV_MAX_M; fp32 x: any M): each GEMM
     config the autotuner may choose after pruning on an sm_90 GPU, or the dequantize + cuBLAS pair where
     ``_dequant_dispatch`` picks it.  ``path="fused"`` / ``"dequant+cublas"`` forces one path (the comparison the
     module docstring reports)."""
@@ -1190,8 +1299,10 @@ def _static_launches_gemm(M: int, N: int, K: int, fmt: str, group_size: Optional
         raise ValueError(f"fmt={fmt!r}: expected one of {sorted(_STATIC_FORMATS)}")
     if x_dtype not in _STATIC_X:
         raise ValueError(f"x_dtype={x_dtype!r}: expected one of {sorted(_STATIC_X)}")
-    if M <= GEMV_MAX_M:
-        raise ValueError(f"M={M}: the GEMM handles M > {GEMV_MAX_M}")
+    if x_dtype != "int8" and M < _GEMM_MIN_M:  # fp32 x is not one of _STATIC_X
+        raise ValueError(f"M={M}: with {x_dtype} x the GEMM handles M >= {_GEMM_MIN_M}")
+    if x_dtype == "int8" and M <= GEMV_MAX_M:
+        raise ValueError(f"M={M}: W2A8 runs the GEMM for M > {GEMV_MAX_M}")
     if group_size is not None and (K % group_size or group_size % 16):
         raise ValueError(f"group_size={group_size} must divide K={K} and be a multiple of 16")
     co = _STATIC_FORMATS[fmt]
@@ -1283,7 +1394,15 @@ def _static_launches_gemv(M: int, N: int, K: int, fmt: str, group_size: Optional
 
 def static_launches(M: int, N: int, K: int, fmt: str, group_size: Optional[int], x_dtype: str = "bf16") -> List[Dict]:
     """Plain-Python descriptors of what the launcher may launch for this call (see the static roofline tool):
-    one dict per candidate config.  M <= GEMV_MAX_M with 16-bit or int8 (W2A8) x: the GEMV."""
+    one dict per candidate config.  16-bit x: the GEMV for M < _GEMM_MIN_M, the GEMM from there on; W2A8 (int8 x):
+    the GEMV for M <= GEMV_MAX_M.  For 16-bit x with _GEMM_MIN_M <= M <= GEMV_MAX_M the GEMV's configs are listed
+    too (after the GEMM's, their config marked "not dispatched"), so the report scores the two kernels side by side;
+    the launcher runs the GEMM there (``_use_gemv``)."""
     if M <= GEMV_MAX_M and x_dtype in ("bf16", "fp16", "int8"):
-        return _static_launches_gemv(M, N, K, fmt, group_size, x_dtype)
+        if x_dtype == "int8" or M < _GEMM_MIN_M:
+            return _static_launches_gemv(M, N, K, fmt, group_size, x_dtype)
+        gemv = _static_launches_gemv(M, N, K, fmt, group_size, x_dtype)
+        for call in gemv:
+            call["config"] += f" (not dispatched: M >= {_GEMM_MIN_M} runs the GEMM)"
+        return _static_launches_gemm(M, N, K, fmt, group_size, x_dtype) + gemv
     return _static_launches_gemm(M, N, K, fmt, group_size, x_dtype)

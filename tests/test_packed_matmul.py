@@ -103,6 +103,28 @@ def test_triton_matches_reference(M, N, K, group, fmt, dtype, has_bias, poison):
     assert_close_to(y, ref, dtype)
 
 
+@needs_kernels
+@pytest.mark.parametrize("M,N,K,group,fmt,dtype", [
+    (4, 37, 192, None, "twn", torch.bfloat16),
+    (5, 45, 256, 128, "int2-asym", torch.float16),
+    (7, 33, 128, 64, "seq4", torch.bfloat16),  # z = 1.5: the K-permuted dequant, not the pairs
+    (8, 50, 320, None, "int2-asym", torch.bfloat16),
+])
+def test_small_m_runs_the_tensor_core_gemm(M, N, K, group, fmt, dtype, poison, monkeypatch):
+    """16-bit x with 4 <= M <= 8 takes the tensor-core GEMM (BLOCK_M = 16, rows past M masked), not the GEMV, and
+    matches the reference on odd shapes in every format family."""
+    k = _kern()
+    ran = []
+    real = k._launch_gemm
+    monkeypatch.setattr(k, "_launch_gemm", lambda *a, **kw: ran.append(a[7]) or real(*a, **kw))
+    qw, s, z, co, _ = make_weight(N, K, fmt, group)
+    x = torch.randn(M, K, device=DEV).to(dtype)
+    b = torch.randn(N, device=DEV).to(dtype)
+    y = k.packed_matmul(x, qw, s, z, b, K, co)
+    assert ran == [M]
+    assert_close_to(y, reference.packed_matmul(x, qw, s, z, b, K, co), dtype)
+
+
 # pinned meta-parameters: both kernels, split-K on and off (including a split that leaves some programs no K tile)
 CONFIGS = [
     (2, dict(BLOCK_N=16, WORDS=4, SPLIT_K=1)),
@@ -168,7 +190,7 @@ def test_magic_number_dequant_is_exact_for_every_code(dtype):
 @needs_kernels
 @pytest.mark.parametrize("fmt", ["twn", "seq4", "int2-sym", "int2-asym"])
 @pytest.mark.parametrize("dtype,block_m", [(torch.float16, 64), (torch.bfloat16, 64), (torch.int8, 64),
-                                           (torch.float16, 16), (torch.bfloat16, 16)])  # 16: K-permuted path
+                                           (torch.float16, 16), (torch.bfloat16, 16), (torch.int8, 16)])
 def test_gemm_dequantizes_every_weight_exactly(fmt, dtype, block_m, poison):
     """x = identity rows: the GEMM returns the dequantized weight itself, bit for bit (each output is ONE product),
     which pins the word layout of the magic-number path (16-bit x) and of the int8 code path (W2A8)."""
@@ -210,10 +232,10 @@ def test_split_k_reduction_is_fused_and_repeatable(poison):
 
 @needs_kernels
 @pytest.mark.parametrize("fmt,group,dtype,dequant", [("twn", None, torch.bfloat16, False),
-                                                     ("int2-asym", 64, torch.float16, True),
+                                                     ("int2-asym", 64, torch.float16, False),
                                                      ("seq4", 32, torch.float32, True)])
 def test_large_m_paths(fmt, group, dtype, dequant, poison, monkeypatch):
-    """M >= 1024: per-group zero points (and fp32 x) dequantize once + torch.matmul (cuBLAS on a GPU), the rest
+    """M >= 1024: fp32 x dequantizes once + torch.matmul (cuBLAS on a GPU), 16-bit x (per-group zero points too)
     stays on the fused kernel (the faster-predicted path for each)."""
     k = _kern()
     calls = []
@@ -241,8 +263,8 @@ def test_static_launch_descriptors_gemm(M, fmt, group, x_dtype):
     N, K = 4096, 14336
     calls = k._static_launches_gemm(M, N, K, fmt, group, x_dtype)
     assert calls
-    if M >= k._DEQUANT_MATMUL_MIN_M and fmt == "int2-asym" and group is not None and x_dtype != "int8":
-        (call,) = calls
+    if M >= k._DEQUANT_MATMUL_MIN_M and x_dtype != "int8":  # the measured-later alternative, still describable
+        (call,) = k._static_launches_gemm(M, N, K, fmt, group, x_dtype, path="dequant+cublas")
         deq, gemm = call["launches"]
         assert deq["triton"]["fn"] is k._packed_dequant_kernel and gemm["library"]["name"] == "cublas"
         assert gemm["mma_flops"] == 2 * M * N * K and deq["bytes"] >= N * K * 2
@@ -267,8 +289,34 @@ def test_static_launch_descriptors_gemm(M, fmt, group, x_dtype):
         assert ("ws_ptr" in c) == (c["SPLIT_K"] == 1)  # the workspace exists only for split-K
     with pytest.raises(ValueError, match="fmt="):
         k._static_launches_gemm(M, N, K, "int4", None)
-    with pytest.raises(ValueError, match="M=4"):
-        k._static_launches_gemm(4, N, K, "twn", None)
+    with pytest.raises(ValueError, match="M=3"):
+        k._static_launches_gemm(3, N, K, "twn", None)
+    with pytest.raises(ValueError, match="M=8"):
+        k._static_launches_gemm(8, N, K, "seq4", 128, "int8")
+
+
+@pytest.mark.parametrize("M", [1, 3, 4, 8])
+def test_static_launches_small_m_lists_what_the_launcher_picks(M):
+    """16-bit x at M = 4..8 runs the tensor-core GEMM (BLOCK_M = 16); the descriptors list its configs first and
+    the GEMV's after them, marked not dispatched, so the report scores both.  M < 4 and W2A8 at M <= 8: the GEMV."""
+    pytest.importorskip("triton")
+    k = _kern()
+    calls = k.static_launches(M, 1024, 4096, "twn", 128, "bf16")
+    kinds = [c["kernel"] for c in calls]
+    gemv = [c for c in calls if c["kernel"] == "packed_gemv"]
+    assert gemv
+    if M >= k._GEMM_MIN_M:
+        gemm = [c for c in calls if c["kernel"] == "packed_matmul_gemm"]
+        assert gemm and kinds == ["packed_matmul_gemm"] * len(gemm) + ["packed_gemv"] * len(gemv)
+        assert all(c["launches"][0]["triton"]["constexprs"]["BLOCK_M"] == 16 for c in gemm)
+        assert all("not dispatched" in c["config"] for c in gemv)
+    else:
+        assert kinds == ["packed_gemv"] * len(calls) and not any("not dispatched" in c["config"] for c in calls)
+    assert all(c["kernel"] == "packed_gemv" for c in k.static_launches(M, 1024, 4096, "twn", 128, "int8"))
+    use = k._use_gemv
+    assert use(M, torch.bfloat16, False) == (M < k._GEMM_MIN_M) and use(M, torch.float16, True)
+    assert not use(M, torch.float32, False) and not use(M, torch.bfloat16, False, dict(BLOCK_M=16))
+    assert use(M, torch.float16, False, dict(BLOCK_N=16, WORDS=4)) and not use(9, torch.bfloat16, False)
 
 
 @needs_kernels
@@ -322,6 +370,7 @@ def test_non_contiguous_and_3d_x(poison):
     (12, 24, 128, 64, "absmean", torch.bfloat16, True),
     (20, 40, 192, 32, "seq4", torch.float16, True),
     (17, 30, 200, None, "int2-asym", torch.bfloat16, True),  # per-channel: int32 accumulation over all of K
+    (9, 30, 200, None, "twn", torch.bfloat16, False),  # BLOCK_M = 16: row sums of x elementwise, not by MMA
     (40, 33, 128, None, "seq4", torch.float16, False),
 ])
 def test_w2a8_matches_reference(M, N, K, group, fmt, dtype, has_bias, poison):

@@ -7,8 +7,8 @@ implementation); backends register below.  The public wrapper validates argument
 quantized per token to int8 (dynamic symmetric min-max, ``pyquant.reference.packed_matmul_a8``) before the product.
 
 Backends: ``cuda`` (``pyquant._C.packed_gemv``, decode M = 1..8, fp16/bf16 x), ``triton`` (``kernels/packed_matmul.py``:
-split-K GEMV for M <= 8, tl.dot GEMM above) and ``reference``.  The backward pass (gradient w.r.t. x and bias; the
-packed weight is frozen) dequantizes once in PyTorch.
+split-K GEMV for 16-bit x with M <= 3 and W2A8 with M <= 8, tl.dot GEMM above) and ``reference``.  The backward
+pass (gradient w.r.t. x and bias; the packed weight is frozen) dequantizes once in PyTorch.
 """
 from __future__ import annotations
 
