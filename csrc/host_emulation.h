@@ -63,6 +63,7 @@ inline float __int_as_float(int i) {
     memcpy(&f, &i, sizeof f);
     return f;
 }
+using std::max;
 using std::min;
 
 // Blocks run one after another, so device-wide ordering is trivially satisfied; the fence still orders this

@@ -770,9 +770,11 @@ __host__ __device__ inline int mma_mp(int M) {
     return (M + cw - 1) / cw * cw;
 }
 // shared memory: staged x [M][chunks][36 words], a zero block (36 words), metadata [3][steps][MP] floats, a flag
+// (16 bytes), and 32 bytes of staging scratch per thread
 __host__ __device__ inline size_t mma_smem_bytes(int M, int steps) {
     const int chunks = steps * (4 / mma_tg(M));
-    return (size_t)M * chunks * kChunkWords * 4 + kChunkWords * 4 + (size_t)3 * steps * mma_mp(M) * 4 + 16;
+    return (size_t)M * chunks * kChunkWords * 4 + kChunkWords * 4 + (size_t)3 * steps * mma_mp(M) * 4 + 16 +
+           (size_t)kMmaThreads * 32;
 }
 
 // d = a * b + c on one m16n8k16 tile; every lane of the warp calls it with its own fragments.
@@ -832,10 +834,18 @@ struct MmaTrip {
     float z[R][2];  // grouped zero points of the step (zero tensor)
 };
 
-template <int M, typename S, bool kGrouped>
+// scale modes of the tensor-core kernel (one instantiation each)
+enum MmaMode {
+    kMmaPerChannel = 0,   // s (and z) once per row in the epilogue
+    kMmaGrouped = 1,      // grouped scales, constant code offset (folded into beta)
+    kMmaGroupedZero = 2,  // grouped scales and zero points: s * z * sum x per step
+};
+
+template <int M, typename S, int kMode>
 __global__ void __launch_bounds__(kMmaThreads)
 packed_gemv_mma_kernel(const Params p) {
     using Cf = MmaCfg<M>;
+    constexpr bool kGrouped = kMode != kMmaPerChannel;
     constexpr int TG = Cf::TG, TS = Cf::TS, CW = Cf::CW, MH = Cf::MH, MP = Cf::MP, R = Cf::R;
     const bool xbf = p.x_bf16 != 0;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -856,6 +866,7 @@ packed_gemv_mma_kernel(const Params p) {
     float* nbeta_sm = reinterpret_cast<float*>(zero_sm + kChunkWords);         // [steps][MP] -beta (x' units)
     float* inv_sm = nbeta_sm + (size_t)steps * MP;                             // [steps][MP] 2^-e
     float* xsum_sm = inv_sm + (size_t)steps * MP;                              // [steps][MP] sum x (unscaled)
+    uint32_t* scratch_sm = reinterpret_cast<uint32_t*>(xsum_sm + (size_t)steps * MP + 4);  // [threads][8] x tails
 
     // ---- 1. stage x[:, slice]: one thread per 16 k (word group q of a chunk), 4 * TS threads per step ---------
     {
@@ -870,9 +881,21 @@ packed_gemv_mma_kernel(const Params p) {
             const int ch = rem >> 2, q = rem & 3;
             const int k = k0 + ch * kChunk + q * 16;
             const uint16_t* xr = static_cast<const uint16_t*>(p.x) + (size_t)m * p.K + k;
+            // two 16-byte loads: from x, or (a K tail, a misaligned row, chunks past K) from this thread's
+            // scratch, filled by a short loop that nvcc keeps rolled (it runs for tails only)
+            const uint4* src = reinterpret_cast<const uint4*>(xr);
+            if (!(k + 16 <= p.K && (reinterpret_cast<uintptr_t>(xr) & 15) == 0)) {
+                uint16_t* mine = reinterpret_cast<uint16_t*>(scratch_sm + threadIdx.x * 8);
+                reinterpret_cast<uint4*>(mine)[0] = make_uint4(0u, 0u, 0u, 0u);
+                reinterpret_cast<uint4*>(mine)[1] = make_uint4(0u, 0u, 0u, 0u);
+                const int nv = min(max(p.K - k, 0), 16);
+#pragma unroll 1
+                for (int i = 0; i < nv; ++i) mine[i] = xr[i];
+                src = reinterpret_cast<const uint4*>(mine);
+            }
             float v[16];
-            if (k + 16 <= p.K && (reinterpret_cast<uintptr_t>(xr) & 15) == 0) {  // two 16-byte loads
-                const uint4 a = reinterpret_cast<const uint4*>(xr)[0], b = reinterpret_cast<const uint4*>(xr)[1];
+            {
+                const uint4 a = src[0], b = src[1];
                 const uint32_t wa[4] = {a.x, a.y, a.z, a.w}, wb[4] = {b.x, b.y, b.z, b.w};
 #pragma unroll
                 for (int i = 0; i < 4; ++i) {
@@ -881,9 +904,6 @@ packed_gemv_mma_kernel(const Params p) {
                     v[2 * i + 8] = act_to_float((uint16_t)wb[i], xbf);
                     v[2 * i + 9] = act_to_float((uint16_t)(wb[i] >> 16), xbf);
                 }
-            } else {
-#pragma unroll
-                for (int i = 0; i < 16; ++i) v[i] = (k + i < p.K) ? act_to_float(xr[i], xbf) : 0.f;
             }
             float amax = 0.f, xsum = 0.f;
 #pragma unroll
@@ -923,9 +943,10 @@ packed_gemv_mma_kernel(const Params p) {
             }
         }
         for (int i = threadIdx.x; i < kChunkWords; i += kMmaThreads) zero_sm[i] = 0u;
-        if (MP > M) {  // padded x rows: contribute nothing
-            for (int i = threadIdx.x; i < steps * (MP - M); i += kMmaThreads) {
-                const int j = (i / (MP - M)) * MP + M + i % (MP - M);
+        if constexpr (MP > M) {  // padded x rows: contribute nothing
+            constexpr int kPad = MP > M ? MP - M : 1;
+            for (int i = threadIdx.x; i < steps * kPad; i += kMmaThreads) {
+                const int j = (i / kPad) * MP + M + i % kPad;
                 nbeta_sm[j] = 0.f;
                 inv_sm[j] = 0.f;
                 xsum_sm[j] = 0.f;
@@ -960,24 +981,43 @@ packed_gemv_mma_kernel(const Params p) {
             wptr[f][sl] = p.qweight + (size_t)n * row_bytes + (size_t)(c0 + ts) * 16;
         }
 
+    // weights of step j: chunks past the row (the last split's tail) are not loaded -- their staged x is 0, so
+    // whatever codes the buffer holds add exactly 0 (LOP3 outputs are finite for any bits)
+    const int jvalid = p.n_chunks > c0 + ts ? (p.n_chunks - c0 - ts + TS - 1) / TS : 0;
+    // grouped scales: a step never straddles two groups; count steps instead of dividing k by group_size
+    const S* sptr[R][2];
+    const S* zptr[R][2];
+    const int spg = kGrouped ? p.group_size / (kChunk * TS) : 1;  // steps per group
+    int lgrp = kGrouped ? (c0 * kChunk) / p.group_size : 0;       // group of the next step loaded
+    int lleft = kGrouped ? spg - ((c0 * kChunk) % p.group_size) / (kChunk * TS) : 1;
+#pragma unroll
+    for (int f = 0; f < R; ++f)
+#pragma unroll
+        for (int sl = 0; sl < 2; ++sl) {
+            const size_t i = (size_t)min(rows[f][sl], p.N - 1) * p.n_groups;
+            sptr[f][sl] = scale + i;
+            zptr[f][sl] = (kMode == kMmaGroupedZero ? zero : scale) + i;
+        }
     auto load_step = [&](MmaTrip<R>& t, int j) {
-        // chunks past the row re-read the last one: their staged x is 0, so they add exactly 0
-        const int c = min(c0 + j * TS + ts, p.n_chunks - 1);
-        const size_t off = (size_t)(c - c0 - ts) * 16;
+        if (j < jvalid) {
+            const size_t off = (size_t)j * (TS * 16);
 #pragma unroll
-        for (int f = 0; f < R; ++f)
+            for (int f = 0; f < R; ++f)
 #pragma unroll
-            for (int sl = 0; sl < 2; ++sl) t.w[f][sl] = load_weights(wptr[f][sl] + off);
+                for (int sl = 0; sl < 2; ++sl) t.w[f][sl] = load_weights(wptr[f][sl] + off);
+        }
         if (kGrouped) {
-            const int ks = min(c * kChunk, p.K - 1);
-            const int grp = p.group_shift >= 0 ? (ks >> p.group_shift) : (ks / p.group_size);
+            const int grp = min(lgrp, p.n_groups - 1);
+            if (--lleft == 0) {
+                ++lgrp;
+                lleft = spg;
+            }
 #pragma unroll
             for (int f = 0; f < R; ++f)
 #pragma unroll
                 for (int sl = 0; sl < 2; ++sl) {
-                    const size_t i = (size_t)min(rows[f][sl], p.N - 1) * p.n_groups + grp;
-                    t.s[f][sl] = to_float(scale[i]);
-                    t.z[f][sl] = has_zero ? to_float(zero[i]) : 0.f;
+                    t.s[f][sl] = to_float(sptr[f][sl][grp]);
+                    t.z[f][sl] = kMode == kMmaGroupedZero ? to_float(zptr[f][sl][grp]) : 0.f;
                 }
         }
     };
@@ -1009,22 +1049,21 @@ packed_gemv_mma_kernel(const Params p) {
             const float2 i2 = *reinterpret_cast<const float2*>(inv_sm + mi);
             nb[h][0] = b2.x; nb[h][1] = b2.y;
             iv[h][0] = i2.x; iv[h][1] = i2.y;
-            if (has_zero) {
+            xm[h][0] = xm[h][1] = 0.f;
+            if (kMode == kMmaGroupedZero || (kMode == kMmaPerChannel && has_zero)) {
                 const float2 x2 = *reinterpret_cast<const float2*>(xsum_sm + mi);
                 xm[h][0] = x2.x; xm[h][1] = x2.y;
                 if (!kGrouped) { xt[h][0] += x2.x; xt[h][1] += x2.y; }
-            } else {
-                xm[h][0] = xm[h][1] = 0.f;
             }
         }
 #pragma unroll
         for (int f = 0; f < R; ++f) {
             const uint32_t wa[4] = {t.w[f][0].x, t.w[f][0].y, t.w[f][0].z, t.w[f][0].w};
             const uint32_t wb[4] = {t.w[f][1].x, t.w[f][1].y, t.w[f][1].z, t.w[f][1].w};
-            float d[MH][4];
+            float d[MH][4], c_init[MH][4];  // the first MMA of the step starts from -beta
 #pragma unroll
             for (int h = 0; h < MH; ++h) {
-                d[h][0] = nb[h][0]; d[h][1] = nb[h][1]; d[h][2] = nb[h][0]; d[h][3] = nb[h][1];
+                c_init[h][0] = nb[h][0]; c_init[h][1] = nb[h][1]; c_init[h][2] = nb[h][0]; c_init[h][3] = nb[h][1];
             }
 #pragma unroll
             for (int qw = 0; qw < 4; ++qw) {
@@ -1036,7 +1075,8 @@ packed_gemv_mma_kernel(const Params p) {
                                            deq_pos(p1, wa[qw], wa10, magic), deq_pos(p1, wb[qw], wb10, magic)};
                     const int mm = qw * 4 + i;
 #pragma unroll
-                    for (int h = 0; h < MH; ++h) mma_16816(d[h], a, xb[h][2 * mm], xb[h][2 * mm + 1], d[h]);
+                    for (int h = 0; h < MH; ++h)
+                        mma_16816(d[h], a, xb[h][2 * mm], xb[h][2 * mm + 1], mm == 0 ? c_init[h] : d[h]);
                 }
             }
             // flush: acc += (sum (c - z0) x') * 2^-e (* s); a zero tensor subtracts s * z * sum x per step
@@ -1047,7 +1087,8 @@ packed_gemv_mma_kernel(const Params p) {
                     if (kGrouped) {
                         const float s = t.s[f][e >> 1];
                         acc[f][h][e] = fmaf(d[h][e], iv[h][e & 1] * s, acc[f][h][e]);
-                        if (has_zero) acc[f][h][e] = fmaf(-s * t.z[f][e >> 1], xm[h][e & 1], acc[f][h][e]);
+                        if (kMode == kMmaGroupedZero)
+                            acc[f][h][e] = fmaf(-s * t.z[f][e >> 1], xm[h][e & 1], acc[f][h][e]);
                     } else {
                         acc[f][h][e] = fmaf(d[h][e], iv[h][e & 1], acc[f][h][e]);
                     }
@@ -1057,7 +1098,7 @@ packed_gemv_mma_kernel(const Params p) {
 
     // ---- 3. main loop over the slice's steps, double-buffered (step j + 1 is loaded while step j is computed) -----
     {
-        MmaTrip<R> ta, tb;
+        MmaTrip<R> ta{}, tb{};
         load_step(ta, 0);
         for (int j = 0; j < steps; j += 2) {
             if (j + 1 < steps) load_step(tb, j + 1);
@@ -1095,9 +1136,9 @@ packed_gemv_mma_kernel(const Params p) {
                          4 * Cf::ROWS_W, kMmaThreads, xbf);
 }
 
-template <int M, typename S, bool kGrouped>
+template <int M, typename S, int kMode>
 cudaError_t launch_mma_typed(const Params& prm, const pyquant_gemv_plan& plan, cudaStream_t stream) {
-    auto kernel = packed_gemv_mma_kernel<M, S, kGrouped>;
+    auto kernel = packed_gemv_mma_kernel<M, S, kMode>;
     if (plan.smem_bytes > 48 * 1024) {
         const cudaError_t err =
             cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)plan.smem_bytes);
@@ -1108,8 +1149,20 @@ cudaError_t launch_mma_typed(const Params& prm, const pyquant_gemv_plan& plan, c
     return cudaGetLastError();
 }
 
+template <int M, typename S>
+cudaError_t dispatch_mma_mode(int mode, const Params& prm, const pyquant_gemv_plan& plan, cudaStream_t s) {
+    switch (mode) {
+        case kMmaPerChannel:
+            return launch_mma_typed<M, S, kMmaPerChannel>(prm, plan, s);
+        case kMmaGrouped:
+            return launch_mma_typed<M, S, kMmaGrouped>(prm, plan, s);
+        default:
+            return launch_mma_typed<M, S, kMmaGroupedZero>(prm, plan, s);
+    }
+}
+
 template <int M>
-cudaError_t dispatch_mma(int scale_dtype, bool grouped, const Params& prm, const pyquant_gemv_plan& plan,
+cudaError_t dispatch_mma(int scale_dtype, int mode, const Params& prm, const pyquant_gemv_plan& plan,
                          cudaStream_t s) {
 #if defined(PYQUANT_GEMV_ONLY_M) || defined(PYQUANT_GEMV_SIMT_ONLY)
     if constexpr (M != PYQUANT_GEMV_ONLY_M || PYQUANT_GEMV_SIMT_ONLY) {
@@ -1118,14 +1171,11 @@ cudaError_t dispatch_mma(int scale_dtype, bool grouped, const Params& prm, const
 #endif
     switch (scale_dtype) {
         case PYQUANT_DTYPE_FLOAT16:
-            return grouped ? launch_mma_typed<M, __half, true>(prm, plan, s)
-                           : launch_mma_typed<M, __half, false>(prm, plan, s);
+            return dispatch_mma_mode<M, __half>(mode, prm, plan, s);
         case PYQUANT_DTYPE_BFLOAT16:
-            return grouped ? launch_mma_typed<M, __nv_bfloat16, true>(prm, plan, s)
-                           : launch_mma_typed<M, __nv_bfloat16, false>(prm, plan, s);
+            return dispatch_mma_mode<M, __nv_bfloat16>(mode, prm, plan, s);
         case PYQUANT_DTYPE_FLOAT32:
-            return grouped ? launch_mma_typed<M, float, true>(prm, plan, s)
-                           : launch_mma_typed<M, float, false>(prm, plan, s);
+            return dispatch_mma_mode<M, float>(mode, prm, plan, s);
         default:
             return cudaErrorInvalidValue;
     }
@@ -1373,13 +1423,13 @@ extern "C" int pyquant_packed_gemv_mma_launch_plan(const void* x, const uint8_t*
         return (int)cudaErrorInvalidValue;
     const Params prm = make_params(x, qweight, scale, zero, bias, y, N, K, group_size, code_offset, x_dtype,
                                    workspace, plan);
-    const bool grouped = prm.n_groups > 1;
+    const int mode = prm.n_groups == 1 ? kMmaPerChannel : (zero == nullptr ? kMmaGrouped : kMmaGroupedZero);
     const cudaStream_t s = static_cast<cudaStream_t>(stream);
     cudaError_t err;
     switch (M) {
 #define PYQUANT_CASE_M(MM)                                              \
     case MM:                                                            \
-        err = dispatch_mma<MM>(scale_dtype, grouped, prm, plan, s);     \
+        err = dispatch_mma<MM>(scale_dtype, mode, prm, plan, s);        \
         break;
         PYQUANT_CASE_M(1)
         PYQUANT_CASE_M(2)

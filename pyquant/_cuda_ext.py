@@ -246,7 +246,7 @@ def _mma_mp(M: int) -> int:
 
 def _mma_smem_bytes(M: int, steps: int) -> int:
     chunks = steps * (4 // _mma_tg(M))
-    return M * chunks * _CHUNK_WORDS * 4 + _CHUNK_WORDS * 4 + 3 * steps * _mma_mp(M) * 4 + 16
+    return M * chunks * _CHUNK_WORDS * 4 + _CHUNK_WORDS * 4 + 3 * steps * _mma_mp(M) * 4 + 16 + _MMA_THREADS * 32
 
 
 @functools.lru_cache(maxsize=4096)
@@ -299,6 +299,17 @@ def _io_bytes(M, N, K, n_groups, asym, grid_x, ws):
             + (2 * (ws - grid_x * 4) if ws else 0))
 
 
+def _reduce_trips(M, rows_cta, threads, splits) -> float:
+    """Trips of splitk_finish's loop per CTA: only the last CTA of a column runs it (averaged over the column's
+    `splits` CTAs), M * rows_cta outputs over the CTA's threads; 0 without split-K."""
+    return -(-(M * rows_cta) // threads) / splits if splits > 1 else 0.0
+
+
+def _reduce_inner_trips(splits) -> List[float]:
+    """Its inner loop over the splits, as nvcc compiles it: unrolled by 16, then a 4x remainder loop."""
+    return [float(splits // 16), float((splits % 16) // 4)] if splits > 1 else [0.0, 0.0]
+
+
 def static_launches(M: int, N: int, K: int, fmt: str, group_size: Optional[int]) -> List[dict]:
     """Descriptors of the CUDA GEMV launches for the static roofline tool (schema: /work/BRIEF.md), one per kernel:
     the fp16 kernel (the default) and the tensor-core kernel (opt-in until GPU-verified, labelled so in its
@@ -309,9 +320,9 @@ def static_launches(M: int, N: int, K: int, fmt: str, group_size: Optional[int])
     a runtime argument; scales are float16 as in the default spec).  nvcc_flags restrict each build to that M and
     kernel (PYQUANT_GEMV_ONLY_M, PYQUANT_GEMV_SIMT_ONLY / PYQUANT_GEMV_MMA_ONLY) to keep compiles short.
 
-    Trip counts, per CTA (static.py, step 4): the fp16 kernel's main loop is the row-pass loop (``passes``), its
-    nested trip loop runs ``iters / 2`` times per pass (unrolled by two); the staging loop and the split-K
-    reduction are listed with what they run."""
+    Trip counts, per thread of a CTA (static.py, step 4), for every loop nvcc emits: the x staging loop, the row
+    passes (fp16 kernel) or steps (tensor-core kernel), and the split-K reduction as main loops; the fp16 kernel's
+    trip loop (``iters / 2`` per pass) and the reduction's loop over the splits as inner loops."""
     g = K if group_size is None else int(group_size)
     if g <= 0 or K % g:
         raise ValueError(f"group_size={group_size} is invalid for K={K}: a divisor of K, or None")
@@ -337,8 +348,11 @@ def _simt_call(M, N, K, asym, g, n_groups):
                  "nvcc_flags": ["-std=c++17", "-O3", f"-DPYQUANT_GEMV_ONLY_M={M}", "-DPYQUANT_GEMV_SIMT_ONLY=1"]},
         "grid": [pl["grid_x"], pl["splits"], 1],
         "threads_per_cta": pl["threads"],
-        # the main loop is unrolled by two (one SASS iteration = two 2048-weight trips); averaged over the splits
-        "loop_trips": pl["passes"] * (-(-(-(-K // 64)) // 32)) / pl["splits"] / 2.0,
+        # main loops in address order: x staging, the row passes, the last CTA's split-K reduction; nested in them
+        # the trip loop (unrolled by two: one SASS iteration = two 2048-weight trips) and the reduction's loops
+        "loop_trips": [float(-(-(M * pl["iters_per_split"] * 32 * 4) // pl["threads"])), float(pl["passes"]),
+                       _reduce_trips(M, rows_cta, pl["threads"], pl["splits"])],
+        "inner_loop_trips": [pl["iters_per_split"] / 2.0] + _reduce_inner_trips(pl["splits"]),
         "weights": N * K,
         "bytes": int(_io_bytes(M, N, K, n_groups, asym, pl["grid_x"], pl["workspace_bytes"])),
         "mma_flops": 0,
@@ -356,26 +370,22 @@ def _mma_call(M, N, K, asym, g, n_groups, pm):
     steps, splits, gx = pm["iters_per_split"], pm["splits"], pm["grid_x"]
     rows_cta = 4 * pm["rows_per_warp"]
     stage_trips = -(-(M * steps * ts * 4) // _MMA_THREADS)
-    # split-K: only the last CTA of a column reduces (averaged over the column's CTAs), rows_cta * M outputs over
-    # the CTA's threads, each summing `splits` partials (nvcc unrolls that loop by 16, with a 4x remainder loop)
-    red_trips = (-(-(M * rows_cta) // _MMA_THREADS) / splits) if splits > 1 else 0.0
     launch = {
         "name": "packed_gemv_mma",
         "cuda": {"source": "csrc/packed_gemv.cu",
-                 "kernel_regex": rf"packed_gemv_mma_kernelILi{M}E6__halfLb{int(grouped)}E",
+                 "kernel_regex": rf"packed_gemv_mma_kernelILi{M}E6__halfLi{(1 + int(asym)) if grouped else 0}E",
                  "nvcc_flags": ["-std=c++17", "-O3", f"-DPYQUANT_GEMV_ONLY_M={M}", "-DPYQUANT_GEMV_MMA_ONLY=1"]},
         "grid": [gx, splits, 1],
         "threads_per_cta": _MMA_THREADS,
         # main loops in address order: x staging, the step loop (unrolled by two: one SASS iteration = 2 steps),
         # and (split-K only) the last CTA's reduction; the reduction's inner loops run over the splits
-        "loop_trips": [float(stage_trips), steps / 2.0] + ([red_trips] if splits > 1 else []),
+        "loop_trips": [float(stage_trips), steps / 2.0, _reduce_trips(M, rows_cta, _MMA_THREADS, splits)],
+        "inner_loop_trips": _reduce_inner_trips(splits),
         "weights": N * K,
         "bytes": int(_io_bytes(M, N, K, n_groups, asym, gx, pm["workspace_bytes"])),
         # every CTA runs `steps` steps of 16 MMAs per fragment (R = 2) and x block (MH) in each of its 4 warps
         "mma_flops": gx * splits * 4 * 2 * mh * 16 * steps * (2 * 16 * 8 * 16),
     }
-    if splits > 1:
-        launch["inner_loop_trips"] = [splits // 16, (splits % 16) // 4]
     cfg = (f"mma.sync (opt-in, not GPU-verified) threads=128 rows/CTA={rows_cta} t-groups={tg} "
            f"splitK={splits} steps={steps} {'grouped' if grouped else 'per-channel'}")
     return {"kernel": "packed_gemv_mma", "backend": "cuda", "config": cfg, "launches": [launch]}

@@ -38,9 +38,9 @@ ARCHS = {
     "sm_90a": "-gencode=arch=compute_90a,code=sm_90a",
 }
 # packed_gemv.cu instantiates one kernel per (M in 1..8) x (scale: fp16, bf16, fp32) x (scale mode: per-channel,
-# per-chunk, per-sub-chunk), and one tensor-core kernel per M x scale dtype x (per-channel, grouped); x's dtype is
-# a runtime argument
-EXPECTED_KERNELS = {"packed_gemv.cu": 8 * 3 * 3 + 8 * 3 * 2}
+# per-chunk, per-sub-chunk), and one tensor-core kernel per M x scale dtype x (per-channel, grouped, grouped with
+# zero points); x's dtype is a runtime argument
+EXPECTED_KERNELS = {"packed_gemv.cu": 8 * 3 * 3 + 8 * 3 * 3}
 HAS_CUDA = torch.cuda.is_available()
 
 
@@ -511,12 +511,13 @@ def test_static_launches_schema(fmt, group):
             (ml,) = mc["launches"]
             assert ml["grid"] == [pm["grid_x"], pm["splits"], 1] and ml["threads_per_cta"] == 128
             grouped = K // g > 1
-            mangled = (f"_ZN7pyquant47_GLOBAL__N__0_14packed_gemv_cu22packed_gemv_mma_kernelILi{M}E6__halfLb"
-                       f"{int(grouped)}EEEvNS0_6ParamsE")
+            mmode = (2 if fmt.endswith("-asym") else 1) if grouped else 0
+            mangled = (f"_ZN7pyquant47_GLOBAL__N__0_14packed_gemv_cu22packed_gemv_mma_kernelILi{M}E6__halfLi"
+                       f"{mmode}EEEvNS0_6ParamsE")
             assert re.search(ml["cuda"]["kernel_regex"], mangled), (ml["cuda"]["kernel_regex"], mangled)
             assert "-DPYQUANT_GEMV_MMA_ONLY=1" in ml["cuda"]["nvcc_flags"]
-            assert len(ml["loop_trips"]) == (3 if pm["splits"] > 1 else 2)
-            assert ("inner_loop_trips" in ml) == (pm["splits"] > 1)
+            assert len(ml["loop_trips"]) == 3 and ml["loop_trips"][1] == pm["iters_per_split"] / 2
+            assert (ml["loop_trips"][2] > 0) == (pm["splits"] > 1) and len(ml["inner_loop_trips"]) == 2
             tg = 4 if M <= 2 else 2
             assert ml["mma_flops"] == pm["grid_x"] * pm["splits"] * 4 * 2 * -(-M // (8 // tg)) * 16 \
                 * pm["iters_per_split"] * 4096
@@ -531,7 +532,9 @@ def test_static_launches_schema(fmt, group):
         mangled = f"_ZN7pyquant47_GLOBAL__N__0_14packed_gemv_cu18packed_gemv_kernelILi{M}E6__halfLi{mode}EEEvNS0_6ParamsE"
         assert re.search(ln["cuda"]["kernel_regex"], mangled), (ln["cuda"]["kernel_regex"], mangled)
         assert f"-DPYQUANT_GEMV_ONLY_M={M}" in ln["cuda"]["nvcc_flags"]
-        assert ln["weights"] == N * K and ln["bytes"] >= N * K // 4 and ln["loop_trips"] > 0
+        assert ln["weights"] == N * K and ln["bytes"] >= N * K // 4
+        assert len(ln["loop_trips"]) == 3 and ln["loop_trips"][1] == pl["passes"] and ln["loop_trips"][0] >= 1
+        assert ln["inner_loop_trips"][0] == pl["iters_per_split"] / 2 and len(ln["inner_loop_trips"]) == 3
         assert ln["mma_flops"] == 0
     with pytest.raises(ValueError, match="group_size"):
         _cuda_ext.static_launches(1, 64, 100, "twn", 48)
