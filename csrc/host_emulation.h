@@ -43,6 +43,8 @@ inline thread_local uint3 tls_thread_idx;
 inline thread_local uint3 tls_block_idx;
 inline dim3 g_grid_dim, g_block_dim;  // of the launch being emulated
 inline std::vector<float4> shared_buffer;  // the block's dynamic shared memory (blocks run one at a time)
+// set when a vector access the GPU would fault on (misaligned) is seen; the launcher reports it
+inline std::atomic<int> g_misaligned{0};
 
 }  // namespace pyquant_emu
 
@@ -102,6 +104,10 @@ inline void warp_allgather(const uint32_t* mine, int n, uint32_t* all) {
     b->warp_barriers[warp]->arrive_and_wait();
 }
 }  // namespace pyquant_emu
+
+// a 16- or 8-byte vector access must be aligned to its size on the GPU (x86 would not care)
+#define PYQUANT_CHECK_ALIGN(ptr, n) \
+    ((reinterpret_cast<uintptr_t>(ptr) % (n)) ? (void)::pyquant_emu::g_misaligned.store(1) : (void)0)
 
 // The kernel's dynamic shared memory is this buffer (poisoned with NaN before each block).
 #define PYQUANT_DYNAMIC_SMEM(name) float4* name = ::pyquant_emu::shared_buffer.data()

@@ -63,11 +63,12 @@
 // Counted SASS (sm_90a, nvcc 13.0, cuobjdump; main loop = two 2048-weight trips per iteration): at M = 1 the main
 // loop spends 1.79 instructions per weight per-channel (943 HFMA2 + 113 HADD2 + 512 LOP3 + 65 SHF + 16 LDG.128 +
 // 22 LDS per 1024 weights), 2.02 with g128 scales, 3.29 with per-sub-chunk (s, z) (zero tensors, g % 64 == 32).
-// Known limits (not done yet): (1) the plan splits K until a CTA has only 1-2 trips, so the per-CTA staging
-// (0.33-0.38 per weight at M = 1, ~3 at M = 4: the staging loop converts through fp32, ~20 instructions per x
-// value) and epilogue are poorly amortized -- staging x with half2 ops and planning fewer, longer CTAs is the next
-// step; (2) M = 5..8 use one row per warp (R = 2 spills at the 255-register limit), so x is re-read per row; a
-// tensor-core (mma.sync) path would serve M = 4..16 better.
+// Known limits: (1) the plan splits K until a CTA has only 1-2 trips, so the per-CTA staging and epilogue are
+// poorly amortized: counted with every loop's real trips (pyquant/_cuda_ext.py), 3.6 / 4.6 instructions per weight
+// overall at M = 1 (4096x14336 / 14336x4096, per-channel), 8.1 at M = 4, ~20 at M = 8 (one row per warp: R = 2
+// spills at the 255-register limit, so x is re-read per row).  (2) The tensor-core kernel further down
+// (packed_gemv_mma_kernel: ~1.25 per weight at M = 1, all of M = 1..8 predicted memory- or near-memory-bound)
+// replaces it once a GPU run has confirmed its fragment layout; until then this kernel is the default.
 //
 // Every bit trick is a __host__ __device__ helper with inline PTX on the device and a bit-exact host equivalent
 // (#ifndef __CUDA_ARCH__), so csrc/host_emulation.h runs this very kernel body on the CPU (tests/test_cuda_ext.py).
@@ -102,6 +103,7 @@
 #else
 #define PYQUANT_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
 #define PYQUANT_DYNAMIC_SMEM(name) extern __shared__ uint4 name[]
+#define PYQUANT_CHECK_ALIGN(ptr, n) ((void)0)  // the host emulation checks vector accesses' alignment
 #endif
 
 #ifndef __CUDA_ARCH__
@@ -769,8 +771,8 @@ __host__ __device__ inline int mma_mp(int M) {
     const int cw = 8 / mma_tg(M);
     return (M + cw - 1) / cw * cw;
 }
-// shared memory: staged x [M][chunks][36 words], a zero block (36 words), metadata [3][steps][MP] floats, a flag
-// (16 bytes), and 32 bytes of staging scratch per thread
+// shared memory: staged x [M][chunks][36 words], a zero block (36 words), 32 bytes of staging scratch per thread,
+// metadata [3][steps][MP] floats and the split-K flag (16 bytes)
 __host__ __device__ inline size_t mma_smem_bytes(int M, int steps) {
     const int chunks = steps * (4 / mma_tg(M));
     return (size_t)M * chunks * kChunkWords * 4 + kChunkWords * 4 + (size_t)3 * steps * mma_mp(M) * 4 + 16 +
@@ -862,11 +864,12 @@ packed_gemv_mma_kernel(const Params p) {
 
     PYQUANT_DYNAMIC_SMEM(smem_raw);
     uint32_t* xs_sm = reinterpret_cast<uint32_t*>(smem_raw);                  // [M][ncl][kChunkWords]
+    // every region starts 16-byte aligned where it is read with 16-byte (or 8-byte) accesses
     uint32_t* zero_sm = xs_sm + (size_t)M * ncl * kChunkWords;                 // [kChunkWords] zeros
-    float* nbeta_sm = reinterpret_cast<float*>(zero_sm + kChunkWords);         // [steps][MP] -beta (x' units)
+    uint32_t* scratch_sm = zero_sm + kChunkWords;                              // [threads][8] x tails
+    float* nbeta_sm = reinterpret_cast<float*>(scratch_sm + kMmaThreads * 8);  // [steps][MP] -beta (x' units)
     float* inv_sm = nbeta_sm + (size_t)steps * MP;                             // [steps][MP] 2^-e
     float* xsum_sm = inv_sm + (size_t)steps * MP;                              // [steps][MP] sum x (unscaled)
-    uint32_t* scratch_sm = reinterpret_cast<uint32_t*>(xsum_sm + (size_t)steps * MP + 4);  // [threads][8] x tails
 
     // ---- 1. stage x[:, slice]: one thread per 16 k (word group q of a chunk), 4 * TS threads per step ---------
     {
@@ -886,6 +889,7 @@ packed_gemv_mma_kernel(const Params p) {
             const uint4* src = reinterpret_cast<const uint4*>(xr);
             if (!(k + 16 <= p.K && (reinterpret_cast<uintptr_t>(xr) & 15) == 0)) {
                 uint16_t* mine = reinterpret_cast<uint16_t*>(scratch_sm + threadIdx.x * 8);
+                PYQUANT_CHECK_ALIGN(mine, 16);
                 reinterpret_cast<uint4*>(mine)[0] = make_uint4(0u, 0u, 0u, 0u);
                 reinterpret_cast<uint4*>(mine)[1] = make_uint4(0u, 0u, 0u, 0u);
                 const int nv = min(max(p.K - k, 0), 16);
@@ -932,6 +936,7 @@ packed_gemv_mma_kernel(const Params p) {
             }
             if (ok) {
                 uint4* dst = reinterpret_cast<uint4*>(xs_sm + ((size_t)m * ncl + ch) * kChunkWords + q * 8);
+                PYQUANT_CHECK_ALIGN(dst, 16);
                 dst[0] = make_uint4(pr[0], pr[1], pr[2], pr[3]);
                 dst[1] = make_uint4(pr[4], pr[5], pr[6], pr[7]);
                 if ((rem & (4 * TS - 1)) == 0) {
@@ -1039,12 +1044,16 @@ packed_gemv_mma_kernel(const Params p) {
 #pragma unroll
         for (int h = 0; h < MH; ++h) {
             const uint4* src = reinterpret_cast<const uint4*>(bptr[h] + j * bstep[h]);
+            PYQUANT_CHECK_ALIGN(src, 16);
 #pragma unroll
             for (int i = 0; i < 8; ++i) {
                 const uint4 v = src[i];
                 xb[h][4 * i] = v.x; xb[h][4 * i + 1] = v.y; xb[h][4 * i + 2] = v.z; xb[h][4 * i + 3] = v.w;
             }
             const int mi = j * MP + h * CW + mcol;
+            PYQUANT_CHECK_ALIGN(nbeta_sm + mi, 8);
+            PYQUANT_CHECK_ALIGN(inv_sm + mi, 8);
+            PYQUANT_CHECK_ALIGN(xsum_sm + mi, 8);
             const float2 b2 = *reinterpret_cast<const float2*>(nbeta_sm + mi);
             const float2 i2 = *reinterpret_cast<const float2*>(inv_sm + mi);
             nb[h][0] = b2.x; nb[h][1] = b2.y;
@@ -1146,6 +1155,9 @@ cudaError_t launch_mma_typed(const Params& prm, const pyquant_gemv_plan& plan, c
     }
     const dim3 grid((unsigned)plan.grid_x, (unsigned)plan.splits);
     PYQUANT_LAUNCH(kernel, grid, plan.threads, plan.smem_bytes, stream, prm);
+#ifdef PYQUANT_HOST_EMULATION
+    if (::pyquant_emu::g_misaligned.exchange(0)) return cudaErrorMisalignedAddress;
+#endif
     return cudaGetLastError();
 }
 

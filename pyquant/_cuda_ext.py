@@ -380,7 +380,9 @@ def _mma_call(M, N, K, asym, g, n_groups, pm):
         # main loops in address order: x staging, the step loop (unrolled by two: one SASS iteration = 2 steps),
         # and (split-K only) the last CTA's reduction; the reduction's inner loops run over the splits
         "loop_trips": [float(stage_trips), steps / 2.0, _reduce_trips(M, rows_cta, _MMA_THREADS, splits)],
-        "inner_loop_trips": _reduce_inner_trips(splits),
+        # inner loops: the staging loop's rolled copy loop for x tails (K % 16 != 0: the last split's CTAs, as if
+        # every thread ran it; rows not 16-byte aligned, K % 8 != 0: every item, 16 values), then the reduction's
+        "inner_loop_trips": [16.0 if K % 8 else (K % 16) / splits] + _reduce_inner_trips(splits),
         "weights": N * K,
         "bytes": int(_io_bytes(M, N, K, n_groups, asym, gx, pm["workspace_bytes"])),
         # every CTA runs `steps` steps of 16 MMAs per fragment (R = 2) and x block (MH) in each of its 4 warps

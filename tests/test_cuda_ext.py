@@ -517,7 +517,7 @@ def test_static_launches_schema(fmt, group):
             assert re.search(ml["cuda"]["kernel_regex"], mangled), (ml["cuda"]["kernel_regex"], mangled)
             assert "-DPYQUANT_GEMV_MMA_ONLY=1" in ml["cuda"]["nvcc_flags"]
             assert len(ml["loop_trips"]) == 3 and ml["loop_trips"][1] == pm["iters_per_split"] / 2
-            assert (ml["loop_trips"][2] > 0) == (pm["splits"] > 1) and len(ml["inner_loop_trips"]) == 2
+            assert (ml["loop_trips"][2] > 0) == (pm["splits"] > 1) and len(ml["inner_loop_trips"]) == 3
             tg = 4 if M <= 2 else 2
             assert ml["mma_flops"] == pm["grid_x"] * pm["splits"] * 4 * 2 * -(-M // (8 // tg)) * 16 \
                 * pm["iters_per_split"] * 4096
@@ -761,6 +761,34 @@ def test_packed_gemv_matches_reference(ext, M, K, gs, x_dtype, asym, with_bias):
                                                seed=M * 7919 + K * 31 + gs, device="cuda")
     y = _poisoned_gemv(ext, x, qweight, scale, zero, bias, gs, off)
     _assert_close(y, x, qweight, scale, zero, bias, gs, off)
+
+
+MMA_GPU_SHAPES = [(4096, 128), (4096, 4096), (4160, 4160), (1000, 1000), (2304, 256)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", range(1, 9))
+@pytest.mark.parametrize("K,gs", MMA_GPU_SHAPES, ids=[f"K{k}-g{g}" for k, g in MMA_GPU_SHAPES])
+@pytest.mark.parametrize("x_dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("asym,with_bias", [(False, False), (True, True), (False, True)],
+                         ids=["sym", "asym-bias", "sym-bias"])
+def test_packed_gemv_mma_matches_reference(ext, M, K, gs, x_dtype, asym, with_bias):
+    """The tensor-core kernel on the GPU: this is what confirms its mma.sync fragment layout (the host emulation
+    follows the documented one); until it passes on a GPU the kernel stays opt-in (PYQUANT_CUDA_GEMV=mma)."""
+    N = 1100  # 3 CTA columns of 512 rows (M <= 2) / 5 of 256, ragged
+    sdt = [torch.float16, torch.bfloat16, torch.float32][(M + K // gs) % 3]
+    off = 0.0 if asym else [1.0, 1.5, 2.0][M % 3]
+    for exact in (True, False):
+        maker = _exact_case if exact else (lambda *a, seed: _make_case(*a, seed=seed))
+        x, qweight, scale, zero, bias = maker(M, N, K, gs, x_dtype, sdt, asym, with_bias, seed=M * 7919 + K * 31 + gs)
+        x, qweight, scale = x.cuda(), qweight.cuda(), scale.cuda()
+        zero = None if zero is None else zero.cuda()
+        bias = None if bias is None else bias.cuda()
+        poison = torch.full((M, N), float("nan"), dtype=x.dtype, device="cuda")
+        del poison
+        y = _cuda_ext.packed_gemv(x, qweight, scale, zero, bias, gs, off, mma=True)
+        torch.cuda.synchronize()
+        _assert_close_mma(y, x, qweight, scale, zero, bias, gs, off, exact=exact)
 
 
 @pytest.mark.gpu
