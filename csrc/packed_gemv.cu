@@ -748,6 +748,11 @@ cudaError_t dispatch_scale(int scale_dtype, int mode, const Params& prm, const p
 // step never straddles two groups; other group sizes take the fp16 kernel above).  Zero-point tensors: s * z *
 // sum x once per step (grouped) or in the epilogue (per-channel), sum x computed while staging.
 //
+// Counted (pyquant bench static, sm_90a, nvcc 13.0, every loop with its real trips; predicted, not measured), the
+// two large shapes 4096x14336 / 14336x4096: M = 1 1.19-1.41 SASS instructions per weight (main loop ~0.94: 0.5 LOP3
+// + 0.125 HMMA + 0.06 SHF + addressing), 6.2-6.9x cuBLAS bf16, memory-bound; M = 4 1.54-1.76, 5.6-6.1x; M = 8
+// 2.3-2.6, 4.9-5.3x (bound by x re-read per CTA column and the split-K partials, counted as global bytes).
+//
 // Status: the fragment layout is inline PTX that only a GPU can confirm; the host emulation runs this kernel body
 // with an MMA that follows the documented layout (rounding once per MMA), so indexing, staging and the epilogue are
 // tested here, the layout itself only by the GPU tests.  Opt-in (PYQUANT_CUDA_GEMV=mma) until a GPU run passes.

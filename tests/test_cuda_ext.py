@@ -9,7 +9,9 @@ Four layers, from no GPU to GPU:
 * host emulation: ``csrc/packed_gemv.cu`` compiled by g++ with ``-DPYQUANT_HOST_EMULATION`` (csrc/host_emulation.h)
   runs the very same kernel body with every CUDA thread as a host thread, checked against a float64 reference
   built here from ``pyquant.formats.unpack_codes`` -- this catches indexing bugs (tiles, tails, groups of 32, the
-  shared-memory layout, the warp reduction) without a GPU (skipped without g++ / CUDA headers);
+  shared-memory layout, the warp reduction) without a GPU (skipped without g++ / CUDA headers); the tensor-core
+  kernel runs there too, its mma.sync through an emulation of the documented fragment layout, on inputs where it
+  is exact (so any indexing slip is a whole-unit error) and on random ones (accumulation bound MMA_ACC);
 * ``@pytest.mark.gpu``: ``_C.packed_gemv`` on a real GPU against the same reference, plus bad-argument checks of
   the binding (skipped cleanly without CUDA).
 """
