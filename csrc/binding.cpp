@@ -46,7 +46,8 @@ void check_cuda_same_device(const at::Tensor& t, const char* name, const at::Ten
 
 at::Tensor packed_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
                        const c10::optional<at::Tensor>& zero_point, const c10::optional<at::Tensor>& bias,
-                       int64_t group_size, double code_offset, const c10::optional<at::Tensor>& workspace) {
+                       int64_t group_size, double code_offset, const c10::optional<at::Tensor>& workspace,
+                       bool mma) {
     // ---- x: [M, K], fp16/bf16, CUDA, contiguous, 1 <= M <= 8 -------------------------------------------------
     TORCH_CHECK(x.is_cuda(), "packed_gemv: x must be a CUDA tensor, got device ", x.device());
     TORCH_CHECK_VALUE(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
@@ -128,7 +129,13 @@ at::Tensor packed_gemv(const at::Tensor& x, const at::Tensor& qweight, const at:
 
     // ---- workspace (split-K only): uint8, on x's device, contiguous, >= plan.workspace_bytes ------------------------
     pyquant_gemv_plan plan{};
-    if (N > 0) {
+    if (N > 0 && mma) {
+        const int rc = pyquant_packed_gemv_mma_plan(static_cast<int>(M), static_cast<int>(N), static_cast<int>(K),
+                                                    static_cast<int>(group_size), &plan);
+        TORCH_CHECK_VALUE(rc != -1, "packed_gemv: mma=True needs group_size=", group_size, " to be a multiple of ",
+                          M <= 2 ? 64 : 128, " (or K) at M=", M, "; use mma=False");
+        TORCH_CHECK(rc == 0, "packed_gemv: no launch plan for M=", M, ", N=", N, ", K=", K);
+    } else if (N > 0) {
         TORCH_CHECK(pyquant_packed_gemv_plan(static_cast<int>(M), static_cast<int>(N), static_cast<int>(K), &plan) == 0,
                     "packed_gemv: no launch plan for M=", M, ", N=", N, ", K=", K);
     }
@@ -153,7 +160,7 @@ at::Tensor packed_gemv(const at::Tensor& x, const at::Tensor& qweight, const at:
     at::Tensor y = at::empty({M, N}, x.options());
     if (N == 0) return y;
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
-    const int err = pyquant_packed_gemv_launch(
+    const int err = (mma ? pyquant_packed_gemv_mma_launch : pyquant_packed_gemv_launch)(
         x.data_ptr(), static_cast<const uint8_t*>(qweight.data_ptr()), scale.data_ptr(), zero_ptr, bias_ptr,
         y.data_ptr(), static_cast<int>(M), static_cast<int>(N), static_cast<int>(K), static_cast<int>(group_size),
         static_cast<float>(code_offset), to_pyquant_dtype(x.scalar_type()), scale_dtype, ws_ptr, ws_bytes, stream);
@@ -170,8 +177,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           "pyquant.formats). M in 1..8; x float16/bfloat16; scale float16/bfloat16/float32; zero_point None "
           "(use code_offset) or like scale; bias None or [N] in x's dtype; group_size a multiple of 32 dividing K, "
           "or K; workspace None or a zero-initialized uint8 buffer kept across calls (required when the shape "
-          "splits K; see pyquant._cuda_ext.packed_gemv). Returns a new [M, N] tensor in x's dtype.",
+          "splits K; see pyquant._cuda_ext.packed_gemv); mma: run the tensor-core kernel (its own plan and "
+          "workspace size; pyquant._cuda_ext.plan_mma). Returns a new [M, N] tensor in x's dtype.",
           pybind11::arg("x"), pybind11::arg("qweight"), pybind11::arg("scale"), pybind11::arg("zero_point"),
           pybind11::arg("bias"), pybind11::arg("group_size"), pybind11::arg("code_offset"),
-          pybind11::arg("workspace") = pybind11::none());
+          pybind11::arg("workspace") = pybind11::none(), pybind11::arg("mma") = false);
 }

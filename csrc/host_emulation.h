@@ -23,7 +23,8 @@ namespace pyquant_emu {
 
 struct BlockState {
     explicit BlockState(int nthreads)
-        : block_barrier(nthreads), nwarps((nthreads + 31) / 32), warp_slots(nwarps * 32, 0u) {
+        : block_barrier(nthreads), nwarps((nthreads + 31) / 32), warp_slots(nwarps * 32, 0u),
+          warp_words(nwarps * 32 * kMaxWords, 0u) {
         for (int w = 0; w < nwarps; ++w) warp_barriers.emplace_back(new std::barrier<>(32));
     }
     ~BlockState() {
@@ -33,6 +34,8 @@ struct BlockState {
     int nwarps;
     std::vector<std::barrier<>*> warp_barriers;
     std::vector<unsigned> warp_slots;  // one 32-bit exchange slot per thread
+    static constexpr int kMaxWords = 16;
+    std::vector<uint32_t> warp_words;  // kMaxWords exchange words per thread (warp_allgather)
 };
 
 inline thread_local BlockState* tls_block = nullptr;
@@ -40,6 +43,8 @@ inline thread_local uint3 tls_thread_idx;
 inline thread_local uint3 tls_block_idx;
 inline dim3 g_grid_dim, g_block_dim;  // of the launch being emulated
 inline std::vector<float4> shared_buffer;  // the block's dynamic shared memory (blocks run one at a time)
+// set when a vector access the GPU would fault on (misaligned) is seen; the launcher reports it
+inline std::atomic<int> g_misaligned{0};
 
 }  // namespace pyquant_emu
 
@@ -60,6 +65,7 @@ inline float __int_as_float(int i) {
     memcpy(&f, &i, sizeof f);
     return f;
 }
+using std::max;
 using std::min;
 
 // Blocks run one after another, so device-wide ordering is trivially satisfied; the fence still orders this
@@ -82,6 +88,26 @@ inline float __shfl_xor_sync(unsigned /*mask*/, float v, int lane_mask) {
     memcpy(&r, &bits, sizeof r);
     return r;
 }
+
+namespace pyquant_emu {
+// All 32 lanes of the warp call it: each contributes n <= 16 words and receives every lane's words, lane-major
+// (all[lane * n + i]).  What a warp-wide instruction such as mma.sync sees of its operands.
+inline void warp_allgather(const uint32_t* mine, int n, uint32_t* all) {
+    auto* b = tls_block;
+    const int tid = (int)tls_thread_idx.x;
+    const int warp = tid / 32, lane = tid % 32;
+    uint32_t* slots = b->warp_words.data() + (size_t)warp * 32 * BlockState::kMaxWords;
+    for (int i = 0; i < n; ++i) slots[lane * BlockState::kMaxWords + i] = mine[i];
+    b->warp_barriers[warp]->arrive_and_wait();
+    for (int l = 0; l < 32; ++l)
+        for (int i = 0; i < n; ++i) all[l * n + i] = slots[l * BlockState::kMaxWords + i];
+    b->warp_barriers[warp]->arrive_and_wait();
+}
+}  // namespace pyquant_emu
+
+// a 16- or 8-byte vector access must be aligned to its size on the GPU (x86 would not care)
+#define PYQUANT_CHECK_ALIGN(ptr, n) \
+    ((reinterpret_cast<uintptr_t>(ptr) % (n)) ? (void)::pyquant_emu::g_misaligned.store(1) : (void)0)
 
 // The kernel's dynamic shared memory is this buffer (poisoned with NaN before each block).
 #define PYQUANT_DYNAMIC_SMEM(name) float4* name = ::pyquant_emu::shared_buffer.data()

@@ -63,11 +63,12 @@
 // Counted SASS (sm_90a, nvcc 13.0, cuobjdump; main loop = two 2048-weight trips per iteration): at M = 1 the main
 // loop spends 1.79 instructions per weight per-channel (943 HFMA2 + 113 HADD2 + 512 LOP3 + 65 SHF + 16 LDG.128 +
 // 22 LDS per 1024 weights), 2.02 with g128 scales, 3.29 with per-sub-chunk (s, z) (zero tensors, g % 64 == 32).
-// Known limits (not done yet): (1) the plan splits K until a CTA has only 1-2 trips, so the per-CTA staging
-// (0.33-0.38 per weight at M = 1, ~3 at M = 4: the staging loop converts through fp32, ~20 instructions per x
-// value) and epilogue are poorly amortized -- staging x with half2 ops and planning fewer, longer CTAs is the next
-// step; (2) M = 5..8 use one row per warp (R = 2 spills at the 255-register limit), so x is re-read per row; a
-// tensor-core (mma.sync) path would serve M = 4..16 better.
+// Known limits: (1) the plan splits K until a CTA has only 1-2 trips, so the per-CTA staging and epilogue are
+// poorly amortized: counted with every loop's real trips (pyquant/_cuda_ext.py), 3.6 / 4.6 instructions per weight
+// overall at M = 1 (4096x14336 / 14336x4096, per-channel), 8.1 at M = 4, ~20 at M = 8 (one row per warp: R = 2
+// spills at the 255-register limit, so x is re-read per row).  (2) The tensor-core kernel further down
+// (packed_gemv_mma_kernel: ~1.25 per weight at M = 1, all of M = 1..8 predicted memory- or near-memory-bound)
+// replaces it once a GPU run has confirmed its fragment layout; until then this kernel is the default.
 //
 // Every bit trick is a __host__ __device__ helper with inline PTX on the device and a bit-exact host equivalent
 // (#ifndef __CUDA_ARCH__), so csrc/host_emulation.h runs this very kernel body on the CPU (tests/test_cuda_ext.py).
@@ -81,11 +82,28 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include <algorithm>
+
+// PYQUANT_GEMV_ONLY_M=m / PYQUANT_GEMV_MMA_ONLY=1 / PYQUANT_GEMV_SIMT_ONLY=1 (static-analysis builds) instantiate
+// one M / only the tensor-core kernel / only the fp16 kernel
+#if defined(PYQUANT_GEMV_MMA_ONLY) || defined(PYQUANT_GEMV_SIMT_ONLY) || defined(PYQUANT_GEMV_ONLY_M)
+#ifndef PYQUANT_GEMV_ONLY_M
+#define PYQUANT_GEMV_ONLY_M M
+#endif
+#ifndef PYQUANT_GEMV_MMA_ONLY
+#define PYQUANT_GEMV_MMA_ONLY 0
+#endif
+#ifndef PYQUANT_GEMV_SIMT_ONLY
+#define PYQUANT_GEMV_SIMT_ONLY 0
+#endif
+#endif
+
 #ifdef PYQUANT_HOST_EMULATION
 #include "host_emulation.h"
 #else
 #define PYQUANT_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
 #define PYQUANT_DYNAMIC_SMEM(name) extern __shared__ uint4 name[]
+#define PYQUANT_CHECK_ALIGN(ptr, n) ((void)0)  // the host emulation checks vector accesses' alignment
 #endif
 
 #ifndef __CUDA_ARCH__
@@ -240,9 +258,11 @@ __host__ __device__ __forceinline__ float bits_f32(uint32_t u) {
 
 // Per-sub-chunk scaling of x: for the largest |x| of a sub-chunk, 2^e with max * 2^e in [256, 512) and its
 // inverse 2^-e (both normal floats; a zero / tiny max clamps e so 2^-e stays >= 2^-126).
+// (kExp = 14, the tensor-core kernel: max * 2^e in [2^14, 2^15))
+template <int kExp = 8>
 __host__ __device__ __forceinline__ void x_scale_for(float amax, float* scale, float* inv) {
     const int E = (int)((f32_bits(amax) >> 23) & 0xffu);
-    const int es = min(262 - E, 253);  // biased exponent of 2^e = 2^(135 - E)
+    const int es = min(254 + kExp - E, 253);  // biased exponent of 2^e = 2^(127 + kExp - E)
     *scale = bits_f32((uint32_t)es << 23);
     *inv = bits_f32((uint32_t)(254 - es) << 23);
 }
@@ -342,6 +362,34 @@ enum ScaleMode {
     kChunkScale = 1,  // group_size % 64 == 0, no zero tensor: one scale per 64-weight chunk
     kSubScale = 2,    // anything else (zero tensors, group_size % 64 == 32): (s, z) per 32-weight sub-chunk
 };
+
+// Split-K with a fused reduction (both kernels): every CTA has written its fp32 partials [split][m][n] for rows
+// row0 .. row0 + rows - 1; it fences, bumps its column's counter, and the CTA that arrives last sums the splits,
+// adds the bias, stores y and sets the counter back to 0 (re-armed for the next launch: no memset per call).
+template <int M>
+__device__ __forceinline__ void splitk_finish(const Params& p, int& is_last, int row0, int rows, int nthreads,
+                                              bool xbf) {
+    __threadfence();  // make this CTA's partials visible device-wide before counting it
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const int prev = atomicAdd(&p.counters[blockIdx.x], 1);
+        is_last = prev == (int)gridDim.y - 1;
+        if (is_last) p.counters[blockIdx.x] = 0;  // every split has arrived: re-arm for the next launch
+    }
+    __syncthreads();
+    if (is_last) {
+        __threadfence();
+        for (int idx = threadIdx.x; idx < M * rows; idx += nthreads) {
+            const int m = idx / rows;
+            const int n = row0 + (idx - m * rows);
+            if (n >= p.N) continue;
+            float v = 0.f;
+            for (int s = 0; s < (int)gridDim.y; ++s) v += load_partial(p.partial + ((size_t)s * M + m) * p.N + n);
+            if (p.bias != nullptr) v += load_act(p.bias, n, xbf);
+            store_act(p.y, (size_t)m * p.N + n, v, xbf);
+        }
+    }
+}
 
 template <int M, typename S, int kMode>
 __global__ void __launch_bounds__(256)
@@ -603,30 +651,9 @@ packed_gemv_kernel(const Params p) {
     }
 
     // ---- 4. split-K: the last CTA of this column sums the partials and re-arms the counter ----------------------
-    if (gridDim.y > 1) {
-        int& is_last = *reinterpret_cast<int*>(xsum_sm + (size_t)M * ncl * 2);
-        __threadfence();  // make this CTA's partials visible device-wide before counting it
-        __syncthreads();
-        if (threadIdx.x == 0) {
-            const int prev = atomicAdd(&p.counters[blockIdx.x], 1);
-            is_last = prev == (int)gridDim.y - 1;
-            if (is_last) p.counters[blockIdx.x] = 0;  // every split has arrived: re-arm for the next launch
-        }
-        __syncthreads();
-        if (is_last) {
-            __threadfence();
-            const int rows = p.passes * rows_pp;
-            for (int idx = threadIdx.x; idx < M * rows; idx += nthreads) {
-                const int m = idx / rows;
-                const int n = row_cta0 + (idx - m * rows);
-                if (n >= p.N) continue;
-                float v = 0.f;
-                for (int s = 0; s < (int)gridDim.y; ++s) v += load_partial(p.partial + ((size_t)s * M + m) * p.N + n);
-                if (p.bias != nullptr) v += load_act(p.bias, n, xbf);
-                store_act(p.y, (size_t)m * p.N + n, v, xbf);
-            }
-        }
-    }
+    if (gridDim.y > 1)
+        splitk_finish<M>(p, *reinterpret_cast<int*>(xsum_sm + (size_t)M * ncl * 2), row_cta0, p.passes * rows_pp,
+                         nthreads, xbf);
 }
 
 template <int M, typename S, int kMode>
@@ -657,9 +684,10 @@ cudaError_t dispatch_mode(int mode, const Params& prm, const pyquant_gemv_plan& 
 template <int M>
 cudaError_t dispatch_scale(int scale_dtype, int mode, const Params& prm, const pyquant_gemv_plan& plan,
                            cudaStream_t s) {
-#if defined(PYQUANT_GEMV_ONLY_M)
-    // development / static-analysis builds: instantiate one M only (compile time); other M are refused
-    if constexpr (M != PYQUANT_GEMV_ONLY_M) {
+#if defined(PYQUANT_GEMV_ONLY_M) || defined(PYQUANT_GEMV_MMA_ONLY)
+    // development / static-analysis builds: instantiate one M only (or only the tensor-core kernel: compile time);
+    // the calls left out are refused
+    if constexpr (M != PYQUANT_GEMV_ONLY_M || PYQUANT_GEMV_MMA_ONLY) {
         return cudaErrorInvalidValue;
     } else
 #endif
@@ -675,8 +703,541 @@ cudaError_t dispatch_scale(int scale_dtype, int mode, const Params& prm, const p
     }
 }
 
+
+// ===============================================================================================================
+// Tensor-core decode kernel: mma.sync m16n8k16 (fp16 x fp16 -> fp32), weights dequantized by ONE LOP3 per pair
+// ===============================================================================================================
+// Why: the fp16 kernel above spends LOP3 + HFMA2 (dequant) + M HFMA2 (products) per pair of weights, >= 1.5
+// instructions per weight at M = 1 before any overhead.  Here the tensor core does the products AND the sum over
+// K, and the dequantization is the LOP3 alone: per 8 weights of a thread, 4 LOP3 + 1 HMMA (+ 1/16 SHF, 1/64 LDG).
+//
+// Dequantization without a subtraction.  v = (w & (0x00030003 << 2pp)) | 0x64006400 is the fp16 pair
+// (1024 + 4^pp c_lo, 1024 + 4^pp c_hi) exactly (see "Inner loop" above); it goes into the A fragment as is.  x is
+// staged as b = x * 2^e * 4^-pp (fp16, exact: a power-of-two scaling of a bf16/fp16 value), so the tensor core
+// computes  sum v * b = sum c * x' + beta,  beta = 1024 * sum b  (x' = x * 2^e), with exact fp16 x fp16 products
+// and fp32 accumulation.  beta does not depend on the weight row: it is computed ONCE per CTA while staging x
+// (together with z0 * sum x' for a constant code offset z0 -- any float, it never has to be exact in fp16) and
+// enters as the accumulator's initial value -beta, so the MMA's output is already sum (c - z0) * x'.  Cost of the
+// trick: the accumulation carries the 1024 * b terms, ~340x the signal on average over the 8 positions, so the
+// fp32 accumulation error is ~2^-24 * 340 * sum |x'| per step (~2^-15.6 relative to sum |x|, far below the fp16
+// kernel's 17 * 2^-11 * sum |x| |c - z|; tests/test_cuda_ext.py bounds it).
+//
+// Fragments (PTX ISA, mma.m16n8k16 .f16): lane = 4 * gid + tig.  A (16 x 16, row): reg 0 = (row gid, k 2tig,
+// 2tig + 1), reg 1 = (row gid + 8, same k), reg 2 = (row gid, k 2tig + 8, 2tig + 9), reg 3 = (row gid + 8, those k);
+// B (16 x 8, col): reg 0 = (k 2tig, 2tig + 1; col gid), reg 1 = (k 2tig + 8, 2tig + 9; col gid); C/D (16 x 8 f32):
+// d0, d1 = (row gid, col 2tig, 2tig + 1), d2, d3 = (row gid + 8, same cols).  The lower half of a .b32 is the
+// lower k.  A lane's A values come from ITS OWN 16-byte weight loads: reg 0 = position p of word q of its row-gid
+// vector, reg 1 = the same of its row-(gid + 8) vector, reg 2 / 3 = position p + 1 (8 positions x 4 words = 16
+// MMAs per chunk of 64 weights); the k each slot stands for is whatever that position holds, and B is staged to
+// match (staged word 8q + p = (b[16q + p], b[16q + p + 8])).
+//
+// Several weight rows per MMA ("t-groups").  An M = 1 product would use 1 of B's 8 columns.  Instead the 4 tig
+// lanes of a row group are split into TG t-groups of TS = 4 / TG lanes, each with ITS OWN weight rows, and B's
+// columns into TG blocks of CW = 8 / TG x rows: B is nonzero only where column block == the k-slot's t-group, so
+// D's column block tg holds exactly t-group tg's rows.  M <= 2: TG = 4 (64 weight rows per MMA, one chunk per
+// step); M = 3..8: TG = 2 (32 rows, two chunks per step; M = 5..8 issue two MMAs per A fragment, one per 4 x rows,
+// MH = 2).  A lane's D elements are always its own rows: no cross-lane reduction at all, K stays in the MMAs.
+// B's zero entries are read from a zeroed block of shared memory (per-lane base address, chosen once).
+//
+// Work decomposition: 4 warps (the fewest that keep 4 schedulers busy) x R = 2 row fragments per warp = 512 rows
+// per CTA (TG = 4) or 256 (TG = 2); a CTA owns `iters` steps (TS chunks each) of K, and the plan splits K so that
+// the grid is about one wave of 132 SMs (fused split-K reduction, shared with the kernel above).  x of the slice
+// is staged once per CTA (per step and x row: scale 2^e, -beta, sum x) and serves all 512 (256) rows.  Weights and
+// grouped scales of step j + 1 are loaded before step j is computed (two register buffers, loop unrolled by two).
+// Scales: per-channel once in the epilogue; grouped once per step (group_size must be a multiple of 64 * TS, so a
+// step never straddles two groups; other group sizes take the fp16 kernel above).  Zero-point tensors: s * z *
+// sum x once per step (grouped) or in the epilogue (per-channel), sum x computed while staging.
+//
+// Counted (pyquant bench static, sm_90a, nvcc 13.0, every loop with its real trips; predicted, not measured), the
+// two large shapes 4096x14336 / 14336x4096: M = 1 1.19-1.41 SASS instructions per weight (main loop ~0.94: 0.5 LOP3
+// + 0.125 HMMA + 0.06 SHF + addressing), 6.2-6.9x cuBLAS bf16, memory-bound; M = 4 1.54-1.76, 5.6-6.1x; M = 8
+// 2.3-2.6, 4.9-5.3x (bound by x re-read per CTA column and the split-K partials, counted as global bytes).
+//
+// Status: the fragment layout is inline PTX that only a GPU can confirm; the host emulation runs this kernel body
+// with an MMA that follows the documented layout (rounding once per MMA), so indexing, staging and the epilogue are
+// tested here, the layout itself only by the GPU tests.  Opt-in (PYQUANT_CUDA_GEMV=mma) until a GPU run passes.
+
+constexpr int kMmaThreads = 128;
+constexpr int kMmaSms = 132;  // the plan sizes the grid for one wave on an H100/H200
+
+template <int M>
+struct MmaCfg {
+    static_assert(M >= 1 && M <= PYQUANT_GEMV_MAX_M, "M must be in 1..8");
+    static constexpr int TG = M <= 2 ? 4 : 2;      // t-groups: independent weight-row sets per MMA
+    static constexpr int TS = 4 / TG;              // lanes of a t-group along K = chunks per step
+    static constexpr int CW = 8 / TG;              // B columns (x rows) per t-group
+    static constexpr int MH = (M + CW - 1) / CW;   // MMAs per A fragment (x rows in blocks of CW)
+    static constexpr int MP = MH * CW;             // x rows of the per-step metadata, padded
+    static constexpr int R = 2;                    // row fragments (16 * TG rows each) per warp
+    static constexpr int ROWS_W = 16 * TG * R;     // rows per warp
+};
+__host__ __device__ inline int mma_tg(int M) { return M <= 2 ? 4 : 2; }
+__host__ __device__ inline int mma_mp(int M) {
+    const int cw = 8 / mma_tg(M);
+    return (M + cw - 1) / cw * cw;
+}
+// shared memory: staged x [M][chunks][36 words], a zero block (36 words), 32 bytes of staging scratch per thread,
+// metadata [3][steps][MP] floats and the split-K flag (16 bytes)
+__host__ __device__ inline size_t mma_smem_bytes(int M, int steps) {
+    const int chunks = steps * (4 / mma_tg(M));
+    return (size_t)M * chunks * kChunkWords * 4 + kChunkWords * 4 + (size_t)3 * steps * mma_mp(M) * 4 + 16 +
+           (size_t)kMmaThreads * 32;
+}
+
+// d = a * b + c on one m16n8k16 tile; every lane of the warp calls it with its own fragments.
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1,
+                                          const float (&c)[4]) {
+#if defined(__CUDA_ARCH__)
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%10, %11, %12, %13};"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(c[0]), "f"(c[1]), "f"(c[2]),
+          "f"(c[3]));
+#elif defined(PYQUANT_HOST_EMULATION)
+    // the documented fragment layout, products exact and the 16 products + c summed in double, rounded once
+    uint32_t mine[10] = {a[0], a[1], a[2], a[3], b0, b1, f32_bits(c[0]), f32_bits(c[1]), f32_bits(c[2]),
+                         f32_bits(c[3])};
+    uint32_t all[32 * 10];
+    ::pyquant_emu::warp_allgather(mine, 10, all);
+    const int lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
+    auto half_of = [&](int ln, int reg, int hi) {
+        return host_f16_value((uint16_t)(all[ln * 10 + reg] >> (16 * hi)));
+    };
+    for (int i = 0; i < 4; ++i) {
+        const int row = gid + 8 * (i >> 1), col = 2 * tig + (i & 1);
+        double acc = (double)c[i];
+        for (int k = 0; k < 16; ++k) {
+            const int tk = (k & 7) >> 1;
+            const double av = half_of((row & 7) * 4 + tk, (row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0), k & 1);
+            const double bv = half_of(col * 4 + tk, 4 + (k >= 8 ? 1 : 0), k & 1);
+            acc += av * bv;
+        }
+        d[i] = (float)acc;
+    }
+#endif
+}
+
+// LOP3 dequantization of position p (a compile-time constant once the caller's loops are unrolled)
+__host__ __device__ __forceinline__ uint32_t deq_pos(int p, uint32_t w, uint32_t w10, uint32_t magic) {
+    switch (p) {
+        case 0: return lop3_and_or<deq_mask(0)>(w, magic);
+        case 1: return lop3_and_or<deq_mask(1)>(w, magic);
+        case 2: return lop3_and_or<deq_mask(2)>(w, magic);
+        case 3: return lop3_and_or<deq_mask(3)>(w, magic);
+        case 4: return lop3_and_or<deq_mask(4)>(w, magic);
+        case 5: return lop3_and_or<deq_mask(5)>(w10, magic);
+        case 6: return lop3_and_or<deq_mask(6)>(w10, magic);
+        default: return lop3_and_or<deq_mask(7)>(w10, magic);
+    }
+}
+
+// 4^-pp for position p as a float (exact)
+__host__ __device__ __forceinline__ float pos_factor(int p) { return bits_f32((uint32_t)(127 - 2 * deq_pp(p)) << 23); }
+
+template <int R>
+struct MmaTrip {
+    uint4 w[R][2];  // row slots gid and gid + 8 of each fragment
+    float s[R][2];  // grouped scales of the step
+    float z[R][2];  // grouped zero points of the step (zero tensor)
+};
+
+// scale modes of the tensor-core kernel (one instantiation each)
+enum MmaMode {
+    kMmaPerChannel = 0,   // s (and z) once per row in the epilogue
+    kMmaGrouped = 1,      // grouped scales, constant code offset (folded into beta)
+    kMmaGroupedZero = 2,  // grouped scales and zero points: s * z * sum x per step
+};
+
+template <int M, typename S, int kMode>
+__global__ void __launch_bounds__(kMmaThreads)
+packed_gemv_mma_kernel(const Params p) {
+    using Cf = MmaCfg<M>;
+    constexpr bool kGrouped = kMode != kMmaPerChannel;
+    constexpr int TG = Cf::TG, TS = Cf::TS, CW = Cf::CW, MH = Cf::MH, MP = Cf::MP, R = Cf::R;
+    const bool xbf = p.x_bf16 != 0;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int gid = lane >> 2, tig = lane & 3;
+    const int tg = tig / TS, ts = tig % TS;
+    const int steps = p.iters;     // steps (TS chunks each) in this CTA's K slice
+    const int ncl = steps * TS;    // chunks in the slice
+    const int c0 = blockIdx.y * ncl;
+    const int k0 = c0 * kChunk;
+    const bool has_zero = p.zero != nullptr;
+    const float z0 = has_zero ? 0.f : p.code_offset;  // folded into beta: any float
+    const S* scale = static_cast<const S*>(p.scale);
+    const S* zero = static_cast<const S*>(p.zero);
+
+    PYQUANT_DYNAMIC_SMEM(smem_raw);
+    uint32_t* xs_sm = reinterpret_cast<uint32_t*>(smem_raw);                  // [M][ncl][kChunkWords]
+    // every region starts 16-byte aligned where it is read with 16-byte (or 8-byte) accesses
+    uint32_t* zero_sm = xs_sm + (size_t)M * ncl * kChunkWords;                 // [kChunkWords] zeros
+    uint32_t* scratch_sm = zero_sm + kChunkWords;                              // [threads][8] x tails
+    float* nbeta_sm = reinterpret_cast<float*>(scratch_sm + kMmaThreads * 8);  // [steps][MP] -beta (x' units)
+    float* inv_sm = nbeta_sm + (size_t)steps * MP;                             // [steps][MP] 2^-e
+    float* xsum_sm = inv_sm + (size_t)steps * MP;                              // [steps][MP] sum x (unscaled)
+
+    // ---- 1. stage x[:, slice]: one thread per 16 k (word group q of a chunk), 4 * TS threads per step ---------
+    {
+        const int per_m = ncl * 4;
+        const int items = M * per_m;
+        for (int u0 = 0; u0 < items; u0 += kMmaThreads) {
+            const int u = u0 + (int)threadIdx.x;
+            const bool ok = u < items;
+            const int uu = ok ? u : items - 1;  // lanes past the end duplicate the last item (all lanes shuffle)
+            const int m = uu / per_m;
+            const int rem = uu - m * per_m;
+            const int ch = rem >> 2, q = rem & 3;
+            const int k = k0 + ch * kChunk + q * 16;
+            const uint16_t* xr = static_cast<const uint16_t*>(p.x) + (size_t)m * p.K + k;
+            // two 16-byte loads: from x, or (a K tail, a misaligned row, chunks past K) from this thread's
+            // scratch, filled by a short loop that nvcc keeps rolled (it runs for tails only)
+            const uint4* src = reinterpret_cast<const uint4*>(xr);
+            if (!(k + 16 <= p.K && (reinterpret_cast<uintptr_t>(xr) & 15) == 0)) {
+                uint16_t* mine = reinterpret_cast<uint16_t*>(scratch_sm + threadIdx.x * 8);
+                PYQUANT_CHECK_ALIGN(mine, 16);
+                reinterpret_cast<uint4*>(mine)[0] = make_uint4(0u, 0u, 0u, 0u);
+                reinterpret_cast<uint4*>(mine)[1] = make_uint4(0u, 0u, 0u, 0u);
+                const int nv = min(max(p.K - k, 0), 16);
+#pragma unroll 1
+                for (int i = 0; i < nv; ++i) mine[i] = xr[i];
+                src = reinterpret_cast<const uint4*>(mine);
+            }
+            float v[16];
+            {
+                const uint4 a = src[0], b = src[1];
+                const uint32_t wa[4] = {a.x, a.y, a.z, a.w}, wb[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    v[2 * i] = act_to_float((uint16_t)wa[i], xbf);
+                    v[2 * i + 1] = act_to_float((uint16_t)(wa[i] >> 16), xbf);
+                    v[2 * i + 8] = act_to_float((uint16_t)wb[i], xbf);
+                    v[2 * i + 9] = act_to_float((uint16_t)(wb[i] >> 16), xbf);
+                }
+            }
+            float amax = 0.f, xsum = 0.f;
+#pragma unroll
+            for (int i = 0; i < 16; ++i) {
+                amax = fmaxf(amax, fabsf(v[i]));
+                xsum += v[i];
+            }
+#pragma unroll
+            for (int off = 1; off < 4 * TS; off <<= 1)  // the step's 4 * TS word groups (aligned lanes)
+                amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+            float sc, inv;
+            x_scale_for<14>(amax, &sc, &inv);
+            uint32_t pr[8];
+            float beta = 0.f;
+#pragma unroll
+            for (int pp = 0; pp < 8; ++pp) {
+                const float f = sc * pos_factor(pp);
+                pr[pp] = pack_f16x2(v[pp] * f, v[pp + 8] * f);
+                beta = fmaf(v[pp] + v[pp + 8], fmaf(1024.f, pos_factor(pp), z0), beta);
+            }
+            beta *= sc;  // after the sum: sc * 1024 overflows for an all-zero step (sc = 2^126)
+#pragma unroll
+            for (int off = 1; off < 4 * TS; off <<= 1) {
+                beta += __shfl_xor_sync(0xffffffffu, beta, off);
+                xsum += __shfl_xor_sync(0xffffffffu, xsum, off);
+            }
+            if (ok) {
+                uint4* dst = reinterpret_cast<uint4*>(xs_sm + ((size_t)m * ncl + ch) * kChunkWords + q * 8);
+                PYQUANT_CHECK_ALIGN(dst, 16);
+                dst[0] = make_uint4(pr[0], pr[1], pr[2], pr[3]);
+                dst[1] = make_uint4(pr[4], pr[5], pr[6], pr[7]);
+                if ((rem & (4 * TS - 1)) == 0) {
+                    const int i = (ch / TS) * MP + m;
+                    nbeta_sm[i] = -beta;
+                    inv_sm[i] = inv;
+                    xsum_sm[i] = xsum;
+                }
+            }
+        }
+        for (int i = threadIdx.x; i < kChunkWords; i += kMmaThreads) zero_sm[i] = 0u;
+        if constexpr (MP > M) {  // padded x rows: contribute nothing
+            constexpr int kPad = MP > M ? MP - M : 1;
+            for (int i = threadIdx.x; i < steps * kPad; i += kMmaThreads) {
+                const int j = (i / kPad) * MP + M + i % kPad;
+                nbeta_sm[j] = 0.f;
+                inv_sm[j] = 0.f;
+                xsum_sm[j] = 0.f;
+            }
+        }
+    }
+    __syncthreads();
+
+    // ---- 2. per-lane addresses -------------------------------------------------------------------------------------
+    const uint32_t magic = kMagic;  // a register: the LOP3 takes the mask as its immediate
+    // B: this lane carries column gid = x row h * CW + gid % CW for k-slots of t-group tg, if gid is in tg's block
+    const uint32_t* bptr[MH];
+    int bstep[MH];
+#pragma unroll
+    for (int h = 0; h < MH; ++h) {
+        const int mb = h * CW + gid - tg * CW;
+        const bool live = gid / CW == tg && mb < M;
+        bptr[h] = live ? xs_sm + ((size_t)mb * ncl + ts) * kChunkWords : zero_sm;
+        bstep[h] = live ? TS * kChunkWords : 0;
+    }
+    const int mcol = (2 * tig) % CW;  // x row (within a block of CW) of this lane's D columns 2 tig, 2 tig + 1
+    const size_t row_bytes = (size_t)p.n_chunks * 16;
+    const int row_w0 = (blockIdx.x * 4 + warp) * Cf::ROWS_W;
+    int rows[R][2];
+    const uint8_t* wptr[R][2];
+#pragma unroll
+    for (int f = 0; f < R; ++f)
+#pragma unroll
+        for (int sl = 0; sl < 2; ++sl) {
+            rows[f][sl] = row_w0 + f * 16 * TG + tg * 16 + gid + 8 * sl;
+            const int n = min(rows[f][sl], p.N - 1);  // rows past N read row N - 1 and are never stored
+            wptr[f][sl] = p.qweight + (size_t)n * row_bytes + (size_t)(c0 + ts) * 16;
+        }
+
+    // weights of step j: chunks past the row (the last split's tail) are not loaded -- their staged x is 0, so
+    // whatever codes the buffer holds add exactly 0 (LOP3 outputs are finite for any bits)
+    const int jvalid = p.n_chunks > c0 + ts ? (p.n_chunks - c0 - ts + TS - 1) / TS : 0;
+    // grouped scales: a step never straddles two groups; count steps instead of dividing k by group_size
+    const S* sptr[R][2];
+    const S* zptr[R][2];
+    const int spg = kGrouped ? p.group_size / (kChunk * TS) : 1;  // steps per group
+    int lgrp = kGrouped ? (c0 * kChunk) / p.group_size : 0;       // group of the next step loaded
+    int lleft = kGrouped ? spg - ((c0 * kChunk) % p.group_size) / (kChunk * TS) : 1;
+#pragma unroll
+    for (int f = 0; f < R; ++f)
+#pragma unroll
+        for (int sl = 0; sl < 2; ++sl) {
+            const size_t i = (size_t)min(rows[f][sl], p.N - 1) * p.n_groups;
+            sptr[f][sl] = scale + i;
+            zptr[f][sl] = (kMode == kMmaGroupedZero ? zero : scale) + i;
+        }
+    auto load_step = [&](MmaTrip<R>& t, int j) {
+        if (j < jvalid) {
+            const size_t off = (size_t)j * (TS * 16);
+#pragma unroll
+            for (int f = 0; f < R; ++f)
+#pragma unroll
+                for (int sl = 0; sl < 2; ++sl) t.w[f][sl] = load_weights(wptr[f][sl] + off);
+        }
+        if (kGrouped) {
+            const int grp = min(lgrp, p.n_groups - 1);
+            if (--lleft == 0) {
+                ++lgrp;
+                lleft = spg;
+            }
+#pragma unroll
+            for (int f = 0; f < R; ++f)
+#pragma unroll
+                for (int sl = 0; sl < 2; ++sl) {
+                    t.s[f][sl] = to_float(sptr[f][sl][grp]);
+                    t.z[f][sl] = kMode == kMmaGroupedZero ? to_float(zptr[f][sl][grp]) : 0.f;
+                }
+        }
+    };
+
+    float acc[R][MH][4];
+    float xt[MH][2];  // per-channel with a zero tensor: sum x of the slice for this lane's two x rows
+#pragma unroll
+    for (int h = 0; h < MH; ++h) {
+        xt[h][0] = xt[h][1] = 0.f;
+#pragma unroll
+        for (int f = 0; f < R; ++f)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[f][h][e] = 0.f;
+    }
+
+    auto compute_step = [&](const MmaTrip<R>& t, int j) {
+        uint32_t xb[MH][32];  // this lane's B fragments of the step's 16 MMAs
+        float nb[MH][2], iv[MH][2], xm[MH][2];
+#pragma unroll
+        for (int h = 0; h < MH; ++h) {
+            const uint4* src = reinterpret_cast<const uint4*>(bptr[h] + j * bstep[h]);
+            PYQUANT_CHECK_ALIGN(src, 16);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                const uint4 v = src[i];
+                xb[h][4 * i] = v.x; xb[h][4 * i + 1] = v.y; xb[h][4 * i + 2] = v.z; xb[h][4 * i + 3] = v.w;
+            }
+            const int mi = j * MP + h * CW + mcol;
+            PYQUANT_CHECK_ALIGN(nbeta_sm + mi, 8);
+            PYQUANT_CHECK_ALIGN(inv_sm + mi, 8);
+            PYQUANT_CHECK_ALIGN(xsum_sm + mi, 8);
+            const float2 b2 = *reinterpret_cast<const float2*>(nbeta_sm + mi);
+            const float2 i2 = *reinterpret_cast<const float2*>(inv_sm + mi);
+            nb[h][0] = b2.x; nb[h][1] = b2.y;
+            iv[h][0] = i2.x; iv[h][1] = i2.y;
+            xm[h][0] = xm[h][1] = 0.f;
+            if (kMode == kMmaGroupedZero || (kMode == kMmaPerChannel && has_zero)) {
+                const float2 x2 = *reinterpret_cast<const float2*>(xsum_sm + mi);
+                xm[h][0] = x2.x; xm[h][1] = x2.y;
+                if (!kGrouped) { xt[h][0] += x2.x; xt[h][1] += x2.y; }
+            }
+        }
+#pragma unroll
+        for (int f = 0; f < R; ++f) {
+            const uint32_t wa[4] = {t.w[f][0].x, t.w[f][0].y, t.w[f][0].z, t.w[f][0].w};
+            const uint32_t wb[4] = {t.w[f][1].x, t.w[f][1].y, t.w[f][1].z, t.w[f][1].w};
+            float d[MH][4], c_init[MH][4];  // the first MMA of the step starts from -beta
+#pragma unroll
+            for (int h = 0; h < MH; ++h) {
+                c_init[h][0] = nb[h][0]; c_init[h][1] = nb[h][1]; c_init[h][2] = nb[h][0]; c_init[h][3] = nb[h][1];
+            }
+#pragma unroll
+            for (int qw = 0; qw < 4; ++qw) {
+                const uint32_t wa10 = wa[qw] >> 10, wb10 = wb[qw] >> 10;
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const int p0 = 2 * i, p1 = 2 * i + 1;
+                    const uint32_t a[4] = {deq_pos(p0, wa[qw], wa10, magic), deq_pos(p0, wb[qw], wb10, magic),
+                                           deq_pos(p1, wa[qw], wa10, magic), deq_pos(p1, wb[qw], wb10, magic)};
+                    const int mm = qw * 4 + i;
+#pragma unroll
+                    for (int h = 0; h < MH; ++h)
+                        mma_16816(d[h], a, xb[h][2 * mm], xb[h][2 * mm + 1], mm == 0 ? c_init[h] : d[h]);
+                }
+            }
+            // flush: acc += (sum (c - z0) x') * 2^-e (* s); a zero tensor subtracts s * z * sum x per step
+#pragma unroll
+            for (int h = 0; h < MH; ++h)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    if (kGrouped) {
+                        const float s = t.s[f][e >> 1];
+                        acc[f][h][e] = fmaf(d[h][e], iv[h][e & 1] * s, acc[f][h][e]);
+                        if (kMode == kMmaGroupedZero)
+                            acc[f][h][e] = fmaf(-s * t.z[f][e >> 1], xm[h][e & 1], acc[f][h][e]);
+                    } else {
+                        acc[f][h][e] = fmaf(d[h][e], iv[h][e & 1], acc[f][h][e]);
+                    }
+                }
+        }
+    };
+
+    // ---- 3. main loop over the slice's steps, double-buffered (step j + 1 is loaded while step j is computed) -----
+    {
+        MmaTrip<R> ta{}, tb{};
+        load_step(ta, 0);
+        for (int j = 0; j < steps; j += 2) {
+            if (j + 1 < steps) load_step(tb, j + 1);
+            compute_step(ta, j);
+            if (j + 1 >= steps) break;
+            if (j + 2 < steps) load_step(ta, j + 2);
+            compute_step(tb, j + 1);
+        }
+    }
+
+    // ---- 4. epilogue: per-channel scale (and zero point), store y or the split-K partial -------------------------
+#pragma unroll
+    for (int f = 0; f < R; ++f)
+#pragma unroll
+        for (int h = 0; h < MH; ++h)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int n = rows[f][e >> 1];
+                const int m = h * CW + mcol + (e & 1);
+                if (m >= M || n >= p.N) continue;
+                float v = acc[f][h][e];
+                if (!kGrouped) {
+                    const float s = to_float(scale[n]);
+                    v = has_zero ? fmaf(-s * to_float(zero[n]), xt[h][e & 1], s * v) : s * v;
+                }
+                if (gridDim.y == 1) {
+                    if (p.bias != nullptr) v += load_act(p.bias, n, xbf);
+                    store_act(p.y, (size_t)m * p.N + n, v, xbf);
+                } else {
+                    p.partial[((size_t)blockIdx.y * M + m) * p.N + n] = v;
+                }
+            }
+    if (gridDim.y > 1)
+        splitk_finish<M>(p, *reinterpret_cast<int*>(xsum_sm + (size_t)steps * MP), blockIdx.x * 4 * Cf::ROWS_W,
+                         4 * Cf::ROWS_W, kMmaThreads, xbf);
+}
+
+template <int M, typename S, int kMode>
+cudaError_t launch_mma_typed(const Params& prm, const pyquant_gemv_plan& plan, cudaStream_t stream) {
+    auto kernel = packed_gemv_mma_kernel<M, S, kMode>;
+    if (plan.smem_bytes > 48 * 1024) {
+        const cudaError_t err =
+            cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)plan.smem_bytes);
+        if (err != cudaSuccess) return err;
+    }
+    const dim3 grid((unsigned)plan.grid_x, (unsigned)plan.splits);
+    PYQUANT_LAUNCH(kernel, grid, plan.threads, plan.smem_bytes, stream, prm);
+#ifdef PYQUANT_HOST_EMULATION
+    if (::pyquant_emu::g_misaligned.exchange(0)) return cudaErrorMisalignedAddress;
+#endif
+    return cudaGetLastError();
+}
+
+template <int M, typename S>
+cudaError_t dispatch_mma_mode(int mode, const Params& prm, const pyquant_gemv_plan& plan, cudaStream_t s) {
+    switch (mode) {
+        case kMmaPerChannel:
+            return launch_mma_typed<M, S, kMmaPerChannel>(prm, plan, s);
+        case kMmaGrouped:
+            return launch_mma_typed<M, S, kMmaGrouped>(prm, plan, s);
+        default:
+            return launch_mma_typed<M, S, kMmaGroupedZero>(prm, plan, s);
+    }
+}
+
+template <int M>
+cudaError_t dispatch_mma(int scale_dtype, int mode, const Params& prm, const pyquant_gemv_plan& plan,
+                         cudaStream_t s) {
+#if defined(PYQUANT_GEMV_ONLY_M) || defined(PYQUANT_GEMV_SIMT_ONLY)
+    if constexpr (M != PYQUANT_GEMV_ONLY_M || PYQUANT_GEMV_SIMT_ONLY) {
+        return cudaErrorInvalidValue;
+    } else
+#endif
+    switch (scale_dtype) {
+        case PYQUANT_DTYPE_FLOAT16:
+            return dispatch_mma_mode<M, __half>(mode, prm, plan, s);
+        case PYQUANT_DTYPE_BFLOAT16:
+            return dispatch_mma_mode<M, __nv_bfloat16>(mode, prm, plan, s);
+        case PYQUANT_DTYPE_FLOAT32:
+            return dispatch_mma_mode<M, float>(mode, prm, plan, s);
+        default:
+            return cudaErrorInvalidValue;
+    }
+}
+
 }  // namespace
 }  // namespace pyquant
+
+namespace {
+// kernel parameters shared by both kernels' launchers (arguments already validated)
+pyquant::Params make_params(const void* x, const uint8_t* qweight, const void* scale, const void* zero,
+                            const void* bias, void* y, int N, int K, int group_size, float code_offset, int x_dtype,
+                            void* workspace, const pyquant_gemv_plan& plan) {
+    using namespace pyquant;
+    Params prm;
+    prm.qweight = qweight;
+    prm.scale = scale;
+    prm.zero = zero;
+    prm.bias = bias;
+    prm.x = x;
+    prm.y = y;
+    const int counter_words = (plan.grid_x + 3) / 4 * 4;
+    prm.counters = static_cast<int*>(workspace);
+    prm.partial = plan.splits > 1 ? reinterpret_cast<float*>(static_cast<int*>(workspace) + counter_words) : nullptr;
+    prm.N = N;
+    prm.K = K;
+    prm.n_chunks = (K + kChunk - 1) / kChunk;
+    prm.n_groups = K / group_size;
+    prm.group_size = group_size;
+    prm.group_shift = -1;  // k >> shift instead of k / group_size when group_size is a power of two
+    if ((group_size & (group_size - 1)) == 0) {
+        prm.group_shift = 0;
+        while ((1 << prm.group_shift) < group_size) ++prm.group_shift;
+    }
+    prm.iters = plan.iters_per_split;
+    prm.passes = plan.passes;
+    prm.code_offset = code_offset;
+    // fold z0 into the dequantization when it is an integer in [0, 3]: then -1024 * 4^-p - z0 is exact in fp16
+    // (a half-integer z0 is not: -1025.5 has no fp16 representation; it takes the sum(x) path)
+    prm.fold_zero = (zero == nullptr && code_offset >= 0.f && code_offset <= 3.f &&
+                     code_offset == (float)(int)code_offset) ? 1 : 0;
+    prm.x_bf16 = x_dtype == PYQUANT_DTYPE_BFLOAT16 ? 1 : 0;
+    return prm;
+}
+}  // namespace
 
 extern "C" int pyquant_packed_gemv_plan(int M, int N, int K, pyquant_gemv_plan* plan) {
     using namespace pyquant;
@@ -772,34 +1333,8 @@ extern "C" int pyquant_packed_gemv_launch_plan(const void* x, const uint8_t* qwe
         (workspace == nullptr || workspace_bytes < plan.workspace_bytes || reinterpret_cast<uintptr_t>(workspace) % 4))
         return (int)cudaErrorInvalidValue;
 
-    Params prm;
-    prm.qweight = qweight;
-    prm.scale = scale;
-    prm.zero = zero;
-    prm.bias = bias;
-    prm.x = x;
-    prm.y = y;
-    const int counter_words = (plan.grid_x + 3) / 4 * 4;
-    prm.counters = static_cast<int*>(workspace);
-    prm.partial = plan.splits > 1 ? reinterpret_cast<float*>(static_cast<int*>(workspace) + counter_words) : nullptr;
-    prm.N = N;
-    prm.K = K;
-    prm.n_chunks = (K + kChunk - 1) / kChunk;
-    prm.n_groups = K / group_size;
-    prm.group_size = group_size;
-    prm.group_shift = -1;  // k >> shift instead of k / group_size when group_size is a power of two
-    if ((group_size & (group_size - 1)) == 0) {
-        prm.group_shift = 0;
-        while ((1 << prm.group_shift) < group_size) ++prm.group_shift;
-    }
-    prm.iters = plan.iters_per_split;
-    prm.passes = plan.passes;
-    prm.code_offset = code_offset;
-    // fold z0 into the dequantization when it is an integer in [0, 3]: then -1024 * 4^-p - z0 is exact in fp16
-    // (a half-integer z0 is not: -1025.5 has no fp16 representation; it takes the sum(x) path)
-    prm.fold_zero = (zero == nullptr && code_offset >= 0.f && code_offset <= 3.f &&
-                     code_offset == (float)(int)code_offset) ? 1 : 0;
-    prm.x_bf16 = x_dtype == PYQUANT_DTYPE_BFLOAT16 ? 1 : 0;
+    const Params prm = make_params(x, qweight, scale, zero, bias, y, N, K, group_size, code_offset, x_dtype,
+                                   workspace, plan);
     const int mode = prm.n_groups == 1                             ? kPerChannel
                      : (group_size % 64 == 0 && zero == nullptr) ? kChunkScale
                                                                  : kSubScale;
@@ -824,4 +1359,118 @@ extern "C" int pyquant_packed_gemv_launch_plan(const void* x, const uint8_t* qwe
             err = cudaErrorInvalidValue;
     }
     return (int)err;
+}
+
+// ---- tensor-core kernel: plan and launch ------------------------------------------------------------------------
+extern "C" int pyquant_packed_gemv_mma_plan(int M, int N, int K, int group_size, pyquant_gemv_plan* plan) {
+    using namespace pyquant;
+    if (plan == nullptr || M < 1 || M > PYQUANT_GEMV_MAX_M || N < 1 || K < 1 || group_size < 1 || K % group_size)
+        return (int)cudaErrorInvalidValue;
+    const int TG = mma_tg(M), TS = 4 / TG;
+    if (K / group_size > 1 && group_size % (kChunk * TS) != 0) return -1;  // a step would straddle two groups
+    const int rows_cta = 4 * 16 * TG * 2;  // 4 warps x R = 2 fragments x 16 * TG rows
+    const int grid_x = (N + rows_cta - 1) / rows_cta;
+    const int total = ((K + kChunk - 1) / kChunk + TS - 1) / TS;  // steps along K
+    // one wave of CTAs, as even as K allows: minimise (CTAs on the busiest SM) x (steps per CTA + ~2 steps of
+    // per-CTA staging / epilogue), counting a grid of fewer than half the SMs as bandwidth-short
+    int best_s = 0, best_it = 0;
+    double best = 0.0;
+    const int s_max = (int)std::min<long long>(total, 8LL * kMmaSms / grid_x + 1);
+    for (int s = 1; s <= s_max; ++s) {
+        const int it = (total + s - 1) / s;
+        if ((total + it - 1) / it != s || mma_smem_bytes(M, it) > kSmemBudget) continue;
+        const long long ctas = (long long)grid_x * s;
+        double cost = (double)((ctas + kMmaSms - 1) / kMmaSms) * (it + 2.0);
+        if (ctas < kMmaSms / 2) cost *= (double)(kMmaSms / 2) / (double)ctas;
+        if (best_s == 0 || cost < best) {
+            best = cost;
+            best_s = s;
+            best_it = it;
+        }
+    }
+    if (best_s == 0) {  // only when even the smallest slices exceed the budget's split count: split further
+        best_it = 1;
+        best_s = total;
+    }
+    plan->threads = kMmaThreads;
+    plan->rows_per_warp = 16 * TG * 2;
+    plan->passes = 1;
+    plan->splits = best_s;
+    plan->grid_x = grid_x;
+    plan->iters_per_split = best_it;
+    plan->smem_bytes = mma_smem_bytes(M, best_it);
+    plan->workspace_bytes =
+        best_s > 1 ? (size_t)((grid_x + 3) / 4 * 4) * sizeof(int) + (size_t)best_s * M * N * sizeof(float) : 0;
+    return 0;
+}
+
+extern "C" int pyquant_packed_gemv_mma_launch_plan(const void* x, const uint8_t* qweight, const void* scale,
+                                                   const void* zero, const void* bias, void* y, int M, int N, int K,
+                                                   int group_size, float code_offset, int x_dtype, int scale_dtype,
+                                                   void* workspace, size_t workspace_bytes, void* stream,
+                                                   const pyquant_gemv_plan* plan_in) {
+    using namespace pyquant;
+    if (M < 1 || M > PYQUANT_GEMV_MAX_M || N < 1 || K <= 0 || group_size <= 0 || K % group_size != 0 ||
+        plan_in == nullptr)
+        return (int)cudaErrorInvalidValue;
+    if (x_dtype != PYQUANT_DTYPE_FLOAT16 && x_dtype != PYQUANT_DTYPE_BFLOAT16) return (int)cudaErrorInvalidValue;
+    if (scale_dtype < PYQUANT_DTYPE_FLOAT16 || scale_dtype > PYQUANT_DTYPE_FLOAT32) return (int)cudaErrorInvalidValue;
+    if (!(code_offset == code_offset) || code_offset > 1e30f || code_offset < -1e30f) return (int)cudaErrorInvalidValue;
+    if (x == nullptr || qweight == nullptr || scale == nullptr || y == nullptr) return (int)cudaErrorInvalidValue;
+    if (reinterpret_cast<uintptr_t>(qweight) % 16 != 0) return (int)cudaErrorInvalidValue;
+    const int TG = mma_tg(M), TS = 4 / TG;
+    if (K / group_size > 1 && group_size % (kChunk * TS) != 0) return (int)cudaErrorInvalidValue;
+    const pyquant_gemv_plan plan = *plan_in;
+    {  // every row and every step covered exactly once, with the kernel's fixed CTA shape and shared memory
+        const int total = ((K + kChunk - 1) / kChunk + TS - 1) / TS;
+        const int rows_cta = 4 * 16 * TG * 2;
+        const bool ok = plan.threads == kMmaThreads && plan.rows_per_warp == 16 * TG * 2 && plan.passes == 1 &&
+                        plan.grid_x == (N + rows_cta - 1) / rows_cta && plan.splits >= 1 &&
+                        plan.iters_per_split >= 1 && (long long)plan.splits * plan.iters_per_split >= total &&
+                        (long long)(plan.splits - 1) * plan.iters_per_split < total &&
+                        plan.smem_bytes == mma_smem_bytes(M, plan.iters_per_split) &&
+                        plan.smem_bytes <= 227 * 1024 &&
+                        plan.workspace_bytes == (plan.splits > 1 ? (size_t)((plan.grid_x + 3) / 4 * 4) * sizeof(int) +
+                                                                       (size_t)plan.splits * M * N * sizeof(float)
+                                                                 : 0);
+        if (!ok) return (int)cudaErrorInvalidValue;
+    }
+    if (plan.workspace_bytes > 0 &&
+        (workspace == nullptr || workspace_bytes < plan.workspace_bytes || reinterpret_cast<uintptr_t>(workspace) % 4))
+        return (int)cudaErrorInvalidValue;
+    const Params prm = make_params(x, qweight, scale, zero, bias, y, N, K, group_size, code_offset, x_dtype,
+                                   workspace, plan);
+    const int mode = prm.n_groups == 1 ? kMmaPerChannel : (zero == nullptr ? kMmaGrouped : kMmaGroupedZero);
+    const cudaStream_t s = static_cast<cudaStream_t>(stream);
+    cudaError_t err;
+    switch (M) {
+#define PYQUANT_CASE_M(MM)                                              \
+    case MM:                                                            \
+        err = dispatch_mma<MM>(scale_dtype, mode, prm, plan, s);        \
+        break;
+        PYQUANT_CASE_M(1)
+        PYQUANT_CASE_M(2)
+        PYQUANT_CASE_M(3)
+        PYQUANT_CASE_M(4)
+        PYQUANT_CASE_M(5)
+        PYQUANT_CASE_M(6)
+        PYQUANT_CASE_M(7)
+        PYQUANT_CASE_M(8)
+#undef PYQUANT_CASE_M
+        default:
+            err = cudaErrorInvalidValue;
+    }
+    return (int)err;
+}
+
+extern "C" int pyquant_packed_gemv_mma_launch(const void* x, const uint8_t* qweight, const void* scale,
+                                              const void* zero, const void* bias, void* y, int M, int N, int K,
+                                              int group_size, float code_offset, int x_dtype, int scale_dtype,
+                                              void* workspace, size_t workspace_bytes, void* stream) {
+    if (M == 0 || N == 0) return M < 0 || N < 0 ? 1 : 0;
+    pyquant_gemv_plan plan;
+    const int rc = pyquant_packed_gemv_mma_plan(M, N, K, group_size, &plan);
+    if (rc != 0) return 1;  // bad arguments, or a group size this kernel declines (cudaErrorInvalidValue)
+    return pyquant_packed_gemv_mma_launch_plan(x, qweight, scale, zero, bias, y, M, N, K, group_size, code_offset,
+                                               x_dtype, scale_dtype, workspace, workspace_bytes, stream, &plan);
 }

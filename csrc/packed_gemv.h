@@ -74,6 +74,20 @@ int pyquant_packed_gemv_launch_plan(const void* x, const uint8_t* qweight, const
                                     float code_offset, int x_dtype, int scale_dtype, void* workspace,
                                     size_t workspace_bytes, void* stream, const pyquant_gemv_plan* plan);
 
+// The tensor-core (mma.sync) variant: same arguments and semantics, a different plan.  Opt-in until a GPU run has
+// confirmed its fragment layout (pyquant/_cuda_ext.py: PYQUANT_CUDA_GEMV=mma).  The plan returns -1 when the kernel
+// declines the group size (grouped scales need group_size % 64 == 0 for M <= 2, % 128 == 0 for M = 3..8); the
+// launchers then return cudaErrorInvalidValue.  plan.rows_per_warp is the rows of one warp (128 or 64), passes 1.
+int pyquant_packed_gemv_mma_plan(int M, int N, int K, int group_size, pyquant_gemv_plan* plan);
+int pyquant_packed_gemv_mma_launch(const void* x, const uint8_t* qweight, const void* scale, const void* zero,
+                                   const void* bias, void* y, int M, int N, int K, int group_size, float code_offset,
+                                   int x_dtype, int scale_dtype, void* workspace, size_t workspace_bytes,
+                                   void* stream);
+int pyquant_packed_gemv_mma_launch_plan(const void* x, const uint8_t* qweight, const void* scale, const void* zero,
+                                        const void* bias, void* y, int M, int N, int K, int group_size,
+                                        float code_offset, int x_dtype, int scale_dtype, void* workspace,
+                                        size_t workspace_bytes, void* stream, const pyquant_gemv_plan* plan);
+
 #ifdef __cplusplus
 }  // extern "C"
 #endif

@@ -30,8 +30,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import List, Optional, Tuple
 
-__all__ = ["load", "status", "source_dir", "sources", "jit_cuda_flags", "plan", "static_launches", "packed_gemv",
-           "workspace", "BoundGemv"]
+__all__ = ["load", "status", "source_dir", "sources", "jit_cuda_flags", "plan", "plan_mma", "mma_enabled",
+           "static_launches", "packed_gemv", "workspace", "BoundGemv"]
 
 _log = logging.getLogger("pyquant")
 _lock = threading.Lock()
@@ -231,49 +231,167 @@ def plan(M: int, N: int, K: int) -> dict:
             "iters_per_split": iters, "smem_bytes": _smem_bytes(M, iters * 32), "workspace_bytes": ws}
 
 
+# ---- the tensor-core variant (pyquant_packed_gemv_mma_plan) -------------------------------------------------------
+_MMA_THREADS = 128  # kMmaThreads
+_MMA_SMS = 132      # kMmaSms
+
+
+def _mma_tg(M: int) -> int:
+    return 4 if M <= 2 else 2
+
+
+def _mma_mp(M: int) -> int:
+    cw = 8 // _mma_tg(M)
+    return -(-M // cw) * cw
+
+
+def _mma_smem_bytes(M: int, steps: int) -> int:
+    chunks = steps * (4 // _mma_tg(M))
+    return M * chunks * _CHUNK_WORDS * 4 + _CHUNK_WORDS * 4 + 3 * steps * _mma_mp(M) * 4 + 16 + _MMA_THREADS * 32
+
+
+@functools.lru_cache(maxsize=4096)
+def plan_mma(M: int, N: int, K: int, group_size: int) -> Optional[dict]:
+    """The launch the tensor-core GEMV (``pyquant_packed_gemv_mma_plan``) makes, or None where it declines the
+    group size (grouped scales need ``group_size % 64 == 0`` for M <= 2, ``% 128 == 0`` for M = 3..8).
+
+    Same keys as :func:`plan`; rows_per_warp is the rows of one warp (128 for M <= 2, else 64), passes is 1."""
+    if not (1 <= M <= GEMV_MAX_M) or N < 1 or K < 1 or group_size < 1 or K % group_size:
+        raise ValueError(f"plan_mma: M={M}, N={N}, K={K}, group_size={group_size}: expected 1 <= M <= "
+                         f"{GEMV_MAX_M}, N >= 1, K >= 1 and a group size dividing K")
+    tg = _mma_tg(M)
+    ts = 4 // tg
+    if K // group_size > 1 and group_size % (64 * ts):
+        return None
+    rows_cta = 4 * 16 * tg * 2
+    grid_x = -(-N // rows_cta)
+    total = -(-(-(-K // 64)) // ts)
+    best = None
+    for s in range(1, min(total, 8 * _MMA_SMS // grid_x + 1) + 1):
+        it = -(-total // s)
+        if -(-total // it) != s or _mma_smem_bytes(M, it) > _SMEM_BUDGET:
+            continue
+        ctas = grid_x * s
+        cost = -(-ctas // _MMA_SMS) * (it + 2.0)
+        if ctas < _MMA_SMS // 2:
+            cost *= (_MMA_SMS // 2) / ctas
+        if best is None or cost < best[0]:
+            best = (cost, s, it)
+    _, splits, iters = best if best is not None else (0.0, total, 1)
+    ws = (-(-grid_x // 4) * 4) * 4 + splits * M * N * 4 if splits > 1 else 0
+    return {"threads": _MMA_THREADS, "rows_per_warp": 16 * tg * 2, "passes": 1, "splits": splits,
+            "grid_x": grid_x, "iters_per_split": iters, "smem_bytes": _mma_smem_bytes(M, iters),
+            "workspace_bytes": ws}
+
+
+def mma_enabled() -> bool:
+    """Whether :func:`packed_gemv` runs the tensor-core kernel: opt-in (``PYQUANT_CUDA_GEMV=mma``) until a GPU run
+    has passed its tests (tests/test_cuda_ext.py, ``gpu`` marker); the fp16 kernel is the default."""
+    return os.environ.get("PYQUANT_CUDA_GEMV", "").strip().lower() == "mma"
+
+
 _FORMATS_ASYM = ("int2-asym", "uniform-asym")
 
 
+def _io_bytes(M, N, K, n_groups, asym, grid_x, ws):
+    """Global bytes of one GEMV launch: weights once, scales (+ zeros), x once per CTA column (L2), y, and the
+    split-K partials written and read once."""
+    return (N * (-(-K // 64) * 16) + N * n_groups * 2 * (2 if asym else 1) + grid_x * M * K * 2 + M * N * 2
+            + (2 * (ws - grid_x * 4) if ws else 0))
+
+
+def _reduce_trips(M, rows_cta, threads, splits) -> float:
+    """Trips of splitk_finish's loop per CTA: only the last CTA of a column runs it (averaged over the column's
+    `splits` CTAs), M * rows_cta outputs over the CTA's threads; 0 without split-K."""
+    return -(-(M * rows_cta) // threads) / splits if splits > 1 else 0.0
+
+
+def _reduce_inner_trips(splits) -> List[float]:
+    """Its inner loop over the splits, as nvcc compiles it: unrolled by 16, then a 4x remainder loop."""
+    return [float(splits // 16), float((splits % 16) // 4)] if splits > 1 else [0.0, 0.0]
+
+
 def static_launches(M: int, N: int, K: int, fmt: str, group_size: Optional[int]) -> List[dict]:
-    """Descriptor of the CUDA GEMV launch for the static roofline tool (schema: /work/BRIEF.md, one candidate).
+    """Descriptors of the CUDA GEMV launches for the static roofline tool (schema: /work/BRIEF.md), one per kernel:
+    the fp16 kernel (the default) and the tensor-core kernel (opt-in until GPU-verified, labelled so in its
+    config; absent where it declines the group size).
 
     fmt: a pyquant format name (asymmetric ones -- names ending in "-asym" -- carry a zero-point tensor);
-    group_size None = per-channel.  The kernel's template instance is chosen as csrc/packed_gemv.cu chooses it
-    (x dtype is a runtime argument of the kernel; scales are float16 as in the default spec).  nvcc_flags restrict
-    the build to that M (PYQUANT_GEMV_ONLY_M) so only 9 kernels are compiled."""
+    group_size None = per-channel.  Template instances are chosen as csrc/packed_gemv.cu chooses them (x dtype is
+    a runtime argument; scales are float16 as in the default spec).  nvcc_flags restrict each build to that M and
+    kernel (PYQUANT_GEMV_ONLY_M, PYQUANT_GEMV_SIMT_ONLY / PYQUANT_GEMV_MMA_ONLY) to keep compiles short.
+
+    Trip counts, per thread of a CTA (static.py, step 4), for every loop nvcc emits: the x staging loop, the row
+    passes (fp16 kernel) or steps (tensor-core kernel), and the split-K reduction as main loops; the fp16 kernel's
+    trip loop (``iters / 2`` per pass) and the reduction's loop over the splits as inner loops."""
     g = K if group_size is None else int(group_size)
     if g <= 0 or K % g:
         raise ValueError(f"group_size={group_size} is invalid for K={K}: a divisor of K, or None")
     if not 1 <= M <= GEMV_MAX_M or (g % 32 and g != K):
         return []  # the CUDA GEMV declines these calls (M > 8 runs the GEMM; group sizes not a multiple of 32)
-    pl = plan(M, N, K)
     asym = str(fmt).endswith("-asym")
-    mode = 0 if K // g == 1 else (1 if (g % 64 == 0 and not asym) else 2)
-    rows_cta = pl["threads"] // 32 * pl["rows_per_warp"] * pl["passes"]
-    weights = N * K
     n_groups = K // g
-    scale_bytes = N * n_groups * 2 * (2 if asym else 1)
-    ws = pl["workspace_bytes"]
-    # x is read once per CTA column (grid_x times over its K slice), weights once, y written once; split-K
-    # partials are written once and read once, counters touched twice per CTA
-    x_bytes = pl["grid_x"] * M * K * 2
-    bytes_moved = N * (-(-K // 64) * 16) + scale_bytes + x_bytes + M * N * 2 + (2 * (ws - pl["grid_x"] * 4) if ws else 0)
+    calls = [_simt_call(M, N, K, asym, g, n_groups)]
+    pm = plan_mma(M, N, K, g)
+    if pm is not None:
+        calls.append(_mma_call(M, N, K, asym, g, n_groups, pm))
+    return calls
+
+
+def _simt_call(M, N, K, asym, g, n_groups):
+    pl = plan(M, N, K)
+    mode = 0 if n_groups == 1 else (1 if (g % 64 == 0 and not asym) else 2)
+    rows_cta = pl["threads"] // 32 * pl["rows_per_warp"] * pl["passes"]
     launch = {
         "name": "packed_gemv",
         "cuda": {"source": "csrc/packed_gemv.cu",
                  "kernel_regex": rf"packed_gemv_kernelILi{M}E6__halfLi{mode}E",
-                 "nvcc_flags": ["-std=c++17", "-O3", f"-DPYQUANT_GEMV_ONLY_M={M}"]},
+                 "nvcc_flags": ["-std=c++17", "-O3", f"-DPYQUANT_GEMV_ONLY_M={M}", "-DPYQUANT_GEMV_SIMT_ONLY=1"]},
         "grid": [pl["grid_x"], pl["splits"], 1],
         "threads_per_cta": pl["threads"],
-        # the main loop is unrolled by two (one SASS iteration = two 2048-weight trips); averaged over the splits
-        "loop_trips": pl["passes"] * (-(-(-(-K // 64)) // 32)) / pl["splits"] / 2.0,
-        "weights": weights,
-        "bytes": int(bytes_moved),
+        # main loops in address order: x staging, the row passes, the last CTA's split-K reduction; nested in them
+        # the trip loop (unrolled by two: one SASS iteration = two 2048-weight trips) and the reduction's loops
+        "loop_trips": [float(-(-(M * pl["iters_per_split"] * 32 * 4) // pl["threads"])), float(pl["passes"]),
+                       _reduce_trips(M, rows_cta, pl["threads"], pl["splits"])],
+        "inner_loop_trips": [pl["iters_per_split"] / 2.0] + _reduce_inner_trips(pl["splits"]),
+        "weights": N * K,
+        "bytes": int(_io_bytes(M, N, K, n_groups, asym, pl["grid_x"], pl["workspace_bytes"])),
         "mma_flops": 0,
     }
-    cfg = (f"threads={pl['threads']} rows/warp={pl['rows_per_warp']} passes={pl['passes']} "
+    cfg = (f"fp16 (default) threads={pl['threads']} rows/warp={pl['rows_per_warp']} passes={pl['passes']} "
            f"splitK={pl['splits']} iters={pl['iters_per_split']} rows/CTA={rows_cta} mode={mode}")
-    return [{"kernel": "packed_gemv", "backend": "cuda", "config": cfg, "launches": [launch]}]
+    return {"kernel": "packed_gemv", "backend": "cuda", "config": cfg, "launches": [launch]}
+
+
+def _mma_call(M, N, K, asym, g, n_groups, pm):
+    grouped = n_groups > 1
+    tg = _mma_tg(M)
+    ts, cw = 4 // tg, 8 // tg
+    mh = -(-M // cw)
+    steps, splits, gx = pm["iters_per_split"], pm["splits"], pm["grid_x"]
+    rows_cta = 4 * pm["rows_per_warp"]
+    stage_trips = -(-(M * steps * ts * 4) // _MMA_THREADS)
+    launch = {
+        "name": "packed_gemv_mma",
+        "cuda": {"source": "csrc/packed_gemv.cu",
+                 "kernel_regex": rf"packed_gemv_mma_kernelILi{M}E6__halfLi{(1 + int(asym)) if grouped else 0}E",
+                 "nvcc_flags": ["-std=c++17", "-O3", f"-DPYQUANT_GEMV_ONLY_M={M}", "-DPYQUANT_GEMV_MMA_ONLY=1"]},
+        "grid": [gx, splits, 1],
+        "threads_per_cta": _MMA_THREADS,
+        # main loops in address order: x staging, the step loop (unrolled by two: one SASS iteration = 2 steps),
+        # and (split-K only) the last CTA's reduction; the reduction's inner loops run over the splits
+        "loop_trips": [float(stage_trips), steps / 2.0, _reduce_trips(M, rows_cta, _MMA_THREADS, splits)],
+        # inner loops: the staging loop's rolled copy loop for x tails (K % 16 != 0: the last split's CTAs, as if
+        # every thread ran it; rows not 16-byte aligned, K % 8 != 0: every item, 16 values), then the reduction's
+        "inner_loop_trips": [16.0 if K % 8 else (K % 16) / splits] + _reduce_inner_trips(splits),
+        "weights": N * K,
+        "bytes": int(_io_bytes(M, N, K, n_groups, asym, gx, pm["workspace_bytes"])),
+        # every CTA runs `steps` steps of 16 MMAs per fragment (R = 2) and x block (MH) in each of its 4 warps
+        "mma_flops": gx * splits * 4 * 2 * mh * 16 * steps * (2 * 16 * 8 * 16),
+    }
+    cfg = (f"mma.sync (opt-in, not GPU-verified) threads=128 rows/CTA={rows_cta} t-groups={tg} "
+           f"splitK={splits} steps={steps} {'grouped' if grouped else 'per-channel'}")
+    return {"kernel": "packed_gemv_mma", "backend": "cuda", "config": cfg, "launches": [launch]}
 
 
 # ---- split-K workspace: zeroed once per (device, stream), re-armed by the kernel itself ---------------------------
@@ -310,17 +428,26 @@ def workspace(device, stream: int, nbytes: int):
     return buf
 
 
-def packed_gemv(x, qweight, scale, zero_point, bias, group_size: int, code_offset: float):
-    """``pyquant._C.packed_gemv`` with the split-K workspace of x's device and current stream."""
+def packed_gemv(x, qweight, scale, zero_point, bias, group_size: int, code_offset: float, mma: Optional[bool] = None):
+    """``pyquant._C.packed_gemv`` with the split-K workspace of x's device and current stream.
+
+    mma: run the tensor-core kernel (None: :func:`mma_enabled`, i.e. ``PYQUANT_CUDA_GEMV=mma``; the fp16 kernel
+    also runs where the tensor-core kernel declines the group size)."""
     ext = load()
     if ext is None:
         raise RuntimeError(f"pyquant._C is unavailable: {status()[1]}")
     M, K = x.shape
+    N = qweight.shape[0]
+    ok = 1 <= M <= GEMV_MAX_M and N >= 1 and K >= 1 and group_size >= 1 and K % group_size == 0
+    if mma is None:
+        mma = mma_enabled() and ok and plan_mma(M, N, K, group_size) is not None
     ws = None
-    pl = plan(M, qweight.shape[0], K) if 1 <= M <= GEMV_MAX_M and qweight.shape[0] >= 1 else None
+    pl = None
+    if ok:
+        pl = plan_mma(M, N, K, group_size) if mma else plan(M, N, K)
     if pl is not None and pl["workspace_bytes"]:
         ws = workspace(x.device, _current_stream(x.device), pl["workspace_bytes"])
-    return ext.packed_gemv(x, qweight, scale, zero_point, bias, group_size, code_offset, ws)
+    return ext.packed_gemv(x, qweight, scale, zero_point, bias, group_size, code_offset, ws, bool(mma))
 
 
 class BoundGemv:
@@ -329,7 +456,7 @@ class BoundGemv:
     argument).  Built once per (layer, M) by ``PackedLinear``'s fast path: the extension module, the launch plan's
     workspace size and the last stream's workspace are looked up here, not per call."""
 
-    __slots__ = ("ext", "args", "group_size", "code_offset", "device", "ws_bytes", "_cur")
+    __slots__ = ("ext", "args", "group_size", "code_offset", "device", "ws_bytes", "mma", "_cur")
 
     def __init__(self, M: int, qweight, scale, zero_point, bias, group_size: int, code_offset: float):
         ext = load()
@@ -339,7 +466,11 @@ class BoundGemv:
         self.ext, self.args = ext, (qweight, scale, zero_point, bias)
         self.group_size, self.code_offset = int(group_size), float(code_offset)
         self.device = qweight.device
-        self.ws_bytes = plan(M, N, K)["workspace_bytes"] if 1 <= M <= GEMV_MAX_M and N >= 1 else 0
+        ok = 1 <= M <= GEMV_MAX_M and N >= 1 and K >= 1 and group_size >= 1 and K % group_size == 0
+        # the tensor-core kernel is chosen here, once per (layer, M): PYQUANT_CUDA_GEMV is read when the plan is bound
+        self.mma = bool(ok and mma_enabled() and plan_mma(M, N, K, int(group_size)) is not None)
+        pl = (plan_mma(M, N, K, int(group_size)) if self.mma else plan(M, N, K)) if ok else None
+        self.ws_bytes = pl["workspace_bytes"] if pl is not None else 0
         self._cur = (None, None)  # (stream, its workspace): one tuple, so threads on two streams never mix them
 
     def __call__(self, x):
@@ -352,4 +483,4 @@ class BoundGemv:
                 self._cur = cur
             ws = cur[1]
         q, s, z, b = self.args
-        return self.ext.packed_gemv(x, q, s, z, b, self.group_size, self.code_offset, ws)
+        return self.ext.packed_gemv(x, q, s, z, b, self.group_size, self.code_offset, ws, self.mma)

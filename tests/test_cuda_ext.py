@@ -9,7 +9,9 @@ Four layers, from no GPU to GPU:
 * host emulation: ``csrc/packed_gemv.cu`` compiled by g++ with ``-DPYQUANT_HOST_EMULATION`` (csrc/host_emulation.h)
   runs the very same kernel body with every CUDA thread as a host thread, checked against a float64 reference
   built here from ``pyquant.formats.unpack_codes`` -- this catches indexing bugs (tiles, tails, groups of 32, the
-  shared-memory layout, the warp reduction) without a GPU (skipped without g++ / CUDA headers);
+  shared-memory layout, the warp reduction) without a GPU (skipped without g++ / CUDA headers); the tensor-core
+  kernel runs there too, its mma.sync through an emulation of the documented fragment layout, on inputs where it
+  is exact (so any indexing slip is a whole-unit error) and on random ones (accumulation bound MMA_ACC);
 * ``@pytest.mark.gpu``: ``_C.packed_gemv`` on a real GPU against the same reference, plus bad-argument checks of
   the binding (skipped cleanly without CUDA).
 """
@@ -38,8 +40,9 @@ ARCHS = {
     "sm_90a": "-gencode=arch=compute_90a,code=sm_90a",
 }
 # packed_gemv.cu instantiates one kernel per (M in 1..8) x (scale: fp16, bf16, fp32) x (scale mode: per-channel,
-# per-chunk, per-sub-chunk); x's dtype is a runtime argument
-EXPECTED_KERNELS = {"packed_gemv.cu": 8 * 3 * 3}
+# per-chunk, per-sub-chunk), and one tensor-core kernel per M x scale dtype x (per-channel, grouped, grouped with
+# zero points); x's dtype is a runtime argument
+EXPECTED_KERNELS = {"packed_gemv.cu": 8 * 3 * 3 + 8 * 3 * 3}
 HAS_CUDA = torch.cuda.is_available()
 
 
@@ -345,6 +348,38 @@ def emulated(tmp_path_factory):
 
     run.plan = plan
     run.launch_plan = run_plan
+
+    # the tensor-core kernel: same arguments; its own plan (pyquant_packed_gemv_mma_plan, -1 = declined)
+    mfn = lib.pyquant_packed_gemv_mma_launch
+    mfn.restype = ctypes.c_int
+    mfn.argtypes = list(fn.argtypes)
+    mlp = lib.pyquant_packed_gemv_mma_launch_plan
+    mlp.restype = ctypes.c_int
+    mlp.argtypes = list(lp.argtypes)
+    lib.pyquant_packed_gemv_mma_plan.restype = ctypes.c_int
+    lib.pyquant_packed_gemv_mma_plan.argtypes = [ctypes.c_int] * 4 + [ctypes.POINTER(_Plan)]
+
+    def run_mma(x, qweight, scale, zero, bias, group_size, code_offset, plan_dict=None, workspace=None):
+        M, K = x.shape
+        N = qweight.shape[0]
+        y = torch.full((M, N), float("nan"), dtype=x.dtype)
+        pl = plan_dict if plan_dict is not None else _cuda_ext.plan_mma(M, N, K, group_size)
+        if workspace is None and pl is not None and pl["workspace_bytes"]:
+            workspace = torch.zeros(pl["workspace_bytes"], dtype=torch.uint8)
+        ptr = (lambda t: None if t is None else t.data_ptr())
+        args = (ptr(x), ptr(qweight), ptr(scale), ptr(zero), ptr(bias), ptr(y), M, N, K, group_size, code_offset,
+                _DT.get(x.dtype, 7), _DT.get(scale.dtype, 7), ptr(workspace),
+                0 if workspace is None else workspace.numel(), None)
+        rc = mfn(*args) if plan_dict is None else mlp(*args, ctypes.byref(_Plan(**plan_dict)))
+        return rc, y
+
+    def mma_plan(M, N, K, group_size):
+        out = _Plan()
+        rc = lib.pyquant_packed_gemv_mma_plan(M, N, K, group_size, ctypes.byref(out))
+        return rc, {f: getattr(out, f) for f, _ in _Plan._fields_}
+
+    run.mma = run_mma
+    run.mma_plan = mma_plan
     return run
 
 
@@ -469,7 +504,26 @@ def test_plan_fills_the_gpu_and_bounds_shared_memory():
 def test_static_launches_schema(fmt, group):
     for M, N, K in [(1, 4096, 14336), (4, 14336, 4096), (8, 1024, 4096)]:
         calls = _cuda_ext.static_launches(M, N, K, fmt, group)
-        assert len(calls) == 1
+        g = K if group is None else group
+        pm = _cuda_ext.plan_mma(M, N, K, g)
+        assert len(calls) == (2 if pm is not None else 1)
+        if pm is not None:  # the tensor-core kernel, labelled opt-in
+            mc = calls[1]
+            assert mc["kernel"] == "packed_gemv_mma" and "opt-in" in mc["config"]
+            (ml,) = mc["launches"]
+            assert ml["grid"] == [pm["grid_x"], pm["splits"], 1] and ml["threads_per_cta"] == 128
+            grouped = K // g > 1
+            mmode = (2 if fmt.endswith("-asym") else 1) if grouped else 0
+            mangled = (f"_ZN7pyquant47_GLOBAL__N__0_14packed_gemv_cu22packed_gemv_mma_kernelILi{M}E6__halfLi"
+                       f"{mmode}EEEvNS0_6ParamsE")
+            assert re.search(ml["cuda"]["kernel_regex"], mangled), (ml["cuda"]["kernel_regex"], mangled)
+            assert "-DPYQUANT_GEMV_MMA_ONLY=1" in ml["cuda"]["nvcc_flags"]
+            assert len(ml["loop_trips"]) == 3 and ml["loop_trips"][1] == pm["iters_per_split"] / 2
+            assert (ml["loop_trips"][2] > 0) == (pm["splits"] > 1) and len(ml["inner_loop_trips"]) == 3
+            tg = 4 if M <= 2 else 2
+            assert ml["mma_flops"] == pm["grid_x"] * pm["splits"] * 4 * 2 * -(-M // (8 // tg)) * 16 \
+                * pm["iters_per_split"] * 4096
+            assert ml["weights"] == N * K and ml["bytes"] >= N * K // 4
         call = calls[0]
         assert call["backend"] == "cuda" and call["kernel"] == "packed_gemv" and call["config"]
         (ln,) = call["launches"]
@@ -480,7 +534,9 @@ def test_static_launches_schema(fmt, group):
         mangled = f"_ZN7pyquant47_GLOBAL__N__0_14packed_gemv_cu18packed_gemv_kernelILi{M}E6__halfLi{mode}EEEvNS0_6ParamsE"
         assert re.search(ln["cuda"]["kernel_regex"], mangled), (ln["cuda"]["kernel_regex"], mangled)
         assert f"-DPYQUANT_GEMV_ONLY_M={M}" in ln["cuda"]["nvcc_flags"]
-        assert ln["weights"] == N * K and ln["bytes"] >= N * K // 4 and ln["loop_trips"] > 0
+        assert ln["weights"] == N * K and ln["bytes"] >= N * K // 4
+        assert len(ln["loop_trips"]) == 3 and ln["loop_trips"][1] == pl["passes"] and ln["loop_trips"][0] >= 1
+        assert ln["inner_loop_trips"][0] == pl["iters_per_split"] / 2 and len(ln["inner_loop_trips"]) == 3
         assert ln["mma_flops"] == 0
     with pytest.raises(ValueError, match="group_size"):
         _cuda_ext.static_launches(1, 64, 100, "twn", 48)
@@ -511,6 +567,160 @@ def test_emulated_launcher_rejects_bad_arguments(emulated):
     mis.copy_(qweight)
     assert mis.data_ptr() % 16 != 0
     assert emulated(x, mis, scale, zero, bias, 64, 1.0)[0] == invalid
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# (c2) the tensor-core kernel (packed_gemv_mma_kernel) through the same host emulation
+# ------------------------------------------------------------------------------------------------------------------
+# Its fp32 MMA accumulation carries the 1024 * b bias terms of the LOP3 dequantization (csrc/packed_gemv.cu,
+# "Tensor-core decode kernel"): per step 16 MMAs, each rounding a running sum of at most 2 * 1027 * sum |x'|, i.e.
+# 16 * 2054 * 2^-24 ~ 2^-9 relative to sum_k |x| |s|; 2^-8 leaves room for the hardware's truncating adds.
+MMA_ACC = 2.0 ** -8
+
+
+def _assert_close_mma(y, x, qweight, scale, zero, bias, group_size, code_offset, exact=False):
+    ref, mag = _reference(x, qweight, scale, zero, bias, group_size, code_offset)
+    y = y.cpu()
+    assert y.dtype == x.dtype and tuple(y.shape) == tuple(ref.shape)
+    assert torch.isfinite(y).all(), "output has NaN/Inf (unwritten or poisoned elements)"
+    eps = torch.finfo(x.dtype).eps
+    babs = 0.0 if bias is None else bias.double().abs()
+    if exact:  # every product and sum is exact: only the final rounding (and the fp32 bias add) remain
+        tol = eps * ref.abs() + 2.0 ** -22 * (ref.abs() + babs) + 1e-12
+    else:
+        s = scale.cpu().double().abs().repeat_interleave(group_size, 1)
+        tol = eps * ref.abs() + MMA_ACC * (x.cpu().double().abs() @ s.T) + 1e-5 * mag + 1e-6
+    err = (y.double() - ref).abs()
+    bad = err > tol
+    assert not bad.any(), (
+        f"{int(bad.sum())} of {bad.numel()} outputs off; worst err {err.max().item():.3e} "
+        f"(tol there {tol.flatten()[err.argmax()].item():.3e})"
+    )
+
+
+def _exact_case(M, N, K, group_size, x_dtype, scale_dtype, asym, with_bias, seed):
+    """Inputs on which the tensor-core kernel is exact: x in {-1, 0, 1} * 2^a (a per row of x), power-of-two scales,
+    zero points in multiples of 0.5 -- every product and partial sum is then a representable fp32 value, so any
+    indexing slip (a code met with the wrong x, a wrong scale or zero point) shows as a whole-unit error."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 4, (N, K), generator=g)
+    G = K // group_size
+    scale = torch.pow(2.0, -torch.randint(3, 9, (N, G), generator=g).double()).to(scale_dtype)
+    zero = (torch.randint(0, 7, (N, G), generator=g) * 0.5).to(scale_dtype) if asym else None
+    bias = (torch.randint(-64, 64, (N,), generator=g) / 8.0).to(x_dtype) if with_bias else None
+    x = (torch.randint(-1, 2, (M, K), generator=g).double()
+         * torch.pow(2.0, torch.randint(-6, 7, (M, 1), generator=g).double())).to(x_dtype)
+    return x, pack_codes(codes), scale, zero, bias
+
+
+# (M, N, K, group_size, x dtype, scale dtype, asymmetric, bias, code_offset); group sizes the kernel takes: per
+# channel, or a multiple of 64 (M <= 2) / 128 (M >= 3)
+MMA_CASES = [
+    (1, 70, 1000, 1000, torch.float16, torch.float16, False, True, 1.0),     # K % 64 = 40, rows 70 of a 512 tile
+    (1, 37, 4160, 64, torch.bfloat16, torch.float32, True, False, 0.0),     # zero tensor, g64, split-K
+    (2, 530, 4096, 128, torch.float16, torch.bfloat16, False, True, 1.5),   # 2 CTA columns, z0 = 1.5 folded
+    (3, 40, 1280, 128, torch.bfloat16, torch.bfloat16, True, True, 0.0),    # t-groups of 2 lanes, M = 3 of 4
+    (4, 48, 4096, 4096, torch.float16, torch.float16, False, False, 2.0),
+    (5, 17, 96, 96, torch.bfloat16, torch.float16, True, True, 0.0),        # M > 4: two MMAs per fragment; K < 128
+    (8, 300, 2176, 128, torch.float16, torch.bfloat16, True, True, 0.0),    # 17 steps, two CTA columns
+    (8, 1, 40, 40, torch.bfloat16, torch.float32, False, True, 2.0),        # K < 64, N = 1
+    (6, 33, 2304, 256, torch.float16, torch.float32, False, True, 1.0),
+]
+
+
+def _mma_id(c):
+    return (f"M{c[0]}-N{c[1]}-K{c[2]}-g{c[3]}-{str(c[4])[6:]}-s{str(c[5])[6:]}-{'asym' if c[6] else 'sym'}"
+            f"{'-bias' if c[7] else ''}")
+
+
+@pytest.mark.parametrize("case", MMA_CASES, ids=_mma_id)
+def test_emulated_mma_kernel_exact(emulated, case):
+    M, N, K, gs, xdt, sdt, asym, with_bias, off = case
+    x, qweight, scale, zero, bias = _exact_case(M, N, K, gs, xdt, sdt, asym, with_bias, seed=M * 7 + N * 13 + K)
+    rc, y = emulated.mma(x, qweight, scale, zero, bias, gs, off)
+    assert rc == 0, f"launcher returned cudaError {rc}"
+    _assert_close_mma(y, x, qweight, scale, zero, bias, gs, off, exact=True)
+
+
+@pytest.mark.parametrize("case", MMA_CASES[1::2], ids=_mma_id)
+def test_emulated_mma_kernel_matches_reference(emulated, case):
+    M, N, K, gs, xdt, sdt, asym, with_bias, off = case
+    x, qweight, scale, zero, bias = _make_case(M, N, K, gs, xdt, sdt, asym, with_bias, seed=M * 100003 + N * 101 + K)
+    x[:, ::7] *= 1e-3  # a wide dynamic range within each step: the per-step scale must keep the small ones
+    rc, y = emulated.mma(x, qweight, scale, zero, bias, gs, off)
+    assert rc == 0, f"launcher returned cudaError {rc}"
+    _assert_close_mma(y, x, qweight, scale, zero, bias, gs, off)
+
+
+def _forced_mma_plan(M, N, K, splits):
+    tg = 4 if M <= 2 else 2
+    total = -(-(-(-K // 64)) // (4 // tg))
+    iters = -(-total // splits)
+    assert -(-total // iters) == splits, "splits must be reachable with equal steps per split"
+    grid_x = -(-N // (4 * 16 * tg * 2))
+    ws = (-(-grid_x // 4) * 4) * 4 + splits * M * N * 4 if splits > 1 else 0
+    return dict(threads=128, rows_per_warp=16 * tg * 2, passes=1, splits=splits, grid_x=grid_x, iters_per_split=iters,
+                smem_bytes=_cuda_ext._mma_smem_bytes(M, iters), workspace_bytes=ws)
+
+
+# (M, N, K, group, splits, asym, code_offset): the double-buffered step loop with odd and even step counts, a
+# partial last split (clamped chunks), and split-K twice on one workspace (the counters must re-arm)
+MMA_FORCED = [
+    (1, 70, 6208, 64, 3, False, 1.0),     # 97 steps: splits of 33, 33, 31 (odd loop tails)
+    (2, 20, 4096, 128, 1, True, 0.0),     # 64 steps in one CTA, grouped zero tensor
+    (4, 40, 8448, 8448, 2, False, 1.5),   # 33 steps: 17 + 16, per-channel
+    (7, 19, 2560, 128, 2, True, 0.0),     # 10 steps: 5 + 5
+]
+
+
+@pytest.mark.parametrize("case", MMA_FORCED, ids=lambda c: f"M{c[0]}-N{c[1]}-K{c[2]}-g{c[3]}-s{c[4]}")
+def test_emulated_mma_forced_plans(emulated, case):
+    M, N, K, gs, splits, asym, off = case
+    x, qw, s, z, b = _exact_case(M, N, K, gs, torch.bfloat16 if M % 2 else torch.float16, torch.float16, asym, True,
+                                 seed=N * 7 + K)
+    pl = _forced_mma_plan(M, N, K, splits)
+    ws = torch.zeros(max(pl["workspace_bytes"], 4), dtype=torch.uint8) if pl["workspace_bytes"] else None
+    first = None
+    for _ in range(2):
+        rc, y = emulated.mma(x, qw, s, z, b, gs, off, plan_dict=pl, workspace=ws)
+        assert rc == 0, f"launcher returned cudaError {rc} for plan {pl}"
+        _assert_close_mma(y, x, qw, s, z, b, gs, off, exact=True)
+        if ws is not None:
+            assert (ws[: pl["grid_x"] * 4].view(torch.int32) == 0).all(), "split-K counters not re-armed"
+        if first is None:
+            first = y.clone()
+        else:
+            assert torch.equal(y, first)
+
+
+def test_emulated_mma_plan_mirrors_and_declines(emulated):
+    for M, N, K in PLAN_SHAPES:
+        for gs in (K, 64, 128, 32):
+            if K % gs:
+                continue
+            rc, c_plan = emulated.mma_plan(M, N, K, gs)
+            py = _cuda_ext.plan_mma(M, N, K, gs)
+            if py is None:
+                assert rc == -1, (M, N, K, gs)
+                continue
+            assert rc == 0 and c_plan == py, (M, N, K, gs, c_plan, py)
+            assert py["smem_bytes"] <= 100 * 1024 + 16
+            assert (py["splits"] > 1) == (py["workspace_bytes"] > 0)
+    # one wave on the large shapes: enough CTAs for every SM's bandwidth share, not more than one per SM
+    for M in (1, 4, 8):
+        for N, K in ((4096, 14336), (14336, 4096)):
+            pl = _cuda_ext.plan_mma(M, N, K, 128)
+            assert 66 <= pl["grid_x"] * pl["splits"] <= 132, (M, N, K, pl)
+    assert _cuda_ext.plan_mma(1, 64, 4096, 32) is None and _cuda_ext.plan_mma(3, 64, 4096, 64) is None
+    x, qw, s, z, b = _make_case(3, 16, 256, 64, torch.float16, torch.float16, False, False, seed=3)
+    assert emulated.mma(x, qw, s, z, b, 64, 1.0, plan_dict=None)[0] == 1  # declined group size: an error code
+    good = _forced_mma_plan(3, 16, 256, 1)
+    x, qw, s, z, b = _make_case(3, 16, 256, 128, torch.float16, torch.float16, False, False, seed=3)
+    assert emulated.mma(x, qw, s, z, b, 128, 1.0, plan_dict=good)[0] == 0
+    for bad in (dict(threads=256), dict(rows_per_warp=128), dict(grid_x=2), dict(splits=2), dict(passes=2),
+                dict(smem_bytes=good["smem_bytes"] - 16)):
+        assert emulated.mma(x, qw, s, z, b, 128, 1.0, plan_dict={**good, **bad})[0] == 1, bad
+    assert emulated.mma(x.float(), qw, s, z, b, 128, 1.0)[0] == 1  # fp32 x
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -553,6 +763,34 @@ def test_packed_gemv_matches_reference(ext, M, K, gs, x_dtype, asym, with_bias):
                                                seed=M * 7919 + K * 31 + gs, device="cuda")
     y = _poisoned_gemv(ext, x, qweight, scale, zero, bias, gs, off)
     _assert_close(y, x, qweight, scale, zero, bias, gs, off)
+
+
+MMA_GPU_SHAPES = [(4096, 128), (4096, 4096), (4160, 4160), (1000, 1000), (2304, 256)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", range(1, 9))
+@pytest.mark.parametrize("K,gs", MMA_GPU_SHAPES, ids=[f"K{k}-g{g}" for k, g in MMA_GPU_SHAPES])
+@pytest.mark.parametrize("x_dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("asym,with_bias", [(False, False), (True, True), (False, True)],
+                         ids=["sym", "asym-bias", "sym-bias"])
+def test_packed_gemv_mma_matches_reference(ext, M, K, gs, x_dtype, asym, with_bias):
+    """The tensor-core kernel on the GPU: this is what confirms its mma.sync fragment layout (the host emulation
+    follows the documented one); until it passes on a GPU the kernel stays opt-in (PYQUANT_CUDA_GEMV=mma)."""
+    N = 1100  # 3 CTA columns of 512 rows (M <= 2) / 5 of 256, ragged
+    sdt = [torch.float16, torch.bfloat16, torch.float32][(M + K // gs) % 3]
+    off = 0.0 if asym else [1.0, 1.5, 2.0][M % 3]
+    for exact in (True, False):
+        maker = _exact_case if exact else (lambda *a, seed: _make_case(*a, seed=seed))
+        x, qweight, scale, zero, bias = maker(M, N, K, gs, x_dtype, sdt, asym, with_bias, seed=M * 7919 + K * 31 + gs)
+        x, qweight, scale = x.cuda(), qweight.cuda(), scale.cuda()
+        zero = None if zero is None else zero.cuda()
+        bias = None if bias is None else bias.cuda()
+        poison = torch.full((M, N), float("nan"), dtype=x.dtype, device="cuda")
+        del poison
+        y = _cuda_ext.packed_gemv(x, qweight, scale, zero, bias, gs, off, mma=True)
+        torch.cuda.synchronize()
+        _assert_close_mma(y, x, qweight, scale, zero, bias, gs, off, exact=exact)
 
 
 @pytest.mark.gpu
