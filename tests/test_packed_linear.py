@@ -397,7 +397,7 @@ def test_bound_gemv_workspace_per_stream(monkeypatch):
     from pyquant import _cuda_ext
 
     seen, stream = [], [7]
-    fake = types.SimpleNamespace(packed_gemv=lambda x, q, s, z, b, gs, co, ws: seen.append((gs, co, ws)) or x)
+    fake = types.SimpleNamespace(packed_gemv=lambda x, q, s, z, b, gs, co, ws, mma: seen.append((gs, co, ws)) or x)
     monkeypatch.setattr(_cuda_ext, "load", lambda jit=None: fake)
     monkeypatch.setattr(_cuda_ext, "_workspaces", {})
     monkeypatch.setattr(_cuda_ext, "_current_stream", lambda device: stream[0])
