@@ -18,8 +18,15 @@ fi
 "$nvcc" --version | tail -n 1
 
 archs=("compute_80,code=sm_80" "compute_90a,code=sm_90a")
-out="$(mktemp -d)"
-trap 'rm -rf "$out"' EXIT
+# PYQUANT_PTXAS_LOG_DIR: keep the ptxas logs there (with each run's exit status and the source's sha256), so the
+# compile tests of tests/test_cuda_ext.py read them instead of compiling everything a second time (.ci/run sets it).
+if [ -n "${PYQUANT_PTXAS_LOG_DIR:-}" ]; then
+    out="$PYQUANT_PTXAS_LOG_DIR"
+    mkdir -p "$out"
+else
+    out="$(mktemp -d)"
+    trap 'rm -rf "$out"' EXIT
+fi
 
 status=0
 shopt -s nullglob
@@ -43,7 +50,11 @@ for cu in "${cus[@]}"; do
     for arch in "${archs[@]}"; do
         sm="${arch##*=}"
         log="$out/$name.$sm.log"
-        if ! wait "${pids[$i]}"; then
+        rc=0
+        wait "${pids[$i]}" || rc=$?
+        echo "$rc" >"$out/$name.$sm.rc"
+        sha256sum "$cu" | cut -d' ' -f1 >"$out/$name.$sm.sha256"
+        if [ "$rc" != "0" ]; then
             echo "FAIL  $name.cu [$sm]: nvcc failed" >&2
             cat "$log" >&2
             status=1
