@@ -517,7 +517,9 @@ def test_each_distinct_launch_compiles_once_and_reruns_read_the_disk_cache(tmp_p
     calls = [_fake_call(_fake_spec(block=b), n) for b in (64, 128) for n in (1024, 4096, 14336)]
     comp = S.Compiler("sm_90a", cache_dir=tmp_path)
     counts = comp.prepare(calls, jobs=jobs, log=lambda *_: None)
+    cpu = counts.pop("compile_cpu_s")
     assert counts == dict(launches=6, distinct_triton=2, distinct_cuda=0, from_disk=0, compiled=2, failed=0)
+    assert cpu >= 0
     if jobs == 1:
         assert len(fake_compiles) == 2
     assert comp.stats["triton_compiled"] == 2
@@ -617,7 +619,8 @@ def test_markdown_table_of_best_rows_is_labelled_and_partial_runs_say_so(tmp_pat
     assert S.report_name(True, True, "20261201") == "static-sm90-quick-partial-20261201.json"
     meta = dict(label=S.LABEL, partial=True, filters=dict(m=[1]))
     path = S.write_json(rows, meta, tmp_path, quick=False)
-    assert path.name.startswith("static-sm90-partial-") and json.loads(path.read_text())["meta"]["filters"] == {"m": [1]}
+    assert path.name.startswith("static-sm90-partial-")
+    assert json.loads(path.read_text())["meta"]["filters"] == {"m": [1]}
     assert S.main(["--from-json", str(path), "--markdown"]) == 0  # reprints a saved report, compiles nothing
     out = capsys.readouterr().out
     assert "partial set: {'m': [1]}" in out and "| triton | packed_gemv | 1 | 4096×14336 |" in out

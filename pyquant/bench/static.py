@@ -1128,10 +1128,13 @@ class Compiler:
         return funcs[hit[0]]
 
     # -- every distinct launch of a set of calls, up front, in parallel
-    def prepare(self, calls: Iterable[Dict[str, Any]], jobs: int = 1, log=print) -> Dict[str, int]:
+    def prepare(self, calls: Iterable[Dict[str, Any]], jobs: int = 1, log=print, verbose: bool = False) \
+            -> Dict[str, Any]:
         """Compile (or read back from the disk cache) every distinct launch of ``calls``, in ``jobs`` worker
         processes; afterwards :meth:`triton` / :meth:`cuda` answer from memory.  Returns the counts: launches,
-        distinct compile inputs, compiled now, read from disk, failed."""
+        distinct compile inputs, compiled now, read from disk, failed, and the CPU seconds the compiles took (the
+        compilers' subprocesses included: the wall time an idle machine with ``jobs`` cores would need is about
+        that / ``jobs``).  ``verbose`` logs every compile with its CPU time."""
         tri: Dict[Any, Dict[str, Any]] = {}
         cud: Dict[Any, Dict[str, Any]] = {}
         n_launch = 0
@@ -1148,7 +1151,7 @@ class Compiler:
                     n_launch += 1
                     cud.setdefault(self.cuda_key(la["cuda"]), la["cuda"])
         counts = dict(launches=n_launch, distinct_triton=len(tri), distinct_cuda=len(cud), from_disk=0, compiled=0,
-                      failed=0)
+                      failed=0, compile_cpu_s=0.0)
         todo: List[Tuple[str, Any, Any]] = []
         for k in cud:
             if k in self._cuda_funcs:
@@ -1172,21 +1175,27 @@ class Compiler:
         t0 = time.monotonic()
         done = 0
 
-        def finished(kind, k, res, stats):
+        def finished(kind, k, res, stats, cpu):
             nonlocal done
             done += 1
             (self._cuda_funcs if kind == "cuda" else self._triton)[k] = res
             if isinstance(res, ToolMissing):
                 raise res
             counts["failed" if isinstance(res, Exception) else "compiled"] += 1
+            counts["compile_cpu_s"] = round(counts["compile_cpu_s"] + cpu, 2)
             self.stats.update(stats)
-            if done % 10 == 0 or done == len(todo):
+            if verbose:
+                log(f"  [{done}/{len(todo)}] {_describe(kind, k)}: {cpu:.1f} CPU s"
+                    + (f" FAILED {str(res)[:120]}" if isinstance(res, Exception) else ""))
+            elif done % 10 == 0 or done == len(todo):
                 el = time.monotonic() - t0
-                log(f"  [{done}/{len(todo)}] compiled, {el:.0f} s, ~{el / done * (len(todo) - done):.0f} s left")
+                log(f"  [{done}/{len(todo)}] compiled, {el:.0f} s ({counts['compile_cpu_s']:.0f} CPU s), "
+                    f"~{el / done * (len(todo) - done):.0f} s left")
 
         if jobs == 1:
             for kind, k, spec in todo:
-                finished(kind, k, _build_one(self, kind, k, spec), Counter())
+                res, cpu = _build_one(self, kind, k, spec)
+                finished(kind, k, res, {}, cpu)
             return counts
         import concurrent.futures as cf
         import multiprocessing as mp
@@ -1205,10 +1214,10 @@ class Compiler:
                 for f in cf.as_completed(futs):
                     kind, k = futs[f]
                     try:
-                        res, stats = f.result()
+                        res, cpu, stats = f.result()
                     except Exception as e:  # the worker died (e.g. out of memory): that launch fails
-                        res, stats = RuntimeError(f"compile worker failed: {type(e).__name__}: {e}"), Counter()
-                    finished(kind, k, res, stats)
+                        res, cpu, stats = RuntimeError(f"compile worker failed: {type(e).__name__}: {e}"), 0.0, {}
+                    finished(kind, k, res, stats, cpu)
             except BaseException:
                 for f in futs:
                     f.cancel()
@@ -1225,14 +1234,28 @@ def _picklable_spec(spec: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def _build_one(comp: Compiler, kind: str, key, spec):
-    """Build one distinct launch in ``comp``: the Binary (Triton) or function dict (CUDA), or the exception."""
+def _cpu_s() -> float:
+    """CPU seconds of this process and its finished subprocesses (ptxas, nvcc, nvdisasm)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def _build_one(comp: Compiler, kind: str, key, spec) -> Tuple[Any, float]:
+    """Build one distinct launch in ``comp``: (the Binary (Triton) or function dict (CUDA), or the exception; the
+    CPU seconds it took)."""
+    c0 = _cpu_s()
     try:
-        if kind == "cuda":
-            return comp._cuda_functions(key)
-        return comp.triton(spec)
+        res = comp._cuda_functions(key) if kind == "cuda" else comp.triton(spec)
     except Exception as e:
-        return e
+        res = e
+    return res, _cpu_s() - c0
+
+
+def _describe(kind: str, key) -> str:
+    if kind == "cuda":
+        return f"nvcc {key[0]} {' '.join(key[1])}"
+    consts = " ".join(f"{a}={v}" for a, v in key[4] if a[:1].isupper() and v not in ("None",))
+    return f"{key[1]} {consts} warps={key[6]} stages={key[7]}"[:200]
 
 
 _WORKER: Dict[str, Any] = {}
@@ -1250,10 +1273,10 @@ def _worker_build(kind: str, key, task):
     if kind == "triton":
         task = dict(task)
         task["fn"] = _resolve_fn(task.pop("fn_ref"))
-    res = _build_one(comp, kind, key, task)
+    res, cpu = _build_one(comp, kind, key, task)
     if isinstance(res, Exception):  # exceptions cross back as plain RuntimeErrors (their types may not pickle)
         res = res if isinstance(res, ToolMissing) else RuntimeError(f"{type(res).__name__}: {res}")
-    return res, Counter(comp.stats)
+    return res, cpu, dict(comp.stats)
 
 
 # ---- descriptors -> rows -------------------------------------------------------------------------------------------
@@ -1513,8 +1536,8 @@ def benchmark_calls(quick: bool = False, filters: Filters = NO_FILTERS, log=prin
 
 
 def run(c: Constants, arch: str = "sm_90a", quick: bool = False, log=print, *, jobs: Optional[int] = None,
-        filters: Filters = NO_FILTERS, cache_dir: Optional[Path] = None, persist: bool = True) \
-        -> Tuple[List[Dict], Dict]:
+        filters: Filters = NO_FILTERS, cache_dir: Optional[Path] = None, persist: bool = True,
+        verbose: bool = False) -> Tuple[List[Dict], Dict]:
     """Score the benchmark set: every distinct launch is compiled once (``jobs`` processes, default one per CPU;
     parsed results persist in the disk cache, see :class:`Compiler`), then every call is scored from memory."""
     t0 = time.monotonic()
@@ -1524,7 +1547,7 @@ def run(c: Constants, arch: str = "sm_90a", quick: bool = False, log=print, *, j
     if not calls:
         raise ValueError(f"no call of the {'quick ' if quick else ''}benchmark set matches the filters "
                          f"{filters.describe()}")
-    counts = comp.prepare([call for _, call in calls], jobs=jobs or os.cpu_count() or 1, log=log)
+    counts = comp.prepare([call for _, call in calls], jobs=jobs or os.cpu_count() or 1, log=log, verbose=verbose)
     t_compile = time.monotonic() - t0
     rows: List[Dict[str, Any]] = []
     for i, (info, call) in enumerate(calls):
@@ -1559,7 +1582,7 @@ def run(c: Constants, arch: str = "sm_90a", quick: bool = False, log=print, *, j
     log(f"scored {len(rows)} calls in {wall:.1f} s ({counts['launches']} kernel launches, "
         f"{counts['distinct_triton']} + {counts['distinct_cuda']} distinct Triton / CUDA compiles: "
         f"{counts['compiled']} compiled now, {counts['from_disk']} from the disk cache; compile phase "
-        f"{t_compile:.1f} s)")
+        f"{t_compile:.1f} s, {counts['compile_cpu_s']:.0f} CPU s)")
     meta = _meta(c, arch, quick, comp.tools)
     meta.update(partial=filters.active, filters=filters.describe(), jobs=jobs or os.cpu_count() or 1,
                 wall_s=round(wall, 1), compile_phase_s=round(t_compile, 1), compiles=counts)
@@ -1840,6 +1863,7 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="disk cache of parsed compiles (default $PYQUANT_STATIC_CACHE or ~/.cache/pyquant/static)")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the disk cache")
+    p.add_argument("--verbose", "-v", action="store_true", help="log every compile with its CPU time")
     g = p.add_argument_group("filters (restrict the set; the report is then named static-sm90-partial-<date>.json "
                              "and its meta records them; each takes a comma list and may repeat)")
     g.add_argument("--kernel", type=_csv(str), action="append", metavar="NAME",
@@ -1892,7 +1916,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     try:
         rows, meta = run(c, arch=a.arch, quick=a.quick, jobs=a.jobs, filters=filters, cache_dir=a.cache_dir,
-                         persist=not a.no_cache)
+                         persist=not a.no_cache, verbose=a.verbose)
     except ToolMissing as e:
         print(f"pyquant bench static: {e}; nothing written", file=sys.stderr)
         return 3
