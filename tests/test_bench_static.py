@@ -440,9 +440,10 @@ def test_quick_end_to_end_writes_valid_json(tmp_path):
     assert sum(r["best"] for r in mm) == len(groups)
     comp = data["meta"]["compiles"]
     assert comp["distinct_triton"] + comp["distinct_cuda"] <= comp["launches"] and not data["meta"]["partial"]
-    # a filtered rerun: every compile comes from the disk cache, the file says it is partial, the rows agree
-    out = _run_py(["-m", "pyquant.bench.static", "--quick", "--m", "1", "--backend", "triton", "--out", str(tmp_path),
-                   "--markdown"], timeout=300)
+    # a filtered rerun through the other entry point (`pyquant bench static`): every compile comes from the disk
+    # cache `python -m` wrote, the file says it is partial, the rows agree
+    out = _run_py(["-m", "pyquant.cli", "bench", "static", "--quick", "--m", "1", "--backend", "triton", "--out",
+                   str(tmp_path), "--markdown"], timeout=300)
     (part,) = tmp_path.glob("static-sm90-quick-partial-*.json")
     pdata = json.loads(part.read_text())
     assert pdata["meta"]["partial"] and pdata["meta"]["filters"] == {"backend": ["triton"], "m": [1]}

@@ -932,6 +932,7 @@ class Compiler:
             with open(path, "rb") as f:
                 fmt, obj = pickle.load(f)
         except Exception:  # a truncated or foreign file: recompile (and overwrite it)
+            self.stats["disk_unreadable"] += 1
             return None
         return obj if fmt == _CACHE_FORMAT else None
 
@@ -1167,6 +1168,8 @@ class Compiler:
                 self.stats["triton_disk_hits"] += 1
                 continue
             todo.append(("triton", k, spec))
+        if self.stats["disk_unreadable"]:
+            log(f"{self.stats['disk_unreadable']} entries of {self.cache_dir} could not be read: compiled again")
         if not todo:
             return counts
         jobs = max(1, min(int(jobs), len(todo)))
@@ -1938,4 +1941,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    # run the module imported by its name, not this ``__main__`` copy: the disk cache pickles this module's classes
+    # (Binary, Instr, ...), and ``pyquant bench static`` / benchmarks/bench_static.py must read what ``python -m``
+    # wrote and the other way round
+    from pyquant.bench.static import main as _main
+
+    sys.exit(_main())
