@@ -534,6 +534,8 @@ def test_each_distinct_launch_compiles_once_and_reruns_read_the_disk_cache(tmp_p
     again = S.Compiler("sm_90a", cache_dir=tmp_path)
     assert again.prepare(calls, jobs=jobs, log=lambda *_: None)["from_disk"] == 2 and fake_compiles == []
     assert [S.score_call(again, c, call) for call in calls] == rows
+    b = next(iter(again._triton.values()))  # stored as plain tuples, rebuilt only when an analysis needs them
+    assert "_packed_instrs" in vars(b) and b.instrs == S.parse_sass(NVDISASM)["toy"] and "_packed_instrs" not in vars(b)
     # the kernel source changed: its launches compile again, the others do not
     v2 = _FakeJit(cache_key="src-v2")
     mixed = calls + [_fake_call(_fake_spec(fn=v2, block=64))]

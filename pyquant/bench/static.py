@@ -813,8 +813,28 @@ class Binary:
     arg_order: List[str] = field(default_factory=list)  # Triton: non-constexpr arguments = parameter ordinals
     analyses: Dict[Any, "FunctionStats"] = field(default_factory=dict)  # per weight-pointer offsets
 
+    # pickled (the disk cache) with the instructions as plain tuples, rebuilt only when an analysis not in the cache
+    # needs them: a rerun loads hundreds of Binaries, and thousands of Instr objects each are slow to unpickle
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        ins = d.pop("instrs", None)
+        d["_packed_instrs"] = d.get("_packed_instrs") if ins is None else \
+            [(i.addr, i.pred, i.op, tuple(i.operands), i.target) for i in ins]
+        return d
 
-_CACHE_FORMAT = 2  # bump when the pickled Binary changes shape
+    def __setstate__(self, d):
+        self.__dict__.update(d)
+
+    def __getattr__(self, name):
+        packed = self.__dict__.get("_packed_instrs")
+        if name == "instrs" and packed is not None:
+            self.instrs = [Instr(a, p, op, list(ops), t) for a, p, op, ops, t in packed]
+            del self.__dict__["_packed_instrs"]
+            return self.instrs
+        raise AttributeError(name)
+
+
+_CACHE_FORMAT = 3  # bump when the pickled Binary changes shape
 
 
 _CODE_HASH: Optional[str] = None
