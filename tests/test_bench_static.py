@@ -442,15 +442,16 @@ def test_quick_end_to_end_writes_valid_json(tmp_path):
     assert comp["distinct_triton"] + comp["distinct_cuda"] <= comp["launches"] and not data["meta"]["partial"]
     # a filtered rerun through the other entry point (`pyquant bench static`): every compile comes from the disk
     # cache `python -m` wrote, the file says it is partial, the rows agree
-    out = _run_py(["-m", "pyquant.cli", "bench", "static", "--quick", "--m", "1", "--backend", "triton", "--out",
-                   str(tmp_path), "--markdown"], timeout=300)
+    out = _run_py(["-m", "pyquant.cli", "bench", "static", "--quick", "--m", "1", "--format", "twn,int2-asym",
+                   "--out", str(tmp_path), "--markdown"], timeout=300)
     (part,) = tmp_path.glob("static-sm90-quick-partial-*.json")
     pdata = json.loads(part.read_text())
-    assert pdata["meta"]["partial"] and pdata["meta"]["filters"] == {"backend": ["triton"], "m": [1]}
+    assert pdata["meta"]["partial"] and pdata["meta"]["filters"] == {"m": [1], "format": ["twn", "int2-asym"]}
     assert pdata["meta"]["compiles"]["compiled"] == 0 and pdata["meta"]["compiles"]["from_disk"] > 0
-    prow = {(r["config"], r["format"], r["group_size"]): r for r in pdata["rows"]}
-    full = {(r["config"], r["format"], r["group_size"]): r for r in rows if r["M"] == 1 and r["backend"] == "triton"
-            and r["format"] != "attention"}
+    prow = {(r["backend"], r["config"], r["format"], r["group_size"]): r for r in pdata["rows"]}
+    full = {(r["backend"], r["config"], r["format"], r["group_size"]): r for r in rows
+            if r["M"] == 1 and r["format"] != "attention"}
+    assert {k[0] for k in full} == {"triton", "cuda"}
     assert set(prow) == set(full) and all(prow[k]["sass_instr_per_weight"] == full[k]["sass_instr_per_weight"]
                                           for k in full)
     assert "| backend | kernel | M | N×K |" in out and "predicted, sm_90, not measured" in out

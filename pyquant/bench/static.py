@@ -1198,15 +1198,17 @@ class Compiler:
         t0 = time.monotonic()
         done = 0
 
-        def finished(kind, k, res, stats, cpu):
+        def finished(kind, k, res, stats, cpu, merge=True):
             nonlocal done
             done += 1
             (self._cuda_funcs if kind == "cuda" else self._triton)[k] = res
             if isinstance(res, ToolMissing):
                 raise res
-            counts["failed" if isinstance(res, Exception) else "compiled"] += 1
+            hit = stats.get("cuda_disk_hits") or stats.get("triton_disk_hits")  # a CUDA entry is looked up here
+            counts["failed" if isinstance(res, Exception) else "from_disk" if hit else "compiled"] += 1
             counts["compile_cpu_s"] = round(counts["compile_cpu_s"] + cpu, 2)
-            self.stats.update(stats)
+            if merge:  # a worker's counts (in-process builds counted themselves)
+                self.stats.update(stats)
             if verbose:
                 log(f"  [{done}/{len(todo)}] {_describe(kind, k)}: {cpu:.1f} CPU s"
                     + (f" FAILED {str(res)[:120]}" if isinstance(res, Exception) else ""))
@@ -1217,8 +1219,9 @@ class Compiler:
 
         if jobs == 1:
             for kind, k, spec in todo:
+                before = Counter(self.stats)
                 res, cpu = _build_one(self, kind, k, spec)
-                finished(kind, k, res, {}, cpu)
+                finished(kind, k, res, self.stats - before, cpu, merge=False)
             return counts
         import concurrent.futures as cf
         import multiprocessing as mp
