@@ -309,8 +309,9 @@ extern "C" __global__ void fma_loop_cu(const float* __restrict__ x, float* __res
 }
 '''
 out = {}
+cache = Path(tempfile.mkdtemp())
 try:
-    comp = S.Compiler("sm_90a")
+    comp = S.Compiler("sm_90a", cache_dir=cache)
     comp.tools.need("cuobjdump")
 except S.ToolMissing as e:
     print("SKIP", e); sys.exit(3)
@@ -330,6 +331,36 @@ def summary(st):
 
 st = S.analyze(b.instrs, [0], b.name)
 out["triton"] = dict(summary(st), ipw=r["sass_instr_per_weight"], widest=r["widest_weight_load_bytes"])
+# the disk cache: a new Compiler (a rerun) compiles nothing and counts the same; an edited kernel compiles again
+again = S.Compiler("sm_90a", cache_dir=cache)
+out["rerun"] = dict(same=S.score_call(again, S.Constants(), call) == r, stats=dict(again.stats))
+import importlib.util
+KSRC = '''
+import triton
+import triton.language as tl
+
+@triton.jit
+def edited(x_ptr, y_ptr, n_iter, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK], tl.float32)
+    for i in range(n_iter):
+        acc = acc * 1.5 + tl.load(x_ptr + i * BLOCK + offs)%s
+    tl.store(y_ptr + offs, acc)
+'''
+edited = []
+for v, extra in (("v1", ""), ("v2", " * 0.5")):
+    f = cache / f"kernel_{v}.py"
+    f.write_text(KSRC % extra)
+    spec_ = importlib.util.spec_from_file_location(f"kernel_{v}", f)
+    mod = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(mod)
+    ed = dict(tri, fn=mod.edited)
+    c3 = S.Compiler("sm_90a", cache_dir=cache)
+    c3.triton(ed)
+    c4 = S.Compiler("sm_90a", cache_dir=cache)
+    c4.triton(ed)
+    edited.append((dict(c3.stats), dict(c4.stats), mod.edited.cache_key))
+out["edited"] = edited
 d = Path(tempfile.mkdtemp())
 (d / "tiny.cu").write_text(CU)
 cu = dict(source=str(d / "tiny.cu"), kernel_regex="fma_loop_cu", nvcc_flags=["-O3"], weight_arg=0)
@@ -375,6 +406,11 @@ def test_tiny_kernels_of_known_instruction_count_are_counted_right(tmp_path):
     assert t["widest"] == 4
     # trips math: instructions per thread x 128 threads x 2 CTAs / (2 x 128 x 103 weights)
     assert math.isclose(t["ipw"], t["per_thread"] / 103)
+    # a rerun reads the parsed result back from the disk cache: nothing compiled, the same counts
+    assert res["rerun"]["same"] and res["rerun"]["stats"] == {"triton_disk_hits": 1}
+    # an edited kernel source is a new cache entry (compiled once, then read back); the old entry stays valid
+    (c1, r1, k1), (c2, r2, k2) = res["edited"]
+    assert k1 != k2 and c1 == c2 == {"triton_compiled": 1} and r1 == r2 == {"triton_disk_hits": 1}
     if isinstance(res["cuda"], str):
         pytest.skip(res["cuda"])
     cu = res["cuda"]  # `#pragma unroll 1`: one loop of exactly 8 FFMAs and one 4-byte load
@@ -383,7 +419,7 @@ def test_tiny_kernels_of_known_instruction_count_are_counted_right(tmp_path):
 
 
 def test_quick_end_to_end_writes_valid_json(tmp_path):
-    out = _run_py(["-m", "pyquant.bench.static", "--quick", "--out", str(tmp_path)], timeout=900)
+    out = _run_py(["-m", "pyquant.bench.static", "--quick", "--jobs", "2", "--out", str(tmp_path)], timeout=900)
     assert "predicted, sm_90, not measured" in out
     (path,) = tmp_path.glob("static-sm90-quick-*.json")
     data = json.loads(path.read_text())
@@ -402,3 +438,211 @@ def test_quick_end_to_end_writes_valid_json(tmp_path):
         assert r["sass_instr_per_weight"] > 0.5 and r["predicted_speedup_vs_bf16"] > 0
     groups = {(r["backend"], r["M"], r["N"], r["K"], r["format"], r["group_size"], r["x_dtype"]) for r in mm}
     assert sum(r["best"] for r in mm) == len(groups)
+    comp = data["meta"]["compiles"]
+    assert comp["distinct_triton"] + comp["distinct_cuda"] <= comp["launches"] and not data["meta"]["partial"]
+    # a filtered rerun through the other entry point (`pyquant bench static`): every compile comes from the disk
+    # cache `python -m` wrote, the file says it is partial, the rows agree
+    out = _run_py(["-m", "pyquant.cli", "bench", "static", "--quick", "--m", "1", "--format", "twn,int2-asym",
+                   "--out", str(tmp_path), "--markdown"], timeout=300)
+    (part,) = tmp_path.glob("static-sm90-quick-partial-*.json")
+    pdata = json.loads(part.read_text())
+    assert pdata["meta"]["partial"] and pdata["meta"]["filters"] == {"m": [1], "format": ["twn", "int2-asym"]}
+    assert pdata["meta"]["compiles"]["compiled"] == 0 and pdata["meta"]["compiles"]["from_disk"] > 0
+    prow = {(r["backend"], r["config"], r["format"], r["group_size"]): r for r in pdata["rows"]}
+    full = {(r["backend"], r["config"], r["format"], r["group_size"]): r for r in rows
+            if r["M"] == 1 and r["format"] != "attention"}
+    assert {k[0] for k in full} == {"triton", "cuda"}
+    assert set(prow) == set(full) and all(prow[k]["sass_instr_per_weight"] == full[k]["sass_instr_per_weight"]
+                                          for k in full)
+    assert "| backend | kernel | M | N×K |" in out and "predicted, sm_90, not measured" in out
+
+
+# ---- compile dedupe, the disk cache, filters, printers (no compiler needed) ----------------------------------------
+class _FakeJit:
+    """Stands in for a @triton.jit function: what the tool reads off one (arg names, identity, source hash)."""
+
+    def __init__(self, name="fake_kernel", cache_key="src-v1"):
+        self.arg_names = ["x_ptr", "qw_ptr", "N", "K", "BLOCK"]
+        self.__name__ = name
+        self.__module__ = __name__
+        self.cache_key = cache_key
+
+
+FAKE = _FakeJit()
+
+
+def _fake_spec(fn=FAKE, block=64, div=("N", "K"), **kw):
+    return dict(fn=fn, signature=dict(x_ptr="*bf16", qw_ptr="*u8", N="i32", K="i32", BLOCK="constexpr"),
+                constexprs=dict(BLOCK=block), num_warps=4, num_stages=2, divisibility=list(div), **kw)
+
+
+def _fake_call(spec, n=4096):
+    la = dict(name="fake", triton=spec, grid=[n // 64, 1, 1], threads_per_cta=128, loop_trips=10, weights=n * 64,
+              bytes=n * 16, mma_flops=0)
+    return dict(kernel="fake_kernel", backend="triton", config=f"BLOCK={spec['constexprs']['BLOCK']}", launches=[la])
+
+
+@pytest.fixture
+def fake_compiles(monkeypatch):
+    """Compiler._compile_triton replaced by a counter returning the canned toy SASS (taken by forked workers too)."""
+    log = []
+
+    def compile_(self, fn, sig_full, consts, attrs, nw, ns):
+        log.append((fn.cache_key, tuple(sorted(consts.items())), attrs))
+        ins = S.parse_sass(NVDISASM)["toy"]
+        b = S.Binary("toy", ins, 32, 0, 0, {1: (8, 8)}, arg_order=[a for a in fn.arg_names if sig_full[a] !=
+                                                                    "constexpr"])
+        return b
+
+    monkeypatch.setattr(S.Compiler, "_compile_triton", compile_)
+    monkeypatch.setattr(S.Toolchain, "versions", lambda self: {"triton": "t", "triton_ptxas": "p"})
+    return log
+
+
+def test_compile_key_is_the_compile_inputs_only():
+    comp = S.Compiler("sm_90a", persist=False)
+    k = comp.triton_key(_fake_spec())
+    # order of the specialization list, a JIT-style `specialize` of a multiple of 16, the weight argument name and
+    # the launch geometry (not compile inputs) do not change the key
+    assert comp.triton_key(_fake_spec(div=("K", "N", "N"))) == k
+    assert comp.triton_key(dict(_fake_spec(div=()), specialize=dict(N=4096, K=14336))) == k
+    assert comp.triton_key(_fake_spec(weight_arg="qw_ptr")) == k
+    assert comp.triton_key(_fake_spec(block=128)) != k  # a constexpr
+    assert comp.triton_key(_fake_spec(div=("N",))) != k  # a specialization
+    assert comp.triton_key(dict(_fake_spec(), num_warps=8)) != k
+    assert comp.triton_key(_fake_spec(fn=_FakeJit(cache_key="src-v2"))) != k  # the kernel source
+    assert comp.triton_key(dict(_fake_spec(div=()), specialize=dict(N=1))) != k  # 1 becomes a constexpr
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_each_distinct_launch_compiles_once_and_reruns_read_the_disk_cache(tmp_path, fake_compiles, jobs):
+    calls = [_fake_call(_fake_spec(block=b), n) for b in (64, 128) for n in (1024, 4096, 14336)]
+    comp = S.Compiler("sm_90a", cache_dir=tmp_path)
+    counts = comp.prepare(calls, jobs=jobs, log=lambda *_: None)
+    cpu = counts.pop("compile_cpu_s")
+    assert counts == dict(launches=6, distinct_triton=2, distinct_cuda=0, from_disk=0, compiled=2, failed=0)
+    assert cpu >= 0
+    if jobs == 1:
+        assert len(fake_compiles) == 2
+    assert comp.stats["triton_compiled"] == 2
+    c = S.Constants()
+    rows = [S.score_call(comp, c, call) for call in calls]
+    assert comp.stats["triton_compiled"] == 2  # scoring compiled nothing more
+    assert rows[0]["sass_instr_per_weight"] == pytest.approx((14 + 12 * 10) * 128 * 16 / (1024 * 64))
+    assert rows[0]["widest_weight_load_bytes"] == 16  # the analysis cached with the Binary names qw_ptr's loads
+    # a new process (a new Compiler) on the same cache: nothing compiles, the same numbers come back
+    fake_compiles.clear()
+    again = S.Compiler("sm_90a", cache_dir=tmp_path)
+    assert again.prepare(calls, jobs=jobs, log=lambda *_: None)["from_disk"] == 2 and fake_compiles == []
+    assert [S.score_call(again, c, call) for call in calls] == rows
+    b = next(iter(again._triton.values()))  # stored as plain tuples, rebuilt only when an analysis needs them
+    assert "_packed_instrs" in vars(b) and b.instrs == S.parse_sass(NVDISASM)["toy"] and "_packed_instrs" not in vars(b)
+    # the kernel source changed: its launches compile again, the others do not
+    v2 = _FakeJit(cache_key="src-v2")
+    mixed = calls + [_fake_call(_fake_spec(fn=v2, block=64))]
+    third = S.Compiler("sm_90a", cache_dir=tmp_path)
+    counts = third.prepare(mixed, jobs=1, log=lambda *_: None)
+    assert (counts["from_disk"], counts["compiled"]) == (2, 1) and fake_compiles[0][0] == "src-v2"
+    # the parsing / analysis code changed: everything compiles again
+    fake_compiles.clear()
+    fresh = S.Compiler("sm_90a", cache_dir=tmp_path)
+    fresh._fingerprint = fresh._toolchain_fingerprint() + "edited"
+    assert fresh.prepare(calls, jobs=1, log=lambda *_: None)["compiled"] == 2
+
+
+def test_failed_compile_is_one_row_error_not_fatal(tmp_path, monkeypatch):
+    monkeypatch.setattr(S.Compiler, "_compile_triton", lambda self, *a: (_ for _ in ()).throw(RuntimeError("ptxas")))
+    monkeypatch.setattr(S.Toolchain, "versions", lambda self: {})
+    comp = S.Compiler("sm_90a", cache_dir=tmp_path)
+    counts = comp.prepare([_fake_call(_fake_spec())], jobs=1, log=lambda *_: None)
+    assert counts["failed"] == 1 and not list(tmp_path.rglob("*.pkl"))  # failures are not cached on disk
+    with pytest.raises(RuntimeError, match="ptxas"):
+        S.score_call(comp, S.Constants(), _fake_call(_fake_spec()))
+
+
+def _args(*argv):
+    return S._parse(list(argv))
+
+
+def test_filters_restrict_the_set_without_compiling():
+    full = S.benchmark_calls(False, log=lambda *_: None)
+    assert {i["format"] for i, _ in full} >= {"twn", "int2-asym", "attention"}
+    f = S.filters_from_args(_args("--m", "1,4", "--shape", "4096x14336", "--format", "twn:128", "--backend",
+                                  "cuda"), False)
+    sel = S.benchmark_calls(False, f, log=lambda *_: None)
+    assert sel and {(i["M"], i["N"], i["K"], i["format"], i["group_size"], c["backend"]) for i, c in sel} == \
+        {(m, 4096, 14336, "twn", 128, "cuda") for m in (1, 4)}
+    assert f.describe() == dict(backend=["cuda"], m=[1, 4], shape=["4096x14336"], format=["twn:128"])
+    # a plain format name takes both group sizes; --m drops attention and MoE rows
+    sel = S.benchmark_calls(False, S.filters_from_args(_args("--m", "16", "--format", "int2-asym"), False))
+    assert {(i["M"], i["format"], i["group_size"]) for i, _ in sel} == {(16, "int2-asym", None),
+                                                                        (16, "int2-asym", 128)}
+    # kernel patterns; attention by its family name
+    sel = S.benchmark_calls(False, S.filters_from_args(_args("--kernel", "attention_kd*"), False))
+    assert sel and {i["format"] for i, _ in sel} == {"attention"}
+    sel = S.benchmark_calls(False, S.filters_from_args(_args("--format", "moe"), False))
+    assert sel and {i["format"] for i, _ in sel} == {"moe-twn"}
+    sel = S.benchmark_calls(False, S.filters_from_args(_args("--kernel", "grouped_packed_matmul"), False))
+    assert sel and all(c["kernel"].startswith("grouped_packed_matmul:") for _, c in sel)
+    assert not S.filters_from_args(_args(), False).active
+    for argv, msg in ((("--m", "2"), r"--m \[2\]: not in the benchmark set"),
+                      (("--shape", "5x5"), r"--shape \['5x5'\]"), (("--format", "int4"), "--format int4"),
+                      (("--format", "twn:64"), "--format twn:64"), (("--backend", "rocm"), "--backend")):
+        with pytest.raises(ValueError, match=msg):
+            S.filters_from_args(_args(*argv), False)
+    with pytest.raises(ValueError, match="--quick set"):
+        S.filters_from_args(_args("--m", "4096"), True)
+    with pytest.raises(SystemExit):
+        _args("--shape", "4096by14336")
+
+
+def _canned_rows():
+    base = dict(backend="triton", kernel="packed_gemv", format="twn", group_size=128, x_dtype="bf16", N=4096,
+                K=14336, registers=64, spill_bytes=0, widest_weight_load_bytes=16, bound="issue")
+    rows = [dict(base, M=1, config="A", sass_instr_per_weight=2.5, predicted_us=5.0, predicted_speedup_vs_bf16=6.0,
+                 best=True),
+            dict(base, M=1, config="B", sass_instr_per_weight=4.0, predicted_us=8.0, predicted_speedup_vs_bf16=3.7,
+                 best=False),
+            dict(base, M=4, N=1024, K=4096, config="C", sass_instr_per_weight=3.0, predicted_us=2.0,
+                 predicted_speedup_vs_bf16=1.7, best=True),
+            dict(base, M=4, config="D", error="RuntimeError: ptxas", predicted_us=None, best=False)]
+    return rows
+
+
+def test_markdown_table_of_best_rows_is_labelled_and_partial_runs_say_so(tmp_path, capsys):
+    rows = _canned_rows()
+    md = S.format_markdown(rows, dict(git_commit="abcdef123", partial=False), source="static-sm90-20261201.json")
+    assert "predicted, sm_90, not measured" in md and "`static-sm90-20261201.json`, commit `abcdef1`" in md
+    lines = [ln for ln in md.splitlines() if ln.startswith("| triton")]
+    assert len(lines) == 2 and "`A`" in lines[0] and "4096×14336" in lines[0] and "6.00x cuBLAS bf16" in lines[0]
+    assert "1024×4096" in lines[1] and "twn g128" in lines[1]  # sorted by shape in the report's order
+    table = S.format_table(rows, best_only=False)
+    assert "error: RuntimeError: ptxas" in table and sum(ln.endswith(" *") for ln in table.splitlines()) == 2
+    assert "`B`" not in md and " B " not in S.format_table(rows)
+    assert S.report_name(False, True, "20261201") == "static-sm90-partial-20261201.json"
+    assert S.report_name(True, True, "20261201") == "static-sm90-quick-partial-20261201.json"
+    meta = dict(label=S.LABEL, partial=True, filters=dict(m=[1]))
+    path = S.write_json(rows, meta, tmp_path, quick=False)
+    assert path.name.startswith("static-sm90-partial-")
+    assert json.loads(path.read_text())["meta"]["filters"] == {"m": [1]}
+    assert S.main(["--from-json", str(path), "--markdown"]) == 0  # reprints a saved report, compiles nothing
+    out = capsys.readouterr().out
+    assert "partial set: {'m': [1]}" in out and "| triton | packed_gemv | 1 | 4096×14336 |" in out
+    bad = tmp_path / "x.json"
+    bad.write_text("{}")
+    assert S.main(["--from-json", str(bad)]) == 2
+
+
+def test_attention_speedup_is_fwd_plus_bwd_in_one_call_or_two():
+    att = dict(format="attention", backend="triton", baseline_us=100.0, best=True)
+    one = [dict(att, kernel="attention_kd", predicted_us=20.0,
+                launches=[dict(name="fwd"), dict(name="bwd_dq"), dict(name="bwd_dk")])]
+    S._attention_speedups(one)
+    assert one[0]["predicted_fwd_bwd_us"] == 20.0 and one[0]["predicted_speedup_vs_eager"] == 5.0
+    two = [dict(att, kernel="attention_kd_fwd", predicted_us=10.0), dict(att, kernel="attention_kd_bwd",
+                                                                         predicted_us=15.0)]
+    S._attention_speedups(two)
+    assert all(r["predicted_speedup_vs_eager"] == 4.0 for r in two)
+    fwd_only = two[:1]
+    S._attention_speedups(fwd_only)
+    assert fwd_only[0]["predicted_speedup_vs_eager"] is None

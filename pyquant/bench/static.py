@@ -16,8 +16,13 @@ Method
    specialization to the runtime values in the optional ``"specialize"`` dict (ints equal to 1 become constexprs,
    multiples of 16 get ``tt.divisibility=16``; pointers are 16-byte aligned, as torch allocations are); CUDA launches
    with ``nvcc -cubin -arch=sm_90a`` (``--arch sm_90`` for the non-"a" target) of the whole ``.cu``, picking the
-   instantiation by ``kernel_regex``.  Cubins are cached per (function, constexprs, specialization, warps, stages)
-   and per (source, flags) for the run (and nvcc's on disk, keyed by the source hash).
+   instantiation by ``kernel_regex``.  A launch is compiled once per distinct compile input -- Triton: (function,
+   signature, constexprs, the specialization applied, warps, stages); CUDA: (source, flags) -- whatever M, N, K
+   or config it serves, before any call is scored, in ``--jobs`` processes.  The *parsed* result (SASS,
+   resources, main-loop analysis) persists in a disk cache keyed by those inputs plus Triton's hash of the kernel
+   source and everything it calls (``JITFunction.cache_key``), the Triton / ptxas / nvcc versions and the hash of
+   this module's parsing and analysis code, so a rerun is incremental: only launches whose kernel changed are
+   compiled again (``--no-cache`` ignores it).  Caching changes nothing that is counted.
 3. **Read** registers, stack/local bytes (= spills for Triton; ptxas' "spill stores" for nvcc) and static shared
    memory from ``cuobjdump -res-usage``, Triton's dynamic shared memory from its metadata; **disassemble** with the
    ``nvdisasm`` shipped in the Triton wheel (``cuobjdump -sass`` as fallback).
@@ -59,16 +64,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as _dt
+import fnmatch
 import hashlib
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,7 +83,8 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 __all__ = [
     "Constants", "Instr", "parse_sass", "find_loops", "analyze", "FunctionStats", "predict_launch",
-    "cublas_bf16_us", "Toolchain", "Compiler", "run", "main", "SHAPES", "M_VALUES", "FORMATS",
+    "cublas_bf16_us", "Toolchain", "Compiler", "run", "main", "SHAPES", "M_VALUES", "FORMATS", "Filters",
+    "benchmark_calls", "format_table", "format_markdown", "report_name",
 ]
 
 LABEL = "predicted, sm_90, not measured"
@@ -805,22 +813,106 @@ class Binary:
     arg_order: List[str] = field(default_factory=list)  # Triton: non-constexpr arguments = parameter ordinals
     analyses: Dict[Any, "FunctionStats"] = field(default_factory=dict)  # per weight-pointer offsets
 
+    # pickled (the disk cache) with the instructions as plain tuples, rebuilt only when an analysis not in the cache
+    # needs them: a rerun loads hundreds of Binaries, and thousands of Instr objects each are slow to unpickle
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        ins = d.pop("instrs", None)
+        d["_packed_instrs"] = d.get("_packed_instrs") if ins is None else \
+            [(i.addr, i.pred, i.op, tuple(i.operands), i.target) for i in ins]
+        return d
+
+    def __setstate__(self, d):
+        self.__dict__.update(d)
+
+    def __getattr__(self, name):
+        packed = self.__dict__.get("_packed_instrs")
+        if name == "instrs" and packed is not None:
+            self.instrs = [Instr(a, p, op, list(ops), t) for a, p, op, ops, t in packed]
+            del self.__dict__["_packed_instrs"]
+            return self.instrs
+        raise AttributeError(name)
+
+
+_CACHE_FORMAT = 3  # bump when the pickled Binary changes shape
+
+
+_CODE_HASH: Optional[str] = None
+
+
+def _code_hash() -> str:
+    """Hash of the code that turns a compile into the cached result -- this module's SASS parsing and analysis, the
+    resource parsers, :class:`Binary` and the compile/inspect methods of :class:`Compiler` -- so a cached parsed
+    result is reused only if that code is unchanged (the roofline, the printers, the CLI may change freely).  Read
+    once per process (a compile worker gets its parent's fingerprint)."""
+    global _CODE_HASH
+    if _CODE_HASH is None:
+        import inspect
+
+        text = Path(__file__).read_text()
+        parts = []
+        for start, end in (("# ---- SASS parsing", "# ---- the roofline"), ("# ---- toolchain", "_CACHE_FORMAT =")):
+            i = text.find(start)
+            j = text.find(end, i)
+            parts.append(text[i:j] if i >= 0 and j >= 0 else text)
+        parts += [inspect.getsource(m) for m in (Compiler._inspect, Compiler._compile_triton, Compiler._build_cuda)]
+        _CODE_HASH = hashlib.sha256(f"{_CACHE_FORMAT}\n".encode() + "\n".join(parts).encode()).hexdigest()[:16]
+    return _CODE_HASH
+
+
+_FORK_FNS: Dict[int, Any] = {}  # the JIT functions of the launches being compiled, inherited by forked workers
+
+
+def _resolve_fn(ref: Tuple[str, str, int]):
+    """The @triton.jit function of ``(module, name, id)``: a forked worker has it already; a spawned one imports
+    the module and takes the attribute (unwrapping ``@triton.autotune`` / ``@triton.heuristics``)."""
+    mod_name, name, fid = ref
+    fn = _FORK_FNS.get(fid)
+    if fn is not None:
+        return fn
+    mod = sys.modules.get(mod_name)
+    if mod is None:
+        import importlib
+
+        mod = importlib.import_module(mod_name)
+    fn = getattr(mod, name, None)
+    while fn is not None and not hasattr(fn, "cache_key") and hasattr(fn, "fn"):
+        fn = fn.fn
+    if fn is None:
+        raise RuntimeError(f"compile worker: {mod_name}.{name} is not importable by name")
+    return fn
+
 
 class Compiler:
-    """Compiles launches for sm_90 and caches the results for the run (see the module docstring, steps 2-3)."""
+    """Compiles launches for sm_90 and caches the results (see the module docstring, steps 2-3).
 
-    def __init__(self, arch: str = "sm_90a", tools: Optional[Toolchain] = None, cache_dir: Optional[Path] = None):
+    Two cache levels: in memory for the run, and on disk (``cache_dir``; ``persist=False`` turns it off) holding
+    the *parsed* result of each compile (SASS, registers, spills, shared memory, parameter offsets and the main-loop
+    analysis), so a rerun repeats no compile, no disassembly and no analysis.  A Triton entry is keyed by the
+    compile inputs (function, its ``cache_key`` = Triton's hash of the kernel source and of every function and
+    global it uses, signature, constexprs, the specialization applied, warps, stages), the Triton and ptxas
+    versions and the hash of this module's parsing/analysis code, so editing a kernel recompiles exactly the
+    launches of that kernel.  A CUDA entry is keyed by (source, flags) and the hash of every ``.cu``/``.h`` beside
+    the source, the nvcc version and the same code hash: one nvcc compile per (source, flags).  :meth:`prepare`
+    compiles every distinct launch of a set of calls up front, in ``jobs`` processes."""
+
+    def __init__(self, arch: str = "sm_90a", tools: Optional[Toolchain] = None, cache_dir: Optional[Path] = None,
+                 persist: bool = True):
         if arch not in ("sm_90", "sm_90a"):
             raise ValueError(f"arch={arch!r}: expected 'sm_90' or 'sm_90a'")
         self.arch = arch
         self.tools = tools or Toolchain()
-        self.cache_dir = Path(cache_dir) if cache_dir else Path(
-            os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pyquant" / "static"
-        self._triton: Dict[Any, Binary] = {}
-        self._cuda: Dict[Any, Tuple[bytes, str]] = {}
-        self._cuda_funcs: Dict[Any, Dict[str, Binary]] = {}
-        self._lock = threading.Lock()
-        self._pending: Dict[Any, threading.Thread] = {}
+        if cache_dir is None:
+            env = os.environ.get("PYQUANT_STATIC_CACHE")
+            cache_dir = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) \
+                / "pyquant" / "static"
+        self.cache_dir = Path(cache_dir)
+        self.persist = persist
+        self._triton: Dict[Any, Any] = {}  # key -> Binary, or the exception its compile raised
+        self._cuda_funcs: Dict[Any, Any] = {}  # (source, flags) -> {function: Binary}, or an exception
+        self._fingerprint: Optional[str] = None
+        # what this process did: compiles run, parsed results read back from disk
+        self.stats: Counter = Counter()
 
     # -- cubin -> Binary(s)
     def _inspect(self, cubin: bytes, spills: Optional[Dict[str, int]] = None) -> Dict[str, Binary]:
@@ -839,8 +931,44 @@ class Compiler:
             out[name] = Binary(name, ins, r.get("REG", 0), sp, r.get("SHARED", 0), kp.get(name, {}))
         return out
 
+    # -- the disk cache of parsed results
+    def _toolchain_fingerprint(self) -> str:
+        if self._fingerprint is None:
+            v = self.tools.versions()
+            knobs = {k: os.environ.get(k) for k in ("TRITON_DEFAULT_FP_FUSION", "DISABLE_LLVM_OPT", "MLIR_ENABLE_DUMP",
+                                                     "TRITON_PTXAS_PATH", "TRITON_ENABLE_FAST_MATH")}
+            self._fingerprint = repr((self.arch, v.get("triton"), v.get("triton_ptxas"), sorted(knobs.items()),
+                                      _code_hash()))
+        return self._fingerprint
+
+    def _disk_path(self, kind: str, key) -> Path:
+        h = hashlib.sha256(repr((kind, key, self._toolchain_fingerprint())).encode()).hexdigest()[:32]
+        return self.cache_dir / "parsed" / f"{kind}-{h}.pkl"
+
+    def _disk_load(self, path: Path):
+        if not self.persist or not path.is_file():
+            return None
+        try:
+            with open(path, "rb") as f:
+                fmt, obj = pickle.load(f)
+        except Exception:  # a truncated or foreign file: recompile (and overwrite it)
+            self.stats["disk_unreadable"] += 1
+            return None
+        return obj if fmt == _CACHE_FORMAT else None
+
+    def _disk_store(self, path: Path, obj) -> None:
+        if not self.persist:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        with open(tmp, "wb") as f:
+            pickle.dump((_CACHE_FORMAT, obj), f, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(tmp, path)
+
     # -- Triton
-    def triton(self, spec: Dict[str, Any]) -> Binary:
+    def _triton_inputs(self, spec: Dict[str, Any]):
+        """(cache key, fn, full signature, constexprs, names specialized as multiples of 16, warps, stages): the
+        compile inputs of one launch, i.e. exactly what makes two launches compile to the same cubin."""
         fn = spec["fn"]
         if not hasattr(fn, "arg_names") or type(fn).__name__ == "InterpretedFunction":
             raise RuntimeError("the Triton function is an interpreter function (TRITON_INTERPRET=1 is set): run "
@@ -871,11 +999,42 @@ class Compiler:
             if t == "constexpr" and a not in consts:
                 raise ValueError(f"{fn.__name__}: {a} is a constexpr without a value in constexprs")
         nw, ns = int(spec.get("num_warps", 4)), int(spec.get("num_stages", 2))
-        key = (fn.__module__, fn.__name__, getattr(fn, "cache_key", ""), tuple(sorted(sig.items())),
-               tuple(sorted((k, repr(v)) for k, v in consts.items())), tuple(sorted(set(attrs_names))), nw, ns)
-        with self._lock:
-            if key in self._triton:
-                return self._triton[key]
+        sig_full = {a: sig[a] for a in fn.arg_names}
+        attrs = tuple(sorted(set(attrs_names)))
+        key = (fn.__module__, fn.__name__, getattr(fn, "cache_key", ""), tuple(sorted(sig_full.items())),
+               tuple(sorted((k, repr(v)) for k, v in consts.items())), attrs, nw, ns)
+        return key, fn, sig_full, consts, attrs, nw, ns
+
+    def triton_key(self, spec: Dict[str, Any]):
+        return self._triton_inputs(spec)[0]
+
+    def triton(self, spec: Dict[str, Any]) -> Binary:
+        key, fn, sig_full, consts, attrs, nw, ns = self._triton_inputs(spec)
+        b = self._triton.get(key)
+        if b is None:
+            path = self._disk_path("triton", key)
+            b = self._disk_load(path)
+            if b is not None:
+                self.stats["triton_disk_hits"] += 1
+            else:
+                try:
+                    b = self._compile_triton(fn, sig_full, consts, attrs, nw, ns)
+                except ToolMissing:
+                    raise
+                except Exception as e:  # remembered for the run: every launch with these inputs fails alike
+                    self._triton[key] = e
+                    raise
+                self.stats["triton_compiled"] += 1
+                self.analysis(b, _weight_offsets(b, {"triton": spec}))  # cached with it
+                self._disk_store(path, b)
+            self._triton[key] = b
+        else:
+            self.stats["triton_memory_hits"] += 1
+        if isinstance(b, Exception):
+            raise b
+        return b
+
+    def _compile_triton(self, fn, sig_full, consts, attrs, nw, ns) -> Binary:
         import triton
         from triton.compiler import ASTSource
         try:
@@ -883,11 +1042,10 @@ class Compiler:
         except ImportError:  # pragma: no cover - older layout
             from triton.compiler.compiler import GPUTarget  # type: ignore
         idx = {a: i for i, a in enumerate(fn.arg_names)}
-        sig_full = {a: sig[a] for a in fn.arg_names}
         cx = {(idx[a],): v for a, v in consts.items()}
-        attrs = {(idx[a],): [["tt.divisibility", 16]] for a in sorted(set(attrs_names))}
+        attr_d = {(idx[a],): [["tt.divisibility", 16]] for a in attrs}
         try:
-            src = ASTSource(fn=fn, signature=sig_full, constexprs=cx, attrs=attrs)
+            src = ASTSource(fn=fn, signature=sig_full, constexprs=cx, attrs=attr_d)
         except TypeError as e:
             raise RuntimeError(f"this Triton's ASTSource API is not supported ({e})") from None
         ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=nw, num_stages=ns))
@@ -897,9 +1055,16 @@ class Compiler:
         b.smem_bytes = max(b.smem_bytes, int(getattr(ck.metadata, "shared", 0) or 0))
         b.params = b.params or {}
         b.arg_order = [a for a in fn.arg_names if sig_full[a] != "constexpr"]
-        with self._lock:
-            self._triton[key] = b
         return b
+
+    @staticmethod
+    def analysis(b: Binary, weight_offsets: Optional[List[int]]) -> "FunctionStats":
+        """The main-loop analysis of ``b`` for these weight-pointer offsets (computed once per Binary)."""
+        akey = None if weight_offsets is None else tuple(weight_offsets)
+        st = b.analyses.get(akey)
+        if st is None:
+            st = b.analyses[akey] = analyze(b.instrs, weight_offsets, name=b.name)
+        return st
 
     # -- CUDA
     def _nvcc_flags(self, flags: Sequence[str]) -> List[str]:
@@ -907,6 +1072,9 @@ class Compiler:
         return out + [f"-arch={self.arch}"]
 
     def _resolve_source(self, source: str) -> Path:
+        p = Path(source)
+        if p.is_absolute() and p.is_file():
+            return p
         p = REPO / source
         if p.is_file():
             return p
@@ -915,27 +1083,25 @@ class Compiler:
             return q
         raise FileNotFoundError(f"CUDA source {source!r} not found under {REPO} or the pyquant package")
 
-    def _cuda_key(self, source: str, flags: Sequence[str]):
-        return (source, tuple(self._nvcc_flags(flags)))
+    def cuda_key(self, spec: Dict[str, Any]):
+        return (spec["source"], tuple(self._nvcc_flags(spec.get("nvcc_flags", []))))
 
-    def prefetch_cuda(self, source: str, flags: Sequence[str]) -> None:
-        """Start the nvcc compile in the background (it takes the longest; Triton compiles meanwhile)."""
-        key = self._cuda_key(source, flags)
-        with self._lock:
-            if key in self._cuda or key in self._pending:
-                return
-            t = threading.Thread(target=self._compile_cuda_safe, args=(key,), daemon=True)
-            self._pending[key] = t
-        t.start()
+    def _cuda_functions(self, key) -> Dict[str, Binary]:
+        funcs = self._cuda_funcs.get(key)
+        if funcs is None:
+            try:
+                funcs = self._build_cuda(key)
+            except ToolMissing:
+                raise
+            except Exception as e:
+                self._cuda_funcs[key] = e
+                raise
+            self._cuda_funcs[key] = funcs
+        if isinstance(funcs, Exception):
+            raise funcs
+        return funcs
 
-    def _compile_cuda_safe(self, key) -> None:
-        try:
-            self._compile_cuda(key)
-        except Exception as e:  # reported when the result is needed
-            with self._lock:
-                self._cuda[key] = e  # type: ignore[assignment]
-
-    def _compile_cuda(self, key) -> None:
+    def _build_cuda(self, key) -> Dict[str, Binary]:
         source, flags = key
         nvcc = self.tools.nvcc()
         if not nvcc:
@@ -949,40 +1115,194 @@ class Compiler:
         h.update(repr(flags).encode())
         h.update((self.tools.version(nvcc) or "").encode())
         stem = f"{src.stem}-{h.hexdigest()[:20]}"
+        parsed = self._disk_path("cuda", (stem, self.arch))
+        funcs = self._disk_load(parsed)
+        if funcs is not None:
+            self.stats["cuda_disk_hits"] += 1
+            return funcs
         cub, log = self.cache_dir / f"{stem}.cubin", self.cache_dir / f"{stem}.log"
-        if not (cub.is_file() and log.is_file()):
+        if not (self.persist and cub.is_file() and log.is_file()):
             self.cache_dir.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory() as d:
                 out = Path(d) / "k.cubin"
                 text = _run([nvcc, "-cubin", "-Xptxas", "-v", f"-I{src.parent}", *flags, "-o", str(out), str(src)])
-                tmp = cub.with_suffix(f".tmp{os.getpid()}")
-                tmp.write_bytes(out.read_bytes())
-                os.replace(tmp, cub)
-                tmpl = log.with_suffix(f".tmp{os.getpid()}")
-                tmpl.write_text(text)
-                os.replace(tmpl, log)
-        with self._lock:
-            self._cuda[key] = (cub.read_bytes(), log.read_text())
+                self.stats["cuda_compiled"] += 1
+                cubin = out.read_bytes()
+            if self.persist:
+                for p, data in ((cub, cubin), (log, text.encode())):
+                    tmp = p.with_name(f"{p.name}.tmp{os.getpid()}")
+                    tmp.write_bytes(data)
+                    os.replace(tmp, p)
+        else:
+            cubin, text = cub.read_bytes(), log.read_text()
+        funcs = self._inspect(cubin, parse_ptxas_spills(text))
+        self._disk_store(parsed, funcs)
+        return funcs
 
     def cuda(self, spec: Dict[str, Any]) -> Binary:
-        key = self._cuda_key(spec["source"], spec.get("nvcc_flags", []))
-        self.prefetch_cuda(spec["source"], spec.get("nvcc_flags", []))
-        t = self._pending.get(key)
-        if t is not None:
-            t.join()
-        res = self._cuda[key]
-        if isinstance(res, Exception):
-            raise res
-        if key not in self._cuda_funcs:
-            cubin, log = res
-            self._cuda_funcs[key] = self._inspect(cubin, parse_ptxas_spills(log))
-        funcs = self._cuda_funcs[key]
+        funcs = self._cuda_functions(self.cuda_key(spec))
         rx = re.compile(spec["kernel_regex"])
         hit = sorted(n for n in funcs if rx.search(n))
         if len(hit) != 1:
             raise ValueError(f"kernel_regex {spec['kernel_regex']!r} matches {len(hit)} kernels in "
                              f"{spec['source']} (expected exactly 1): {hit[:4]}")
         return funcs[hit[0]]
+
+    # -- every distinct launch of a set of calls, up front, in parallel
+    def prepare(self, calls: Iterable[Dict[str, Any]], jobs: int = 1, log=print, verbose: bool = False) \
+            -> Dict[str, Any]:
+        """Compile (or read back from the disk cache) every distinct launch of ``calls``, in ``jobs`` worker
+        processes; afterwards :meth:`triton` / :meth:`cuda` answer from memory.  Returns the counts: launches,
+        distinct compile inputs, compiled now, read from disk, failed, and the CPU seconds the compiles took (the
+        compilers' subprocesses included: the wall time an idle machine with ``jobs`` cores would need is about
+        that / ``jobs``).  ``verbose`` logs every compile with its CPU time."""
+        tri: Dict[Any, Dict[str, Any]] = {}
+        cud: Dict[Any, Dict[str, Any]] = {}
+        n_launch = 0
+        for call in calls:
+            for la in call["launches"]:
+                if "triton" in la:
+                    n_launch += 1
+                    try:
+                        k = self.triton_key(la["triton"])
+                    except Exception:
+                        continue  # reported by score_call for its row
+                    tri.setdefault(k, la["triton"])
+                elif "cuda" in la:
+                    n_launch += 1
+                    cud.setdefault(self.cuda_key(la["cuda"]), la["cuda"])
+        counts = dict(launches=n_launch, distinct_triton=len(tri), distinct_cuda=len(cud), from_disk=0, compiled=0,
+                      failed=0, compile_cpu_s=0.0)
+        todo: List[Tuple[str, Any, Any]] = []
+        for k in cud:
+            if k in self._cuda_funcs:
+                continue
+            todo.append(("cuda", k, None))
+        for k, spec in tri.items():
+            if k in self._triton:
+                continue
+            b = self._disk_load(self._disk_path("triton", k))
+            if b is not None:
+                self._triton[k] = b
+                counts["from_disk"] += 1
+                self.stats["triton_disk_hits"] += 1
+                continue
+            todo.append(("triton", k, spec))
+        if self.stats["disk_unreadable"]:
+            log(f"{self.stats['disk_unreadable']} entries of {self.cache_dir} could not be read: compiled again")
+        if not todo:
+            return counts
+        jobs = max(1, min(int(jobs), len(todo)))
+        log(f"compiling {len(todo)} distinct launches ({len(tri)} Triton, {len(cud)} CUDA; "
+            f"{counts['from_disk']} read from {self.cache_dir}) in {jobs} process(es)")
+        t0 = time.monotonic()
+        done = 0
+
+        def finished(kind, k, res, stats, cpu, merge=True):
+            nonlocal done
+            done += 1
+            (self._cuda_funcs if kind == "cuda" else self._triton)[k] = res
+            if isinstance(res, ToolMissing):
+                raise res
+            hit = stats.get("cuda_disk_hits") or stats.get("triton_disk_hits")  # a CUDA entry is looked up here
+            counts["failed" if isinstance(res, Exception) else "from_disk" if hit else "compiled"] += 1
+            counts["compile_cpu_s"] = round(counts["compile_cpu_s"] + cpu, 2)
+            if merge:  # a worker's counts (in-process builds counted themselves)
+                self.stats.update(stats)
+            if verbose:
+                log(f"  [{done}/{len(todo)}] {_describe(kind, k)}: {cpu:.1f} CPU s"
+                    + (f" FAILED {str(res)[:120]}" if isinstance(res, Exception) else ""))
+            elif done % 10 == 0 or done == len(todo):
+                el = time.monotonic() - t0
+                log(f"  [{done}/{len(todo)}] compiled, {el:.0f} s ({counts['compile_cpu_s']:.0f} CPU s), "
+                    f"~{el / done * (len(todo) - done):.0f} s left")
+
+        if jobs == 1:
+            for kind, k, spec in todo:
+                before = Counter(self.stats)
+                res, cpu = _build_one(self, kind, k, spec)
+                finished(kind, k, res, self.stats - before, cpu, merge=False)
+            return counts
+        import concurrent.futures as cf
+        import multiprocessing as mp
+
+        try:
+            ctx = mp.get_context("fork")  # workers inherit the loaded kernel modules
+        except ValueError:  # pragma: no cover - no fork on this platform
+            ctx = mp.get_context("spawn")
+        _FORK_FNS.clear()
+        tasks = [(kind, k, spec if kind == "cuda" else _picklable_spec(spec)) for kind, k, spec in todo]
+        with cf.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init,
+                                    initargs=(self.arch, str(self.cache_dir), self.persist,
+                                              self._toolchain_fingerprint())) as pool:
+            futs = {pool.submit(_worker_build, kind, k, task): (kind, k) for kind, k, task in tasks}
+            try:
+                for f in cf.as_completed(futs):
+                    kind, k = futs[f]
+                    try:
+                        res, cpu, stats = f.result()
+                    except Exception as e:  # the worker died (e.g. out of memory): that launch fails
+                        res, cpu, stats = RuntimeError(f"compile worker failed: {type(e).__name__}: {e}"), 0.0, {}
+                    finished(kind, k, res, stats, cpu)
+            except BaseException:
+                for f in futs:
+                    f.cancel()
+                raise
+        return counts
+
+
+def _picklable_spec(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """A Triton launch spec with its JITFunction replaced by (module, name), to cross into a worker process."""
+    out = dict(spec)
+    fn = out.pop("fn")
+    _FORK_FNS[id(fn)] = fn
+    out["fn_ref"] = (fn.__module__, fn.__name__, id(fn))
+    return out
+
+
+def _cpu_s() -> float:
+    """CPU seconds of this process and its finished subprocesses (ptxas, nvcc, nvdisasm)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def _build_one(comp: Compiler, kind: str, key, spec) -> Tuple[Any, float]:
+    """Build one distinct launch in ``comp``: (the Binary (Triton) or function dict (CUDA), or the exception; the
+    CPU seconds it took)."""
+    c0 = _cpu_s()
+    try:
+        res = comp._cuda_functions(key) if kind == "cuda" else comp.triton(spec)
+    except Exception as e:
+        res = e
+    return res, _cpu_s() - c0
+
+
+def _describe(kind: str, key) -> str:
+    if kind == "cuda":
+        return f"nvcc {key[0]} {' '.join(key[1])}"
+    consts = " ".join(f"{a}={v}" for a, v in key[4] if a[:1].isupper() and v not in ("None",))
+    return f"{key[1]} {consts} warps={key[6]} stages={key[7]}"[:200]
+
+
+_WORKER: Dict[str, Any] = {}
+
+
+def _worker_init(arch: str, cache_dir: str, persist: bool, fingerprint: str) -> None:
+    comp = Compiler(arch, cache_dir=Path(cache_dir), persist=persist)
+    comp._fingerprint = fingerprint  # exactly the parent's keys, whatever changed on disk since it started
+    _WORKER["comp"] = comp
+
+
+def _worker_build(kind: str, key, task):
+    comp: Compiler = _WORKER["comp"]
+    comp.stats.clear()
+    if kind == "triton":
+        task = dict(task)
+        task["fn"] = _resolve_fn(task.pop("fn_ref"))
+    res, cpu = _build_one(comp, kind, key, task)
+    if isinstance(res, Exception):  # exceptions cross back as plain RuntimeErrors (their types may not pickle)
+        res = res if isinstance(res, ToolMissing) else RuntimeError(f"{type(res).__name__}: {res}")
+    return res, cpu, dict(comp.stats)
 
 
 # ---- descriptors -> rows -------------------------------------------------------------------------------------------
@@ -1062,10 +1382,7 @@ def score_call(comp: Compiler, c: Constants, call: Dict[str, Any]) -> Dict[str, 
             continue
         b = comp.triton(la["triton"]) if "triton" in la else comp.cuda(la["cuda"])
         wo = _weight_offsets(b, la)
-        akey = None if wo is None else tuple(wo)
-        st = b.analyses.get(akey)
-        if st is None:
-            st = b.analyses[akey] = analyze(b.instrs, wo, name=b.name)
+        st = comp.analysis(b, wo)
         per_thread, pmix, lbytes, n = executed_per_thread(st, la["loop_trips"], la.get("inner_loop_trips"))
         notes += [f"{la['name']}: {x}" for x in n]
         ti = per_thread * tpc * ctas
@@ -1128,8 +1445,53 @@ def _short_mix(mix: Dict[str, float], n: int = 6) -> str:
     return " ".join(f"{k}:{v:.2f}" for k, v in list(mix.items())[:n])
 
 
-def _calls(quick: bool, log) -> Iterable[Tuple[Dict[str, Any], Dict[str, Any]]]:
-    """(shape info, descriptor) for every call of the benchmark set."""
+@dataclass(frozen=True)
+class Filters:
+    """A restriction of the benchmark set for iterating on one kernel (``--kernel``, ``--backend``, ``--m``,
+    ``--shape``, ``--format``; each a list, empty = no restriction).  ``--m``, ``--shape`` and a packed-matmul
+    ``--format`` select packed-matmul rows; attention-KD and MoE rows are kept only when none of ``--m`` /
+    ``--shape`` is given and ``--format`` (if given) names ``attention`` / ``moe``.  ``kernel`` entries are
+    shell-style patterns matched against the kernel name (``packed_gemv``, ``attention_kd_fwd``,
+    ``grouped_packed_matmul:mixtral-8x7b:down``) and against its part before the first ``:``."""
+
+    kernel: Tuple[str, ...] = ()
+    backend: Tuple[str, ...] = ()
+    m: Tuple[int, ...] = ()
+    shape: Tuple[Tuple[int, int], ...] = ()
+    format: Tuple[Tuple[str, Any], ...] = ()  # (format, group size); group size "*" = any, None = per-channel
+
+    @property
+    def active(self) -> bool:
+        return bool(self.kernel or self.backend or self.m or self.shape or self.format)
+
+    def describe(self) -> Dict[str, Any]:
+        fmt = [f if g == "*" else f"{f}:{g or 'none'}" for f, g in self.format]
+        return {k: v for k, v in dict(kernel=list(self.kernel), backend=list(self.backend), m=list(self.m),
+                                      shape=[f"{n}x{k}" for n, k in self.shape], format=fmt).items() if v}
+
+    def _fmt_ok(self, fmt: str, gs) -> bool:
+        return not self.format or any(f == fmt and (g == "*" or g == gs) for f, g in self.format)
+
+    def matmul(self, m: int, n: int, k: int, fmt: str, gs) -> bool:
+        return (not self.m or m in self.m) and (not self.shape or (n, k) in self.shape) and self._fmt_ok(fmt, gs)
+
+    def family(self, name: str) -> bool:
+        """Attention-KD ("attention") or MoE ("moe") rows."""
+        return not self.m and not self.shape and (not self.format or any(f == name for f, _ in self.format))
+
+    def call(self, call: Dict[str, Any]) -> bool:
+        if self.backend and call["backend"] not in self.backend:
+            return False
+        name = call["kernel"]
+        return not self.kernel or any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name.split(":")[0], p)
+                                      for p in self.kernel)
+
+
+NO_FILTERS = Filters()
+
+
+def _calls(quick: bool, log, filters: Filters = NO_FILTERS) -> Iterable[Tuple[Dict[str, Any], Dict[str, Any]]]:
+    """(shape info, descriptor) for every call of the benchmark set (restricted by ``filters``)."""
     from .. import _cuda_ext
     from ..ops._dispatch import kernel_module
 
@@ -1141,33 +1503,42 @@ def _calls(quick: bool, log) -> Iterable[Tuple[Dict[str, Any], Dict[str, Any]]]:
     for (n, k) in shapes:
         for fmt, gs in fmts:
             for m in ms:
+                if not filters.matmul(m, n, k, fmt, gs):
+                    continue
                 for xd in x_dtypes:
                     if xd == "int8" and (gs is None or m < 16):
                         continue  # W2A8 rows: group 128, M >= 16 (the large-M int8-MMA target)
                     info = dict(M=m, N=n, K=k, format=fmt, group_size=gs, x_dtype=xd)
-                    calls = pm.static_launches(m, n, k, fmt, gs, x_dtype=xd)
-                    if quick:
-                        calls = calls[:QUICK_MAX_CONFIGS]
-                    for call in calls:
-                        yield info, call
-                    if xd == "bf16" and hasattr(_cuda_ext, "static_launches"):
+                    if not filters.backend or "triton" in filters.backend:
+                        calls = pm.static_launches(m, n, k, fmt, gs, x_dtype=xd)
+                        if quick:
+                            calls = calls[:QUICK_MAX_CONFIGS]
+                        for call in calls:
+                            if filters.call(call):
+                                yield info, call
+                    if xd == "bf16" and hasattr(_cuda_ext, "static_launches") and \
+                            (not filters.backend or "cuda" in filters.backend):
                         cc = _cuda_ext.static_launches(m, n, k, fmt, gs)
                         for call in (cc[:QUICK_MAX_CONFIGS] if quick else cc):
-                            yield info, call
+                            if filters.call(call):
+                                yield info, call
     ak = kernel_module("attention_kd")
-    if hasattr(ak, "static_launches"):
+    if hasattr(ak, "static_launches") and filters.family("attention"):
         a = ATTENTION_SHAPE
         calls = ak.static_launches(a["B"], a["H"], a["L"], a["d"], dtype="bf16")
         for call in (calls[:1] if quick else calls):
-            yield dict(M=a["B"] * a["H"] * a["L"], N=a["L"], K=a["d"], format="attention", group_size=None,
-                       x_dtype="bf16", B=a["B"], H=a["H"], L=a["L"], d=a["d"]), call
+            if filters.call(call):
+                yield dict(M=a["B"] * a["H"] * a["L"], N=a["L"], K=a["d"], format="attention", group_size=None,
+                           x_dtype="bf16", B=a["B"], H=a["H"], L=a["L"], d=a["d"]), call
 
 
-def _moe_calls(quick: bool) -> Iterable[Tuple[Dict[str, Any], Dict[str, Any]]]:
+def _moe_calls(quick: bool, filters: Filters = NO_FILTERS) -> Iterable[Tuple[Dict[str, Any], Dict[str, Any]]]:
     """The grouped packed matmul of MoE experts: decode (1 token: top_k experts with 1 row each) and prefill (4096
     tokens spread evenly over all experts), the gate_up (N=2I, K=H) and down (N=H, K=I) projections, ternary."""
     from ..ops._dispatch import kernel_module
 
+    if not filters.family("moe"):
+        return
     gk = kernel_module("grouped_packed_matmul")
     if not hasattr(gk, "static_launches"):
         return
@@ -1179,22 +1550,31 @@ def _moe_calls(quick: bool) -> Iterable[Tuple[Dict[str, Any], Dict[str, Any]]]:
                 for call in gk.static_launches(rows * active, n, k, "twn", None, x_dtype="bf16", experts=active,
                                                rows_per_expert=rows):
                     call = dict(call, kernel=f"{call['kernel']}:{model}:{proj}")
-                    yield dict(M=rows * active, N=n, K=k, format="moe-twn", group_size=None, x_dtype="bf16",
-                               experts=active, rows_per_expert=rows, tokens=t), call
+                    if filters.call(call):
+                        yield dict(M=rows * active, N=n, K=k, format="moe-twn", group_size=None, x_dtype="bf16",
+                                   experts=active, rows_per_expert=rows, tokens=t), call
 
 
-def _prefetch(comp: Compiler, calls: List[Tuple[Dict, Dict]]) -> None:
-    for _, call in calls:
-        for la in call["launches"]:
-            if "cuda" in la:
-                comp.prefetch_cuda(la["cuda"]["source"], la["cuda"].get("nvcc_flags", []))
+def benchmark_calls(quick: bool = False, filters: Filters = NO_FILTERS, log=print) \
+        -> List[Tuple[Dict[str, Any], Dict[str, Any]]]:
+    """Every (shape info, descriptor) of the benchmark set (``--quick``: the reduced one), restricted by ``filters``."""
+    return list(_calls(quick, log, filters)) + list(_moe_calls(quick, filters))
 
 
-def run(c: Constants, arch: str = "sm_90a", quick: bool = False, log=print) -> Tuple[List[Dict], Dict]:
-    comp = Compiler(arch)
+def run(c: Constants, arch: str = "sm_90a", quick: bool = False, log=print, *, jobs: Optional[int] = None,
+        filters: Filters = NO_FILTERS, cache_dir: Optional[Path] = None, persist: bool = True,
+        verbose: bool = False) -> Tuple[List[Dict], Dict]:
+    """Score the benchmark set: every distinct launch is compiled once (``jobs`` processes, default one per CPU;
+    parsed results persist in the disk cache, see :class:`Compiler`), then every call is scored from memory."""
+    t0 = time.monotonic()
+    comp = Compiler(arch, cache_dir=cache_dir, persist=persist)
     comp.tools.need("cuobjdump")
-    calls = list(_calls(quick, log)) + list(_moe_calls(quick))
-    _prefetch(comp, calls)
+    calls = benchmark_calls(quick, filters, log)
+    if not calls:
+        raise ValueError(f"no call of the {'quick ' if quick else ''}benchmark set matches the filters "
+                         f"{filters.describe()}")
+    counts = comp.prepare([call for _, call in calls], jobs=jobs or os.cpu_count() or 1, log=log, verbose=verbose)
+    t_compile = time.monotonic() - t0
     rows: List[Dict[str, Any]] = []
     for i, (info, call) in enumerate(calls):
         row = dict(kernel=call["kernel"], backend=call["backend"], config=call["config"], **info)
@@ -1222,11 +1602,16 @@ def run(c: Constants, arch: str = "sm_90a", quick: bool = False, log=print) -> T
             row.update(baseline="cuBLAS bf16", baseline_us=base, predicted_speedup_vs_bf16=base / s["predicted_us"])
         row["best"] = False
         rows.append(row)
-        if (i + 1) % 25 == 0:
-            log(f"[{i + 1}/{len(calls)}] scored")
     _mark_best(rows)
     _attention_speedups(rows)
+    wall = time.monotonic() - t0
+    log(f"scored {len(rows)} calls in {wall:.1f} s ({counts['launches']} kernel launches, "
+        f"{counts['distinct_triton']} + {counts['distinct_cuda']} distinct Triton / CUDA compiles: "
+        f"{counts['compiled']} compiled now, {counts['from_disk']} from the disk cache; compile phase "
+        f"{t_compile:.1f} s, {counts['compile_cpu_s']:.0f} CPU s)")
     meta = _meta(c, arch, quick, comp.tools)
+    meta.update(partial=filters.active, filters=filters.describe(), jobs=jobs or os.cpu_count() or 1,
+                wall_s=round(wall, 1), compile_phase_s=round(t_compile, 1), compiles=counts)
     return rows, meta
 
 
@@ -1248,12 +1633,22 @@ def _mark_best(rows: List[Dict[str, Any]]) -> None:
         r["best"] = True
 
 
+def _covers(r: Dict[str, Any]) -> set:
+    """Which of the attention-KD passes ("fwd", "bwd") a row's call launches (by its kernel and launch names)."""
+    names = [r["kernel"]] + [str(la.get("name", "")) for la in r.get("launches", [])]
+    return {p for p in ("fwd", "bwd") if any(p in n for n in names)}
+
+
 def _attention_speedups(rows: List[Dict[str, Any]]) -> None:
-    """The eager baseline is fwd+bwd: compare it with the best forward plus the best backward call (None when the
-    run scored only one of them, as ``--quick`` does)."""
-    best = {r["kernel"]: r for r in rows if r["format"] == "attention" and r.get("best")}
-    have = {"attention_kd_fwd", "attention_kd_bwd"} <= set(best)
-    total = sum(r["predicted_us"] for r in best.values()) if have else None
+    """The eager baseline is fwd+bwd: compare it with the best call that launches both (the attention-KD
+    descriptor's one call: fwd, bwd dq, bwd dk), or with the best forward plus the best backward call where they
+    are separate calls; None when the run scored only one pass (as ``--quick`` may)."""
+    best = [r for r in rows if r["format"] == "attention" and r.get("best")]
+    both = [r["predicted_us"] for r in best if _covers(r) == {"fwd", "bwd"}]
+    fwd = [r["predicted_us"] for r in best if _covers(r) == {"fwd"}]
+    bwd = [r["predicted_us"] for r in best if _covers(r) == {"bwd"}]
+    cands = both + ([min(fwd) + min(bwd)] if fwd and bwd else [])
+    total = min(cands) if cands else None
     for r in rows:
         if r["format"] == "attention" and r.get("predicted_us") is not None:
             r["predicted_fwd_bwd_us"] = total
@@ -1295,24 +1690,81 @@ def _nk_col(r: Dict[str, Any]) -> str:
     return f"L{r['L']} d{r['d']}" if r["format"] == "attention" else f"{r['N']}x{r['K']}"
 
 
-def format_table(rows: List[Dict[str, Any]]) -> str:
+def _fmt_col(r: Dict[str, Any]) -> str:
+    g = r.get("group_size")
+    return r["format"] if r["format"] in ("attention",) or r["format"].startswith("moe") else \
+        f"{r['format']} {'g' + str(g) if g else 'per-channel'}"
+
+
+def _sort_key(r: Dict[str, Any]):
+    fam = 1 if r["format"] == "attention" else 2 if r["format"].startswith("moe") else 0
+    shape = (r["N"], r["K"])
+    si = SHAPES.index(shape) if shape in SHAPES else len(SHAPES)
+    fi = next((i for i, (f, g) in enumerate(FORMATS) if f == r["format"] and g == r.get("group_size")), len(FORMATS))
+    return (fam, si, r["N"], r["K"], r["M"], fi, r.get("x_dtype", ""), r["backend"], r["kernel"],
+            r.get("predicted_us") or math.inf)
+
+
+def format_table(rows: List[Dict[str, Any]], best_only: bool = True) -> str:
+    """The printed table: the best config per shape (``best_only``), or every row (``*`` marks the best)."""
     head = (f"{'backend':7s} {'kernel':28s} {'fmt':10s} {'grp':>4s} {'x':4s} {'M':>5s} {'N x K':>12s} "
             f"{'config':34s} {'i/w':>6s} {'ld':>3s} {'reg':>4s} {'spl':>4s} {'bound':7s} {'pred us':>9s} "
             f"{'vs bf16':>8s}")
-    lines = [f"static roofline ({LABEL}); best config per shape", head, "-" * len(head)]
-    for r in rows:
-        if not r.get("best"):
+    what = "best config per shape" if best_only else f"{len(rows)} rows, * = best config per shape"
+    lines = [f"static roofline ({LABEL}); {what}", head, "-" * len(head)]
+    for r in sorted(rows, key=_sort_key) if not best_only else rows:
+        if best_only and not r.get("best"):
+            continue
+        lead = (f"{r['backend']:7s} {r['kernel'][:28]:28s} {r['format'][:10]:10s} "
+                f"{str(r['group_size'] or '-'):>4s} {r['x_dtype']:4s} {_m_col(r):>5s} {_nk_col(r):>12s} "
+                f"{r['config'][:34]:34s}")
+        if r.get("predicted_us") is None:
+            lines.append(f"{lead} error: {str(r.get('error'))[:100]}")
             continue
         ipw = r.get("sass_instr_per_weight")
         sp = r.get("predicted_speedup_vs_bf16") or r.get("predicted_speedup_vs_eager")
         tag = "x" if r.get("predicted_speedup_vs_bf16") else "x eg"
         lines.append(
-            f"{r['backend']:7s} {r['kernel'][:28]:28s} {r['format'][:10]:10s} {str(r['group_size'] or '-'):>4s} "
-            f"{r['x_dtype']:4s} {_m_col(r):>5s} {_nk_col(r):>12s} {r['config'][:34]:34s} "
-            f"{(f'{ipw:.2f}' if ipw is not None else '-'):>6s} {str(r.get('widest_weight_load_bytes') or '-'):>3s} "
-            f"{r['registers']:>4d} {r['spill_bytes']:>4d} {r['bound']:7s} {r['predicted_us']:9.2f} "
-            f"{(f'{sp:.2f}' + tag if sp else '-'):>8s}")
+            f"{lead} {(f'{ipw:.2f}' if ipw is not None else '-'):>6s} "
+            f"{str(r.get('widest_weight_load_bytes') or '-'):>3s} {r['registers']:>4d} {r['spill_bytes']:>4d} "
+            f"{r['bound']:7s} {r['predicted_us']:9.2f} {(f'{sp:.2f}' + tag if sp else '-'):>8s}"
+            f"{' *' if r.get('best') and not best_only else ''}")
     return "\n".join(lines)
+
+
+def format_markdown(rows: List[Dict[str, Any]], meta: Optional[Dict[str, Any]] = None,
+                    source: Optional[str] = None) -> str:
+    """The README table: the best config per shape, grouped by N x K, labelled predicted, not measured."""
+    meta = meta or {}
+    where = ", ".join(x for x in (f"`{source}`" if source else "", f"commit `{str(meta.get('git_commit'))[:7]}`"
+                                  if meta.get("git_commit") else "") if x)
+    part = f"; partial set: {meta['filters']}" if meta.get("partial") else ""
+    out = [f"Static roofline, best config per shape ({LABEL}{'; ' + where if where else ''}{part}):", "",
+           "| backend | kernel | M | N×K | format | x | best config | SASS instr / weight | weight load | "
+           "regs / spill B | bound | predicted µs | predicted speedup |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    attn = False
+    for r in sorted((r for r in rows if r.get("best") and r.get("predicted_us") is not None), key=_sort_key):
+        ipw = r.get("sass_instr_per_weight")
+        if r["format"] == "attention":
+            attn = True
+            sp = r.get("predicted_speedup_vs_eager")
+            spt = f"{sp:.2f}x eager fwd+bwd¹" if sp else "— (fwd or bwd only)"
+            ipt = f"{ipw:.2f}¹" if ipw is not None else "—"
+        else:
+            sp = r.get("predicted_speedup_vs_bf16")
+            spt = f"{sp:.2f}x {'bf16 grouped' if r['format'].startswith('moe') else 'cuBLAS bf16'}" if sp else "—"
+            ipt = f"{ipw:.2f}" if ipw is not None else "—"
+        wl = r.get("widest_weight_load_bytes")
+        nk = _nk_col(r) if r["format"] == "attention" else f"{r['N']}×{r['K']}"
+        out.append(f"| {r['backend']} | {r['kernel']} | {_m_col(r)} | {nk} | "
+                   f"{_fmt_col(r)} | {r['x_dtype']} | `{r['config']}` | {ipt} | {f'{wl} B' if wl else '—'} | "
+                   f"{r['registers']} / {r['spill_bytes']} | {r['bound']} | {r['predicted_us']:.2f} | {spt} |")
+    if attn:
+        out += ["", "¹ Attention KD: instructions per score element (B·H·L²); speedup = the best forward plus the "
+                    "best backward against the eager materialized loss (`eager_attention_bytes_per_score` per score "
+                    "element through HBM plus its four L×L×d GEMMs)."]
+    return "\n".join(out)
 
 
 def _compact(v):
@@ -1329,13 +1781,20 @@ _LAUNCH_SUMMARY = ("name", "builtin", "ctas", "threads_per_cta", "registers", "s
                    "bytes", "predicted_us", "memory_us", "issue_us", "tensor_us", "bound")
 
 
-def write_json(rows: List[Dict[str, Any]], meta: Dict[str, Any], out_dir: Path, quick: bool) -> Path:
-    """``static-sm90[-quick]-<date>.json`` (atomically): meta, then one row per line; the static loop mix and the full
-    per-launch detail are kept on the best rows only (every row has its executed mix per weight)."""
+def report_name(quick: bool, partial: bool, date: Optional[str] = None) -> str:
+    """``static-sm90[-quick][-partial]-<date>.json``: a filtered run says so in its name."""
+    date = date or _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d")
+    return f"static-sm90-{'quick-' if quick else ''}{'partial-' if partial else ''}{date}.json"
+
+
+def write_json(rows: List[Dict[str, Any]], meta: Dict[str, Any], out_dir: Path, quick: bool,
+               partial: Optional[bool] = None) -> Path:
+    """``static-sm90[-quick][-partial]-<date>.json`` (atomically): meta, then one row per line; the static loop mix
+    and the full per-launch detail are kept on the best rows only (every row has its executed mix per weight)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d")
-    path = out_dir / f"static-sm90-{'quick-' if quick else ''}{date}.json"
+    partial = bool(meta.get("partial")) if partial is None else partial
+    path = out_dir / report_name(quick, partial)
     lines = []
     for r in rows:
         r = dict(r)
@@ -1351,6 +1810,68 @@ def write_json(rows: List[Dict[str, Any]], meta: Dict[str, Any], out_dir: Path, 
     return path
 
 
+def _csv(kind):
+    def parse(s: str):
+        return [kind(x) for x in s.split(",") if x.strip()]
+    parse.__name__ = getattr(kind, "__name__", "value")
+    return parse
+
+
+def _pos_int(s: str) -> int:
+    v = int(s)
+    if v < 1:
+        raise ValueError(s)
+    return v
+
+
+def _shape(s: str) -> Tuple[int, int]:
+    m = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", s)
+    if not m:
+        raise ValueError(s)
+    return int(m.group(1)), int(m.group(2))
+
+
+def _format(s: str) -> Tuple[str, Any]:
+    name, _, g = s.strip().partition(":")
+    if not g:
+        return name, "*"
+    if g.lower() in ("none", "per-channel", "pc"):
+        return name, None
+    return name, _pos_int(g)
+
+
+_shape.__name__ = "NxK"
+_format.__name__ = "FORMAT[:GROUP]"
+
+
+def _flatten(v) -> tuple:
+    return tuple(x for group in (v or []) for x in group)
+
+
+def filters_from_args(a: argparse.Namespace, quick: bool) -> Filters:
+    """The CLI filters, checked against the benchmark set: a value outside it is an error naming the option."""
+    f = Filters(kernel=_flatten(a.kernel), backend=_flatten(a.backend), m=_flatten(a.m), shape=_flatten(a.shape),
+                format=_flatten(a.format))
+    ms, shapes, fmts = (QUICK_M, QUICK_SHAPES, QUICK_FORMATS) if quick else (M_VALUES, SHAPES, FORMATS)
+    which = "the --quick set" if quick else "the benchmark set"
+    bad = [m for m in f.m if m not in ms]
+    if bad:
+        raise ValueError(f"--m {bad}: not in {which}; expected some of {list(ms)}")
+    bad = [s for s in f.shape if s not in shapes]
+    if bad:
+        raise ValueError(f"--shape {['%dx%d' % s for s in bad]}: not in {which}; expected some of "
+                         f"{['%dx%d' % s for s in shapes]}")
+    known = {n for n, _ in fmts} | {"attention", "moe"}
+    for name, g in f.format:
+        if name not in known or (name not in ("attention", "moe") and g != "*" and (name, g) not in fmts):
+            raise ValueError(f"--format {name}{'' if g == '*' else ':' + str(g or 'none')}: not in {which}; expected "
+                             f"one of {sorted(known)}, optionally :GROUP from {[f'{n}:{g or None}' for n, g in fmts]}")
+    bad = [b for b in f.backend if b not in ("triton", "cuda")]
+    if bad:
+        raise ValueError(f"--backend {bad}: expected 'triton' and/or 'cuda'")
+    return f
+
+
 def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="pyquant bench static",
                                 description="Static roofline of the packed-matmul and attention-KD kernels from their "
@@ -1363,29 +1884,89 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--constants", type=Path, default=None,
                    help="JSON object overriding Constants fields with measured figures, e.g. {\"hbm_Bps\": 4.2e12}")
     p.add_argument("--no-write", action="store_true", help="print only")
-    return p.parse_args(argv)
+    p.add_argument("--jobs", "-j", type=_pos_int, default=os.cpu_count() or 1,
+                   help="compile processes (default: one per CPU, %(default)s here)")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="disk cache of parsed compiles (default $PYQUANT_STATIC_CACHE or ~/.cache/pyquant/static)")
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write the disk cache")
+    p.add_argument("--verbose", "-v", action="store_true", help="log every compile with its CPU time")
+    g = p.add_argument_group("filters (restrict the set; the report is then named static-sm90-partial-<date>.json "
+                             "and its meta records them; each takes a comma list and may repeat)")
+    g.add_argument("--kernel", type=_csv(str), action="append", metavar="NAME",
+                   help="kernel name or shell pattern, e.g. packed_gemv, 'attention_kd_*', grouped_packed_matmul")
+    g.add_argument("--backend", type=_csv(str), action="append", metavar="triton|cuda")
+    g.add_argument("--m", type=_csv(_pos_int), action="append", metavar="M", help=f"rows M, of {list(M_VALUES)}")
+    g.add_argument("--shape", type=_csv(_shape), action="append", metavar="NxK",
+                   help=f"N x K, of {['%dx%d' % s for s in SHAPES]}")
+    g.add_argument("--format", type=_csv(_format), action="append", metavar="FMT[:GROUP]",
+                   help=f"weight format, optionally its group (e.g. twn, int2-asym:128, twn:none), or attention / moe; "
+                        f"of {[f'{n}:{g or None}' for n, g in FORMATS]}")
+    o = p.add_argument_group("printing")
+    o.add_argument("--best-only", action="store_true",
+                   help="print only the best config per shape (the default for the unfiltered sets; a filtered run "
+                        "prints every row)")
+    o.add_argument("--all-rows", action="store_true", help="print every row, also for the unfiltered sets")
+    o.add_argument("--markdown", action="store_true",
+                   help="also print the README table (best config per shape, labelled predicted, sm_90, not measured)")
+    o.add_argument("--from-json", type=Path, default=None, metavar="REPORT",
+                   help="print the table (and --markdown) of a report written earlier; compiles nothing")
+    a = p.parse_args(argv)
+    if a.best_only and a.all_rows:
+        p.error("--best-only and --all-rows exclude each other")
+    return a
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     a = _parse(argv)
-    c = Constants.from_json(a.constants) if a.constants else Constants()
+    if a.from_json is not None:
+        try:
+            data = json.loads(Path(a.from_json).read_text())
+            rows, meta = data["rows"], data["meta"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            print(f"pyquant bench static: --from-json {a.from_json}: not a static report ({e})", file=sys.stderr)
+            return 2
+        print(format_table(rows, best_only=not a.all_rows))
+        if a.markdown:
+            print()
+            print(format_markdown(rows, meta, source=Path(a.from_json).name))
+        return 0
+    try:
+        filters = filters_from_args(a, a.quick)
+        c = Constants.from_json(a.constants) if a.constants else Constants()
+    except ValueError as e:
+        print(f"pyquant bench static: {e}", file=sys.stderr)
+        return 2
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False"):
         print("pyquant bench static compiles for sm_90: unset TRITON_INTERPRET (it turns @triton.jit functions into "
               "interpreter functions that cannot be compiled)", file=sys.stderr)
         return 2
     try:
-        rows, meta = run(c, arch=a.arch, quick=a.quick)
+        rows, meta = run(c, arch=a.arch, quick=a.quick, jobs=a.jobs, filters=filters, cache_dir=a.cache_dir,
+                         persist=not a.no_cache, verbose=a.verbose)
     except ToolMissing as e:
         print(f"pyquant bench static: {e}; nothing written", file=sys.stderr)
         return 3
-    print(format_table(rows))
+    except ValueError as e:  # no call matches the filters
+        print(f"pyquant bench static: {e}; nothing written", file=sys.stderr)
+        return 2
+    best_only = a.best_only or (not a.all_rows and not filters.active)
+    print(format_table(rows, best_only=best_only))
     errs = [r for r in rows if r.get("error")]
     if errs:
         print(f"{len(errs)} call(s) failed to compile (rows with 'error' in the JSON)")
-    if not a.no_write:
-        print(f"wrote {write_json(rows, meta, a.out, a.quick)}")
+    path = None if a.no_write else write_json(rows, meta, a.out, a.quick)
+    if a.markdown:
+        print()
+        print(format_markdown(rows, meta, source=path.name if path else None))
+    if path:
+        print(f"wrote {path}")
     return 0
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    # run the module imported by its name, not this ``__main__`` copy: the disk cache pickles this module's classes
+    # (Binary, Instr, ...), and ``pyquant bench static`` / benchmarks/bench_static.py must read what ``python -m``
+    # wrote and the other way round
+    from pyquant.bench.static import main as _main
+
+    sys.exit(_main())
