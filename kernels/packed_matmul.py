@@ -907,6 +907,10 @@ def _prune_gemv(configs: List[triton.Config], named_args: Dict, **kwargs) -> Lis
             continue
         if c.kwargs["EVEN_K"] != _gemv_even_k(K, c.kwargs):
             continue
+        # 8-32 (row, row of x) outputs per thread: fewer leave x loads and the vectorizer's pairing unamortized
+        # (byte permutes in the SASS at 4 rows, M = 1), more run out of registers
+        if not 8 <= _gemv_rows(bn, ksp, c.num_warps) * bm <= 32:
+            continue
         keep.append(c)
     even = [c for c in keep if c.kwargs["EVEN_K"]]
     keep = even or keep  # lanes that run out of chunks early idle: time the configs that split K evenly
