@@ -124,7 +124,17 @@ def _tile_group_params(scale_ptr, zero_ptr, offs_n, n_mask, g, G, HAS_ZERO: tl.c
 
 
 # ---- GEMV: M <= 8, packed half2 math on CUDA cores, K split over the lanes of a warp ---------------------------------
-# Why this shape (judged by the sm_90 SASS that ``pyquant bench static`` counts; numbers: the module docstring):
+# Why this shape (judged by the sm_90 SASS that ``pyquant bench static`` counts).  Predicted (NOT measured), bf16 x,
+# best config per shape, SASS instructions per weight / speedup over cuBLAS bf16 (all 0 spills, 16-byte loads):
+#
+#   M  N x K          twn        twn g128   int2-asym  asym g128   (before: split-K over programs, best config)
+#   1  4096 x 14336   2.05 7.1x  2.13 6.8x  2.23 6.6x  2.45 6.1x   (2.32 6.4x, 2.43 6.1x, 2.51 5.9x, 2.65 5.7x)
+#   1  14336 x 4096   2.14 6.8x  2.24 6.6x  2.30 6.4x  2.46 6.0x   (2.32 6.4x, 2.43 6.1x, 2.53 5.9x, 2.65 5.7x)
+#   4  4096 x 14336   3.99 3.9x  4.17 3.7x  4.81 3.2x  5.01 3.1x
+#
+# The M = 1 loop body is ~1.98 per weight (bf16: 8 LOP3 + 8 HFMA2 dequant + 8 HFMA2 products + 2 shifts + the merge
+# per 16 weights, the fp32 flush, loads); the rest is the prologue and the final 5-round shuffle reduction, ~0.1 per
+# weight at ~3.5k weights per thread (what 132 SMs x 4 warps leave each thread at these shapes).
 # * A thread owns 2R output rows (R row pairs) and K chunks ``ks, ks + KSPLIT, ks + 2 KSPLIT, ...`` of 16 * WORDS
 #   weights (one 16-byte vector per row and WORDS // 4); the KSPLIT lanes of one row group walk K side by side (the
 #   warp's loads of one row are contiguous: coalesced) and each keeps its partial sums in registers.  Nothing is
@@ -867,14 +877,14 @@ def _gemv_rows(block_n: int, ksplit: int, warps: int) -> int:
 # (BLOCK_N, KSPLIT, WORDS, warps).  The 32 lanes of a one-warp program split K (KSPLIT = 32) over the BLOCK_N rows
 # every thread owns, loading WORDS 32-bit words (16 or 32 bytes) per row per chunk.  Why these: 8 rows per thread
 # amortize x, the prologue and the final reduction and keep LLVM's vectorizer pairing the (row A, row B) halves
-# (2-4 rows: for M = 4..8, registers); 16 rows for wide N (N / 16 warps still fill 132 SMs at N >= 8192).  WORDS = 4
+# (2-4 rows: for M = 4..8, registers); 16 rows for wide N (N / 16 warps still fill 132 SMs at N >= 8192; not with
+# 8 words: 255 registers and spills with scale groups).  WORDS = 4
 # where 8 words per lane would leave lanes idle (K = 14336: 112 chunks of 128 over 32 lanes).  KSPLIT < 32 (lanes
 # on rows) and more warps work but are not listed: x is then loaded in a layout that the compiler redistributes with
 # shuffles inside the loop (seen in the SASS).  Each comes twice: EVEN_K (K a multiple of 16 * WORDS * KSPLIT, no
 # masks) and not; pruning keeps the one K needs.  The first entry that survives pruning is the interpreter's.
 _GEMV_CONFIGS = [_gemv_cfg(*c, even_k=e) for e in (False, True) for c in [
-    (8, 32, 4, 1), (8, 32, 8, 1), (16, 32, 4, 1), (16, 32, 8, 1), (4, 32, 4, 1), (4, 32, 8, 1), (2, 32, 4, 1),
-    (2, 32, 8, 1),
+    (8, 32, 4, 1), (8, 32, 8, 1), (16, 32, 4, 1), (4, 32, 4, 1), (4, 32, 8, 1), (2, 32, 4, 1), (2, 32, 8, 1),
 ]]
 
 
@@ -883,14 +893,15 @@ def _gemv_even_k(K: int, c: Dict) -> bool:
     return K % (16 * c["WORDS"] * c["KSPLIT"]) == 0
 
 
-_GEMV_MAX_REGS = 270  # estimated 32-bit registers per thread a config may keep live (ptxas spills above ~255)
+_GEMV_MAX_REGS = 280  # estimated 32-bit registers per thread a config may keep live (ptxas spills above ~255)
 
 
 def _gemv_regs(block_m: int, block_n: int, ksplit: int, words: int, warps: int) -> int:
-    """Live registers per thread, fitted to ptxas' counts for sm_90 (M = 1: 8 rows 96; M = 4: 4 rows 138, 8 rows
-    254; M = 8: 4 rows 255): packed words and per-row accumulators / partials (~3 per row of x), x of a step."""
+    """Live registers per thread, fitted to ptxas' sm_90 counts (M = 1: 8 rows 96-168 by format, 16 rows x 4 words
+    168-254, 16 rows x 8 words 252-255 and spills with scale groups; M = 4: 8 rows 254; M = 8: 4 rows 255): packed
+    words (twice: the loaded vectors and their merges), ~3 per row and row of x (accumulators and partials), x."""
     rows = _gemv_rows(block_n, ksplit, warps)
-    return rows * (words + 3 * block_m) + 16 * block_m + 24
+    return rows * (2 * words + 3 * block_m) + 16 * block_m + 24
 
 
 _GEMV_WARPS = (480, 8192)  # grid sizes (warps) worth timing: >= ~4 warps on each of 132 SMs, not a tail of waves
