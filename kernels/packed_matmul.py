@@ -893,15 +893,16 @@ def _gemv_even_k(K: int, c: Dict) -> bool:
     return K % (16 * c["WORDS"] * c["KSPLIT"]) == 0
 
 
-_GEMV_MAX_REGS = 280  # estimated 32-bit registers per thread a config may keep live (ptxas spills above ~255)
+_GEMV_MAX_REGS = 272  # estimated 32-bit registers per thread a config may keep live (ptxas spills above ~255)
 
 
 def _gemv_regs(block_m: int, block_n: int, ksplit: int, words: int, warps: int) -> int:
-    """Live registers per thread, fitted to ptxas' sm_90 counts (M = 1: 8 rows 96-168 by format, 16 rows x 4 words
-    168-254, 16 rows x 8 words 252-255 and spills with scale groups; M = 4: 8 rows 254; M = 8: 4 rows 255): packed
-    words (twice: the loaded vectors and their merges), ~3 per row and row of x (accumulators and partials), x."""
+    """Live registers per thread, fitted to ptxas' sm_90 counts so that the configs that spilled are out (M = 1:
+    8 rows 96-168 by format, 16 rows x 4 words 168-254, 16 rows x 8 words 255 + spills with scale groups; M = 2:
+    16 rows x 4 words spills; M = 4: 8 rows x 4 words 254, x 8 words spills; M = 8: 4 rows x 4 words 255): packed
+    words (twice: the loaded vectors and their merges), ~4 per row and row of x (accumulators, partials), x."""
     rows = _gemv_rows(block_n, ksplit, warps)
-    return rows * (2 * words + 3 * block_m) + 16 * block_m + 24
+    return rows * (2 * words + 4 * block_m) + 8 * block_m + 24
 
 
 _GEMV_WARPS = (480, 8192)  # grid sizes (warps) worth timing: >= ~4 warps on each of 132 SMs, not a tail of waves
