@@ -896,13 +896,14 @@ def _gemv_even_k(K: int, c: Dict) -> bool:
 _GEMV_MAX_REGS = 272  # estimated 32-bit registers per thread a config may keep live (ptxas spills above ~255)
 
 
-def _gemv_regs(block_m: int, block_n: int, ksplit: int, words: int, warps: int) -> int:
+def _gemv_regs(block_m: int, block_n: int, ksplit: int, words: int, warps: int, group_zeros: bool = False) -> int:
     """Live registers per thread, fitted to ptxas' sm_90 counts so that the configs that spilled are out (M = 1:
     8 rows 96-168 by format, 16 rows x 4 words 168-254, 16 rows x 8 words 255 + spills with scale groups; M = 2:
     16 rows x 4 words spills; M = 4: 8 rows x 4 words 254, x 8 words spills; M = 8: 4 rows x 4 words 255): packed
-    words (twice: the loaded vectors and their merges), ~4 per row and row of x (accumulators, partials), x."""
+    words (twice: the loaded vectors and their merges), ~4 per row and row of x (accumulators, partials), x; zero
+    points per group add the group's x sums (M = 8, 4 rows spilled)."""
     rows = _gemv_rows(block_n, ksplit, warps)
-    return rows * (2 * words + 4 * block_m) + 8 * block_m + 24
+    return rows * (2 * words + 4 * block_m) + 8 * block_m + 24 + (4 * block_m if group_zeros else 0)
 
 
 _GEMV_WARPS = (480, 8192)  # grid sizes (warps) worth timing: >= ~4 warps on each of 132 SMs, not a tail of waves
@@ -913,7 +914,8 @@ def _prune_gemv(configs: List[triton.Config], named_args: Dict, **kwargs) -> Lis
     keep = []
     for c in configs:
         bn, ksp, words = c.kwargs["BLOCK_N"], c.kwargs["KSPLIT"], c.kwargs["WORDS"]
-        if _gemv_regs(bm, bn, ksp, words, c.num_warps) > _GEMV_MAX_REGS:
+        group_zeros = bool(kwargs.get("HAS_ZERO")) and not kwargs.get("PER_CHANNEL", True)
+        if _gemv_regs(bm, bn, ksp, words, c.num_warps, group_zeros) > _GEMV_MAX_REGS:
             continue
         if triton.cdiv(K, 16 * words) < ksp:  # every lane gets a chunk
             continue
@@ -1297,7 +1299,8 @@ def _static_launches_gemv(M: int, N: int, K: int, fmt: str, group_size: Optional
                 "bytes": M * K * 2 * 2 + M * K * 2 + M * 4, "mma_flops": 0}]
     sbytes = N * G * 2 * (2 if meta["HAS_ZERO"] else 1)
     calls = []
-    for c in _prune_gemv(_GEMV_CONFIGS, dict(K=K, N=N), BLOCK_M=M):
+    for c in _prune_gemv(_GEMV_CONFIGS, dict(K=K, N=N), BLOCK_M=M, HAS_ZERO=meta["HAS_ZERO"],
+                         PER_CHANNEL=meta["PER_CHANNEL"]):
         bn, ksp, words = (c.kwargs[k] for k in ("BLOCK_N", "KSPLIT", "WORDS"))
         lane = _GEMV_LANE_RUN["int8" if a8 else xt]
         ct = dict(consts, **c.kwargs, LANE_RUN=lane)
