@@ -130,8 +130,16 @@ def _tile_group_params(scale_ptr, zero_ptr, offs_n, n_mask, g, G, HAS_ZERO: tl.c
 #   M  N x K          twn        twn g128   int2-asym  asym g128   (before: split-K over programs, best config)
 #   1  4096 x 14336   2.05 7.1x  2.13 6.8x  2.23 6.6x  2.45 6.1x   (2.32 6.4x, 2.43 6.1x, 2.51 5.9x, 2.65 5.7x)
 #   1  14336 x 4096   2.14 6.8x  2.24 6.6x  2.30 6.4x  2.46 6.0x   (2.32 6.4x, 2.43 6.1x, 2.53 5.9x, 2.65 5.7x)
+#   2  4096 x 14336   2.68 5.6x                        3.26 4.7x   (2.86 5.3x, 2.93 5.2x, 3.54 4.3x)
+#   2  14336 x 4096   2.91 5.2x                        3.27 4.7x
 #   4  4096 x 14336   3.99 3.9x  4.17 3.7x  4.81 3.2x  5.01 3.1x
+#   4  14336 x 4096   4.43 3.5x  4.57 3.4x  5.35 2.9x  5.43 2.9x
+#   8  4096 x 14336   6.75 2.4x                        12.9 1.3x   (asym g128: 8 bytes spilled)
+#   8  14336 x 4096   7.69 2.1x                        13.7 1.2x   (asym g128: 40 bytes spilled)
 #
+# M = 4..8 miss 4x: the products alone are M/2 per weight, and the final reduction (10 instructions per row and row
+# of x per thread) and x (16-byte loads and sums per row of x and lane, shared by only 2-8 rows) grow with M; with
+# zero points per group M = 8 runs out of registers.
 # The M = 1 loop body is ~1.98 per weight (bf16: 8 LOP3 + 8 HFMA2 dequant + 8 HFMA2 products + 2 shifts + the merge
 # per 16 weights, the fp32 flush, loads); the rest is the prologue and the final 5-round shuffle reduction, ~0.1 per
 # weight at ~3.5k weights per thread (what 132 SMs x 4 warps leave each thread at these shapes).
