@@ -139,7 +139,9 @@ def _tile_group_params(scale_ptr, zero_ptr, offs_n, n_mask, g, G, HAS_ZERO: tl.c
 #
 # M = 4..8 miss 4x: the products alone are M/2 per weight, and the final reduction (10 instructions per row and row
 # of x per thread) and x (16-byte loads and sums per row of x and lane, shared by only 2-8 rows) grow with M; with
-# zero points per group M = 8 runs out of registers.
+# zero points per group M = 8 runs out of registers (the previous kernel predicted 10.3 / 1.56x there: worse now).
+# N = 1024 x K = 4096, M = 1: twn 2.93 / 3.0x, int2-asym g128 3.45 / 2.75x with 2 rows per thread (512 warps;
+# previous 1.86x / 1.77x); the physical cap there is ~3.4x.
 # The M = 1 loop body is ~1.98 per weight (bf16: 8 LOP3 + 8 HFMA2 dequant + 8 HFMA2 products + 2 shifts + the merge
 # per 16 weights, the fp32 flush, loads); the rest is the prologue and the final 5-round shuffle reduction, ~0.1 per
 # weight at ~3.5k weights per thread (what 132 SMs x 4 warps leave each thread at these shapes).
