@@ -20,12 +20,12 @@ so the products are exact and the only rounding is the fp32 accumulation, as in 
 
 Paths
 -----
-* ``_packed_gemv_kernel`` (M <= 8 with fp16/bf16 x, decode): K kept in each thread's registers, magic-number
-  dequantization of two rows' codes per 32-bit LOP3 + HFMA2, packed half2 products reused for all M rows, 16-bit
-  partial sums flushed to fp32 every 16 products (accuracy stated at the kernel), scales once per group.  One
-  program per (N tile, K split); split-K (``SPLIT_K > 1``, fills the SMs when N / BLOCK_N alone would not) is
-  reduced inside the kernel by the last program of each N tile, in split order: deterministic, no memset or cast
-  kernel, a persistent workspace (``_gemv_workspace``) that is only allocated when a split-K config may run.
+* ``_packed_gemv_kernel`` (M <= 8 with fp16/bf16 x, decode): each thread owns 2-16 output rows and K chunks dealt
+  round-robin to the 32 lanes of its warp (the K parallelism that fills the SMs at N = 4096 comes from the lanes);
+  partial sums stay in registers, ONE cross-lane reduction at the end (no split-K over programs: no workspace, no
+  counters, one kernel, deterministic).  Magic-number dequantization of two rows' codes per 32-bit LOP3 + HFMA2,
+  packed half2 products reused for all M rows, 16-bit partial sums flushed to fp32 every 32 (bf16) / 16 (fp16)
+  products (accuracy stated at the kernel), scales once per group (per-channel: once in the epilogue).
   Runs 16-bit x with M = 1..3 and W2A8 with M <= 8; fp32 x takes the GEMM.
 * ``_packed_matmul_kernel`` (16-bit x with M >= 4, W2A8 with M > 8, fp32 x): tensor-core ``tl.dot`` on
   magic-number-dequantized tiles (M = 4..16 run BLOCK_M = 16, rows past M masked; mma.sync for
@@ -86,14 +86,13 @@ multiply each row by its scale at the end: for M <= 8 the quantizer writes q as 
 GEMV runs on them; the GEMM uses int8 MMA.
 
 Limits (known, not hidden): the GEMV's 16-bit partial sums round more often than an fp32 accumulation (bounded at
-the kernel) and, for fp16 x, overflow if |x| > 2047 (LANE_RUN = 8 configs raise that to 4094); W2A8 at M = 4..8 stays on
+the kernel) and, for fp16 x, overflow if |x| > 2047 (a pinned LANE_RUN = 8 raises that to 4094); W2A8 at M = 4..8 stays on
 the fp16 GEMV (its CUDA-core products cost ~M/2 instructions per weight; the int8 GEMM is not yet scored there);
 at N = 1024 the GEMM is capped near 2.4x (M = 16) by ~500 instructions per thread outside the K loop (prologue,
 fused split-K reduction) over ~256 weights per thread, with 0.5 us launch overhead the model's cap is ~3.4x; group
 sizes that are not a multiple of 16 are declined (``supports``) and run on the reference;
 the first call for a new (M bucket, N, K) autotunes, so run a layer once before capturing it in a CUDA graph;
-split-K GEMV launches share one workspace per device and split-K GEMMs share arrival counters, so concurrent streams
-of one device must not run them at the same time; under the interpreter bf16 arithmetic and bf16 dots are wrong
+split-K GEMMs share arrival counters, so concurrent streams of one device must not run them at the same time; under the interpreter bf16 arithmetic and bf16 dots are wrong
 (triton-lang/triton#11584), so bf16 tiles are dequantized and multiplied in fp32 there (same bit patterns; compiled
 code stays bf16), and its fp32 -> bf16 casts truncate.  The split-K memory ordering (release/acquire through the
 counters), the GEMV's bf16 16-bit arithmetic and the wgmma paths have no CPU test of their own; they need the GPU
@@ -140,42 +139,70 @@ def _tile_group_params(scale_ptr, zero_ptr, offs_n, n_mask, g, G, HAS_ZERO: tl.c
     return s, z
 
 
-# ---- GEMV: M <= 8, packed half2 math on CUDA cores, K in registers, fused split-K ---------------------------------
-# Why this shape (judged by the sm_90 SASS: benchmarks/sass_gemv.py counts it):
-# * K stays inside a thread.  A thread owns BLOCK_N / (64 * num_warps) pairs of output rows and walks its K range
-#   16 * WORDS weights per row per iteration (one or two 16-byte vectors per row); no lane ever exchanges data with
-#   another inside the loop (the old kernel reduced a [BM, BN, BK] broadcast across lanes every K step: 1.5-7
-#   shuffles per weight).  The K split is over programs, reduced once at the end (below).
-# * Magic-number dequantization, two weights per 32-bit op.  Rows n and n + BLOCK_N/2 are paired: a PRMT / LOP3
-#   merge puts 8 codes of row A in the low 16 bits and the same 8 k of row B in the high 16 bits; then per code
-#   position ``((comb >> sh) & (3 << 2e) * 0x10001) | magic`` is ONE LOP3 (the magic constant is a kernel argument,
-#   so it sits in a register and the mask is the only immediate) and yields the fp16x2 / bf16x2 pair
-#   ``magic + c * 4^e``; one HFMA2 ``v * 4^-e - (magic * 4^-e + OFF)`` gives ``c - OFF`` exactly for both rows
-#   (every constant is exact: the fp16 magic 1024 / bf16 magic 128 have ulp 1, and so do the scaled ones).  No
-#   per-weight convert.
+# ---- GEMV: M <= 8, packed half2 math on CUDA cores, K split over the lanes of a warp ---------------------------------
+# Why this shape (judged by the sm_90 SASS that ``pyquant bench static`` counts).  Predicted (NOT measured), bf16 x,
+# best config per shape, SASS instructions per weight / speedup over cuBLAS bf16 (all 0 spills, 16-byte loads):
+#
+#   M  N x K          twn        twn g128   int2-asym  asym g128   (before: split-K over programs, best config)
+#   1  4096 x 14336   2.05 7.1x  2.13 6.8x  2.23 6.6x  2.45 6.1x   (2.32 6.4x, 2.43 6.1x, 2.51 5.9x, 2.65 5.7x)
+#   1  14336 x 4096   2.14 6.8x  2.24 6.6x  2.30 6.4x  2.46 6.0x   (2.32 6.4x, 2.43 6.1x, 2.53 5.9x, 2.65 5.7x)
+#   2  4096 x 14336   2.68 5.6x                        3.26 4.7x   (2.86 5.3x, 2.93 5.2x, 3.54 4.3x)
+#   2  14336 x 4096   2.91 5.2x                        3.27 4.7x
+#   4  4096 x 14336   3.99 3.9x  4.17 3.7x  4.81 3.2x  5.01 3.1x
+#   4  14336 x 4096   4.43 3.5x  4.57 3.4x  5.35 2.9x  5.43 2.9x
+#   8  4096 x 14336   6.75 2.4x                        12.9 1.3x   (asym g128: 8 bytes spilled)
+#   8  14336 x 4096   7.69 2.1x                        13.7 1.2x   (asym g128: 40 bytes spilled)
+#
+# M = 4..8 miss 4x: the products alone are M/2 per weight, and the final reduction (10 instructions per row and row
+# of x per thread) and x (16-byte loads and sums per row of x and lane, shared by only 2-8 rows) grow with M; with
+# zero points per group M = 8 runs out of registers (the previous kernel predicted 10.3 / 1.56x there: worse now).
+# N = 1024 x K = 4096, M = 1: twn 2.93 / 3.0x, int2-asym g128 3.45 / 2.75x with 2 rows per thread (512 warps;
+# previous 1.86x / 1.77x); the physical cap there is ~3.4x.
+# The M = 1 loop body is ~1.98 per weight (bf16: 8 LOP3 + 8 HFMA2 dequant + 8 HFMA2 products + 2 shifts + the merge
+# per 16 weights, the fp32 flush, loads); the rest is the prologue and the final 5-round shuffle reduction, ~0.1 per
+# weight at ~3.5k weights per thread (what 132 SMs x 4 warps leave each thread at these shapes).
+# * A thread owns 2R output rows (R row pairs) and K chunks ``ks, ks + KSPLIT, ks + 2 KSPLIT, ...`` of 16 * WORDS
+#   weights (one 16-byte vector per row and WORDS // 4); the KSPLIT lanes of one row group walk K side by side (the
+#   warp's loads of one row are contiguous: coalesced) and each keeps its partial sums in registers.  Nothing is
+#   exchanged inside the K loop; ONE cross-lane reduction (``tl.sum`` over the lane axis: log2(KSPLIT) shuffle
+#   rounds) at the very end.  So no split-K over programs, no workspace, no counters, no second kernel: the grid is
+#   N / BLOCK_N programs and the K parallelism that fills 132 SMs at N = 4096 comes from the lanes.  (The previous
+#   kernel split K over programs and reduced through a workspace: the reduction code, counted once per thread, and
+#   the epilogue cost 0.2-0.3 instructions per weight at the shapes of issue #10.)
+# * The rows a thread owns share its x: x is loaded once per chunk per thread (16-byte loads) and reused for 2R rows
+#   and, per dequantized weight pair, for all M rows of x.
+# * Magic-number dequantization, two weights per 32-bit op.  Rows n and n + BLOCK_N/2 are paired: a merge puts 8
+#   codes of row A in the low 16 bits and the same 8 k of row B in the high 16 bits; then per code position
+#   ``((comb >> sh) & (3 << 2e) * 0x10001) | magic`` is ONE LOP3 (the magic constant is a kernel argument, so it
+#   sits in a register and the mask is the only immediate) and yields the fp16x2 / bf16x2 pair ``magic + c * 4^e``;
+#   one HFMA2 ``v * 4^-e - (magic * 4^-e + OFF)`` gives ``c - OFF`` exactly for both rows (every constant is exact:
+#   the fp16 magic 1024 / bf16 magic 128 have ulp 1, and so do the scaled ones).  No per-weight convert.  The
+#   4^-e factor rides in that HFMA2 for free, so x needs no pre-scaled copies.  Per 16 weights: 8 LOP3 + 8 HFMA2
+#   + 2 (bf16) / 1 (fp16) shifts + the merge (2 ops per 32 weights).
+# * Keeping the compiler on that plan (Triton emits scalar 16-bit ops; LLVM's SLP vectorizer re-pairs them into
+#   half2 ops and pairs whatever is isomorphic): two words are stacked per step so every op covers 2 words x the
+#   thread's row pairs, and the merge mask is a runtime value; with either missing the SASS showed byte permutes
+#   (PRMT) re-pairing halves (~0.1-0.6 per weight).  Pairing k with k + 8 of one row instead of two rows made the
+#   vectorizer pair rows anyway, with a PRMT per pair.
 # * Products are packed half2 FMAs with x broadcast from one register half (``.H0_H0`` / ``.H1_H1``): one HFMA2 per
-#   two weights per row of x, so a dequantized pair is reused for all M rows of x in registers.
-# * Accuracy: a 16-bit lane accumulates LANE_RUN (16) products x * (c - OFF), |c - OFF| <= 2, then is flushed into
-#   an fp32 accumulator (the group scale rides in the same FFMA).  Emulated at K = 4096 against the fp32 reference
-#   (tests/test_packed_matmul.py::test_gemv_half2_accumulation_error): worst error 0.62x (fp16) / 0.43x (bf16) of
-#   the tests' tolerances.  An fp16 lane cannot overflow unless |x| > 65504 / (2 * LANE_RUN) = 2047 (LANE_RUN = 8
-#   is available as a config for larger activations).  Codes are centred on OFF (1 for ternary formats, 2
-#   otherwise); the remaining ``(OFF - z) * sum(x)`` (asymmetric formats, and seq 2-bit with z = 1.5) is added once
-#   per scale group in fp32 from a 16-bit sum of x.
-# * Scales once per group (in the flush FFMA); per-channel scales once in the epilogue.
-# * Split-K is fused: each program writes its fp32 partial to a persistent workspace, bumps a per-N-tile counter
-#   (acq_rel atomic after a CTA barrier), and the last program of the tile sums the partials in split order
-#   (deterministic), adds the bias, stores y and re-arms the counter to 0.  No memset or cast kernel per call, and no
-#   workspace at all when SPLIT_K == 1.
+#   two weights per row of x.  The pairing of rows (not of k) is what keeps the broadcast free: pairing k and k + 8
+#   of one row would need a byte permute per x pair.
+# * Accuracy: a 16-bit lane accumulates LANE_RUN products x * (c - OFF), |c - OFF| <= 2, then is flushed into an
+#   fp32 accumulator (the group scale rides in the same FFMA).  Emulated at K = 4096 against the fp32 reference
+#   (tests/test_packed_matmul.py::test_gemv_half2_accumulation_error).  An fp16 lane cannot overflow unless
+#   |x| > 65504 / (2 * LANE_RUN) (fp16 runs 16: 2047; a pinned LANE_RUN = 8 doubles it).  Codes are centred
+#   on OFF (1 for ternary formats, 2 otherwise); the remaining ``(OFF - z) * sum(x)`` (asymmetric formats, and seq
+#   2-bit with z = 1.5) is added once per scale group in fp32 from a 16-bit sum of x.
+# * Scales once per group (in the flush FFMA); per-channel scales once in the epilogue, after the reduction.
 @triton.jit
-def _gemv_load_words(ptrs, H: tl.constexpr, EVEN_K: tl.constexpr, w0, stride_w):
-    """One 16-byte vector per row ([H, 4] uint32, a whole row segment per thread, so the compiler keeps it in one
-    thread) -> tuple of its 4 words as [H] tensors (register-only splits of the in-thread dimension)."""
+def _gemv_load_words(ptrs, H: tl.constexpr, KS: tl.constexpr, EVEN_K: tl.constexpr, woff, stride_w):
+    """One 16-byte vector per row and lane ([H, KS, 4] uint32; the last axis whole in one thread) -> its 4 words
+    as [H, KS] tensors (register-only splits of the in-thread axis).  ``woff`` [1, KS, 4]: word offsets in the row."""
     if EVEN_K:
-        w = tl.load(ptrs + w0)
+        w = tl.load(ptrs + woff)
     else:
-        w = tl.load(ptrs + w0, mask=(w0 + tl.arange(0, 4) < stride_w)[None, :], other=0)
-    a, b = tl.split(tl.reshape(w, (H, 2, 2)))  # words (0, 2), (1, 3)
+        w = tl.load(ptrs + woff, mask=woff < stride_w, other=0)
+    a, b = tl.split(tl.reshape(w, (H, KS, 2, 2)))  # words (0, 2), (1, 3)
     w0_, w2_ = tl.split(a)
     w1_, w3_ = tl.split(b)
     return (w0_, w1_, w2_, w3_)
@@ -184,7 +211,7 @@ def _gemv_load_words(ptrs, H: tl.constexpr, EVEN_K: tl.constexpr, w0, stride_w):
 @triton.jit
 def _gemv_dequant_pair(comb, p: tl.constexpr, magic, OFF: tl.constexpr, X_BF16: tl.constexpr,
                        MATH_F32: tl.constexpr):
-    """Codes at position ``p`` (bits 2p and 16 + 2p) of ``comb`` -> [H, 2] (c - OFF) for (row A, row B), exact.
+    """Codes at position ``p`` (bits 2p and 16 + 2p) of ``comb`` -> [..., 2] (c - OFF) for (row A, row B), exact.
 
     fp16: magic 1024 (ulp 1) holds ``c * 4^e`` for e <= 4: positions 0..4 unshifted, 5..7 after one shift by 10.
     bf16: magic 128 holds e <= 2: positions 0..2, 3..5 (shift 6), 6..7 (shift 12).
@@ -214,20 +241,21 @@ def _gemv_dequant_pair(comb, p: tl.constexpr, magic, OFF: tl.constexpr, X_BF16: 
 
 
 @triton.jit
-def _gemv_x8(x_tile, rel: tl.constexpr, k0, K, EVEN_K: tl.constexpr, MATH_F32: tl.constexpr):
-    """x[k0 + rel : k0 + rel + 8] of one row (one 16-byte load, whole in every thread; ``x_tile`` points at k0, so
-    the constant ``rel`` folds into the load's immediate offset) -> (tuple of 8 scalars, [8] vector).  The splits
-    only name register halves."""
+def _gemv_x8(x_tile, rel: tl.constexpr, kl, K, EVEN_K: tl.constexpr, MATH_F32: tl.constexpr):
+    """x[k : k + 8] of one row of x for every lane, ``k = kl + rel`` ([KS] first k of each lane's chunk; one
+    16-byte load per lane; ``x_tile`` [KS] points at each lane's chunk, so ``rel`` folds into the immediate offset)
+    -> (tuple of 8 [KS] tensors, [KS, 8] vector).  The splits only name register halves."""
     offs = rel + tl.arange(0, 8)
     if EVEN_K:
-        v = tl.load(x_tile + offs)
+        v = tl.load(x_tile[:, None] + offs[None, :])
     else:
-        v = tl.load(x_tile + offs, mask=k0 + offs < K, other=0.0)
+        v = tl.load(x_tile[:, None] + offs[None, :], mask=(kl[:, None] + offs[None, :]) < K, other=0.0)
     if MATH_F32:
         v = v.to(tl.float32)
-    a, b = tl.split(tl.reshape(v, (4, 2)))  # (0, 2, 4, 6), (1, 3, 5, 7)
-    a0, a1 = tl.split(tl.reshape(a, (2, 2)))  # (0, 4), (2, 6)
-    b0, b1 = tl.split(tl.reshape(b, (2, 2)))  # (1, 5), (3, 7)
+    KS: tl.constexpr = v.shape[0]
+    a, b = tl.split(tl.reshape(v, (KS, 4, 2)))  # (0, 2, 4, 6), (1, 3, 5, 7)
+    a0, a1 = tl.split(tl.reshape(a, (KS, 2, 2)))  # (0, 4), (2, 6)
+    b0, b1 = tl.split(tl.reshape(b, (KS, 2, 2)))  # (1, 5), (3, 7)
     x0, x4 = tl.split(a0)
     x2, x6 = tl.split(a1)
     x1, x5 = tl.split(b0)
@@ -237,22 +265,22 @@ def _gemv_x8(x_tile, rel: tl.constexpr, k0, K, EVEN_K: tl.constexpr, MATH_F32: t
 
 @triton.jit
 def _gemv_vsum8(v):
-    """Sum of an [8] 16-bit vector: pairwise in 16 bits (packed adds), the last add in fp32."""
-    a, b = tl.split(tl.reshape(v, (4, 2)))
-    a, b = tl.split(tl.reshape(a + b, (2, 2)))
+    """Sum over the last axis of a [KS, 8] 16-bit tensor: pairwise in 16 bits (packed adds), the last add in fp32."""
+    KS: tl.constexpr = v.shape[0]
+    a, b = tl.split(tl.reshape(v, (KS, 4, 2)))
+    a, b = tl.split(tl.reshape(a + b, (KS, 2, 2)))
     a, b = tl.split(a + b)
     return a.to(tl.float32) + b.to(tl.float32)
 
 
 @triton.jit
-def _gemv_group_params(scale_ptr, zero_ptr, rows, rmask, g, G, HAS_ZERO: tl.constexpr, zc):
-    """fp32 [H, 2] scale s and offset factor s * (OFF - z) of scale group g for the row pairs."""
-    ra, rb = tl.split(rows)
-    ma, mb = tl.split(rmask)
-    # a K tile may reach past the last group (K not a multiple of the tile): those groups hold no weight and x is 0
+def _gemv_group_params(scale_ptr, zero_ptr, ra, rb, ma, mb, g, G, HAS_ZERO: tl.constexpr, zc):
+    """fp32 (scale s, offset factor s * (OFF - z)) of scale group(s) ``g`` for the row pairs, joined (row A, row B)
+    on a new last axis.  ``ra``/``rb``/``ma``/``mb``/``g``: broadcast-compatible row indices, row masks, groups."""
+    # a K chunk may reach past the last group (K not a multiple of the chunk): those groups hold no weight and x is 0
     # there, but their scale must not be read from past the row (the last row's would be past the tensor)
-    ma = ma & ((ra * 0 + g) < G)
-    mb = mb & ((rb * 0 + g) < G)
+    ma = ma & (g < G)
+    mb = mb & (g < G)
     sa = tl.load(scale_ptr + ra * G + g, mask=ma, other=0.0).to(tl.float32)
     sb = tl.load(scale_ptr + rb * G + g, mask=mb, other=0.0).to(tl.float32)
     s = tl.join(sa, sb)
@@ -267,93 +295,130 @@ def _gemv_group_params(scale_ptr, zero_ptr, rows, rmask, g, G, HAS_ZERO: tl.cons
 
 @triton.jit
 def _packed_gemv_kernel(
-    x_ptr, xs_ptr, qw_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
-    N, K, G, zc, magic,
+    x_ptr, xs_ptr, qw_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr,
+    N, K, G, zc, magic, lo_mask,
     stride_xm, stride_qn, stride_ym,
     HAS_ZERO: tl.constexpr, HAS_ZC: tl.constexpr, HAS_BIAS: tl.constexpr, X_SCALED: tl.constexpr,
     X_BF16: tl.constexpr, OFF: tl.constexpr, PER_CHANNEL: tl.constexpr, GS16: tl.constexpr,
-    EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr,
-    LANE_RUN: tl.constexpr, SPLIT_K: tl.constexpr, MATH_F32: tl.constexpr,
+    EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KSPLIT: tl.constexpr,
+    WORDS: tl.constexpr, LANE_RUN: tl.constexpr, MATH_F32: tl.constexpr,
 ):
     """y[:M, n0:n0+BLOCK_N] for M = BLOCK_M rows of x (fp16/bf16, K-contiguous rows; W2A8: fp16 integers, X_SCALED).
 
-    Tile = WORDS 32-bit words (16 codes each) per row; rows n0 + i and n0 + BLOCK_N/2 + i share a half2 lane pair.
-    GS16 = group_size // 16.  Scales are applied per block of GROUP_WORDS words that lies inside one group."""
+    Chunk = WORDS 32-bit words (16 codes each) per row; lane ks of a row group takes chunks ks + KSPLIT * t; rows
+    n0 + i and n0 + BLOCK_N/2 + i share a half2 lane pair.  GS16 = group_size // 16.  EVEN_K: every lane's every
+    chunk lies inside K (K a multiple of 16 * WORDS * KSPLIT): no masks.  Scales are applied per block of
+    GROUP_WORDS words that lies inside one group."""
     H: tl.constexpr = BLOCK_N // 2
-    # words per scale block: the whole tile (per-channel, or the tile inside one group), whole groups per tile, or
-    # one word (a group size such as 48 that neither divides nor is divided by the tile)
+    KS: tl.constexpr = KSPLIT
+    # words per scale block: the whole chunk (per-channel, or the chunk inside one group), whole groups per chunk,
+    # or one word (a group size such as 48 that neither divides nor is divided by the chunk)
     GROUP_WORDS: tl.constexpr = WORDS if (PER_CHANNEL or GS16 % WORDS == 0) else (
         GS16 if WORDS % GS16 == 0 else 1)
     NEED_X: tl.constexpr = HAS_ZERO or HAS_ZC
-    PDT: tl.constexpr = tl.float32 if MATH_F32 else (tl.bfloat16 if X_BF16 else tl.float16)  # partial sums
+    # words stacked per step (two when the scale block allows): each op then covers 2 words x the thread's row
+    # pairs, which is what keeps LLVM's vectorizer pairing the (row A, row B) halves (fewer rows: byte permutes)
+    QS: tl.constexpr = 2 if GROUP_WORDS % 2 == 0 else 1
+    # 16-bit products per lane before the fp32 flush: a run covers one or more whole steps (16 products per lane)
+    RUN_STEPS: tl.constexpr = LANE_RUN // 16 if LANE_RUN >= 16 else 1
     pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
     ri = pid_n * BLOCK_N + tl.arange(0, H)
+    ks = tl.arange(0, KS)
     rows = tl.join(ri, ri + H)  # [H, 2]: (row A, row B)
     rmask = rows < N
     ra, rb = tl.split(rows)
+    ma, mb = tl.split(rmask)
     stride_w = tl.multiple_of(stride_qn // 4, 4)  # words per packed row: whole 16-byte vectors by the layout
     magic = magic.to(tl.uint32)  # a runtime value, so it lives in a register and each dequant is one LOP3
+    # 0x0000FFFF, but a runtime value: with a constant, LLVM pushes each code position's shift and mask through the
+    # row-pair merge below and re-joins the two 16-bit halves with a byte permute per pair (seen in the SASS)
+    lo_mask = lo_mask.to(tl.uint32)
+    hi_mask = ~lo_mask
     qw = qw_ptr.to(tl.pointer_type(tl.uint32))
     rw = tl.arange(0, 4)
     # rows past N read row N - 1 instead of being masked (no zero-fill per load); their results are never stored
-    wa_ptrs = qw + tl.minimum(ra, N - 1).to(tl.int64)[:, None] * stride_w + rw[None, :]
-    wb_ptrs = qw + tl.minimum(rb, N - 1).to(tl.int64)[:, None] * stride_w + rw[None, :]
-    n_tiles = tl.cdiv(K, 16 * WORDS)
-    per_split = tl.cdiv(n_tiles, SPLIT_K)
-    t_begin = pid_k * per_split
-    t_end = tl.minimum(t_begin + per_split, n_tiles)
+    # 32-bit row offsets (one IMAD each; the launcher checks the packed weight has < 2^31 words)
+    wa_ptrs = qw + (tl.minimum(ra, N - 1) * stride_w)[:, None, None]
+    wb_ptrs = qw + (tl.minimum(rb, N - 1) * stride_w)[:, None, None]
+    lane_w = (ks * WORDS)[None, :, None] + rw[None, None, :]  # [1, KS, 4]: a lane's first word in its chunk
+    n_chunks = tl.cdiv(K, 16 * WORDS)
+    n_trips = tl.cdiv(n_chunks, KS)
 
     acc = ()
     xsum = ()
     for m in tl.static_range(BLOCK_M):
-        acc = acc + (tl.zeros((H, 2), dtype=tl.float32),)
-        xsum = xsum + (0.0,)
-    for t in range(t_begin, t_end):
-        w0 = t * WORDS
-        kt = w0 * 16
-        x_tiles = ()  # one base pointer per row of x and K tile: every x load below is base + constant
+        acc = acc + (tl.zeros((H, KS, QS, 2), dtype=tl.float32),)
+        xsum = xsum + (tl.zeros((KS,), dtype=tl.float32),)
+    for t in range(0, n_trips):
+        w0 = t * (KS * WORDS)  # first word of this trip's chunk of lane 0
+        kl = (w0 + ks * WORDS) * 16  # [KS]: first k of each lane's chunk
+        x_tiles = ()  # one pointer per lane per row of x: every x load below is that + a constant
         for m in tl.static_range(BLOCK_M):
-            x_tiles = x_tiles + (x_ptr + m * stride_xm + kt,)
+            x_tiles = x_tiles + (x_ptr + m * stride_xm + kl,)
         wa_w = ()
         wb_w = ()
         for v in tl.static_range(WORDS // 4):  # 16-byte vectors per row
-            wa_w = wa_w + _gemv_load_words(wa_ptrs, H, EVEN_K, w0 + 4 * v, stride_w)
-            wb_w = wb_w + _gemv_load_words(wb_ptrs, H, EVEN_K, w0 + 4 * v, stride_w)
+            wa_w = wa_w + _gemv_load_words(wa_ptrs, H, KS, EVEN_K, lane_w + (w0 + 4 * v), stride_w)
+            wb_w = wb_w + _gemv_load_words(wb_ptrs, H, KS, EVEN_K, lane_w + (w0 + 4 * v), stride_w)
         for gi in tl.static_range(WORDS // GROUP_WORDS):
             if not PER_CHANNEL:
-                s, tz = _gemv_group_params(scale_ptr, zero_ptr, rows, rmask,
-                                           (w0 + gi * GROUP_WORDS) // GS16, G, HAS_ZERO, zc)
+                g = ((w0 + ks * WORDS + gi * GROUP_WORDS) // GS16)[None, :]  # [1, KS]: each lane's group
+                s, tz = _gemv_group_params(scale_ptr, zero_ptr, ra[:, None], rb[:, None], ma[:, None],
+                                           mb[:, None], g, G, HAS_ZERO, zc)
+                s = s[:, :, None, :]
+                # added to each of the QS stacked word slots of acc, which the epilogue sums: 1 / QS of it each
+                # (exact: a power of two)
+                tz = tz[:, :, None, :] * (1.0 / QS)
             gx = ()
             for m in tl.static_range(BLOCK_M):
-                gx = gx + (0.0,)
-            for q in tl.static_range(GROUP_WORDS):
-                wa_q = wa_w[gi * GROUP_WORDS + q]
-                wb_q = wb_w[gi * GROUP_WORDS + q]
-                # x of this word (two 16-byte loads per row of x), reused by every row pair of the thread
+                gx = gx + (tl.zeros((KS,), dtype=tl.float32),)
+            for qq in tl.static_range(GROUP_WORDS // QS):
+                # the QS words of the step (first: gi * GROUP_WORDS + qq * QS), stacked on a new axis: [H, KS, QS]
+                if QS == 2:
+                    wa_q = tl.join(wa_w[gi * GROUP_WORDS + qq * QS], wa_w[gi * GROUP_WORDS + qq * QS + 1])
+                    wb_q = tl.join(wb_w[gi * GROUP_WORDS + qq * QS], wb_w[gi * GROUP_WORDS + qq * QS + 1])
+                else:
+                    wa_q = wa_w[gi * GROUP_WORDS + qq * QS][:, :, None]
+                    wb_q = wb_w[gi * GROUP_WORDS + qq * QS][:, :, None]
+                # x of these words (two 16-byte loads per word, lane and row of x), reused by every row pair
                 xs8 = ()
-                xv = ()
+                new = ()
                 for m in tl.static_range(BLOCK_M):
-                    lo8, vlo = _gemv_x8(x_tiles[m], (gi * GROUP_WORDS + q) * 16, kt, K, EVEN_K, MATH_F32)
-                    hi8, vhi = _gemv_x8(x_tiles[m], (gi * GROUP_WORDS + q) * 16 + 8, kt, K, EVEN_K, MATH_F32)
-                    xs8 = xs8 + (lo8 + hi8,)
-                    xv = xv + (vlo + vhi,)
-                part = ()  # 16-bit partial sums, one [H, 2] per row of x
+                    xw = ()
+                    gxm = gx[m]
+                    for j in tl.static_range(QS):
+                        lo8, vlo = _gemv_x8(x_tiles[m], (gi * GROUP_WORDS + qq * QS + j) * 16, kl, K, EVEN_K,
+                                            MATH_F32)
+                        hi8, vhi = _gemv_x8(x_tiles[m], (gi * GROUP_WORDS + qq * QS + j) * 16 + 8, kl, K, EVEN_K,
+                                            MATH_F32)
+                        xw = xw + (lo8 + hi8,)
+                        if NEED_X:  # sum of this word's 16 x per lane and row of x
+                            gxm = gxm + _gemv_vsum8(vlo + vhi)
+                    xs8 = xs8 + (xw,)
+                    new = new + (gxm,)
+                gx = new
                 for hf in tl.static_range(2):
                     if hf == 0:
-                        comb = (wa_q & 0xFFFF) | (wb_q << 16)
+                        comb = (wa_q & lo_mask) | (wb_q << 16)
                     else:
-                        comb = (wa_q >> 16) | (wb_q & 0xFFFF0000)
+                        comb = (wa_q >> 16) | (wb_q & hi_mask)
                     for p in tl.static_range(8):
-                        c = _gemv_dequant_pair(comb, p, magic, OFF, X_BF16, MATH_F32)
+                        c = _gemv_dequant_pair(comb, p, magic, OFF, X_BF16, MATH_F32)  # [H, KS, QS, 2]
                         new = ()
                         for m in tl.static_range(BLOCK_M):
-                            if p == 0 and (hf == 0 or LANE_RUN == 8):  # a run starts with a product, not 0 + ...
-                                new = new + (c * xs8[m][hf * 8 + p],)
+                            if QS == 2:
+                                xk = tl.join(xs8[m][0][hf * 8 + p], xs8[m][1][hf * 8 + p])[None, :, :, None]
                             else:
-                                new = new + (tl.fma(c, xs8[m][hf * 8 + p], part[m]),)
+                                xk = xs8[m][0][hf * 8 + p][None, :, None, None]
+                            # a run starts with a product (not 0 + ...): first step of a run, or every half
+                            if p == 0 and ((hf == 0 and qq % RUN_STEPS == 0) or LANE_RUN == 8):
+                                new = new + (c * xk,)
+                            else:
+                                new = new + (tl.fma(c, xk, part[m]),)
                         part = new
-                    if LANE_RUN == 8 or hf == 1:  # flush the 16-bit partials into fp32 (scale in the same FFMA)
+                    if LANE_RUN == 8 or (hf == 1 and (qq % RUN_STEPS == RUN_STEPS - 1 or
+                                                      qq == GROUP_WORDS // QS - 1)):
+                        # flush the 16-bit partials into fp32 (end of a run, or of a scale block)
                         new = ()
                         for m in tl.static_range(BLOCK_M):
                             if PER_CHANNEL:
@@ -361,11 +426,6 @@ def _packed_gemv_kernel(
                             else:
                                 new = new + (tl.fma(part[m].to(tl.float32), s, acc[m]),)
                         acc = new
-                if NEED_X:  # sum of this word's 16 x per row of x
-                    new = ()
-                    for m in tl.static_range(BLOCK_M):
-                        new = new + (gx[m] + _gemv_vsum8(xv[m]),)
-                    gx = new
             if NEED_X:
                 if PER_CHANNEL:
                     new = ()
@@ -375,48 +435,25 @@ def _packed_gemv_kernel(
                 else:
                     new = ()
                     for m in tl.static_range(BLOCK_M):
-                        new = new + (acc[m] + tz * gx[m],)
+                        new = new + (acc[m] + tz * gx[m][None, :, None, None],)
                     acc = new
 
-    # epilogue: per-channel scale and offset, x scale (W2A8), then store or the fused split-K reduction
+    # epilogue: the one cross-lane reduction, per-channel scale and offset, x scale (W2A8), bias, store
     if PER_CHANNEL:
-        s, tz = _gemv_group_params(scale_ptr, zero_ptr, rows, rmask, 0, 1, HAS_ZERO, zc)
-    res = ()
+        s, tz = _gemv_group_params(scale_ptr, zero_ptr, ra, rb, ma, mb, 0, 1, HAS_ZERO, zc)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
     for m in tl.static_range(BLOCK_M):
-        r = acc[m]
+        r = tl.sum(tl.sum(acc[m], axis=2), axis=1)  # [H, 2]: the stacked words, then the lanes
         if PER_CHANNEL:
             r = r * s
             if NEED_X:
-                r = r + tz * xsum[m]
+                r = r + tz * tl.sum(xsum[m], axis=0)
         if X_SCALED:
             r = r * tl.load(xs_ptr + m)
-        res = res + (r,)
-    if SPLIT_K == 1:
         if HAS_BIAS:
-            bias = tl.load(bias_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
-        for m in tl.static_range(BLOCK_M):
-            r = res[m]
-            if HAS_BIAS:
-                r = r + bias
-            tl.store(y_ptr + m * stride_ym + rows, r.to(y_ptr.dtype.element_ty), mask=rmask)
-    else:
-        ws_tile = ws_ptr + pid_n * (SPLIT_K * BLOCK_M * BLOCK_N)
-        lin = tl.join(tl.arange(0, H), tl.arange(0, H) + H)
-        for m in tl.static_range(BLOCK_M):
-            tl.store(ws_tile + (pid_k * BLOCK_M + m) * BLOCK_N + lin, res[m])
-        tl.debug_barrier()  # every thread's partial is written before the (release) counter bump
-        arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLIT_K - 1:  # the last program of this N tile: reduce in split order, store, re-arm
-            if HAS_BIAS:
-                bias = tl.load(bias_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
-            for m in tl.static_range(BLOCK_M):
-                r = tl.zeros((H, 2), dtype=tl.float32)
-                for sk in range(SPLIT_K):
-                    r += tl.load(ws_tile + (sk * BLOCK_M + m) * BLOCK_N + lin, cache_modifier=".cg")
-                if HAS_BIAS:
-                    r = r + bias
-                tl.store(y_ptr + m * stride_ym + rows, r.to(y_ptr.dtype.element_ty), mask=rmask)
-            tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed", scope="gpu")
+            r = r + bias
+        tl.store(y_ptr + m * stride_ym + rows, r.to(y_ptr.dtype.element_ty), mask=rmask)
 
 
 # ---- GEMM: M > 8, tensor cores on magic-number-dequantized tiles; fused split-K --------------------------------
@@ -903,55 +940,87 @@ _gemm = triton.autotune(configs=_GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "G", "
                         prune_configs_by={"early_config_prune": _prune_gemm})(_packed_matmul_kernel)
 
 
-# ---- GEMV configs, pruning, autotuning, workspace ------------------------------------------------------------------
+# ---- GEMV configs, pruning, autotuning -----------------------------------------------------------------------------
 _GEMV_MAGIC = {torch.float16: 0x64006400, torch.bfloat16: 0x43004300}  # 1024.0 / 128.0 in both 16-bit halves
 
 
-_GEMV_LANE_RUN = 16  # products per 16-bit lane before the fp32 flush (accuracy: see the kernel's comment)
+# products per 16-bit lane before the fp32 flush (accuracy: see the kernel's comment).  fp16 x keeps 16 so that a
+# lane cannot overflow below |x| = 65504 / (2 * 16) = 2047 (activation outliers); bf16 (fp32's range) and W2A8's
+# integer x (|q| <= 127) take 32, halving the flush cost.
+_GEMV_LANE_RUN = {torch.bfloat16: 32, torch.float16: 16, "int8": 32}
 
 
-def _gemv_cfg(block_n: int, words: int, warps: int, split_k: int, lane_run: int = _GEMV_LANE_RUN) -> triton.Config:
-    return triton.Config(dict(BLOCK_N=block_n, WORDS=words, SPLIT_K=split_k, LANE_RUN=lane_run),
-                         num_warps=warps, num_stages=1)
+def _gemv_cfg(block_n: int, ksplit: int, words: int, warps: int, even_k: bool = False) -> triton.Config:
+    return triton.Config(dict(BLOCK_N=block_n, KSPLIT=ksplit, WORDS=words, EVEN_K=even_k), num_warps=warps,
+                         num_stages=1)
 
 
-# (BLOCK_N, WORDS, warps, SPLIT_K).  BLOCK_N = 2 rows x 32 lanes x warps x ROWS_PER_THREAD; a thread loads WORDS
-# 32-bit words (16 or 32 bytes) per row per K tile.  The first entry that survives pruning is the interpreter's.
-_GEMV_CONFIGS = [_gemv_cfg(*c) for c in [
-    (64, 4, 1, 1),
-    (64, 8, 1, 1), (64, 8, 1, 4), (64, 8, 1, 8), (64, 8, 1, 16), (128, 8, 2, 4), (128, 8, 2, 8), (128, 4, 2, 8),
-    (256, 8, 1, 1), (256, 8, 1, 2), (256, 8, 1, 4), (256, 8, 1, 8), (256, 8, 1, 16), (256, 8, 1, 32),
-    (128, 8, 1, 1), (128, 8, 1, 2), (128, 8, 1, 4), (128, 8, 1, 8), (128, 8, 1, 16), (128, 8, 1, 32),
-    (512, 8, 2, 1), (512, 8, 2, 4), (512, 8, 2, 8), (256, 8, 2, 4), (256, 8, 2, 8),
-    (256, 4, 1, 1), (256, 4, 1, 2), (256, 4, 1, 4), (256, 4, 1, 8), (256, 4, 1, 16), (256, 4, 1, 32),
-    (512, 4, 1, 8), (512, 4, 1, 16), (128, 4, 1, 1), (128, 4, 1, 4), (128, 4, 1, 8), (128, 4, 1, 16), (128, 4, 1, 32),
+def _gemv_rows(block_n: int, ksplit: int, warps: int) -> int:
+    """Output rows per thread (2 per row pair): BLOCK_N = rows x (lanes on rows) x (warps on rows)."""
+    lanes_k = min(ksplit, 32)
+    warps_k = max(1, ksplit // 32)
+    return max(2, block_n // ((32 // lanes_k) * max(1, warps // warps_k)))
+
+
+# (BLOCK_N, KSPLIT, WORDS, warps).  The 32 lanes of a one-warp program split K (KSPLIT = 32) over the BLOCK_N rows
+# every thread owns, loading WORDS 32-bit words (16 or 32 bytes) per row per chunk.  Why these: 8 rows per thread
+# amortize x, the prologue and the final reduction and keep LLVM's vectorizer pairing the (row A, row B) halves
+# (2-4 rows: for M = 4..8, registers); 16 rows for wide N (N / 16 warps still fill 132 SMs at N >= 8192; not with
+# 8 words: 255 registers and spills with scale groups).  WORDS = 4
+# where 8 words per lane would leave lanes idle (K = 14336: 112 chunks of 128 over 32 lanes).  KSPLIT < 32 (lanes
+# on rows) and more warps work but are not listed: x is then loaded in a layout that the compiler redistributes with
+# shuffles inside the loop (seen in the SASS).  Each comes twice: EVEN_K (K a multiple of 16 * WORDS * KSPLIT, no
+# masks) and not; pruning keeps the one K needs.  The first entry that survives pruning is the interpreter's.
+_GEMV_CONFIGS = [_gemv_cfg(*c, even_k=e) for e in (False, True) for c in [
+    (8, 32, 4, 1), (8, 32, 8, 1), (16, 32, 4, 1), (4, 32, 4, 1), (4, 32, 8, 1), (2, 32, 4, 1), (2, 32, 8, 1),
 ]]
-_GEMV_MAX_REGS = 160  # estimated 32-bit registers per thread a config may keep live (ptxas spills above ~255)
 
 
-def _gemv_regs(block_m: int, block_n: int, words: int, warps: int) -> int:
-    """Live registers per thread: packed words, fp32 accumulators and 16-bit partials per row pair, x pairs."""
-    pairs = block_n // (64 * warps)
-    return pairs * (2 * words + block_m * 3) + 8 * block_m + 24
+def _gemv_even_k(K: int, c: Dict) -> bool:
+    """Every lane's every chunk lies inside K: the kernel needs no masks."""
+    return K % (16 * c["WORDS"] * c["KSPLIT"]) == 0
 
 
-_GEMV_WARPS = (256, 4096)  # grid sizes (warps) worth timing: enough loads in flight on 132 SMs, not a tail of waves
+_GEMV_MAX_REGS = 272  # estimated 32-bit registers per thread a config may keep live (ptxas spills above ~255)
+
+
+def _gemv_regs(block_m: int, block_n: int, ksplit: int, words: int, warps: int, group_zeros: bool = False) -> int:
+    """Live registers per thread, fitted to ptxas' sm_90 counts so that the configs that spilled are out (M = 1:
+    8 rows 96-168 by format, 16 rows x 4 words 168-254, 16 rows x 8 words 255 + spills with scale groups; M = 2:
+    16 rows x 4 words spills; M = 4: 8 rows x 4 words 254, x 8 words spills; M = 8: 4 rows x 4 words 255): packed
+    words (twice: the loaded vectors and their merges), ~4 per row and row of x (accumulators, partials), x; zero
+    points per group add the group's x sums (M = 8, 4 rows spilled)."""
+    rows = _gemv_rows(block_n, ksplit, warps)
+    return rows * (2 * words + 4 * block_m) + 8 * block_m + 24 + (4 * block_m if group_zeros else 0)
+
+
+_GEMV_WARPS = (480, 8192)  # grid sizes (warps) worth timing: >= ~4 warps on each of 132 SMs, not a tail of waves
 
 
 def _prune_gemv(configs: List[triton.Config], named_args: Dict, **kwargs) -> List[triton.Config]:
     K, N, bm = named_args["K"], named_args.get("N"), kwargs["BLOCK_M"]
     keep = []
     for c in configs:
-        bn, words, sk = c.kwargs["BLOCK_N"], c.kwargs["WORDS"], c.kwargs["SPLIT_K"]
-        if _gemv_regs(bm, bn, words, c.num_warps) > _GEMV_MAX_REGS:
+        bn, ksp, words = c.kwargs["BLOCK_N"], c.kwargs["KSPLIT"], c.kwargs["WORDS"]
+        group_zeros = bool(kwargs.get("HAS_ZERO")) and not kwargs.get("PER_CHANNEL", True)
+        if _gemv_regs(bm, bn, ksp, words, c.num_warps, group_zeros) > _GEMV_MAX_REGS:
             continue
-        if sk > 1 and triton.cdiv(K, 16 * words) < 2 * sk:  # each split gets >= 2 K tiles
+        if triton.cdiv(K, 16 * words) < ksp:  # every lane gets a chunk
+            continue
+        if c.kwargs["EVEN_K"] != _gemv_even_k(K, c.kwargs):
             continue
         keep.append(c)
+    even = [c for c in keep if c.kwargs["EVEN_K"]]
+    keep = even or keep  # lanes that run out of chunks early idle: time the configs that split K evenly
     if N is not None and keep:  # time only grids that fill the GPU (else the widest ones): fewer compiles
-        warps = {id(c): triton.cdiv(N, c.kwargs["BLOCK_N"]) * c.kwargs["SPLIT_K"] * c.num_warps for c in keep}
+        warps = {id(c): triton.cdiv(N, c.kwargs["BLOCK_N"]) * c.num_warps for c in keep}
         fit = [c for c in keep if _GEMV_WARPS[0] <= warps[id(c)] <= _GEMV_WARPS[1]]
         keep = fit or sorted(keep, key=lambda c: -warps[id(c)])[:4]
+    # among those, 8-32 (row, row of x) outputs per thread: fewer leave x loads and the vectorizer's pairing
+    # unamortized (byte permutes in the SASS at 4 rows, M = 1), more run out of registers -- unless only fewer rows
+    # fill the GPU (N = 1024: 2 rows per thread, 512 warps, predict 3.0x where 8 rows and 128 warps predict 1.6x)
+    keep = [c for c in keep if 8 <= _gemv_rows(c.kwargs["BLOCK_N"], c.kwargs["KSPLIT"], c.num_warps) * bm <= 32] \
+        or keep
     if not keep:
         keep = [_GEMV_CONFIGS[0]]
     return keep[:1] if _interpret() else keep
@@ -959,21 +1028,6 @@ def _prune_gemv(configs: List[triton.Config], named_args: Dict, **kwargs) -> Lis
 
 _gemv = triton.autotune(configs=_GEMV_CONFIGS, key=["BLOCK_M", "N", "K", "G", "HAS_ZERO", "X_BF16", "X_SCALED"],
                         prune_configs_by={"early_config_prune": _prune_gemv})(_packed_gemv_kernel)
-
-_GEMV_WS: Dict = {}  # device -> (fp32 partials, int32 counters): persistent, grown on demand, never per call
-
-
-def _gemv_workspace(device, n_floats: int, n_counters: int):
-    """Split-K scratch for the fused reduction.  The counters start at 0 and every launch leaves them at 0 (the last
-    program of an N tile re-arms its counter), so they are zeroed once, here, and never again.  One workspace per
-    device: GEMV launches that split K must not run concurrently on two streams of one device."""
-    ws, cnt = _GEMV_WS.get(device, (None, None))
-    if ws is None or ws.numel() < n_floats:
-        ws = torch.empty(max(n_floats, 1 << 16), dtype=torch.float32, device=device)
-    if cnt is None or cnt.numel() < n_counters:
-        cnt = torch.zeros(max(n_counters, 1024), dtype=torch.int32, device=device)
-    _GEMV_WS[device] = (ws, cnt)
-    return ws, cnt
 
 
 def _gemv_meta(x_dtype, zero_point, code_offset, G: int, gs: int) -> Dict:
@@ -998,29 +1052,19 @@ def _launch_gemv(x, x_scale, qweight, scale, zero_point, bias, code_offset, M, N
     # the interpreter cannot do bf16 arithmetic (it operates on the bit patterns); there the bf16 kernel takes its
     # exact dequantized values and x to fp32 (the 16-bit rounding of the GPU path is covered by
     # tests/test_packed_matmul.py::test_gemv_half2_accumulation_error)
-    common = dict(meta, HAS_BIAS=bias is not None, X_SCALED=x_scale is not None, EVEN_K=K % 128 == 0, BLOCK_M=M,
-                  MATH_F32=meta["X_BF16"] and _interpret())
-    if config is not None:
-        cfgs = [_gemv_cfg(config["BLOCK_N"], config.get("WORDS", 8), config.get("num_warps", 1),
-                          config.get("SPLIT_K", 1), config.get("LANE_RUN", _GEMV_LANE_RUN))]
-    else:
-        cfgs = _GEMV_CONFIGS
-    # workspace for the largest split any candidate config may use (none when no candidate splits K)
-    need_f = max((triton.cdiv(N, c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_N"] * c.kwargs["SPLIT_K"] * M
-                  for c in cfgs if c.kwargs["SPLIT_K"] > 1), default=0)
-    need_c = max((triton.cdiv(N, c.kwargs["BLOCK_N"]) for c in cfgs if c.kwargs["SPLIT_K"] > 1), default=0)
-    ws, cnt = _gemv_workspace(x.device, need_f, need_c) if need_f else (None, None)
-    if ws is None:  # typed placeholders: SPLIT_K == 1 programs never touch them
-        ws, cnt = y, y
-    args = (x, x_scale, qweight, scale, zero_point, bias, y, ws, cnt, N, K, G, zc, _GEMV_MAGIC[x.dtype],
+    common = dict(meta, HAS_BIAS=bias is not None, X_SCALED=x_scale is not None, BLOCK_M=M,
+                  MATH_F32=meta["X_BF16"] and _interpret(),
+                  LANE_RUN=_GEMV_LANE_RUN["int8" if x_scale is not None else x.dtype])
+    args = (x, x_scale, qweight, scale, zero_point, bias, y, N, K, G, zc, _GEMV_MAGIC[x.dtype], 0xFFFF,
             x.stride(0), qweight.stride(0), y.stride(0))
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
     if config is not None:
-        c = cfgs[0]
-        _packed_gemv_kernel[grid({**common, **c.kwargs})](*args, **common, **c.kwargs, num_warps=c.num_warps,
-                                                         num_stages=c.num_stages)
+        kw = dict(BLOCK_N=config["BLOCK_N"], KSPLIT=config.get("KSPLIT", 32), WORDS=config.get("WORDS", 4))
+        c = _gemv_cfg(kw["BLOCK_N"], kw["KSPLIT"], kw["WORDS"], config.get("num_warps", 1), _gemv_even_k(K, kw))
+        common["LANE_RUN"] = config.get("LANE_RUN", common["LANE_RUN"])
+        _packed_gemv_kernel[(triton.cdiv(N, c.kwargs["BLOCK_N"]),)](*args, **common, **c.kwargs,
+                                                                   num_warps=c.num_warps, num_stages=c.num_stages)
     else:
-        _gemv[grid](*args, **common)
+        _gemv[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, **common)
     return y
 
 
@@ -1173,7 +1217,8 @@ def _use_gemv(M: int, x_dtype: torch.dtype, w2a8: bool, config: Optional[Dict] =
 
 def _launch(x, x_scale, qweight, scale, zero_point, bias, code_offset, M, N, K, G, gs, out_dtype,
             config: Optional[Dict] = None) -> torch.Tensor:
-    if _use_gemv(M, x.dtype, x_scale is not None, config):  # decode: the half2 GEMV
+    # decode: the half2 GEMV (a packed weight of 2^31+ words takes the GEMM: the GEMV's row offsets are 32-bit)
+    if _use_gemv(M, x.dtype, x_scale is not None, config) and qweight.numel() < 2 ** 33:
         return _launch_gemv(x, x_scale, qweight, scale, zero_point, bias, code_offset, M, N, K, G, gs, out_dtype,
                             config)
     return _launch_gemm(x, x_scale, qweight, scale, zero_point, bias, code_offset, M, N, K, G, gs, out_dtype,
@@ -1348,17 +1393,17 @@ def _static_launches_gemv(M: int, N: int, K: int, fmt: str, group_size: Optional
     tname = {torch.float16: "fp16", torch.bfloat16: "bf16"}
     meta = _gemv_meta(xt, None if co is not None else True, co, G, gs)
     zc = meta.pop("zc")
-    consts = dict(meta, HAS_BIAS=False, bias_ptr=None, X_SCALED=a8, EVEN_K=K % 128 == 0, BLOCK_M=M, MATH_F32=False)
+    consts = dict(meta, HAS_BIAS=False, bias_ptr=None, X_SCALED=a8, BLOCK_M=M, MATH_F32=False)
     if not a8:
         consts["xs_ptr"] = None
     if not meta["HAS_ZERO"]:
         consts["zero_ptr"] = None
     types = dict(x_ptr="*" + tname[xt], xs_ptr="*fp32", qw_ptr="*u8", scale_ptr="*fp16", zero_ptr="*fp16",
-                 bias_ptr="*" + tname[xt], y_ptr="*bf16" if a8 else "*" + tname[xt], ws_ptr="*fp32",
-                 cnt_ptr="*i32", N="i32", K="i32", G="i32", zc="fp32", magic="i32", stride_xm="i32",
+                 bias_ptr="*" + tname[xt], y_ptr="*bf16" if a8 else "*" + tname[xt],
+                 N="i32", K="i32", G="i32", zc="fp32", magic="i32", lo_mask="i32", stride_xm="i32",
                  stride_qn="i32", stride_ym="i32")
-    ints = dict(N=N, K=K, G=G, magic=_GEMV_MAGIC[xt], stride_xm=K, stride_qn=-(-K // 64) * 16, stride_ym=N)
-    div16 = ["x_ptr", "xs_ptr", "qw_ptr", "scale_ptr", "zero_ptr", "y_ptr", "ws_ptr", "cnt_ptr"] + \
+    ints = dict(N=N, K=K, G=G, magic=_GEMV_MAGIC[xt], lo_mask=0xFFFF, stride_xm=K, stride_qn=-(-K // 64) * 16, stride_ym=N)
+    div16 = ["x_ptr", "xs_ptr", "qw_ptr", "scale_ptr", "zero_ptr", "y_ptr"] + \
         [n for n, v in ints.items() if v % 16 == 0]
     pre = []
     if a8:  # per-token int8 quantization written as fp16 integers: reads x twice, writes q and the row scales
@@ -1374,20 +1419,22 @@ def _static_launches_gemv(M: int, N: int, K: int, fmt: str, group_size: Optional
                 "bytes": M * K * 2 * 2 + M * K * 2 + M * 4, "mma_flops": 0}]
     sbytes = N * G * 2 * (2 if meta["HAS_ZERO"] else 1)
     calls = []
-    for c in _prune_gemv(_GEMV_CONFIGS, dict(K=K, N=N), BLOCK_M=M):
-        bn, words, sk, lane = (c.kwargs[k] for k in ("BLOCK_N", "WORDS", "SPLIT_K", "LANE_RUN"))
-        ct = dict(consts, BLOCK_N=bn, WORDS=words, SPLIT_K=sk, LANE_RUN=lane)
+    for c in _prune_gemv(_GEMV_CONFIGS, dict(K=K, N=N), BLOCK_M=M, HAS_ZERO=meta["HAS_ZERO"],
+                         PER_CHANNEL=meta["PER_CHANNEL"]):
+        bn, ksp, words = (c.kwargs[k] for k in ("BLOCK_N", "KSPLIT", "WORDS"))
+        lane = _GEMV_LANE_RUN["int8" if a8 else xt]
+        ct = dict(consts, **c.kwargs, LANE_RUN=lane)
         sig = {n: ("constexpr" if n in ct else types[n]) for n in _packed_gemv_kernel.arg_names}
-        n_tiles = triton.cdiv(K, 16 * words)
-        ws_bytes = 2 * sk * M * N * 4 if sk > 1 else 0  # partials written once and read once by the last program
+        trips = triton.cdiv(triton.cdiv(K, 16 * words), ksp)  # K-loop trips: chunks per lane
         launch = {"name": "packed_gemv",
                   "triton": {"fn": _packed_gemv_kernel, "signature": sig, "constexprs": ct, "num_warps": c.num_warps,
                              "num_stages": c.num_stages, "divisible_by_16": [n for n in div16 if sig[n] != "constexpr"]},
-                  "grid": [triton.cdiv(N, bn), sk, 1], "threads_per_cta": 32 * c.num_warps,
-                  "loop_trips": n_tiles / sk, "weights": N * K,
-                  "bytes": N * (-(-K // 64) * 16) + sbytes + M * K * 2 + M * N * 2 + ws_bytes, "mma_flops": 0}
+                  "grid": [triton.cdiv(N, bn), 1, 1], "threads_per_cta": 32 * c.num_warps,
+                  "loop_trips": float(trips), "weights": N * K,
+                  "bytes": N * (-(-K // 64) * 16) + sbytes + M * K * 2 + M * N * 2, "mma_flops": 0}
         calls.append({"kernel": "packed_gemv", "backend": "triton",
-                      "config": f"BLOCK_N={bn} WORDS={words} SPLIT_K={sk} warps={c.num_warps} LANE_RUN={lane}",
+                      "config": f"BLOCK_N={bn} KSPLIT={ksp} WORDS={words} warps={c.num_warps} LANE_RUN={lane}"
+                                f" rows/thread={_gemv_rows(bn, ksp, c.num_warps)}",
                       "launches": pre + [launch]})
     return calls
 

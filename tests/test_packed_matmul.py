@@ -125,11 +125,13 @@ def test_small_m_runs_the_tensor_core_gemm(M, N, K, group, fmt, dtype, poison, m
     assert_close_to(y, reference.packed_matmul(x, qw, s, z, b, K, co), dtype)
 
 
-# pinned meta-parameters: both kernels, split-K on and off (including a split that leaves some programs no K tile)
+# pinned meta-parameters: both kernels; the GEMV's K split over 32 lanes (most lanes without a chunk at K = 192),
+# over lanes and warps of a row group, and with lanes on rows; the GEMM's split-K on and off
 CONFIGS = [
-    (2, dict(BLOCK_N=16, WORDS=4, SPLIT_K=1)),
-    (5, dict(BLOCK_N=32, WORDS=8, SPLIT_K=3, LANE_RUN=8)),
-    (8, dict(BLOCK_N=16, WORDS=4, SPLIT_K=8)),
+    (2, dict(BLOCK_N=8, KSPLIT=32, WORDS=4)),
+    (5, dict(BLOCK_N=4, KSPLIT=32, WORDS=8, LANE_RUN=8)),
+    (8, dict(BLOCK_N=16, KSPLIT=4, WORDS=4, num_warps=2, LANE_RUN=32)),
+    (3, dict(BLOCK_N=8, KSPLIT=64, WORDS=4, num_warps=2)),
     (12, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=8, SPLIT_K=1)),
     (16, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, GROUP_M=8, SPLIT_K=4)),
     (70, dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, GROUP_M=2, SPLIT_K=1)),
@@ -321,8 +323,8 @@ def test_static_launches_small_m_lists_what_the_launcher_picks(M):
 
 @needs_kernels
 @pytest.mark.parametrize("M,config", [
-    (3, dict(BLOCK_N=16, WORDS=8, SPLIT_K=1)),
-    (3, dict(BLOCK_N=16, WORDS=8, SPLIT_K=2)),
+    (3, dict(BLOCK_N=8, KSPLIT=2, WORDS=8)),  # lane 1's second chunk lies past K: masked
+    (3, dict(BLOCK_N=4, KSPLIT=32, WORDS=4)),
     (20, dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=256, GROUP_M=8, SPLIT_K=1)),
 ])
 def test_k_tile_wider_than_the_packed_row(M, config, poison):
@@ -499,17 +501,19 @@ def test_gemv_autotune_pruning(monkeypatch, K, block_m):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     k = _kern()
     keep = k._prune_gemv(k._GEMV_CONFIGS, dict(K=K, N=4096), BLOCK_M=block_m)
-    assert len(keep) >= 2
+    assert keep
     if K >= 4096:
-        assert any(c.kwargs["SPLIT_K"] > 1 for c in keep)  # N = 4096 alone gives too few warps for 132 SMs
-        assert all(256 <= -(-4096 // c.kwargs["BLOCK_N"]) * c.kwargs["SPLIT_K"] * c.num_warps <= 4096 for c in keep)
+        # N = 4096: enough one-warp programs for ~4 warps on each of 132 SMs, and K split evenly over the lanes
+        assert all(480 <= -(-4096 // c.kwargs["BLOCK_N"]) * c.num_warps <= 8192 for c in keep)
+        assert all(c.kwargs["EVEN_K"] and K % (16 * c.kwargs["WORDS"] * c.kwargs["KSPLIT"]) == 0 for c in keep)
     assert len(k._prune_gemv(k._GEMV_CONFIGS, dict(K=K), BLOCK_M=block_m)) >= len(keep)  # N unknown: no grid filter
     for c in keep:
-        bn, words, sk = c.kwargs["BLOCK_N"], c.kwargs["WORDS"], c.kwargs["SPLIT_K"]
-        assert bn % (64 * c.num_warps) == 0 and words in (4, 8)  # whole row pairs per thread, 16-byte vectors
-        assert k._gemv_regs(block_m, bn, words, c.num_warps) <= k._GEMV_MAX_REGS
-        assert sk == 1 or -(-K // (16 * words)) >= 2 * sk
-        assert c.pre_hook is None  # the split-K reduction is fused: nothing runs before the kernel
+        bn, ksp, words = c.kwargs["BLOCK_N"], c.kwargs["KSPLIT"], c.kwargs["WORDS"]
+        assert words in (4, 8) and bn % 2 == 0  # 16-byte vectors, whole row pairs
+        assert k._gemv_regs(block_m, bn, ksp, words, c.num_warps) <= k._GEMV_MAX_REGS or c is k._GEMV_CONFIGS[0]
+        assert c.kwargs["EVEN_K"] == (K % (16 * words * ksp) == 0)  # a mask-free variant only where K allows
+        assert c.pre_hook is None  # one kernel, nothing runs before it
+        assert c is k._GEMV_CONFIGS[0] or 8 <= k._gemv_rows(bn, ksp, c.num_warps) * block_m <= 32
 
 
 # ---- GEMV bit tricks and the fused split-K ------------------------------------------------------------------------
@@ -569,9 +573,10 @@ def _emulate_gemv_16bit(x, codes, off, dtype, lane_run=8):
 def test_gemv_half2_accumulation_error(dtype):
     """The accuracy claim of the GEMV's 16-bit partial sums (kernels/packed_matmul.py): at K = 4096, with the
     kernel's default run length, the emulated arithmetic stays within the tests' tolerance of the fp32 reference
-    (codes centred: |c - OFF| <= 2).  Worst error / tolerance here: 0.62 (fp16), 0.43 (bf16)."""
+    (codes centred: |c - OFF| <= 2).  Worst error / tolerance here: 0.62 (fp16, 16 products per lane), 0.73 (bf16,
+    32); over seeds 2..6 at most 0.80."""
     pytest.importorskip("triton")
-    lane_run = _kern()._GEMV_LANE_RUN
+    lane_run = _kern()._GEMV_LANE_RUN[dtype]
     torch.manual_seed(1)
     n, k = 192, 4096
     codes = torch.randint(0, 4, (n, k))
@@ -584,37 +589,24 @@ def test_gemv_half2_accumulation_error(dtype):
     assert (err / bound).max() < 1.0
 
 
-def _gemv_workspace_counters():
-    ws = _kern()._GEMV_WS
-    return [cnt for _, cnt in ws.values()]
-
-
 @needs_kernels
-@pytest.mark.parametrize("fmt,group,dtype", [("int2-asym", 32, torch.float16), ("seq4", None, torch.bfloat16)])
-def test_gemv_fused_split_k_rearms(fmt, group, dtype, poison):
-    """Split-K with the reduction in the kernel: equal to the reference, the counters are back at 0 after every call,
-    and a second call on the same (persistent, NaN-poisoned-once) workspace is still right."""
+@pytest.mark.parametrize("fmt,group,dtype,M,K,cfg", [
+    ("int2-asym", 32, torch.float16, 2, 384, dict(BLOCK_N=8, KSPLIT=4, WORDS=4)),  # 6 chunks over 4 lanes
+    ("seq4", None, torch.bfloat16, 1, 320, dict(BLOCK_N=4, KSPLIT=2, WORDS=8)),  # a partial chunk, one past K
+    ("twn", 128, torch.bfloat16, 1, 1536, dict(BLOCK_N=8, KSPLIT=8, WORDS=4)),  # 16 * 4 * 8 * 3: EVEN_K, no masks
+])
+def test_gemv_lane_split_of_k(fmt, group, dtype, M, K, cfg, poison):
+    """K split over the lanes of a row group, reduced once at the end: chunks of 64 / 128 weights dealt round-robin
+    to the lanes, with lanes that get one chunk fewer (or none), groups smaller than and equal to the chunk, and an
+    EVEN_K (mask-free) launch."""
     k = _kern()
-    N, K, M = 45, 256, 2  # 4 K tiles over 3 splits: the last split has none and must still count itself in
+    N = 45
     qw, s, z, co, _ = make_weight(N, K, fmt, group)
     b = torch.randn(N, device=DEV).to(dtype)
-    cfg = dict(BLOCK_N=32, WORDS=4, SPLIT_K=3)
-    for _ in range(2):
-        x = torch.randn(M, K, device=DEV).to(dtype)
-        y = k.packed_matmul(x, qw, s, z, b, K, co, config=cfg)
-        assert_close_to(y, reference.packed_matmul(x, qw, s, z, b, K, co), dtype)
-        assert all(int(c.abs().sum()) == 0 for c in _gemv_workspace_counters())
-
-
-@needs_kernels
-def test_gemv_without_split_k_allocates_no_workspace(monkeypatch, poison):
-    k = _kern()
-    monkeypatch.setattr(k, "_GEMV_WS", {})
-    qw, s, z, co, _ = make_weight(40, 256, "twn", 64)
-    x = torch.randn(2, 256, device=DEV).half()
-    y = k.packed_matmul(x, qw, s, z, None, 256, co, config=dict(BLOCK_N=32, WORDS=8, SPLIT_K=1))
-    assert_close_to(y, reference.packed_matmul(x, qw, s, z, None, 256, co), torch.float16)
-    assert k._GEMV_WS == {}
+    x = torch.randn(M, K, device=DEV).to(dtype)
+    assert k._gemv_even_k(K, cfg) == (K == 1536)
+    y = k.packed_matmul(x, qw, s, z, b, K, co, config=cfg)
+    assert_close_to(y, reference.packed_matmul(x, qw, s, z, b, K, co), dtype)
 
 
 @needs_kernels
@@ -678,16 +670,16 @@ def build_desc(launch):  # a GEMV launch descriptor (static_launches), with the 
                     constexprs={(fn.arg_names.index(k),): v for k, v in t["constexprs"].items()})
     triton.compile(src, target=GPUTarget("cuda", arch, 32),
                    options=dict(num_warps=t["num_warps"], num_stages=t["num_stages"]))
-def pick(calls, split):  # the smallest candidate config (quick to compile) with or without split-K
+def pick(calls):  # the smallest candidate config (quick to compile)
     def meta(c):
         return dict(kv.split("=") for kv in c["config"].split())
-    cands = [c for c in calls if (int(meta(c)["SPLIT_K"]) > 1) == split]
-    return min(cands, key=lambda c: int(meta(c)["BLOCK_N"]) * int(meta(c)["WORDS"]))
-# GEMV variants (small configs, to keep this test quick): bf16 per-channel M=1 without split-K; fp16 asymmetric g32
-# with the fused split-K, M=2; W2A8 (quantizer + fp16 GEMV) seq 2-bit g32 with K not a multiple of the tile, M=3
-build_desc(pick(K.static_launches(1, 32768, 512, "twn", None, "bf16"), False)["launches"][0])
-build_desc(pick(K.static_launches(2, 1024, 4096, "int2-asym", 32, "fp16"), True)["launches"][0])
-for l in pick(K.static_launches(3, 1000, 3584 - 32, "seq4", 32, "int8"), True)["launches"]:
+    return min(calls, key=lambda c: int(meta(c)["BLOCK_N"]) * int(meta(c)["WORDS"]))
+# GEMV variants (small configs, to keep this test quick): bf16 per-channel M=1 with lanes left without a chunk;
+# fp16 asymmetric g32 M=2 with K split evenly (no masks); W2A8 (quantizer + fp16 GEMV) seq 2-bit g32 with K not
+# a multiple of the chunk, M=3
+build_desc(pick(K.static_launches(1, 32768, 512, "twn", None, "bf16"))["launches"][0])
+build_desc(pick(K.static_launches(2, 1024, 4096, "int2-asym", 32, "fp16"))["launches"][0])
+for l in pick(K.static_launches(3, 1000, 3584 - 32, "seq4", 32, "int8"))["launches"]:
     build_desc(l)
 # GEMM variants, built from the static-analysis descriptors (so those compile too): mma.sync + split-K, wgmma
 # BLOCK_K = 256, W2A8 int8 MMA per group, asymmetric fp16 wgmma at large M, the large-M dequantize kernel
@@ -893,7 +885,17 @@ if given is not None:
         op, ref_fn = (packed_matmul_a8, reference.packed_matmul_a8) if a8 else (packed_matmul, reference.packed_matmul)
         with use_backend("triton"):
             y = op(x, qw, s, z, b, in_features=k, code_offset=co)
-        assert_close_to(y, ref_fn(x, qw, s, z, b, k, co), dtype)
+        ref = ref_fn(x, qw, s, z, b, k, co)
+        # the GEMV's 16-bit partial sums err in proportion to the size of the terms, not of y: with a handful of
+        # outputs that all nearly cancel, a tolerance scaled by max |y| alone is below the output dtype's rounding
+        # of the partials (seen at n = 1; the pre-lane-split kernel failed the same example).  Floor it at the
+        # tolerance of a typical |y| for these terms, the root sum of squares of x_k w_nk.
+        w = reference.dequantize_packed(qw, s, z, k, co).float()
+        rss = (x.float() ** 2 @ (w ** 2).t()).sqrt().max().item()
+        rtol, atol = TOL[dtype]
+        assert torch.isfinite(y).all() and y.shape == ref.shape and y.dtype == ref.dtype
+        torch.testing.assert_close(y.float(), ref.float(), rtol=rtol,
+                                   atol=atol * max(ref.float().abs().max().item(), rss))
 
 
 @needs_kernels
