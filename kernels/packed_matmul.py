@@ -123,6 +123,12 @@ def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
 
 
+def _cdiv(a: int, b: int) -> int:
+    """Host-side ceil division: ``triton.cdiv`` is a ConstexprFunction in recent Triton and costs microseconds per
+    call, which the per-call launch path (grids, workspace sizes) paid several times."""
+    return -(-a // b)
+
+
 def _next_pow2(v: int) -> int:
     return 1 << max(0, (int(v) - 1).bit_length())
 
@@ -1005,7 +1011,7 @@ def _prune_gemv(configs: List[triton.Config], named_args: Dict, **kwargs) -> Lis
         group_zeros = bool(kwargs.get("HAS_ZERO")) and not kwargs.get("PER_CHANNEL", True)
         if _gemv_regs(bm, bn, ksp, words, c.num_warps, group_zeros) > _GEMV_MAX_REGS:
             continue
-        if triton.cdiv(K, 16 * words) < ksp:  # every lane gets a chunk
+        if _cdiv(K, 16 * words) < ksp:  # every lane gets a chunk
             continue
         if c.kwargs["EVEN_K"] != _gemv_even_k(K, c.kwargs):
             continue
@@ -1013,7 +1019,7 @@ def _prune_gemv(configs: List[triton.Config], named_args: Dict, **kwargs) -> Lis
     even = [c for c in keep if c.kwargs["EVEN_K"]]
     keep = even or keep  # lanes that run out of chunks early idle: time the configs that split K evenly
     if N is not None and keep:  # time only grids that fill the GPU (else the widest ones): fewer compiles
-        warps = {id(c): triton.cdiv(N, c.kwargs["BLOCK_N"]) * c.num_warps for c in keep}
+        warps = {id(c): _cdiv(N, c.kwargs["BLOCK_N"]) * c.num_warps for c in keep}
         fit = [c for c in keep if _GEMV_WARPS[0] <= warps[id(c)] <= _GEMV_WARPS[1]]
         keep = fit or sorted(keep, key=lambda c: -warps[id(c)])[:4]
     # among those, 8-32 (row, row of x) outputs per thread: fewer leave x loads and the vectorizer's pairing
@@ -1061,10 +1067,10 @@ def _launch_gemv(x, x_scale, qweight, scale, zero_point, bias, code_offset, M, N
         kw = dict(BLOCK_N=config["BLOCK_N"], KSPLIT=config.get("KSPLIT", 32), WORDS=config.get("WORDS", 4))
         c = _gemv_cfg(kw["BLOCK_N"], kw["KSPLIT"], kw["WORDS"], config.get("num_warps", 1), _gemv_even_k(K, kw))
         common["LANE_RUN"] = config.get("LANE_RUN", common["LANE_RUN"])
-        _packed_gemv_kernel[(triton.cdiv(N, c.kwargs["BLOCK_N"]),)](*args, **common, **c.kwargs,
+        _packed_gemv_kernel[(_cdiv(N, c.kwargs["BLOCK_N"]),)](*args, **common, **c.kwargs,
                                                                    num_warps=c.num_warps, num_stages=c.num_stages)
     else:
-        _gemv[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, **common)
+        _gemv[lambda meta: (_cdiv(N, meta["BLOCK_N"]),)](*args, **common)
     return y
 
 
@@ -1155,12 +1161,19 @@ def _dequant_matmul(x, qweight, scale, zero_point, bias, co, N, K, G, gs) -> tor
     module docstring); rounding W once to x's dtype is the only difference from the fused path."""
     w = _alloc((N, K), x.dtype, x.device)
     block_n, block_k = 32, 256
-    grid = (triton.cdiv(N, block_n), triton.cdiv(K, block_k))
+    grid = (_cdiv(N, block_n), _cdiv(K, block_k))
     _packed_dequant_kernel[grid](qweight, scale, zero_point, w, N, K, G, gs, co, _FP16_MAGIC, qweight.stride(0),
                                  HAS_ZERO=zero_point is not None, BLOCK_N=block_n, BLOCK_K=block_k)
     if bias is None:
         return torch.matmul(x, w.t())
     return torch.addmm(bias.to(x.dtype), x, w.t())
+
+
+@functools.lru_cache(maxsize=None)
+def _gemm_max_split(m_bucket: int) -> int:
+    """The largest SPLIT_K any GEMM config of this M bucket may run (sizes the split-K workspace; cached, it was
+    recomputed on every call)."""
+    return max(c.kwargs["SPLIT_K"] for c in _GEMM_CONFIGS if _gemm_block_m_ok(c.kwargs["BLOCK_M"], m_bucket))
 
 
 def _launch_gemm(x, x_scale, qweight, scale, zero_point, bias, code_offset, M, N, K, G, gs, out_dtype,
@@ -1180,17 +1193,17 @@ def _launch_gemm(x, x_scale, qweight, scale, zero_point, bias, code_offset, M, N
     if config is not None:
         max_split = config.get("SPLIT_K", 1)
     else:
-        max_split = max(c.kwargs["SPLIT_K"] for c in _GEMM_CONFIGS if _gemm_block_m_ok(c.kwargs["BLOCK_M"], m_bucket))
+        max_split = _gemm_max_split(m_bucket)
     # split-K workspace: one fp32 slice per split, every element written before it is read (never zeroed)
     ws = _alloc((max_split, M, N), torch.float32, x.device) if max_split > 1 else None
-    locks = _split_locks(x.device, triton.cdiv(M, 16) * triton.cdiv(N, 16)) if max_split > 1 else None
+    locks = _split_locks(x.device, _cdiv(M, 16) * _cdiv(N, 16)) if max_split > 1 else None
     # group_size is a constexpr (the tile's group index is a shift, not a runtime division, in the K loop); per
     # channel it is unused and passed as 0, so per-channel layers of different K share one compiled kernel
     args = (x, x_scale, qweight, scale, zero_point, bias, y, ws, locks, M, N, K, G, gs if G > 1 else 0, co,
             _gemm_magic(x), _HMASK,
             m_bucket,
             x.stride(0), qweight.stride(0), y.stride(0))
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),  # noqa: E731
+    grid = lambda meta: (_cdiv(M, meta["BLOCK_M"]) * _cdiv(N, meta["BLOCK_N"]),  # noqa: E731
                          meta["SPLIT_K"])
     if config is not None:  # explicit meta-parameters (tests, benchmarks): bypass the autotuner
         meta = dict(config)
@@ -1292,8 +1305,8 @@ def _static_gemm_call(M, N, K, G, gs, has_zero, co, x_dtype, c) -> Dict:
                 hmask=_HMASK)
     div16 = [a for a in fn.arg_names if sig[a] != "constexpr" and (sig[a].startswith("*") or
                                                                    (a in ints and ints[a] % 16 == 0))]
-    grid = [triton.cdiv(M, bm) * triton.cdiv(N, bn), sk, 1]
-    n_tiles = triton.cdiv(K, bk)
+    grid = [_cdiv(M, bm) * _cdiv(N, bn), sk, 1]
+    n_tiles = _cdiv(K, bk)
     nbytes = (N * (-(-K // 64) * 16) + N * G * 2 * (2 if has_zero else 1) + M * K * x_bytes + M * N * 2
               + (M * 4 if x_int8 else 0))
     if sk > 1:
@@ -1302,7 +1315,7 @@ def _static_gemm_call(M, N, K, G, gs, has_zero, co, x_dtype, c) -> Dict:
                   triton=dict(fn=fn, signature=sig, constexprs={k: v for k, v in consts.items()},
                               num_warps=c.num_warps, num_stages=c.num_stages, divisibility=div16),
                   grid=grid, threads_per_cta=32 * c.num_warps, loop_trips=n_tiles / sk, weights=N * K,
-                  bytes=nbytes, mma_flops=2 * triton.cdiv(M, bm) * bm * N * K,
+                  bytes=nbytes, mma_flops=2 * _cdiv(M, bm) * bm * N * K,
                   mma_dtype="int8" if x_int8 else "bf16")
     cfg = f"BLOCK_M={bm} BLOCK_N={bn} BLOCK_K={bk} SPLIT_K={sk} warps={c.num_warps} stages={c.num_stages}"
     return dict(kernel="packed_matmul_gemm", backend="triton", config=cfg, launches=[launch])
@@ -1322,7 +1335,7 @@ def _static_dequant_call(M, N, K, G, gs, has_zero, co, x_dtype) -> Dict:
                                                                    (a in ints and ints[a] % 16 == 0))]
     dequant = dict(name="packed_dequant",
                    triton=dict(fn=fn, signature=sig, constexprs=consts, num_warps=4, num_stages=2, divisibility=div16),
-                   grid=[triton.cdiv(N, 32), triton.cdiv(K, 256), 1], threads_per_cta=128, loop_trips=0.0,
+                   grid=[_cdiv(N, 32), _cdiv(K, 256), 1], threads_per_cta=128, loop_trips=0.0,
                    weights=N * K, bytes=N * (-(-K // 64) * 16) + N * G * 2 * (2 if has_zero else 1) + N * K * x_bytes,
                    mma_flops=0)
     # cuBLAS itself: no source to compile; the static tool bounds it like its cuBLAS baseline (bytes, MMA rate)
@@ -1415,7 +1428,7 @@ def _static_launches_gemv(M: int, N: int, K: int, fmt: str, group_size: Optional
                            "constexprs": {"BLOCK_K": bk}, "num_warps": 4, "num_stages": 2,
                            "divisible_by_16": ["x_ptr", "q_ptr", "s_ptr"] + (["K", "stride_xm"] if K % 16 == 0
                                                                             else [])},
-                "grid": [M, 1, 1], "threads_per_cta": 128, "loop_trips": float(triton.cdiv(K, bk)), "weights": 0,
+                "grid": [M, 1, 1], "threads_per_cta": 128, "loop_trips": float(_cdiv(K, bk)), "weights": 0,
                 "bytes": M * K * 2 * 2 + M * K * 2 + M * 4, "mma_flops": 0}]
     sbytes = N * G * 2 * (2 if meta["HAS_ZERO"] else 1)
     calls = []
@@ -1425,11 +1438,11 @@ def _static_launches_gemv(M: int, N: int, K: int, fmt: str, group_size: Optional
         lane = _GEMV_LANE_RUN["int8" if a8 else xt]
         ct = dict(consts, **c.kwargs, LANE_RUN=lane)
         sig = {n: ("constexpr" if n in ct else types[n]) for n in _packed_gemv_kernel.arg_names}
-        trips = triton.cdiv(triton.cdiv(K, 16 * words), ksp)  # K-loop trips: chunks per lane
+        trips = _cdiv(_cdiv(K, 16 * words), ksp)  # K-loop trips: chunks per lane
         launch = {"name": "packed_gemv",
                   "triton": {"fn": _packed_gemv_kernel, "signature": sig, "constexprs": ct, "num_warps": c.num_warps,
                              "num_stages": c.num_stages, "divisible_by_16": [n for n in div16 if sig[n] != "constexpr"]},
-                  "grid": [triton.cdiv(N, bn), 1, 1], "threads_per_cta": 32 * c.num_warps,
+                  "grid": [_cdiv(N, bn), 1, 1], "threads_per_cta": 32 * c.num_warps,
                   "loop_trips": float(trips), "weights": N * K,
                   "bytes": N * (-(-K // 64) * 16) + sbytes + M * K * 2 + M * N * 2, "mma_flops": 0}
         calls.append({"kernel": "packed_gemv", "backend": "triton",
