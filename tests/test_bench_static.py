@@ -646,3 +646,25 @@ def test_attention_speedup_is_fwd_plus_bwd_in_one_call_or_two():
     fwd_only = two[:1]
     S._attention_speedups(fwd_only)
     assert fwd_only[0]["predicted_speedup_vs_eager"] is None
+
+
+def test_disk_cache_refuses_a_planted_pickle(tmp_path):
+    """A cache file naming anything but the tool's own dataclasses is refused (never executed) and recompiled."""
+    import os
+    import pickle
+
+    import pyquant.bench.static as S
+
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    comp = S.Compiler("sm_90a", cache_dir=tmp_path)
+    path = comp._disk_path("triton", ("planted",))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(pickle.dumps((S._CACHE_FORMAT, Evil())))
+    assert comp._disk_load(path) is None
+    assert not marker.exists()
+    assert comp.stats["disk_unreadable"] == 1

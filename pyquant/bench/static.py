@@ -837,6 +837,21 @@ class Binary:
 _CACHE_FORMAT = 3  # bump when the pickled Binary changes shape
 
 
+class _CacheUnpickler(pickle.Unpickler):
+    """Reads the disk cache without running code from it: the only globals a cache file may name are this module's
+    plain dataclasses (what :meth:`Compiler._disk_store` writes); anything else -- a planted or foreign file -- is
+    refused (``UnpicklingError``), and the entry is recompiled (the "Restricting Globals" recipe of the pickle docs)."""
+
+    _ALLOWED = frozenset({"Binary", "Instr", "FunctionStats", "Loop"})
+
+    def find_class(self, module, name):
+        if module == "pyquant.bench.static" and name in self._ALLOWED:  # also when this file runs as __main__
+            from pyquant.bench import static
+
+            return getattr(static, name)
+        raise pickle.UnpicklingError(f"the static-analysis cache may not name {module}.{name}")
+
+
 _CODE_HASH: Optional[str] = None
 
 
@@ -950,7 +965,7 @@ class Compiler:
             return None
         try:
             with open(path, "rb") as f:
-                fmt, obj = pickle.load(f)
+                fmt, obj = _CacheUnpickler(f).load()
         except Exception:  # a truncated or foreign file: recompile (and overwrite it)
             self.stats["disk_unreadable"] += 1
             return None
