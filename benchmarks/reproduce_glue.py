@@ -110,6 +110,10 @@ def parse_args(argv=None):
     ap.add_argument("--teacher-warmups", default="0.1")
     ap.add_argument("--teacher-seeds", default="42")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--bf16", action="store_true",
+                    help="bf16 autocast for every training step (teacher and students; softmax and the losses stay "
+                         "fp32; evaluation fp32): ~1.6x faster per step on CPUs with AVX512-BF16/AMX. The result file "
+                         "gets a '-bf16' tag")
     ap.add_argument("--table", action="store_true", help="print the Markdown table of the result file and exit")
     ap.add_argument("--time-padding", type=int, default=0, metavar="STEPS",
                     help="measure the step time of QAT (no KD) and QAT + map & output with max_length vs dynamic "
@@ -206,7 +210,7 @@ def build_teacher(a, ctx, store: ResultStore):
         t0 = time.time()
         cfg = TrainConfig(output_dir=str(scratch), epochs=float(ep), batch_size=ctx["batch"], lr=lr,
                           warmup_ratio=wu, seed=sd, eval_every=max(1, steps_per_epoch), device=a.device,
-                          progress=not a.smoke, log_every=10)
+                          progress=not a.smoke, log_every=10, bf16=a.bf16)
         recipes.finetune(model, ctx["train"], PadCollator(ctx["pad"], t.is_regression), cfg,
                          "regression" if t.is_regression else "classification", ev)
         shutil.rmtree(scratch, ignore_errors=True)
@@ -278,7 +282,7 @@ def run_student(a, ctx, teacher, row: str, dc, eval_every):
         teacher = copy.deepcopy(teacher).requires_grad_(True)
     cfg = TrainConfig(output_dir=str(scratch), epochs=a.epochs, batch_size=ctx["batch"], lr=a.lr, warmup_ratio=0.1,
                       weight_decay=0.01, seed=a.seed, eval_every=eval_every, device=a.device,
-                      progress=not a.smoke, log_every=1)
+                      progress=not a.smoke, log_every=1, bf16=a.bf16)
     res = recipes.qat_glue(teacher, student, t.name, ctx["train"], ctx["pad"], cfg, dc, None, None,
                            dev_examples=ctx["dev"], preset=PRESET,
                            pad_to=ctx["max_length"] if a.padding == "max_length" else None)
@@ -368,7 +372,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(a.threads)
     dev_kind = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     tag = a.tag or ("smoke" if a.smoke else dev_kind.split(":")[0].replace("cuda", "gpu")
-                    + (f"-limit{a.train_limit}" if a.train_limit else ""))
+                    + (f"-limit{a.train_limit}" if a.train_limit else "")) + ("-bf16" if a.bf16 and not a.tag else "")
     out = Path(a.out)
     work = Path(a.work_dir) if a.work_dir else out / ".work" / f"glue-{t.name}-{tag}"
     work.mkdir(parents=True, exist_ok=True)
@@ -399,6 +403,7 @@ def main(argv=None) -> int:
               "dev_limit": a.dev_limit, "epochs": a.epochs, "lr": a.lr, "warmup_ratio": 0.1, "weight_decay": 0.01,
               "batch_size": batch, "max_length": ml, "eval_every": eval_every, "seed": a.seed, "gamma": a.gamma,
               "padding": a.padding, "mse_reduction": a.mse_reduction, "preset": PRESET,
+              **({"bf16_autocast": True} if a.bf16 else {}),
               "device": dev_kind, "teacher_grid": {"lrs": a.teacher_lrs, "epochs": a.teacher_epochs,
                                                   "warmups": a.teacher_warmups, "seeds": a.teacher_seeds},
               "reduced": bool(a.smoke or a.train_limit or a.dev_limit or a.epochs != 3.0)}
