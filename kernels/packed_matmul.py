@@ -108,7 +108,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["packed_matmul", "packed_matmul_a8", "quantize_rows_int8", "GEMV_MAX_M"]
+__all__ = ["packed_matmul", "packed_matmul_a8", "quantize_rows_int8", "BoundPackedMatmul", "GEMV_MAX_M"]
 
 GEMV_MAX_M = 8  # W2A8 rows handled by the FMA GEMV kernel (fp16-integer x); larger M uses tl.dot
 # 16-bit x with M >= _GEMM_MIN_M runs the tensor-core GEMM (BLOCK_M = 16, rows past M masked): predicted (sm_90
@@ -1269,6 +1269,81 @@ def packed_matmul_a8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor
     M, N, K, G, gs = _check(x, qweight, scale, zero_point, bias, in_features, code_offset)
     q, s = quantize_rows_int8(x, torch.float16 if M <= GEMV_MAX_M else torch.int8)
     return _launch(q, s, qweight, scale, zero_point, bias, code_offset, M, N, K, G, gs, x.dtype, config)
+
+
+class BoundPackedMatmul:
+    """``packed_matmul`` (``a8=False``) or ``packed_matmul_a8`` for one weight and one x shape ``[M, K]`` / dtype /
+    device, with everything but x worked out once: the argument checks (``_check`` on the example x), the GEMV/GEMM
+    choice, the constexprs, the interpreter flags and the argument tuple.  A call allocates the output (and the
+    split-K workspace, or W2A8's quantized x) and launches -- the decode-time host path of ``PackedLinear``.
+
+    Contract (``PackedMatmulPlan`` keeps it): every x has the example's shape, dtype and device and is contiguous,
+    and the weight tensors are not replaced (in-place updates are fine: the kernels read them at launch).  x's row
+    stride is passed as K: for contiguous x with M > 1 it is K, and at M = 1 no row stride is read -- a fixed value
+    also keeps Triton's integer specialization (and so its compiled kernel) the same for every call.
+    Large-M calls that dequantize + cuBLAS (``_dequant_dispatch``) just call the checked function."""
+
+    __slots__ = ("run", "M", "N", "out_dtype", "device", "_kern", "_grid", "_args", "_common", "_a8", "_q_dtype",
+                 "_ws", "_locks", "_qk", "_y_at")
+
+    def __init__(self, x, qweight, scale, zero_point, bias, in_features, code_offset, a8: bool = False):
+        M, N, K, G, gs = _check(x, qweight, scale, zero_point, bias, in_features, code_offset)
+        self.M, self.N, self.device, self.out_dtype, self._a8 = M, N, x.device, x.dtype, a8
+        self._q_dtype = (torch.float16 if M <= GEMV_MAX_M else torch.int8) if a8 else None
+        self._ws = self._locks = self._qk = None
+        xd = self._q_dtype if a8 else x.dtype
+        if N == 0 or (not a8 and _dequant_dispatch(M, xd, zero_point is not None, G)):
+            fn = packed_matmul_a8 if a8 else packed_matmul
+            self.run = lambda x2: fn(x2, qweight, scale, zero_point, bias, in_features, code_offset)
+            return
+        if a8:
+            self._qk = (K, min(1024, max(16, _next_pow2(K))))
+        x_scaled = a8
+        if _use_gemv(M, xd, x_scaled) and qweight.numel() < 2 ** 33:
+            meta = _gemv_meta(xd, zero_point, code_offset, G, gs)
+            zc = meta.pop("zc")
+            self._common = dict(meta, HAS_BIAS=bias is not None, X_SCALED=x_scaled, BLOCK_M=M,
+                                MATH_F32=meta["X_BF16"] and _interpret(),
+                                LANE_RUN=_GEMV_LANE_RUN["int8" if x_scaled else xd])
+            # (x, x_scale, ..., y, ...): slots 0, 1 and 6 are filled per call
+            self._args = [None, None, qweight, scale, zero_point, bias, None, N, K, G, zc, _GEMV_MAGIC[xd], 0xFFFF,
+                          K, qweight.stride(0), N]
+            self._kern, self._grid = _gemv, (lambda meta: (_cdiv(N, meta["BLOCK_N"]),))
+        else:
+            co = 0.0 if code_offset is None else float(code_offset)
+            self._common = dict(HAS_ZERO=zero_point is not None, HAS_BIAS=bias is not None, X_INT8=x_scaled,
+                                DOT_F32=not x_scaled and xd == torch.bfloat16 and _interpret(), PER_CHANNEL=G == 1,
+                                PAIRS=_gemm_pairs(zero_point is not None, co, x_scaled))
+            m_bucket = min(_next_pow2(M), _M_BUCKET_CAP)
+            max_split = _gemm_max_split(m_bucket)
+            if max_split > 1:
+                self._ws = (max_split, M, N)
+                self._locks = _split_locks(x.device, _cdiv(M, 16) * _cdiv(N, 16))  # zeroed once, re-armed by use
+            magic = _BF16_MAGIC if xd == torch.bfloat16 else _FP16_MAGIC
+            self._args = [None, None, qweight, scale, zero_point, bias, None, None, self._locks, M, N, K, G,
+                          gs if G > 1 else 0, co, magic, _HMASK, m_bucket, K, qweight.stride(0), N]
+            self._kern = _gemm
+            self._grid = lambda meta: (_cdiv(M, meta["BLOCK_M"]) * _cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
+        self.run = self._launch
+
+    def _launch(self, x):
+        args = self._args.copy()
+        if self._a8:
+            K, bk = self._qk
+            q = _alloc((self.M, K), self._q_dtype, self.device)
+            s = _alloc((self.M,), torch.float32, self.device)
+            _packed_matmul_a8_quant_kernel[(self.M,)](x, q, s, K, K, _FP32_TINY, BLOCK_K=bk)
+            args[0], args[1] = q, s
+        else:
+            args[0] = x
+        args[6] = y = _alloc((self.M, self.N), self.out_dtype, self.device)
+        if self._ws is not None:  # one fp32 slice per split, every element written before it is read
+            args[7] = _alloc(self._ws, torch.float32, self.device)
+        self._kern[self._grid](*args, **self._common)
+        return y
+
+    def __call__(self, x):
+        return self.run(x)
 
 
 # ---- static-analysis launch descriptors (issue #10: pyquant.bench.static compiles and counts these) -------------

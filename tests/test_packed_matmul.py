@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pyquant import reference
-from pyquant.formats import WeightQuantConfig, pack_codes, packed_cols
+from pyquant.formats import ActivationQuantConfig, WeightQuantConfig, pack_codes, packed_cols
 from pyquant.ops import packed_matmul, packed_matmul_a8, use_backend
 from pyquant.ops._dispatch import last_backend
 
@@ -363,6 +363,44 @@ def test_non_contiguous_and_3d_x(poison):
     with use_backend("triton"):
         y = packed_matmul(xt, qw, s, z, None, in_features=128, code_offset=co)
     assert_close_to(y, reference.packed_matmul(xt, qw, s, z, None, 128, co), torch.bfloat16)
+
+
+@needs_kernels
+@pytest.mark.parametrize("M,N,K,group,fmt,dtype,has_bias,a8", [
+    (1, 50, 200, None, "twn", torch.float16, True, False),  # GEMV
+    (3, 33, 256, 64, "int2-asym", torch.bfloat16, False, False),  # GEMV, zero points
+    (12, 24, 128, 64, "absmean", torch.bfloat16, True, False),  # split-K GEMM (workspace + locks)
+    (17, 30, 192, 32, "seq4", torch.float16, False, False),  # GEMM
+    (2, 40, 128, None, "int2-sym", torch.bfloat16, True, True),  # W2A8 GEMV (fp16-integer x)
+    (20, 40, 192, 32, "int2-asym", torch.float16, True, True),  # W2A8 int8 GEMM
+])
+def test_bound_launch_equals_checked_launch(M, N, K, group, fmt, dtype, has_bias, a8, poison):
+    """BoundPackedMatmul (PackedLinear's decode path: checked once, then allocation + launch) gives bit-identical
+    results to the checked public op, call after call with fresh x, and matches the reference."""
+    qw, s, z, co, spec = make_weight(N, K, fmt, group)
+    b = torch.randn(N, device=DEV).to(dtype) if has_bias else None
+    op = packed_matmul_a8 if a8 else packed_matmul
+    x0 = torch.randn(M, K, device=DEV).to(dtype)
+    bound = _kern().BoundPackedMatmul(x0, qw, s, z, b, K, co, a8=a8)
+    refop = reference.packed_matmul_a8 if a8 else reference.packed_matmul
+    for _ in range(2):  # the second call must not see the first call's buffers
+        x = (torch.randn(M, K, device=DEV) * (1 + torch.rand(M, 1, device=DEV))).to(dtype)
+        y = bound(x)
+        with use_backend("triton"):
+            want = op(x, qw, s, z, b, in_features=K, code_offset=co)
+        torch.testing.assert_close(y, want, rtol=0, atol=0)
+        assert_close_to(y, refop(x, qw, s, z, b, K, co), dtype)
+    # PackedLinear on the Triton backend runs exactly this bound launch
+    from pyquant.nn import PackedLinear
+
+    codes = reference.quantize_weight(torch.randn(N, K), spec)[0]
+    layer = PackedLinear.from_quantized(codes, s, z, b, spec, dtype=dtype,
+                                        act_spec=ActivationQuantConfig() if a8 else None)
+    with use_backend("triton"), torch.no_grad():
+        y = layer(x)
+        want = layer.__dict__["_fast_plan"].checked(x)
+    assert last_backend() == (op.__name__, "triton")
+    torch.testing.assert_close(y, want, rtol=0, atol=0)
 
 
 @needs_kernels

@@ -117,16 +117,17 @@ def _all_contiguous(*ts) -> bool:
 
 
 def _bind_triton(a8: bool):
-    """``bind`` of the Triton backends (see ``_dispatch.register``): the kernel module's launcher, looked up once,
-    with the weight tensors as they are -- contiguous ones need no per-call ``.contiguous()``; others keep the
-    per-call copy (a copy made once here would go stale when the buffer is modified in place)."""
+    """``bind`` of the Triton backends (see ``_dispatch.register``): contiguous weight tensors get the kernel
+    module's ``BoundPackedMatmul`` (checked once, then output allocation + launch per call); others keep the checked
+    per-call path with its ``.contiguous()`` copies (a copy made once here would go stale when the buffer is
+    modified in place)."""
     def bind(x, qweight, scale, zero_point, bias, in_features, code_offset):
         if not _all_contiguous(qweight, scale, zero_point, bias):
             impl = _triton_a8_impl if a8 else _triton_impl
             return lambda x2: impl(x2, qweight, scale, zero_point, bias, in_features, code_offset)
         km = _kernels()
-        fn = km.packed_matmul_a8 if a8 else km.packed_matmul
-        return lambda x2: fn(x2, qweight, scale, zero_point, bias, in_features, code_offset)
+        # checks, kernel choice, constexprs and the argument tuple worked out once for this weight and x shape
+        return km.BoundPackedMatmul(x, qweight, scale, zero_point, bias, in_features, code_offset, a8=a8).run
 
     return bind
 
