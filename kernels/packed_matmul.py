@@ -65,11 +65,13 @@ and the static model predicted time = max(bytes / 4.0e12 B/s, thread-instruction
   tile to its own workspace slice, the last split to arrive (per-tile arrival counter, ``atomic_add`` acq_rel)
   sums the slices in fixed order, adds the bias, writes y and resets the counter.  No memset or cast kernel per
   call; the counters are zeroed once per device (``_split_locks``).
-* W2A8: int8 x int8 -> int32 MMA on the unsigned codes (``_gemm_codes_i8``: 4 codes per AND), z applied through
-  the (int32, exact) row sums of x (elementwise at BLOCK_M = 16: an x @ ones MMA there made every warp issue
-  the whole tile), per-token scale at the end.  Its loop still spends ~1.7 PRMT/SHF per 4 weights regrouping
-  bytes; a 4 x 4 K transpose removes the regrouping but costs byte-wise shared loads for x unless the quantizer
-  writes x transposed -- not done (predicted 3.5-3.9x at M = 16, g128).
+* W2A8: int8 x int8 -> int32 MMA on the unsigned codes (``_gemm_codes_i8``: 4 codes per shift + AND, each
+  32-bit result used as is as 4 int8 operand values), z applied through the (int32, exact) row sums of x
+  (elementwise at BLOCK_M = 16: an x @ ones MMA there made every warp issue the whole tile), per-token scale at
+  the end.  The operand order is K-permuted inside each 16-group (dot position 16c + 4p + b = weight 16c + 4b + p)
+  and the int8 quantizer writes x in that order (rows padded with zeros to a multiple of 16), so no byte permutes
+  regroup the codes: at M = 16, g128, 3.9 -> 2.8 SASS instructions per weight, predicted 3.5x -> 4.7-4.8x
+  (14336 x 4096) and 3.9x -> 5.2x (4096 x 14336).
 * large M (M >= 1024): the fused wgmma kernel predicts MMA-bound (0.97-1.00x cuBLAS, dequant issue time hidden
   behind the MMA) in every 16-bit format, per-group zero points included (0.76x before the pair dequantization:
   its byte permutes did not hide), so only fp32 x dispatches to dequantize-to-x's-dtype
@@ -573,13 +575,17 @@ def _gemm_dequant_pairs(w, magic, hmask, a_1, a_16, DT: tl.constexpr, F32_MATH: 
 @triton.jit
 def _gemm_codes_i8(w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """int32 words [BLOCK_N, BLOCK_K // 16] -> unsigned codes [BLOCK_N, BLOCK_K] as int8 (W2A8's int8 MMA operand;
-    the code offset is applied through the row sums of x).  ``(w >> 2p) & 0x03030303`` extracts 4 codes per op,
-    one per byte (k = 4 byte + p of the word's 16)."""
+    the code offset is applied through the row sums of x), in the GEMM's permuted K order: ``q_p = (w >> 2p) &
+    0x03030303`` holds codes p, 4 + p, 8 + p, 12 + p of the word in its bytes 0..3, and is used AS IS as the 4
+    int8 values at dot positions 4p .. 4p + 3 (k' = 16 word + 4 p + byte).  So per 16 weights: 3 shifts + 4 LOP3
+    and no byte permutes -- the natural order (k = 16 word + 4 byte + p) would need a 4x4 byte transpose (~8 PRMT)
+    or per-byte extracts (the SASS of that version: ~1 PRMT + ~0.9 SHF per weight).  x is stored in the same order
+    by the int8 quantizer (``_packed_matmul_a8_quant_kernel`` KPERM); sums over K do not care about the order."""
     q0 = (w & 0x03030303)
     q1 = ((w >> 2) & 0x03030303)
     q2 = ((w >> 4) & 0x03030303)
     q3 = ((w >> 6) & 0x03030303)
-    # bytes of each q_p: join(join(b0, b2), join(b1, b3)) has axes (byte & 1, byte & 2) -> flat index = byte
+    # bytes of each q_p: join(join(B0, B2), join(B1, B3)) has axes (byte >> 1, byte & 1) -> flat index = byte
     b0 = tl.join(tl.join(q0.to(tl.int8), (q0 >> 16).to(tl.int8)), tl.join((q0 >> 8).to(tl.int8),
                                                                         (q0 >> 24).to(tl.int8)))
     b1 = tl.join(tl.join(q1.to(tl.int8), (q1 >> 16).to(tl.int8)), tl.join((q1 >> 8).to(tl.int8),
@@ -588,8 +594,10 @@ def _gemm_codes_i8(w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
                                                                         (q2 >> 24).to(tl.int8)))
     b3 = tl.join(tl.join(q3.to(tl.int8), (q3 >> 16).to(tl.int8)), tl.join((q3 >> 8).to(tl.int8),
                                                                         (q3 >> 24).to(tl.int8)))
-    # axes after the word: (byte: 2 axes, p & 2, p & 1) -> k = 16 word + 4 byte + p
+    # axes after the word: (byte >> 1, byte & 1, p >> 1, p & 1); the permute puts p before the byte -- register
+    # renaming only (every axis is inside a thread): k' = 16 word + 4 p + byte
     c = tl.join(tl.join(b0, b2), tl.join(b1, b3))
+    c = tl.permute(c, (0, 1, 4, 5, 2, 3))
     return tl.reshape(c, (BLOCK_N, BLOCK_K))
 
 
@@ -696,9 +704,11 @@ def _packed_matmul_kernel(
         rkx = (rk // 16) * 16 + (rk % 2) * 8 + (rk % 16) // 2
     else:
         rkx = rk
+    # int8 x comes from the quantizer in _gemm_codes_i8's K order, rows padded with zeros to a multiple of 16
+    k_lim = tl.cdiv(K, 16) * 16 if X_INT8 else K
     for t in range(t_begin, t_end):
         offs_k = t * BLOCK_K + rkx
-        x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & (offs_k < K)[None, :], other=0)
+        x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & (offs_k < k_lim)[None, :], other=0)
         offs_w = t * WORDS + rw
         w = tl.load(w_rows + offs_w[None, :], mask=n_mask[:, None] & (offs_w < row_words)[None, :], other=0)
         if X_INT8:
@@ -832,7 +842,11 @@ def _packed_dequant_kernel(qw_ptr, scale_ptr, zero_ptr, w_ptr, N, K, G, group_si
 
 # ---- W2A8: per-token int8 quantization of x ---------------------------------------------------------------------
 @triton.jit
-def _packed_matmul_a8_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, TINY, BLOCK_K: tl.constexpr):
+def _packed_matmul_a8_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, TINY, BLOCK_K: tl.constexpr,
+                                   KPERM: tl.constexpr = False):
+    """One row of x -> int8 (or fp16-integer) codes and its fp32 scale.  KPERM (the int8 GEMM's operand): the row
+    is written padded to ``Kp = 16 * ceil(K / 16)`` (zeros past K) in the GEMM's K order, position
+    ``16 c + 4 p + b`` holding x[16 c + 4 b + p] (``_gemm_codes_i8``); the permutation is its own inverse."""
     row = tl.program_id(0).to(tl.int64)
     rk = tl.arange(0, BLOCK_K)
     amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
@@ -840,12 +854,17 @@ def _packed_matmul_a8_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, TINY, BLOC
         v = tl.load(x_ptr + row * stride_xm + k0 + rk, mask=k0 + rk < K, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(v))
     s = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), 127.0), TINY)
-    for k0 in range(0, K, BLOCK_K):
-        mask = k0 + rk < K
-        v = tl.load(x_ptr + row * stride_xm + k0 + rk, mask=mask, other=0.0).to(tl.float32)
+    if KPERM:
+        Kq = tl.cdiv(K, 16) * 16
+        src = (rk // 16) * 16 + (rk % 4) * 4 + (rk // 4) % 4  # BLOCK_K is a multiple of 16
+    else:
+        Kq = K
+        src = rk
+    for k0 in range(0, Kq, BLOCK_K):
+        v = tl.load(x_ptr + row * stride_xm + k0 + src, mask=k0 + src < K, other=0.0).to(tl.float32)
         q = tl.floor(tl.math.div_rn(v, s) + 0.5)
         q = tl.minimum(tl.maximum(q, -127.0), 127.0)
-        tl.store(q_ptr + row * K + k0 + rk, q.to(q_ptr.dtype.element_ty), mask=mask)  # int8, or fp16 (exact)
+        tl.store(q_ptr + row * Kq + k0 + rk, q.to(q_ptr.dtype.element_ty), mask=k0 + rk < Kq)  # int8 / fp16
     tl.store(s_ptr + row, s)
 
 
@@ -1246,20 +1265,27 @@ def packed_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, z
     return _launch(x, None, qweight, scale, zero_point, bias, code_offset, M, N, K, G, gs, x.dtype, config)
 
 
-def quantize_rows_int8(x: torch.Tensor, out_dtype: torch.dtype = torch.int8):
+def quantize_rows_int8(x: torch.Tensor, out_dtype: torch.dtype = torch.int8, k_permuted: bool = False):
     """x [M, K] float -> (q [M, K], s fp32 [M]) with x ~ q * s[:, None] (symmetric, per row).  q holds integers in
-    [-127, 127]: int8, or float16 (exact) for the GEMV, which takes 16-bit x."""
+    [-127, 127]: int8, or float16 (exact) for the GEMV, which takes 16-bit x.  ``k_permuted`` (int8 only): q is
+    [M, 16 * ceil(K / 16)] in the int8 GEMM's K order (see ``_packed_matmul_a8_quant_kernel``)."""
     if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.dtype not in (torch.float16, torch.bfloat16,
                                                                           torch.float32):
         raise ValueError("x must be a 2-D float16/bfloat16/float32 tensor")
     if x.stride(1) != 1:
         raise ValueError(f"x must be contiguous along K (stride(1) == 1), got strides {x.stride()}")
+    if k_permuted and out_dtype != torch.int8:
+        raise ValueError(f"k_permuted=True is the int8 GEMM's operand: out_dtype must be torch.int8, got {out_dtype}")
     M, K = x.shape
-    q = _alloc((M, K), out_dtype, x.device)
+    q = _alloc((M, _cdiv(K, 16) * 16 if k_permuted else K), out_dtype, x.device)
     s = _alloc((M,), torch.float32, x.device)
-    block_k = min(1024, max(16, _next_pow2(K)))
-    _packed_matmul_a8_quant_kernel[(M,)](x, q, s, K, x.stride(0), _FP32_TINY, BLOCK_K=block_k)
+    _packed_matmul_a8_quant_kernel[(M,)](x, q, s, K, x.stride(0), _FP32_TINY, BLOCK_K=_quant_block_k(K),
+                                         KPERM=k_permuted)
     return q, s
+
+
+def _quant_block_k(K: int) -> int:
+    return min(1024, max(16, _next_pow2(K)))
 
 
 def packed_matmul_a8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
@@ -1267,7 +1293,8 @@ def packed_matmul_a8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor
                      code_offset: Optional[float], config: Optional[Dict] = None) -> torch.Tensor:
     """W2A8: x quantized per token to int8 (dynamic, symmetric), then the packed matmul; output in x's dtype."""
     M, N, K, G, gs = _check(x, qweight, scale, zero_point, bias, in_features, code_offset)
-    q, s = quantize_rows_int8(x, torch.float16 if M <= GEMV_MAX_M else torch.int8)
+    gemv = _use_gemv(M, torch.float16, True, config)
+    q, s = quantize_rows_int8(x, torch.float16 if gemv else torch.int8, k_permuted=not gemv)
     return _launch(q, s, qweight, scale, zero_point, bias, code_offset, M, N, K, G, gs, x.dtype, config)
 
 
@@ -1296,10 +1323,12 @@ class BoundPackedMatmul:
             fn = packed_matmul_a8 if a8 else packed_matmul
             self.run = lambda x2: fn(x2, qweight, scale, zero_point, bias, in_features, code_offset)
             return
-        if a8:
-            self._qk = (K, min(1024, max(16, _next_pow2(K))))
         x_scaled = a8
-        if _use_gemv(M, xd, x_scaled) and qweight.numel() < 2 ** 33:
+        gemv = _use_gemv(M, xd, x_scaled) and qweight.numel() < 2 ** 33
+        kq = K if gemv or not a8 else _cdiv(K, 16) * 16  # the int8 GEMM's x: K-permuted rows padded to 16
+        if a8:
+            self._qk = (K, kq, _quant_block_k(K), not gemv)
+        if gemv:
             meta = _gemv_meta(xd, zero_point, code_offset, G, gs)
             zc = meta.pop("zc")
             self._common = dict(meta, HAS_BIAS=bias is not None, X_SCALED=x_scaled, BLOCK_M=M,
@@ -1321,7 +1350,7 @@ class BoundPackedMatmul:
                 self._locks = _split_locks(x.device, _cdiv(M, 16) * _cdiv(N, 16))  # zeroed once, re-armed by use
             magic = _BF16_MAGIC if xd == torch.bfloat16 else _FP16_MAGIC
             self._args = [None, None, qweight, scale, zero_point, bias, None, None, self._locks, M, N, K, G,
-                          gs if G > 1 else 0, co, magic, _HMASK, m_bucket, K, qweight.stride(0), N]
+                          gs if G > 1 else 0, co, magic, _HMASK, m_bucket, kq, qweight.stride(0), N]
             self._kern = _gemm
             self._grid = lambda meta: (_cdiv(M, meta["BLOCK_M"]) * _cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
         self.run = self._launch
@@ -1329,10 +1358,10 @@ class BoundPackedMatmul:
     def _launch(self, x):
         args = self._args.copy()
         if self._a8:
-            K, bk = self._qk
-            q = _alloc((self.M, K), self._q_dtype, self.device)
+            K, kq, bk, kperm = self._qk
+            q = _alloc((self.M, kq), self._q_dtype, self.device)
             s = _alloc((self.M,), torch.float32, self.device)
-            _packed_matmul_a8_quant_kernel[(self.M,)](x, q, s, K, K, _FP32_TINY, BLOCK_K=bk)
+            _packed_matmul_a8_quant_kernel[(self.M,)](x, q, s, K, K, _FP32_TINY, BLOCK_K=bk, KPERM=kperm)
             args[0], args[1] = q, s
         else:
             args[0] = x
@@ -1499,8 +1528,9 @@ def _static_launches_gemv(M: int, N: int, K: int, fmt: str, group_size: Optional
         qfn = _packed_matmul_a8_quant_kernel
         pre = [{"name": "quantize_rows_int8(fp16 q)",
                 "triton": {"fn": qfn, "signature": {"x_ptr": "*bf16", "q_ptr": "*fp16", "s_ptr": "*fp32", "K": "i32",
-                                                    "stride_xm": "i32", "TINY": "fp32", "BLOCK_K": "constexpr"},
-                           "constexprs": {"BLOCK_K": bk}, "num_warps": 4, "num_stages": 2,
+                                                    "stride_xm": "i32", "TINY": "fp32", "BLOCK_K": "constexpr",
+                                                    "KPERM": "constexpr"},
+                           "constexprs": {"BLOCK_K": bk, "KPERM": False}, "num_warps": 4, "num_stages": 2,
                            "divisible_by_16": ["x_ptr", "q_ptr", "s_ptr"] + (["K", "stride_xm"] if K % 16 == 0
                                                                             else [])},
                 "grid": [M, 1, 1], "threads_per_cta": 128, "loop_trips": float(_cdiv(K, bk)), "weights": 0,

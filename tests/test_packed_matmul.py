@@ -205,9 +205,10 @@ def test_gemm_dequantizes_every_weight_exactly(fmt, dtype, block_m, poison):
     eye = torch.eye(K, device=DEV)
     k = _kern()
     cfg = dict(BLOCK_M=block_m, BLOCK_N=16, BLOCK_K=64, GROUP_M=8, SPLIT_K=1)
-    if dtype == torch.int8:  # the W2A8 kernel on int8 x with unit row scales
-        y = k._launch(eye.to(torch.int8), torch.ones(K, device=DEV), qw, s, z, None, co, K, N, K, 1, K,
-                      torch.float16, cfg)
+    if dtype == torch.int8:  # the W2A8 kernel on int8 x with unit row scales, x in the int8 GEMM's K order
+        d = torch.arange(K)
+        xp = eye[:, (d // 16) * 16 + (d % 4) * 4 + (d // 4) % 4].to(torch.int8)  # position 16c+4p+b: x[16c+4b+p]
+        y = k._launch(xp, torch.ones(K, device=DEV), qw, s, z, None, co, K, N, K, 1, K, torch.float16, cfg)
         assert torch.equal(y, w.t().to(torch.float16))
     else:
         y = k.packed_matmul(eye.to(dtype), qw, s, z, None, K, co, config=cfg)
@@ -438,6 +439,26 @@ def test_int8_row_quantization_matches_reference(poison):
     assert q.dtype == torch.int8 and s.shape == (5,)
     torch.testing.assert_close(q.float() * s[:, None], xq, rtol=0, atol=0)
     assert int(q.abs().max()) == 127
+
+
+@needs_kernels
+@pytest.mark.parametrize("K", [200, 37, 64])
+def test_int8_row_quantization_k_permuted(K, poison):
+    """The int8 GEMM's x: rows padded to 16 * ceil(K / 16) with zeros, position 16c + 4p + b holding x[16c + 4b + p]."""
+    x = (torch.randn(3, K, device=DEV) * 2).to(torch.float16)
+    q, s = _kern().quantize_rows_int8(x)
+    qp, sp = _kern().quantize_rows_int8(x, k_permuted=True)
+    kp = -(-K // 16) * 16
+    assert qp.shape == (3, kp) and qp.dtype == torch.int8
+    torch.testing.assert_close(sp, s, rtol=0, atol=0)
+    d = torch.arange(kp)
+    src = (d // 16) * 16 + (d % 4) * 4 + (d // 4) % 4
+    want = torch.zeros(3, kp, dtype=torch.int8, device=DEV)
+    ok = src < K
+    want[:, d[ok]] = q[:, src[ok]]
+    assert torch.equal(qp, want)
+    with pytest.raises(ValueError, match="out_dtype must be torch.int8"):
+        _kern().quantize_rows_int8(x, torch.float16, k_permuted=True)
 
 
 # ---- gradients (the op's autograd) against autograd through the dequantized reference -----------------------------
@@ -742,7 +763,7 @@ build_call(pick_gemm(S(64, 4096, 4096, "seq4", None), BLOCK_M=64, BLOCK_K=256, S
 build_call(pick_gemm(S(64, 1024, 4096, "int2-asym", 128, "int8"), BLOCK_M=64, SPLIT_K=2))
 build_call(pick_gemm(S(300, 1024, 4096, "int2-asym", 64, "fp16"), BLOCK_M=128, BLOCK_N=128, BLOCK_K=64))
 build_call(S(4096, 1024, 4096, "int2-asym", 128)[0])
-build(K._packed_matmul_a8_quant_kernel, dict(BLOCK_K=1024))
+build(K._packed_matmul_a8_quant_kernel, dict(BLOCK_K=1024, KPERM=True))
 print("ok")
 """
 
