@@ -677,17 +677,17 @@ def static_launches(B: int, H: int, L: int, d: int, dtype: str = "bf16", *, caus
             nbytes = qk_bytes + mask_bytes + 3 * rows + B * H * L * d * es + ws
             if es != 4:  # the in-kernel conversion: one program per key head reads the workspace, writes dK
                 nbytes += ws + ws // 4 * es
-                # The tool (pyquant/bench/static.py at this commit) takes the conversion loop (trips: L / BLOCK_N
-                # per key head) for an alternative of the masked loop and counts only the larger, the masked loop:
-                # ``analyze`` drops NOPs before building the CFG, so the masked loop's exit branch, whose target is
-                # a NOP, loses its edge.  Giving the masked loop the trips of both counts the conversion at the
-                # masked loop's size, an upper bound.  Once the tool keeps that edge, this is a third value.
-                trip_list[1] += triton.cdiv(L, bn) * B * hk / (grid[0] * grid[1])
+                # the conversion loop (L / BLOCK_N trips per key head, in one program of each), averaged over the
+                # programs: the third main loop.  (Until the tool retargeted branches to NOPs, the masked loop's
+                # exit edge was lost and this loop looked like its alternative; its trips were then added to the
+                # masked loop's, an upper bound.)
+                trip_list.append(triton.cdiv(L, bn) * B * hk / (grid[0] * grid[1]))
         launches.append({
             "name": kind,
             "triton": {"fn": fn, "signature": _signature(fn, cx, dtype), "constexprs": cx, "num_warps": nw,
                        "num_stages": ns},
-            # main loops in address order: the unmasked interior loop, then the masked boundary loop
+            # main loops in address order: the unmasked interior loop, the masked boundary loop (bwd with 16-bit dK:
+            # then the workspace -> dK conversion loop)
             "grid": grid, "threads_per_cta": 32 * nw, "loop_trips": trip_list,
             "boundary_trips": float(boundary),
             "weights": score, "bytes": nbytes,

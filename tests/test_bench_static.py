@@ -166,6 +166,19 @@ def test_parse_nvdisasm_loop_mix_and_weight_taint():
         S.executed_per_thread(st, [1, 2])
 
 
+def test_branch_to_a_nop_keeps_its_loop():
+    """A back edge that lands on a NOP (padding at the loop head) still makes the loop: the NOP is dropped from the
+    counts, the branch retargeted to the next instruction."""
+    text = NVDISASM.replace(".L_x_0:\n        /*00c0*/                   LDG.E.128",
+                            ".L_x_0:\n        /*00b8*/                   NOP ;\n        /*00c0*/                   LDG.E.128")
+    text = text.replace("@P2 BRA `(.L_x_0) ;", "@P2 BRA 0xb8 ;")
+    ins = S.parse_sass(text)["toy"]
+    assert any(i.base == "NOP" and i.addr == 0xB8 for i in ins)
+    assert [i.target for i in ins if i.base == "BRA"][1] == 0xB8
+    st = S.analyze(ins, weight_param_offsets=[8])
+    assert st.main_loops == [(0xC0, 12)] and st.outside == 14 and st.n_instrs == 26
+
+
 def test_parse_cuobjdump_hex_targets():
     ins = S.parse_sass(CUOBJDUMP)["toy2"]
     assert [i.target for i in ins if i.base == "BRA"] == [0x20, 0x70]

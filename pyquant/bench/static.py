@@ -486,10 +486,30 @@ def _counted(i: Instr) -> bool:
     return i.base != "NOP"
 
 
+def _drop_nops(instrs: Sequence[Instr]) -> List[Instr]:
+    """The instructions without NOPs, a branch to a NOP (alignment padding at a loop head, say) retargeted to the
+    next instruction that is kept -- where the warp goes next -- so dropping the NOPs loses no CFG edge."""
+    nxt: Dict[int, Optional[int]] = {}
+    after: Optional[int] = None
+    for i in reversed(instrs):
+        if _counted(i):
+            after = i.addr
+        else:
+            nxt[i.addr] = after
+    out = []
+    for i in instrs:
+        if not _counted(i):
+            continue
+        if i.target is not None and i.target in nxt:
+            i = dataclasses.replace(i, target=nxt[i.target])
+        out.append(i)
+    return out
+
+
 def analyze(instrs: Sequence[Instr], weight_param_offsets: Optional[Iterable[int]] = None, name: str = "") \
         -> FunctionStats:
     """Main loops, instruction mix and weight-load width of one function (see the module docstring, steps 4-5)."""
-    instrs = [i for i in instrs if _counted(i)]
+    instrs = _drop_nops(instrs)
     notes: List[str] = []
     blocks, succ = _blocks(instrs)
     live = {instrs[k].addr for bi in (_reachable(succ) if blocks else ()) for k in blocks[bi]}
