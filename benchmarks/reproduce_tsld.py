@@ -69,6 +69,11 @@ def parse_args(argv=None):
     ap.add_argument("--qat-lr", type=float, default=2e-4)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--bf16", action="store_true",
+                    help="bf16 autocast for the training steps (teacher and students; evaluation fp32): ~1.6x faster "
+                         "per step on CPUs with AVX512-BF16/AMX; the result file gets a '-bf16' tag")
+    ap.add_argument("--save-every", type=int, default=200,
+                    help="checkpoint every N steps, so a killed run resumes its current row (default 200)")
     ap.add_argument("--table", action="store_true")
     a = ap.parse_args(argv)
     if a.smoke:
@@ -156,13 +161,15 @@ def main(argv=None) -> int:
     from pyquant.formats import WeightQuantConfig
     from pyquant.train import recipes
     from pyquant.train.data import CausalCollator, block_examples, sliding_window_perplexity, train_bpe_tokenizer
+    from pyquant.train.checkpoint import latest_checkpoint
     from pyquant.train.loop import TrainConfig, train
     from pyquant.train.quant import prepare_student
 
     if a.threads:
         torch.set_num_threads(a.threads)
     dev_kind = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tag = a.tag or ("smoke" if a.smoke else dev_kind.split(":")[0].replace("cuda", "gpu"))
+    tag = a.tag or ("smoke" if a.smoke else dev_kind.split(":")[0].replace("cuda", "gpu")) + (
+        "-bf16" if a.bf16 and not a.tag else "")
     out = Path(a.out)
     work = Path(a.work_dir) if a.work_dir else out / ".work" / f"tsld-{tag}"
     work.mkdir(parents=True, exist_ok=True)
@@ -202,15 +209,21 @@ def main(argv=None) -> int:
               "teacher_epochs": a.teacher_epochs, "teacher_lr": a.teacher_lr, "qat_epochs": a.qat_epochs,
               "qat_lr": a.qat_lr, "warmup_ratio": 0.1, "weight_decay": 0.01, "seed": a.seed,
               "weight": weight.to_dict(), "activation": None, "device": dev_kind, "tsld_tau": 10.0,
-              "reduced": bool(a.smoke or a.train_chars or a.max_eval_tokens)}
+              "reduced": bool(a.smoke or a.train_chars or a.max_eval_tokens),
+              **({"bf16_autocast": True} if a.bf16 else {})}
     store = ResultStore(out / f"reproduce_tsld-{tag}.json", config, plot)
     train_ex = block_examples(ids["train"], a.block)
 
     def tcfg(name, epochs, lr):
+        # a killed run continues a row (or the teacher) from its last checkpoint in scratch/<name> (every
+        # --save-every steps); the loop refuses a checkpoint written with another training configuration
         scratch = work / "scratch" / name
-        shutil.rmtree(scratch, ignore_errors=True)
+        resume = latest_checkpoint(scratch) is not None
+        if resume:
+            print(f"{name}: resuming from {latest_checkpoint(scratch)}", flush=True)
         return TrainConfig(output_dir=str(scratch), epochs=epochs, batch_size=a.batch_size, lr=lr, warmup_ratio=0.1,
-                           weight_decay=0.01, seed=a.seed, device=dev_kind, progress=not a.smoke, log_every=10)
+                           weight_decay=0.01, seed=a.seed, device=dev_kind, progress=not a.smoke, log_every=10,
+                           bf16=a.bf16, save_every=a.save_every, keep_last=1, resume=resume)
 
     t_all = time.time()
     if (tdir / "config.json").is_file():

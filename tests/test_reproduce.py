@@ -82,3 +82,37 @@ def test_reproduce_tsld_smoke(tmp_path, capsys):
     capsys.readouterr()
     assert t.main(["--smoke", "--out", str(out)]) == 0
     assert capsys.readouterr().out.count("already in") == 6
+
+
+def test_reproduce_tsld_killed_row_resumes_to_the_same_result(tmp_path, monkeypatch, capsys):
+    """A run killed inside a row continues that row from its last checkpoint and ends where an uninterrupted run
+    ends (the loop's resume is exact on CPU)."""
+    t = _load("reproduce_tsld")
+    if not (Path(t.shared_data("wikitext-2")) / "train.txt").is_file():
+        pytest.skip("no WikiText-2 data")
+    args = ["--smoke", "--rows", "fp,qat", "--save-every", "2"]
+    assert t.main(args + ["--out", str(tmp_path / "a")]) == 0
+    whole = {r["row"]: r for r in json.loads((tmp_path / "a" / "reproduce_tsld-smoke.json").read_text())["rows"]}
+
+    from pyquant.train import loop
+
+    real = loop.save_checkpoint
+
+    def save_then_die(out_dir, *a, **k):
+        path = real(out_dir, *a, **k)
+        if Path(out_dir).name == "qat":
+            raise KeyboardInterrupt("killed after the row's first checkpoint")
+        return path
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        t.main(args + ["--out", str(tmp_path / "b")])
+    monkeypatch.setattr(loop, "save_checkpoint", real)
+    assert any((tmp_path / "b" / ".work" / "tsld-smoke" / "scratch" / "qat").glob("checkpoint-*"))
+    capsys.readouterr()
+    assert t.main(args + ["--out", str(tmp_path / "b")]) == 0
+    o = capsys.readouterr().out
+    assert "qat: resuming from" in o and "checkpoint-00000002" in o and "fp: already in" in o
+    again = {r["row"]: r for r in json.loads((tmp_path / "b" / "reproduce_tsld-smoke.json").read_text())["rows"]}
+    assert again["qat"]["test_ppl"] == pytest.approx(whole["qat"]["test_ppl"], rel=1e-6)
+    assert again["fp"]["test_ppl"] == whole["fp"]["test_ppl"]
