@@ -1247,10 +1247,18 @@ def _use_gemv(M: int, x_dtype: torch.dtype, w2a8: bool, config: Optional[Dict] =
     return M < _GEMM_MIN_M
 
 
+_GEMV_MAX_WEIGHT_BYTES = 2 ** 33  # 2^31 words: the GEMV's row offsets are 32-bit; larger packed weights take the GEMM
+
+
+def _a8_gemv(M: int, qweight: torch.Tensor, config: Optional[Dict] = None) -> bool:
+    """Whether W2A8 runs the GEMV (x quantized to fp16 integers) rather than the int8 GEMM (K-permuted int8 x)."""
+    return _use_gemv(M, torch.float16, True, config) and qweight.numel() < _GEMV_MAX_WEIGHT_BYTES
+
+
 def _launch(x, x_scale, qweight, scale, zero_point, bias, code_offset, M, N, K, G, gs, out_dtype,
             config: Optional[Dict] = None) -> torch.Tensor:
     # decode: the half2 GEMV (a packed weight of 2^31+ words takes the GEMM: the GEMV's row offsets are 32-bit)
-    if _use_gemv(M, x.dtype, x_scale is not None, config) and qweight.numel() < 2 ** 33:
+    if _use_gemv(M, x.dtype, x_scale is not None, config) and qweight.numel() < _GEMV_MAX_WEIGHT_BYTES:
         return _launch_gemv(x, x_scale, qweight, scale, zero_point, bias, code_offset, M, N, K, G, gs, out_dtype,
                             config)
     return _launch_gemm(x, x_scale, qweight, scale, zero_point, bias, code_offset, M, N, K, G, gs, out_dtype,
@@ -1293,7 +1301,7 @@ def packed_matmul_a8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor
                      code_offset: Optional[float], config: Optional[Dict] = None) -> torch.Tensor:
     """W2A8: x quantized per token to int8 (dynamic, symmetric), then the packed matmul; output in x's dtype."""
     M, N, K, G, gs = _check(x, qweight, scale, zero_point, bias, in_features, code_offset)
-    gemv = _use_gemv(M, torch.float16, True, config)
+    gemv = _a8_gemv(M, qweight, config)
     q, s = quantize_rows_int8(x, torch.float16 if gemv else torch.int8, k_permuted=not gemv)
     return _launch(q, s, qweight, scale, zero_point, bias, code_offset, M, N, K, G, gs, x.dtype, config)
 
@@ -1316,7 +1324,7 @@ class BoundPackedMatmul:
     def __init__(self, x, qweight, scale, zero_point, bias, in_features, code_offset, a8: bool = False):
         M, N, K, G, gs = _check(x, qweight, scale, zero_point, bias, in_features, code_offset)
         self.M, self.N, self.device, self.out_dtype, self._a8 = M, N, x.device, x.dtype, a8
-        self._q_dtype = (torch.float16 if M <= GEMV_MAX_M else torch.int8) if a8 else None
+        self._q_dtype = (torch.float16 if _a8_gemv(M, qweight) else torch.int8) if a8 else None
         self._ws = self._locks = self._qk = None
         xd = self._q_dtype if a8 else x.dtype
         if N == 0 or (not a8 and _dequant_dispatch(M, xd, zero_point is not None, G)):
@@ -1324,7 +1332,7 @@ class BoundPackedMatmul:
             self.run = lambda x2: fn(x2, qweight, scale, zero_point, bias, in_features, code_offset)
             return
         x_scaled = a8
-        gemv = _use_gemv(M, xd, x_scaled) and qweight.numel() < 2 ** 33
+        gemv = _use_gemv(M, xd, x_scaled) and qweight.numel() < _GEMV_MAX_WEIGHT_BYTES
         kq = K if gemv or not a8 else _cdiv(K, 16) * 16  # the int8 GEMM's x: K-permuted rows padded to 16
         if a8:
             self._qk = (K, kq, _quant_block_k(K), not gemv)

@@ -442,6 +442,22 @@ def test_int8_row_quantization_matches_reference(poison):
 
 
 @needs_kernels
+def test_w2a8_small_m_on_a_weight_too_large_for_the_gemv(monkeypatch, poison):
+    """A packed weight past the GEMV's 32-bit row offsets sends W2A8 at M <= 8 to the int8 GEMM, x quantized for
+    it (K-permuted int8, not the GEMV's fp16 integers) -- on the checked and on the bound path.  (The limit is
+    lowered here instead of allocating 8 GiB.)"""
+    k = _kern()
+    monkeypatch.setattr(k, "_GEMV_MAX_WEIGHT_BYTES", 1)
+    qw, s, z, co, _ = make_weight(24, 128, "int2-asym", 64)
+    x = torch.randn(3, 128, device=DEV).to(torch.float16)
+    ref = reference.packed_matmul_a8(x, qw, s, z, None, 128, co)
+    with use_backend("triton"):
+        y = packed_matmul_a8(x, qw, s, z, None, in_features=128, code_offset=co)
+    assert_close_to(y, ref, torch.float16)
+    assert_close_to(k.BoundPackedMatmul(x, qw, s, z, None, 128, co, a8=True)(x), ref, torch.float16)
+
+
+@needs_kernels
 @pytest.mark.parametrize("K", [200, 37, 64])
 def test_int8_row_quantization_k_permuted(K, poison):
     """The int8 GEMM's x: rows padded to 16 * ceil(K / 16) with zeros, position 16c + 4p + b holding x[16c + 4b + p]."""
