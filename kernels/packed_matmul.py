@@ -1389,6 +1389,22 @@ _STATIC_X = {"bf16": (torch.bfloat16, "*bf16", 2), "fp16": (torch.float16, "*fp1
 _SM90_SMEM = 232448  # sm_90 opt-in shared memory per block (bytes): the pruning limit the GPU would apply
 
 
+def _static_quant_launch(M: int, K: int, kperm: bool) -> Dict:
+    """W2A8's per-token quantizer as a launch descriptor: reads bf16 x twice (max, then quantize), writes q (fp16
+    integers for the GEMV; ``kperm``: int8 in the GEMM's K order, rows padded to 16) and the row scales."""
+    bk = _quant_block_k(K)
+    kq = _cdiv(K, 16) * 16 if kperm else K
+    q_ty, q_bytes = ("*i8", 1) if kperm else ("*fp16", 2)
+    return {"name": f"quantize_rows_int8({'int8 K-permuted' if kperm else 'fp16'} q)",
+            "triton": {"fn": _packed_matmul_a8_quant_kernel,
+                       "signature": {"x_ptr": "*bf16", "q_ptr": q_ty, "s_ptr": "*fp32", "K": "i32", "stride_xm": "i32",
+                                     "TINY": "fp32", "BLOCK_K": "constexpr", "KPERM": "constexpr"},
+                       "constexprs": {"BLOCK_K": bk, "KPERM": kperm}, "num_warps": 4, "num_stages": 2,
+                       "divisible_by_16": ["x_ptr", "q_ptr", "s_ptr"] + (["K", "stride_xm"] if K % 16 == 0 else [])},
+            "grid": [M, 1, 1], "threads_per_cta": 128, "loop_trips": float(_cdiv(K, bk)), "weights": 0,
+            "bytes": M * K * 2 * 2 + M * kq * q_bytes + M * 4, "mma_flops": 0}
+
+
 def _static_gemm_call(M, N, K, G, gs, has_zero, co, x_dtype, c) -> Dict:
     torch_dt, x_ty, x_bytes = _STATIC_X[x_dtype]
     x_int8 = x_dtype == "int8"
@@ -1422,7 +1438,10 @@ def _static_gemm_call(M, N, K, G, gs, has_zero, co, x_dtype, c) -> Dict:
     nbytes = (N * (-(-K // 64) * 16) + N * G * 2 * (2 if has_zero else 1) + M * K * x_bytes + M * N * 2
               + (M * 4 if x_int8 else 0))
     if sk > 1:
-        nbytes += 2 * sk * M * N * 4 + grid[0] * 8  # partial slices written once, read once; counters
+        # the fp32 partial slices: written once to DRAM (write-back, eventually), read back from L2 -- the last
+        # split of a tile reads them microseconds after they were written, and they are SPLIT_K * M * N * 4
+        # bytes (<= 8.4 MB at the benchmark shapes, M <= 64) next to H200's 50 MB L2; plus the arrival counters
+        nbytes += sk * M * N * 4 + grid[0] * 8
     launch = dict(name="packed_matmul_gemm",
                   triton=dict(fn=fn, signature=sig, constexprs={k: v for k, v in consts.items()},
                               num_warps=c.num_warps, num_stages=c.num_stages, divisibility=div16),
@@ -1430,7 +1449,8 @@ def _static_gemm_call(M, N, K, G, gs, has_zero, co, x_dtype, c) -> Dict:
                   bytes=nbytes, mma_flops=2 * _cdiv(M, bm) * bm * N * K,
                   mma_dtype="int8" if x_int8 else "bf16")
     cfg = f"BLOCK_M={bm} BLOCK_N={bn} BLOCK_K={bk} SPLIT_K={sk} warps={c.num_warps} stages={c.num_stages}"
-    return dict(kernel="packed_matmul_gemm", backend="triton", config=cfg, launches=[launch])
+    pre = [_static_quant_launch(M, K, kperm=True)] if x_int8 else []  # W2A8: the op quantizes x first
+    return dict(kernel="packed_matmul_gemm", backend="triton", config=cfg, launches=pre + [launch])
 
 
 def _static_dequant_call(M, N, K, G, gs, has_zero, co, x_dtype) -> Dict:
@@ -1530,19 +1550,7 @@ def _static_launches_gemv(M: int, N: int, K: int, fmt: str, group_size: Optional
     ints = dict(N=N, K=K, G=G, magic=_GEMV_MAGIC[xt], lo_mask=0xFFFF, stride_xm=K, stride_qn=-(-K // 64) * 16, stride_ym=N)
     div16 = ["x_ptr", "xs_ptr", "qw_ptr", "scale_ptr", "zero_ptr", "y_ptr"] + \
         [n for n, v in ints.items() if v % 16 == 0]
-    pre = []
-    if a8:  # per-token int8 quantization written as fp16 integers: reads x twice, writes q and the row scales
-        bk = min(1024, max(16, _next_pow2(K)))
-        qfn = _packed_matmul_a8_quant_kernel
-        pre = [{"name": "quantize_rows_int8(fp16 q)",
-                "triton": {"fn": qfn, "signature": {"x_ptr": "*bf16", "q_ptr": "*fp16", "s_ptr": "*fp32", "K": "i32",
-                                                    "stride_xm": "i32", "TINY": "fp32", "BLOCK_K": "constexpr",
-                                                    "KPERM": "constexpr"},
-                           "constexprs": {"BLOCK_K": bk, "KPERM": False}, "num_warps": 4, "num_stages": 2,
-                           "divisible_by_16": ["x_ptr", "q_ptr", "s_ptr"] + (["K", "stride_xm"] if K % 16 == 0
-                                                                            else [])},
-                "grid": [M, 1, 1], "threads_per_cta": 128, "loop_trips": float(_cdiv(K, bk)), "weights": 0,
-                "bytes": M * K * 2 * 2 + M * K * 2 + M * 4, "mma_flops": 0}]
+    pre = [_static_quant_launch(M, K, kperm=False)] if a8 else []
     sbytes = N * G * 2 * (2 if meta["HAS_ZERO"] else 1)
     calls = []
     for c in _prune_gemv(_GEMV_CONFIGS, dict(K=K, N=N), BLOCK_M=M, HAS_ZERO=meta["HAS_ZERO"],
