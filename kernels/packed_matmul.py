@@ -1390,8 +1390,9 @@ _SM90_SMEM = 232448  # sm_90 opt-in shared memory per block (bytes): the pruning
 
 
 def _static_quant_launch(M: int, K: int, kperm: bool) -> Dict:
-    """W2A8's per-token quantizer as a launch descriptor: reads bf16 x twice (max, then quantize), writes q (fp16
-    integers for the GEMV; ``kperm``: int8 in the GEMM's K order, rows padded to 16) and the row scales."""
+    """W2A8's per-token quantizer as a launch descriptor: reads each bf16 row of x twice (max, then quantize),
+    writes q (fp16 integers for the GEMV; ``kperm``: int8 in the GEMM's K order, rows padded to 16) and the row
+    scales."""
     bk = _quant_block_k(K)
     kq = _cdiv(K, 16) * 16 if kperm else K
     q_ty, q_bytes = ("*i8", 1) if kperm else ("*fp16", 2)
@@ -1402,7 +1403,9 @@ def _static_quant_launch(M: int, K: int, kperm: bool) -> Dict:
                        "constexprs": {"BLOCK_K": bk, "KPERM": kperm}, "num_warps": 4, "num_stages": 2,
                        "divisible_by_16": ["x_ptr", "q_ptr", "s_ptr"] + (["K", "stride_xm"] if K % 16 == 0 else [])},
             "grid": [M, 1, 1], "threads_per_cta": 128, "loop_trips": float(_cdiv(K, bk)), "weights": 0,
-            "bytes": M * K * 2 * 2 + M * kq * q_bytes + M * 4, "mma_flops": 0}
+            # x counted once (unique HBM bytes, as everywhere): the second pass re-reads a row of <= 28 KB that the
+            # first pass of the same CTA read microseconds before, from L2
+            "bytes": M * K * 2 + M * kq * q_bytes + M * 4, "mma_flops": 0}
 
 
 def _static_gemm_call(M, N, K, G, gs, has_zero, co, x_dtype, c) -> Dict:
