@@ -70,8 +70,10 @@ and the static model predicted time = max(bytes / 4.0e12 B/s, thread-instruction
   (elementwise at BLOCK_M = 16: an x @ ones MMA there made every warp issue the whole tile), per-token scale at
   the end.  The operand order is K-permuted inside each 16-group (dot position 16c + 4p + b = weight 16c + 4b + p)
   and the int8 quantizer writes x in that order (rows padded with zeros to a multiple of 16), so no byte permutes
-  regroup the codes: at M = 16, g128, 3.9 -> 2.8 SASS instructions per weight, predicted 3.5x -> 4.7-4.8x
-  (14336 x 4096) and 3.9x -> 5.2x (4096 x 14336).
+  regroup the codes: at M = 16, g128, 3.9 -> 2.8-3.1 SASS instructions per weight, the GEMM alone predicted 3.5x
+  -> 4.7-4.8x (14336 x 4096) and 3.9x -> 5.2-5.3x (4096 x 14336).  The whole W2A8 call is slower: its quantizer
+  (one CTA per row, an IEEE division per element) adds 1.3-3.1 us at M = 16 (3.4-4.0x in all) -- the next thing
+  to fix for W2A8 (more CTAs per row at small M; the division is the QAT fake-quant's exact rounding rule).
 * large M (M >= 1024): the fused wgmma kernel predicts MMA-bound (0.97-1.00x cuBLAS, dequant issue time hidden
   behind the MMA) in every 16-bit format, per-group zero points included (0.76x before the pair dequantization:
   its byte permutes did not hide), so only fp32 x dispatches to dequantize-to-x's-dtype
