@@ -106,7 +106,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import triton
@@ -848,8 +848,14 @@ def _packed_matmul_a8_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, TINY, BLOC
                                    KPERM: tl.constexpr = False):
     """One row of x -> int8 (or fp16-integer) codes and its fp32 scale.  KPERM (the int8 GEMM's operand): the row
     is written padded to ``Kp = 16 * ceil(K / 16)`` (zeros past K) in the GEMM's K order, position
-    ``16 c + 4 p + b`` holding x[16 c + 4 b + p] (``_gemm_codes_i8``); the permutation is its own inverse."""
+    ``16 c + 4 p + b`` holding x[16 c + 4 b + p] (``_gemm_codes_i8``); the permutation is its own inverse.
+
+    Grid (M, S): the S programs of a row each find the row's max (the whole row: cheap next to the divisions) and
+    quantize 1/S of its BLOCK_K blocks, so a few rows still spread over the SMs (``_quant_grid``); program 0 writes
+    the scale.  Every program computes the same scale, so S does not change the result."""
     row = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(1)
+    n_parts = tl.num_programs(1)
     rk = tl.arange(0, BLOCK_K)
     amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -862,12 +868,15 @@ def _packed_matmul_a8_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, TINY, BLOC
     else:
         Kq = K
         src = rk
-    for k0 in range(0, Kq, BLOCK_K):
+    per = tl.cdiv(tl.cdiv(Kq, BLOCK_K), n_parts)  # blocks per program
+    for b in range(part * per, tl.minimum((part + 1) * per, tl.cdiv(Kq, BLOCK_K))):
+        k0 = b * BLOCK_K
         v = tl.load(x_ptr + row * stride_xm + k0 + src, mask=k0 + src < K, other=0.0).to(tl.float32)
         q = tl.floor(tl.math.div_rn(v, s) + 0.5)
         q = tl.minimum(tl.maximum(q, -127.0), 127.0)
         tl.store(q_ptr + row * Kq + k0 + rk, q.to(q_ptr.dtype.element_ty), mask=k0 + rk < Kq)  # int8 / fp16
-    tl.store(s_ptr + row, s)
+    if part == 0:
+        tl.store(s_ptr + row, s)
 
 
 # ---- configs, pruning, autotuning ------------------------------------------------------------------------------
@@ -1289,13 +1298,23 @@ def quantize_rows_int8(x: torch.Tensor, out_dtype: torch.dtype = torch.int8, k_p
     M, K = x.shape
     q = _alloc((M, _cdiv(K, 16) * 16 if k_permuted else K), out_dtype, x.device)
     s = _alloc((M,), torch.float32, x.device)
-    _packed_matmul_a8_quant_kernel[(M,)](x, q, s, K, x.stride(0), _FP32_TINY, BLOCK_K=_quant_block_k(K),
-                                         KPERM=k_permuted)
+    bk = _quant_block_k(K)
+    _packed_matmul_a8_quant_kernel[_quant_grid(M, K, bk)](x, q, s, K, x.stride(0), _FP32_TINY, BLOCK_K=bk,
+                                                          KPERM=k_permuted)
     return q, s
 
 
 def _quant_block_k(K: int) -> int:
     return min(1024, max(16, _next_pow2(K)))
+
+
+_QUANT_MIN_CTAS = 132  # the quantizer's grid aims at >= one program per H100/H200 SM
+
+
+def _quant_grid(M: int, K: int, bk: int) -> Tuple[int, int]:
+    """(M, S): S programs per row when M rows alone leave SMs idle (M = 16, K = 14336: 8 per row, 128 programs
+    instead of 16), at most one per BLOCK_K block."""
+    return (M, max(1, min(_cdiv(K, bk), _QUANT_MIN_CTAS // max(M, 1))))
 
 
 def packed_matmul_a8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
@@ -1371,7 +1390,8 @@ class BoundPackedMatmul:
             K, kq, bk, kperm = self._qk
             q = _alloc((self.M, kq), self._q_dtype, self.device)
             s = _alloc((self.M,), torch.float32, self.device)
-            _packed_matmul_a8_quant_kernel[(self.M,)](x, q, s, K, K, _FP32_TINY, BLOCK_K=bk, KPERM=kperm)
+            _packed_matmul_a8_quant_kernel[_quant_grid(self.M, K, bk)](x, q, s, K, K, _FP32_TINY, BLOCK_K=bk,
+                                                                        KPERM=kperm)
             args[0], args[1] = q, s
         else:
             args[0] = x
@@ -1398,15 +1418,21 @@ def _static_quant_launch(M: int, K: int, kperm: bool) -> Dict:
     bk = _quant_block_k(K)
     kq = _cdiv(K, 16) * 16 if kperm else K
     q_ty, q_bytes = ("*i8", 1) if kperm else ("*fp16", 2)
+    S = _quant_grid(M, K, bk)[1]
     return {"name": f"quantize_rows_int8({'int8 K-permuted' if kperm else 'fp16'} q)",
             "triton": {"fn": _packed_matmul_a8_quant_kernel,
                        "signature": {"x_ptr": "*bf16", "q_ptr": q_ty, "s_ptr": "*fp32", "K": "i32", "stride_xm": "i32",
                                      "TINY": "fp32", "BLOCK_K": "constexpr", "KPERM": "constexpr"},
                        "constexprs": {"BLOCK_K": bk, "KPERM": kperm}, "num_warps": 4, "num_stages": 2,
                        "divisible_by_16": ["x_ptr", "q_ptr", "s_ptr"] + (["K", "stride_xm"] if K % 16 == 0 else [])},
-            "grid": [M, 1, 1], "threads_per_cta": 128, "loop_trips": float(_cdiv(K, bk)), "weights": 0,
-            # x counted once (unique HBM bytes, as everywhere): the second pass re-reads a row of <= 28 KB that the
-            # first pass of the same CTA read microseconds before, from L2
+            # pass 1 (the row's max) walks the whole row in each of the S programs of a row, pass 2 its 1/S share
+            "grid": [M, S, 1], "threads_per_cta": 128,
+            "loop_trips": [float(_cdiv(K, bk)), float(_cdiv(_cdiv(kq, bk), S))], "weights": 0,
+            # both passes load BLOCK_K bf16 per iteration over 128 threads; LLVM unrolls the max pass 4x and peels
+            # its remainder, which this lets the tool see (it counted each 4x-unrolled trip as one iteration)
+            "trip_load_bytes": bk * 2 / 128,
+            # x counted once (unique HBM bytes, as everywhere): the second pass and the other programs of a row
+            # re-read a row of <= 28 KB that was read microseconds before, from L2
             "bytes": M * K * 2 + M * kq * q_bytes + M * 4, "mma_flops": 0}
 
 

@@ -126,6 +126,26 @@ UNROLLED = r"""
         /*00a0*/                   EXIT ;
 """
 
+PEELED = r"""
+.text.peel:
+        /*0000*/                   S2R R0, SR_TID.X ;
+.L_q:
+        /*0010*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0020*/                   LDG.E.128 R8, desc[UR4][R2.64+0x800] ;
+        /*0030*/                   LDG.E.128 R12, desc[UR4][R2.64+0x1000] ;
+        /*0040*/                   LDG.E.128 R16, desc[UR4][R2.64+0x1800] ;
+        /*0050*/                   FMNMX R20, R4, R20, !PT ;
+        /*0060*/                   FMNMX R20, R8, R20, !PT ;
+        /*0070*/                   FMNMX R20, R12, R20, !PT ;
+        /*0080*/                   FMNMX R20, R16, R20, !PT ;
+        /*0090*/               @P2 BRA `(.L_q) ;
+        /*00a0*/               @!P3 BRA `(.L_e) ;
+        /*00b0*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*00c0*/                   FMNMX R20, R4, R20, !PT ;
+.L_e:
+        /*00d0*/                   EXIT ;
+"""
+
 SPILL = r"""
 .text.spill:
         /*0000*/                   ULDC.64 UR4, c[0x0][0x218] ;
@@ -203,6 +223,23 @@ def test_alternative_and_nested_loops():
     per_thread, mix, _, _ = S.executed_per_thread(unr, 7)
     assert mix["FFMA"] == 7 and per_thread == 3 + 5 * 3 + 3 * 1
     assert S.executed_per_thread(unr, [7])[0] == per_thread  # one value per source loop
+
+
+def test_unrolled_loop_with_peeled_remainder_counts_source_trips():
+    """Refinement (c): a loop that loads 4 source iterations' bytes per trip (LLVM unrolled it 4x and peeled the
+    remainder into straight-line code) runs floor(t / 4) trips when the launch states ``trip_load_bytes``."""
+    st = S.analyze(S.parse_sass(PEELED)["peel"])
+    assert st.main_loops == [(0x10, 9)] and st.outside == 5 and st.unroll == [(1, "")]
+    assert S.executed_per_thread(st, 14)[0] == 5 + 9 * 14  # without the statement: each trip taken as one
+    per_thread, mix, load_bytes, notes = S.executed_per_thread(st, 14, trip_load_bytes=16)
+    assert per_thread == 5 + 9 * 3 and mix["FMNMX"] == 4 * 3 + 1 and load_bytes == 64 * 3
+    assert any("unrolled 4x" in n for n in notes)
+    assert S.executed_per_thread(st, 14, trip_load_bytes=64)[0] == 5 + 9 * 14  # one source iteration per trip
+    assert S.executed_per_thread(st, 14, trip_load_bytes=[24])[0] == 5 + 9 * 14  # not a whole multiple: as given
+    with pytest.raises(ValueError, match="trip_load_bytes has 2 values"):
+        S.executed_per_thread(st, 14, trip_load_bytes=[16, 16])
+    with pytest.raises(ValueError, match="trip_load_bytes must be > 0"):
+        S.executed_per_thread(st, 14, trip_load_bytes=0)
 
 
 def test_roofline_math_and_constants(tmp_path):

@@ -447,6 +447,29 @@ def test_int8_row_quantization_matches_reference(poison):
 
 
 @needs_kernels
+@pytest.mark.parametrize("M,K,min_ctas,kperm", [(5, 2500, 132, False), (3, 2500, 6, True), (2, 4100, 8, True)])
+def test_int8_row_quantization_split_over_programs(M, K, min_ctas, kperm, monkeypatch, poison):
+    """A row quantized by S programs (each finds the row's max, quantizes its share of the BLOCK_K blocks; shares
+    of 3 blocks over 3 and over 2 programs, 5 blocks over 4) equals the one-program result and the reference."""
+    k = _kern()
+    x = (torch.randn(M, K, device=DEV) * 3).to(torch.bfloat16)
+    x[0, 7] = -40.0  # the row max sits in the first program's share, read by every program
+    monkeypatch.setattr(k, "_QUANT_MIN_CTAS", min_ctas)
+    S = k._quant_grid(M, K, k._quant_block_k(K))[1]
+    assert S > 1
+    q, s = k.quantize_rows_int8(x, k_permuted=kperm)
+    monkeypatch.setattr(k, "_QUANT_MIN_CTAS", 1)
+    assert k._quant_grid(M, K, k._quant_block_k(K))[1] == 1
+    q1, s1 = k.quantize_rows_int8(x, k_permuted=kperm)
+    assert torch.equal(q, q1) and torch.equal(s, s1)
+    if not kperm:
+        from pyquant.formats import ActivationQuantConfig
+
+        xq = reference.fake_quant_activation(x.float(), ActivationQuantConfig(symmetric=True, granularity="token"))
+        torch.testing.assert_close(q.float() * s[:, None], xq, rtol=0, atol=0)
+
+
+@needs_kernels
 def test_w2a8_small_m_on_a_weight_too_large_for_the_gemv(monkeypatch, poison):
     """A packed weight past the GEMV's 32-bit row offsets sends W2A8 at M <= 8 to the int8 GEMM, x quantized for
     it (K-permuted int8, not the GEMV's fp16 integers) -- on the checked and on the bound path.  (The limit is

@@ -35,7 +35,12 @@ Method
    twice: (a) main loops neither of which can reach the other are *alternatives* (a loop unswitched on a runtime
    flag, only one runs): the larger is counted, an upper bound; (b) a main loop whose global loads are U times those
    of a loop it runs into (or comes from) is the *unrolled* copy of one source loop and the other its *remainder*:
-   with source trips t they run floor(t / U) and t - U floor(t / U) times.  A loop nested in a main loop runs
+   with source trips t they run floor(t / U) and t - U floor(t / U) times; (c) a launch may state
+   ``trip_load_bytes`` (one value, or one per main loop): the global bytes per thread that ONE source iteration
+   loads.  A main loop (not already paired by (b)) whose body loads U >= 2 times that is the source loop unrolled
+   U times with its remainder peeled into straight-line code (LLVM does this for short bodies): it runs
+   floor(t / U) times and the peeled copies count once, outside, as all straight-line code does (an upper bound).
+   A loop nested in a main loop runs
    ``inner_loop_trips[i]`` times per main-loop iteration (i in header-address order; 1, with a note, when not
    given).  Everything else counts once per thread: a static count, so an upper bound for code behind branches.
    ``loop_load_bytes_ratio`` = global bytes the main loops load (x trips x threads x CTAs) / the descriptor's
@@ -621,13 +626,33 @@ def _split_unrolled(trips: List[float], unroll: List[Tuple[int, str]]) -> None:
         trips[r] = t - u * trips[j]
 
 
-def executed_per_thread(st: FunctionStats, loop_trips, inner_trips: Optional[Sequence[float]] = None
-                        ) -> Tuple[float, Counter, float, List[str]]:
+def _peeled_unroll(st: FunctionStats, trip_load_bytes, unroll: List[Tuple[int, str]]) -> List[int]:
+    """Per main loop, how many source iterations one trip runs (refinement (c) of the module docstring): the
+    loop's global load bytes per trip / ``trip_load_bytes`` when that is an integer >= 2, else 1."""
+    nm = len(st.main_loops)
+    if trip_load_bytes is None:
+        return [1] * nm
+    per = list(trip_load_bytes) if isinstance(trip_load_bytes, (list, tuple)) else [trip_load_bytes] * nm
+    if len(per) != nm:
+        raise ValueError(f"{st.name}: trip_load_bytes has {len(per)} values but the code has {nm} main loops")
+    out = []
+    for j in range(nm):
+        b, want = float(st.loop_load_bytes[j]), float(per[j])
+        if want <= 0:
+            raise ValueError(f"{st.name}: trip_load_bytes must be > 0, got {per[j]!r}")
+        u = b / want
+        out.append(int(round(u)) if unroll[j][1] == "" and round(u) >= 2 and abs(u - round(u)) < 1e-6 else 1)
+    return out
+
+
+def executed_per_thread(st: FunctionStats, loop_trips, inner_trips: Optional[Sequence[float]] = None,
+                        trip_load_bytes=None) -> Tuple[float, Counter, float, List[str]]:
     """(instructions executed per thread, executed mix per thread, global load bytes per thread in the main loops,
     notes) for the trips of a launch descriptor."""
     notes: List[str] = list(st.notes)
     nm = len(st.main_loops)
     unroll = st.unroll or [(1, "")] * nm
+    peeled = _peeled_unroll(st, trip_load_bytes, unroll)
     if isinstance(loop_trips, (list, tuple)):
         trips = [float(t) for t in loop_trips]
         src_loops = nm - sum(1 for _, role in unroll if role == "remainder")
@@ -640,6 +665,11 @@ def executed_per_thread(st: FunctionStats, loop_trips, inner_trips: Optional[Seq
     else:
         trips = [float(loop_trips)] * nm
         _split_unrolled(trips, unroll)
+    for j, u in enumerate(peeled):
+        if u > 1:
+            notes.append(f"main loop at {st.main_loops[j][0]:#x} loads {u} source iterations per trip (unrolled {u}x, "
+                         f"remainder peeled): {trips[j]:g} source trips -> {math.floor(trips[j] / u)}")
+            trips[j] = float(math.floor(trips[j] / u))
     inner_t = list(inner_trips) if inner_trips is not None else []
     if st.inner_loops and not inner_t:
         notes.append(f"{len(st.inner_loops)} inner loop(s) counted once per main-loop trip (no inner_loop_trips)")
@@ -1418,7 +1448,8 @@ def score_call(comp: Compiler, c: Constants, call: Dict[str, Any]) -> Dict[str, 
         b = comp.triton(la["triton"]) if "triton" in la else comp.cuda(la["cuda"])
         wo = _weight_offsets(b, la)
         st = comp.analysis(b, wo)
-        per_thread, pmix, lbytes, n = executed_per_thread(st, la["loop_trips"], la.get("inner_loop_trips"))
+        per_thread, pmix, lbytes, n = executed_per_thread(st, la["loop_trips"], la.get("inner_loop_trips"),
+                                                        la.get("trip_load_bytes"))
         notes += [f"{la['name']}: {x}" for x in n]
         ti = per_thread * tpc * ctas
         total_instr += ti
@@ -1436,7 +1467,8 @@ def score_call(comp: Compiler, c: Constants, call: Dict[str, Any]) -> Dict[str, 
                     spill_bytes=b.spill_bytes, smem_bytes=smem, sass_instrs=st.n_instrs,
                     instr_outside_loop=st.outside, main_loop_instrs=[m[1] for m in st.main_loops],
                     inner_loop_instrs=[m[2] for m in st.inner_loops], loop_trips=la["loop_trips"],
-                    inner_loop_trips=la.get("inner_loop_trips"), instr_per_thread=per_thread,
+                    inner_loop_trips=la.get("inner_loop_trips"), trip_load_bytes=la.get("trip_load_bytes"),
+                    instr_per_thread=per_thread,
                     widest_weight_load_bytes=st.widest_weight_load_bytes, weight_load_source=st.weight_load_source,
                     mma_flops=int(la["mma_flops"]),
                     bytes=int(la["bytes"]), predicted_us=p["us"], memory_us=p["memory_us"], issue_us=p["issue_us"],
