@@ -857,24 +857,24 @@ def _packed_matmul_a8_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, TINY, BLOC
     part = tl.program_id(1)
     n_parts = tl.num_programs(1)
     rk = tl.arange(0, BLOCK_K)
-    amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    # the max in x's own dtype (exact in any format; bf16 / fp16: packed 2-wide max and abs)
+    amax = tl.zeros((BLOCK_K,), dtype=x_ptr.dtype.element_ty)
     for k0 in range(0, K, BLOCK_K):
-        v = tl.load(x_ptr + row * stride_xm + k0 + rk, mask=k0 + rk < K, other=0.0).to(tl.float32)
+        v = tl.load(x_ptr + row * stride_xm + k0 + rk, mask=k0 + rk < K, other=0.0)
         amax = tl.maximum(amax, tl.abs(v))
-    s = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), 127.0), TINY)
-    if KPERM:
-        Kq = tl.cdiv(K, 16) * 16
-        src = (rk // 16) * 16 + (rk % 4) * 4 + (rk // 4) % 4  # BLOCK_K is a multiple of 16
-    else:
-        Kq = K
-        src = rk
+    s = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0).to(tl.float32), 127.0), TINY)
+    Kq = tl.cdiv(K, 16) * 16 if KPERM else K
     per = tl.cdiv(tl.cdiv(Kq, BLOCK_K), n_parts)  # blocks per program
     for b in range(part * per, tl.minimum((part + 1) * per, tl.cdiv(Kq, BLOCK_K))):
         k0 = b * BLOCK_K
-        v = tl.load(x_ptr + row * stride_xm + k0 + src, mask=k0 + src < K, other=0.0).to(tl.float32)
+        v = tl.load(x_ptr + row * stride_xm + k0 + rk, mask=k0 + rk < K, other=0.0).to(tl.float32)
         q = tl.floor(tl.math.div_rn(v, s) + 0.5)
-        q = tl.minimum(tl.maximum(q, -127.0), 127.0)
-        tl.store(q_ptr + row * Kq + k0 + rk, q.to(q_ptr.dtype.element_ty), mask=k0 + rk < Kq)  # int8 / fp16
+        q = tl.minimum(tl.maximum(q, -127.0), 127.0).to(q_ptr.dtype.element_ty)  # int8 / fp16
+        if KPERM:
+            # x loaded in order (16-byte loads), the codes permuted as the 4 x 4 transpose of each 16-group
+            # ([c, b, p] -> [c, p, b]) on the way out: was 2-byte gathers of x in the permuted order
+            q = tl.reshape(tl.permute(tl.reshape(q, (BLOCK_K // 16, 4, 4)), (0, 2, 1)), (BLOCK_K,))
+        tl.store(q_ptr + row * Kq + k0 + rk, q, mask=k0 + rk < Kq)
     if part == 0:
         tl.store(s_ptr + row, s)
 

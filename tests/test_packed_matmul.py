@@ -279,7 +279,8 @@ def test_static_launch_descriptors_gemm(M, fmt, group, x_dtype):
         if x_dtype == "int8":  # W2A8: the quantizer (int8, the GEMM's K order) runs first
             q, ln = call["launches"]
             assert q["triton"]["fn"] is k._packed_matmul_a8_quant_kernel and q["triton"]["constexprs"]["KPERM"]
-            assert q["grid"] == [M, 1, 1] and q["bytes"] == M * K * 2 + M * K + M * 4
+            assert q["grid"] == [M, k._quant_grid(M, K, k._quant_block_k(K))[1], 1]
+            assert q["bytes"] == M * K * 2 + M * K + M * 4
         else:
             (ln,) = call["launches"]
         tr = ln["triton"]
