@@ -146,6 +146,23 @@ PEELED = r"""
         /*00d0*/                   EXIT ;
 """
 
+TWO_PASS = r"""
+.text.two:
+        /*0000*/                   S2R R0, SR_TID.X ;
+.L_a:
+        /*0010*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0020*/                   LDG.E.128 R8, desc[UR4][R2.64+0x800] ;
+        /*0030*/                   FMNMX R20, R4, R20, !PT ;
+        /*0040*/                   FMNMX R20, R8, R20, !PT ;
+        /*0050*/               @P2 BRA `(.L_a) ;
+.L_b:
+        /*0060*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0070*/                   FMUL R4, R4, R20 ;
+        /*0080*/                   STG.E.64 desc[UR4][R6.64], R4 ;
+        /*0090*/               @P3 BRA `(.L_b) ;
+        /*00a0*/                   EXIT ;
+"""
+
 SPILL = r"""
 .text.spill:
         /*0000*/                   ULDC.64 UR4, c[0x0][0x218] ;
@@ -240,6 +257,11 @@ def test_unrolled_loop_with_peeled_remainder_counts_source_trips():
         S.executed_per_thread(st, 14, trip_load_bytes=[16, 16])
     with pytest.raises(ValueError, match="trip_load_bytes must be > 0"):
         S.executed_per_thread(st, 14, trip_load_bytes=0)
+    # a max pass (2x unrolled, loads only) followed by a quantize pass (loads and stores): loads 2:1, but two
+    # source loops, not an unrolled loop and its remainder
+    two = S.analyze(S.parse_sass(TWO_PASS)["two"])
+    assert two.unroll == [(1, ""), (1, "")] and not any("unrolled" in n for n in two.notes)
+    assert S.executed_per_thread(two, [14, 3], trip_load_bytes=16)[0] == 2 + 5 * 7 + 4 * 3
 
 
 def test_roofline_math_and_constants(tmp_path):

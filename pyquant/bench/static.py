@@ -33,8 +33,9 @@ Method
    ``LDGSTS``, TMA).  Each runs ``loop_trips`` times per CTA (a list gives one value per main loop in address order,
    e.g. the two passes of a two-pass kernel).  Two refinements keep compiler transformations from being counted
    twice: (a) main loops neither of which can reach the other are *alternatives* (a loop unswitched on a runtime
-   flag, only one runs): the larger is counted, an upper bound; (b) a main loop whose global loads are U times those
-   of a loop it runs into (or comes from) is the *unrolled* copy of one source loop and the other its *remainder*:
+   flag, only one runs): the larger is counted, an upper bound; (b) a main loop whose global loads and stores (by
+   width) are U times those of a loop it runs into (or comes from) is the *unrolled* copy of one source loop and the
+   other its *remainder* (a pass that only loads and one that also stores are two source loops):
    with source trips t they run floor(t / U) and t - U floor(t / U) times; (c) a launch may state
    ``trip_load_bytes`` (one value, or one per main loop): the global bytes per thread that ONE source iteration
    loads.  A main loop (not already paired by (b)) whose body loads U >= 2 times that is the source loop unrolled
@@ -161,6 +162,7 @@ _FUNC_CUOBJDUMP = re.compile(r"^\s*Function\s*:\s*(\S+)")
 _REG_RE = re.compile(r"\b(U?R)(\d+|Z)\b")
 _CBANK_RE = re.compile(r"c\[0x0\]\[(0x[0-9a-fA-F]+)\]")
 _GLOBAL_LOADS = ("LDG", "LDGSTS", "UTMALDG", "UBLKCP")
+_GLOBAL_STORES = ("STG", "RED", "REDG", "ATOMG", "UTMASTG")
 _NO_DEST = {"ST", "STG", "STS", "STL", "RED", "REDG", "BAR", "BRA", "EXIT", "NOP", "MEMBAR", "WARPSYNC", "BSYNC",
             "BSSY", "CALL", "RET", "LDGSTS", "LDGDEPBAR", "DEPBAR", "UTMALDG", "UTMASTG", "UBLKCP", "SYNCS", "FENCE",
             "WARPGROUP", "ERRBAR", "CCTL", "YIELD", "BPT", "JMP", "BRX", "STSM", "ELECT"}
@@ -588,8 +590,13 @@ def analyze(instrs: Sequence[Instr], weight_param_offsets: Optional[Iterable[int
     # runtime unrolling (LLVM / nvcc): a loop whose global loads are U x those of the loop it runs into (or comes
     # from) is that loop unrolled U times, the other its remainder; they share one source-level trip count
     unroll = [(1, "")] * len(mains)
-    gl = [Counter(i.width_bytes for i in instrs if i.base in _GLOBAL_LOADS and lp.contains(i.addr)
-                  and not any(c.contains(i.addr) for c in lp.children)) for lp in mains]
+    # (global stores too, by width: two passes of a kernel, one only loading and the other also storing, are not
+    # one loop however their loads compare)
+    def mem_ops(lp: Loop) -> Counter:
+        return Counter((i.base in _GLOBAL_STORES, i.width_bytes) for i in instrs
+                       if (i.base in _GLOBAL_LOADS or i.base in _GLOBAL_STORES) and lp.contains(i.addr)
+                       and not any(c.contains(i.addr) for c in lp.children))
+    gl = [mem_ops(lp) for lp in mains]
     for a in range(len(mains)):
         for b in range(len(mains)):
             if a == b or unroll[a][1] or unroll[b][1] or not gl[b]:
