@@ -1078,19 +1078,24 @@ def _gemv_meta(x_dtype, zero_point, code_offset, G: int, gs: int) -> Dict:
                 zc=float(zc))
 
 
+def _gemv_constexprs(x_dtype, zero_point, code_offset, G: int, gs: int, M: int, has_bias: bool,
+                     x_scaled: bool) -> Tuple[Dict, float]:
+    """(constexprs, zc) of a GEMV launch: shared by the checked launcher and ``BoundPackedMatmul``.  The
+    interpreter cannot do bf16 arithmetic (it operates on the bit patterns); there the bf16 kernel takes its exact
+    dequantized values and x to fp32 (the 16-bit rounding of the GPU path is covered by
+    tests/test_packed_matmul.py::test_gemv_half2_accumulation_error)."""
+    meta = _gemv_meta(x_dtype, zero_point, code_offset, G, gs)
+    zc = meta.pop("zc")
+    return dict(meta, HAS_BIAS=has_bias, X_SCALED=x_scaled, BLOCK_M=M, MATH_F32=meta["X_BF16"] and _interpret(),
+                LANE_RUN=_GEMV_LANE_RUN["int8" if x_scaled else x_dtype]), zc
+
+
 def _launch_gemv(x, x_scale, qweight, scale, zero_point, bias, code_offset, M, N, K, G, gs, out_dtype,
                  config: Optional[Dict] = None) -> torch.Tensor:
     y = _alloc((M, N), out_dtype, x.device)
     if N == 0:
         return y
-    meta = _gemv_meta(x.dtype, zero_point, code_offset, G, gs)
-    zc = meta.pop("zc")
-    # the interpreter cannot do bf16 arithmetic (it operates on the bit patterns); there the bf16 kernel takes its
-    # exact dequantized values and x to fp32 (the 16-bit rounding of the GPU path is covered by
-    # tests/test_packed_matmul.py::test_gemv_half2_accumulation_error)
-    common = dict(meta, HAS_BIAS=bias is not None, X_SCALED=x_scale is not None, BLOCK_M=M,
-                  MATH_F32=meta["X_BF16"] and _interpret(),
-                  LANE_RUN=_GEMV_LANE_RUN["int8" if x_scale is not None else x.dtype])
+    common, zc = _gemv_constexprs(x.dtype, zero_point, code_offset, G, gs, M, bias is not None, x_scale is not None)
     args = (x, x_scale, qweight, scale, zero_point, bias, y, N, K, G, zc, _GEMV_MAGIC[x.dtype], 0xFFFF,
             x.stride(0), qweight.stride(0), y.stride(0))
     if config is not None:
@@ -1181,8 +1186,21 @@ def _gemm_pairs(has_zero: bool, code_offset: float, x_int8: bool) -> bool:
     return not x_int8 and (has_zero or float(code_offset) in (0.0, 1.0, 2.0))
 
 
-def _gemm_magic(x: torch.Tensor) -> int:
-    return _BF16_MAGIC if x.dtype == torch.bfloat16 else _FP16_MAGIC
+def _gemm_magic(x_dtype: torch.dtype) -> int:
+    return _BF16_MAGIC if x_dtype == torch.bfloat16 else _FP16_MAGIC
+
+
+def _gemm_constexprs(x_dtype, has_zero: bool, has_bias: bool, x_int8: bool, G: int, co: float) -> Dict:
+    """The constexprs of a GEMM launch (the checked launcher and ``BoundPackedMatmul``).  The interpreter's
+    tl.dot is wrong for bf16 (triton-lang/triton#11584), and so is its bf16 arithmetic: there, bf16 tiles are
+    dequantized and multiplied in fp32 (same bits, exact products); compiled code stays bf16."""
+    return dict(HAS_ZERO=has_zero, HAS_BIAS=has_bias, X_INT8=x_int8,
+                DOT_F32=not x_int8 and x_dtype == torch.bfloat16 and _interpret(), PER_CHANNEL=G == 1,
+                PAIRS=_gemm_pairs(has_zero, co, x_int8))
+
+
+def _gemm_grid(M: int, N: int):
+    return lambda meta: (_cdiv(M, meta["BLOCK_M"]) * _cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
 
 
 def _dequant_matmul(x, qweight, scale, zero_point, bias, co, N, K, G, gs) -> torch.Tensor:
@@ -1214,11 +1232,7 @@ def _launch_gemm(x, x_scale, qweight, scale, zero_point, bias, code_offset, M, N
     y = _alloc((M, N), out_dtype, x.device)
     if N == 0:
         return y
-    # the interpreter's tl.dot is wrong for bf16 (triton-lang/triton#11584), and so is its bf16 arithmetic: there,
-    # bf16 tiles are dequantized and multiplied in fp32 (same bits, exact products), compiled code stays bf16
-    common = dict(HAS_ZERO=zero_point is not None, HAS_BIAS=bias is not None, X_INT8=x_scale is not None,
-                  DOT_F32=x_scale is None and x.dtype == torch.bfloat16 and _interpret(), PER_CHANNEL=G == 1,
-                  PAIRS=_gemm_pairs(zero_point is not None, co, x_scale is not None))
+    common = _gemm_constexprs(x.dtype, zero_point is not None, bias is not None, x_scale is not None, G, co)
     m_bucket = min(_next_pow2(M), _M_BUCKET_CAP)
     if config is not None:
         max_split = config.get("SPLIT_K", 1)
@@ -1230,11 +1244,10 @@ def _launch_gemm(x, x_scale, qweight, scale, zero_point, bias, code_offset, M, N
     # group_size is a constexpr (the tile's group index is a shift, not a runtime division, in the K loop); per
     # channel it is unused and passed as 0, so per-channel layers of different K share one compiled kernel
     args = (x, x_scale, qweight, scale, zero_point, bias, y, ws, locks, M, N, K, G, gs if G > 1 else 0, co,
-            _gemm_magic(x), _HMASK,
+            _gemm_magic(x.dtype), _HMASK,
             m_bucket,
             x.stride(0), qweight.stride(0), y.stride(0))
-    grid = lambda meta: (_cdiv(M, meta["BLOCK_M"]) * _cdiv(N, meta["BLOCK_N"]),  # noqa: E731
-                         meta["SPLIT_K"])
+    grid = _gemm_grid(M, N)
     if config is not None:  # explicit meta-parameters (tests, benchmarks): bypass the autotuner
         meta = dict(config)
         num_warps, num_stages = meta.pop("num_warps", 4), meta.pop("num_stages", 2)
@@ -1358,30 +1371,22 @@ class BoundPackedMatmul:
         if a8:
             self._qk = (K, kq, _quant_block_k(K), not gemv)
         if gemv:
-            meta = _gemv_meta(xd, zero_point, code_offset, G, gs)
-            zc = meta.pop("zc")
-            self._common = dict(meta, HAS_BIAS=bias is not None, X_SCALED=x_scaled, BLOCK_M=M,
-                                MATH_F32=meta["X_BF16"] and _interpret(),
-                                LANE_RUN=_GEMV_LANE_RUN["int8" if x_scaled else xd])
+            self._common, zc = _gemv_constexprs(xd, zero_point, code_offset, G, gs, M, bias is not None, x_scaled)
             # (x, x_scale, ..., y, ...): slots 0, 1 and 6 are filled per call
             self._args = [None, None, qweight, scale, zero_point, bias, None, N, K, G, zc, _GEMV_MAGIC[xd], 0xFFFF,
                           K, qweight.stride(0), N]
             self._kern, self._grid = _gemv, (lambda meta: (_cdiv(N, meta["BLOCK_N"]),))
         else:
             co = 0.0 if code_offset is None else float(code_offset)
-            self._common = dict(HAS_ZERO=zero_point is not None, HAS_BIAS=bias is not None, X_INT8=x_scaled,
-                                DOT_F32=not x_scaled and xd == torch.bfloat16 and _interpret(), PER_CHANNEL=G == 1,
-                                PAIRS=_gemm_pairs(zero_point is not None, co, x_scaled))
+            self._common = _gemm_constexprs(xd, zero_point is not None, bias is not None, x_scaled, G, co)
             m_bucket = min(_next_pow2(M), _M_BUCKET_CAP)
             max_split = _gemm_max_split(m_bucket)
             if max_split > 1:
                 self._ws = (max_split, M, N)
                 self._locks = _split_locks(x.device, _cdiv(M, 16) * _cdiv(N, 16))  # zeroed once, re-armed by use
-            magic = _BF16_MAGIC if xd == torch.bfloat16 else _FP16_MAGIC
             self._args = [None, None, qweight, scale, zero_point, bias, None, None, self._locks, M, N, K, G,
-                          gs if G > 1 else 0, co, magic, _HMASK, m_bucket, kq, qweight.stride(0), N]
-            self._kern = _gemm
-            self._grid = lambda meta: (_cdiv(M, meta["BLOCK_M"]) * _cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
+                          gs if G > 1 else 0, co, _gemm_magic(xd), _HMASK, m_bucket, kq, qweight.stride(0), N]
+            self._kern, self._grid = _gemm, _gemm_grid(M, N)
         self.run = self._launch
 
     def _launch(self, x):
@@ -1460,7 +1465,7 @@ def _static_gemm_call(M, N, K, G, gs, has_zero, co, x_dtype, c) -> Dict:
     sig = {a: ("constexpr" if a in consts else types[a]) for a in fn.arg_names}
     # what the JIT specializes at run time for these shapes: 16-byte aligned pointers, ints divisible by 16
     ints = dict(M=M, N=N, K=K, G=G, M_BUCKET=min(_next_pow2(M), _M_BUCKET_CAP), stride_xm=K,
-                stride_qn=-(-K // 64) * 16, stride_ym=N, magic=_gemm_magic(torch.empty(0, dtype=torch_dt)),
+                stride_qn=-(-K // 64) * 16, stride_ym=N, magic=_gemm_magic(torch_dt),
                 hmask=_HMASK)
     div16 = [a for a in fn.arg_names if sig[a] != "constexpr" and (sig[a].startswith("*") or
                                                                    (a in ints and ints[a] % 16 == 0))]
