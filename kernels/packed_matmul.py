@@ -676,12 +676,13 @@ def _packed_matmul_kernel(
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # row sums of x (for z * sum_k x): with 64+ rows they come from the tensor cores, x @ ones[BLOCK_K, 16] (a few
-    # extra MMAs per tile instead of BLOCK_M * BLOCK_K adds: all 16 columns are equal, max reads one); with 16 rows
-    # the extra operand costs more registers than it saves (spills), so there x is summed elementwise (per channel:
-    # one add per element into a [16, BLOCK_K] accumulator, reduced once after the loop) or per tile (per group)
-    # (int8 x too: with BLOCK_M = 16 the [16, 16] x @ ones dot made Triton lay the shared x operand out with all
-    # 4 warps along M, so every warp issued the whole tile's MMAs and epilogue -- 4x the work; predicted 2.7x ->
-    # 3.5x cuBLAS bf16 at M = 16, 14336 x 4096, g128)
+    # extra MMAs per tile instead of BLOCK_M * BLOCK_K adds: all 16 columns are equal, max reads one).  With 16
+    # rows a [16, 16] x @ ones dot made Triton lay the shared x operand out with all 4 warps along M (every warp
+    # issued the whole tile's MMAs and epilogue: 4x the work), so there: per channel, one add per element into a
+    # [16, BLOCK_K] accumulator, reduced once after the loop; per group, x @ ones[BLOCK_K, BLOCK_N] -- as many MMAs
+    # as the tile's own (the tensor cores have the room at M = 16), and the sums arrive already broadcast in the
+    # accumulator's layout, where tl.sum + a layout conversion through shared memory cost ~86 instructions per
+    # thread and tile (predicted at M = 16 g128: int2-asym bf16 14336 x 4096 3.91x -> 4.36x, W2A8 4.2x -> 5.0x)
     XSUM_MMA: tl.constexpr = BLOCK_M > 16
     if X_INT8:
         ones = tl.full((BLOCK_K, 16), 1, dtype=tl.int8)
@@ -728,13 +729,14 @@ def _packed_matmul_kernel(
                                           HAS_ZERO)
                 if XSUM_MMA:
                     xs_t = tl.max(tl.dot(x, ones, tl.zeros((BLOCK_M, 16), dtype=tl.int32), out_dtype=tl.int32),
-                                  axis=1).to(tl.float32)
-                else:
-                    xs_t = tl.sum(x.to(tl.int32), axis=1).to(tl.float32)
+                                  axis=1).to(tl.float32)[:, None]
+                else:  # 16 rows: x @ ones[BLOCK_K, BLOCK_N], in the accumulator's layout (see the 16-bit path)
+                    xs_t = tl.dot(x, tl.full((BLOCK_K, BLOCK_N), 1, dtype=tl.int8),
+                                  tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32), out_dtype=tl.int32).to(tl.float32)
                 if HAS_ZERO:
-                    part = part - xs_t[:, None] * z[None, :]
+                    part = part - xs_t * z[None, :]
                 else:
-                    part = part - xs_t[:, None] * code_offset
+                    part = part - xs_t * code_offset
                 acc += part * s[None, :]
         else:
             if PAIRS:
@@ -760,9 +762,13 @@ def _packed_matmul_kernel(
                 if HAS_ZERO:
                     if XSUM_MMA:
                         xs_t = tl.max(_gemm_dot(x, ones, tl.zeros((BLOCK_M, 16), dtype=tl.float32)), axis=1)
+                        part = part - xs_t[:, None] * z[None, :]
                     else:
-                        xs_t = tl.sum(x.to(tl.float32), axis=1)
-                    part = part - xs_t[:, None] * z[None, :]
+                        # 16 rows: the row sums as x @ ones[BLOCK_K, BLOCK_N], every column equal, so they come
+                        # out in the accumulator's own layout (no reduction, no layout conversion)
+                        xs_f = _gemm_dot(x, tl.full((BLOCK_K, BLOCK_N), 1.0, dtype=c.dtype),
+                                         tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32))
+                        part = part - xs_f * z[None, :]
                 acc += part * s[None, :]
     if PER_CHANNEL:  # the per-channel scale (and zero point) applied ONCE, here, not per K step
         s, z = _tile_group_params(scale_ptr, zero_ptr, offs_n, n_mask, 0, G, HAS_ZERO)
