@@ -679,11 +679,15 @@ def _packed_matmul_kernel(
     # extra MMAs per tile instead of BLOCK_M * BLOCK_K adds: all 16 columns are equal, max reads one).  With 16
     # rows a [16, 16] x @ ones dot made Triton lay the shared x operand out with all 4 warps along M (every warp
     # issued the whole tile's MMAs and epilogue: 4x the work), so there: per channel, one add per element into a
-    # [16, BLOCK_K] accumulator, reduced once after the loop; per group, x @ ones[BLOCK_K, BLOCK_N] -- as many MMAs
-    # as the tile's own (the tensor cores have the room at M = 16), and the sums arrive already broadcast in the
-    # accumulator's layout, where tl.sum + a layout conversion through shared memory cost ~86 instructions per
-    # thread and tile (predicted at M = 16 g128: int2-asym bf16 14336 x 4096 3.91x -> 4.36x, W2A8 4.2x -> 5.0x)
-    XSUM_MMA: tl.constexpr = BLOCK_M > 16
+    # [16, BLOCK_K] accumulator, reduced once after the loop; per group with int8 x, x @ ones[BLOCK_K, BLOCK_N] --
+    # as many MMAs as the tile's own (int8 MMAs run at twice the bf16 rate: the tensor cores have the room at
+    # M = 16), and the sums arrive already broadcast in the accumulator's layout, where tl.sum + a layout
+    # conversion through shared memory cost ~86 instructions per thread and tile (predicted W2A8 g128 M = 16:
+    # 4.2-4.5x -> 5.0-5.3x); per group with 16-bit x, tl.sum per tile (the doubled bf16 MMAs would be the bound)
+    # (16-bit x with per-group scales sums elementwise at every BLOCK_M: with 64 rows the x @ ones MMAs, 1/8 more
+    # tensor work, made the mma.sync tiles tensor-bound -- predicted M = 64 int2-asym g128 14336 x 4096 2.33x
+    # with them, 2.58x without; 4096 x 4096 goes the other way, 2.51x -> 2.31x)
+    XSUM_MMA: tl.constexpr = BLOCK_M > 16 and (X_INT8 or PER_CHANNEL)
     if X_INT8:
         ones = tl.full((BLOCK_K, 16), 1, dtype=tl.int8)
         xs_acc = tl.zeros((BLOCK_M, 16), dtype=tl.int32)
@@ -764,11 +768,10 @@ def _packed_matmul_kernel(
                         xs_t = tl.max(_gemm_dot(x, ones, tl.zeros((BLOCK_M, 16), dtype=tl.float32)), axis=1)
                         part = part - xs_t[:, None] * z[None, :]
                     else:
-                        # 16 rows: the row sums as x @ ones[BLOCK_K, BLOCK_N], every column equal, so they come
-                        # out in the accumulator's own layout (no reduction, no layout conversion)
-                        xs_f = _gemm_dot(x, tl.full((BLOCK_K, BLOCK_N), 1.0, dtype=c.dtype),
-                                         tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32))
-                        part = part - xs_f * z[None, :]
+                        # 16 rows: summed elementwise (x @ ones[BLOCK_K, BLOCK_N], as for int8 x, would double the
+                        # bf16 MMAs and make the tile tensor-bound: predicted 3.9x -> 3.3x at 14336 x 4096)
+                        xs_t = tl.sum(x.to(tl.float32), axis=1)
+                        part = part - xs_t[:, None] * z[None, :]
                 acc += part * s[None, :]
     if PER_CHANNEL:  # the per-channel scale (and zero point) applied ONCE, here, not per K step
         s, z = _tile_group_params(scale_ptr, zero_ptr, offs_n, n_mask, 0, G, HAS_ZERO)
@@ -1447,6 +1450,22 @@ def _static_quant_launch(M: int, K: int, kperm: bool) -> Dict:
             "bytes": M * K * 2 + M * kq * q_bytes + M * 4, "mma_flops": 0}
 
 
+def _static_gemm_mma_flops(M, N, K, G, has_zero, x_int8, bm, bn) -> int:
+    """Tensor-core flops of one GEMM launch: the product on padded row tiles, plus the row sums of x that the
+    zero-point / int8 code-offset terms need (``_packed_matmul_kernel``): x @ ones[BLOCK_K, 16] per tile with
+    more than 16 rows (int8 x, or per channel), x @ ones[BLOCK_K, BLOCK_N] (as many as the product's own) with 16
+    rows, int8 x and per-group scales; otherwise the sums are elementwise adds (no MMA)."""
+    rows = _cdiv(M, bm) * bm
+    main = 2 * rows * N * K
+    if not (has_zero or x_int8):
+        return main
+    if bm > 16 and (x_int8 or G == 1):
+        return main + 2 * rows * 16 * _cdiv(N, bn) * K
+    if bm > 16:
+        return main
+    return 2 * main if x_int8 and G > 1 else main
+
+
 def _static_gemm_call(M, N, K, G, gs, has_zero, co, x_dtype, c) -> Dict:
     torch_dt, x_ty, x_bytes = _STATIC_X[x_dtype]
     x_int8 = x_dtype == "int8"
@@ -1488,7 +1507,7 @@ def _static_gemm_call(M, N, K, G, gs, has_zero, co, x_dtype, c) -> Dict:
                   triton=dict(fn=fn, signature=sig, constexprs={k: v for k, v in consts.items()},
                               num_warps=c.num_warps, num_stages=c.num_stages, divisibility=div16),
                   grid=grid, threads_per_cta=32 * c.num_warps, loop_trips=n_tiles / sk, weights=N * K,
-                  bytes=nbytes, mma_flops=2 * _cdiv(M, bm) * bm * N * K,
+                  bytes=nbytes, mma_flops=_static_gemm_mma_flops(M, N, K, G, has_zero, x_int8, bm, bn),
                   mma_dtype="int8" if x_int8 else "bf16")
     cfg = f"BLOCK_M={bm} BLOCK_N={bn} BLOCK_K={bk} SPLIT_K={sk} warps={c.num_warps} stages={c.num_stages}"
     pre = [_static_quant_launch(M, K, kperm=True)] if x_int8 else []  # W2A8: the op quantizes x first
