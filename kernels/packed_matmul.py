@@ -60,20 +60,23 @@ and the static model predicted time = max(bytes / 4.0e12 B/s, thread-instruction
 * per-channel: scale (and zero point) applied ONCE in the epilogue, the MMA accumulating straight into ``acc``;
   per group: one FFMA per output per group (``BLOCK_K`` divides the group size; configs use BLOCK_K = group size
   where they can).  Asymmetric formats dequantize the raw code and subtract ``z * sum_k(x)``; the row sums come
-  from the tensor cores (``x @ ones[BLOCK_K, 16]``) for 64+ rows; BLOCK_M = 16 sums x elementwise (fewer registers).
+  from the tensor cores (``x @ ones[BLOCK_K, 16]``) for 64+ rows per channel; 16 rows, and 16-bit x with per-group
+  scales at any BLOCK_M, sum x elementwise (the extra bf16 MMAs would make those tiles tensor-bound).
 * split-K (M <= 64, so that N / BLOCK_N tiles fill 132 SMs at N = 1024..4096): each split writes its fp32 partial
   tile to its own workspace slice, the last split to arrive (per-tile arrival counter, ``atomic_add`` acq_rel)
   sums the slices in fixed order, adds the bias, writes y and resets the counter.  No memset or cast kernel per
   call; the counters are zeroed once per device (``_split_locks``).
 * W2A8: int8 x int8 -> int32 MMA on the unsigned codes (``_gemm_codes_i8``: 4 codes per shift + AND, each
   32-bit result used as is as 4 int8 operand values), z applied through the (int32, exact) row sums of x
-  (elementwise at BLOCK_M = 16: an x @ ones MMA there made every warp issue the whole tile), per-token scale at
-  the end.  The operand order is K-permuted inside each 16-group (dot position 16c + 4p + b = weight 16c + 4b + p)
+  (BLOCK_M = 16 per group: ``x @ ones[BLOCK_K, BLOCK_N]`` on the int8 tensor cores, broadcast in the accumulator's
+  layout; per channel elementwise -- a [16, 16] x @ ones MMA made every warp issue the whole tile), per-token scale
+  at the end.  The operand order is K-permuted inside each 16-group (dot position 16c + 4p + b = weight 16c + 4b + p)
   and the int8 quantizer writes x in that order (rows padded with zeros to a multiple of 16), so no byte permutes
   regroup the codes: at M = 16, g128, 3.9 -> 2.8-3.1 SASS instructions per weight, the GEMM alone predicted 3.5x
-  -> 4.7-4.8x (14336 x 4096) and 3.9x -> 5.2-5.3x (4096 x 14336).  The whole W2A8 call is slower: its quantizer
-  (one CTA per row, an IEEE division per element) adds 1.3-3.1 us at M = 16 (3.4-4.0x in all) -- the next thing
-  to fix for W2A8 (more CTAs per row at small M; the division is the QAT fake-quant's exact rounding rule).
+  -> 4.7-4.8x (14336 x 4096) and 3.9x -> 5.2-5.3x (4096 x 14336).  The quantizer runs S programs per row at
+  small M (``_quant_grid``; each finds the row's max and quantizes 1/S of it), keeps the IEEE division (the QAT
+  fake-quant's exact rounding rule) and is ~0.9 us of the W2A8 call at M = 16, K = 14336: the whole call
+  predicts 5.0-5.3x cuBLAS bf16 at M = 16 on the two large shapes.
 * large M (M >= 1024): the fused wgmma kernel predicts MMA-bound (0.97-1.00x cuBLAS, dequant issue time hidden
   behind the MMA) in every 16-bit format, per-group zero points included (0.76x before the pair dequantization:
   its byte permutes did not hide), so only fp32 x dispatches to dequantize-to-x's-dtype
