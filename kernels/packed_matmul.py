@@ -737,7 +737,7 @@ def _packed_matmul_kernel(
                 if XSUM_MMA:
                     xs_t = tl.max(tl.dot(x, ones, tl.zeros((BLOCK_M, 16), dtype=tl.int32), out_dtype=tl.int32),
                                   axis=1).to(tl.float32)[:, None]
-                else:  # 16 rows: x @ ones[BLOCK_K, BLOCK_N], in the accumulator's layout (see the 16-bit path)
+                else:  # 16 rows: x @ ones[BLOCK_K, BLOCK_N], in the accumulator's layout (see the row-sum note above)
                     xs_t = tl.dot(x, tl.full((BLOCK_K, BLOCK_N), 1, dtype=tl.int8),
                                   tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32), out_dtype=tl.int32).to(tl.float32)
                 if HAS_ZERO:
