@@ -46,7 +46,9 @@ and the static model predicted time = max(bytes / 4.0e12 B/s, thread-instruction
   magic-number trick (``_gemm_magic_pair``): ``(word >> shift) & mask | magic`` puts one code into the mantissa of
   each half of a bf16x2 / fp16x2 pair (ONE LOP3 for two weights, the magic a kernel argument so it stays in a
   register), one HFMA2 subtracts the bias (and z for symmetric formats): ``c - z`` exact, 2 values per 32-bit op,
-  no per-weight int->float converts.
+  no per-weight int->float converts.  bf16 x with per-channel scales (16 rows, or zero points) skips the HFMA2
+  (``OFFSET_SUM``): each code position gets its own magic so a weight enters the MMA as ``offset + c`` exactly,
+  and ``sum_k x_k (offset_k + z)`` is subtracted once per output from row sums of x.
 * the two halves of each dequantized register must be NEIGHBOURING weights (k, k + 1): that is the pairing of the
   MMA operand fragments and of the 16-byte shared-memory stores that stage the operand.  ``_gemm_dequant_pairs``
   builds, per word, two selects (``w`` low half | ``w << 14`` high half, and the same for the upper bytes: ONE
@@ -83,16 +85,20 @@ and the static model predicted time = max(bytes / 4.0e12 B/s, thread-instruction
   (``_packed_dequant_kernel``, memory-bound, ~7% of the GEMM) + cuBLAS (``torch.matmul``); that path predicts
   0.95x for the others and stays documented as "measured later" (``_dequant_dispatch`` is the one switch).
 
-Predicted (sm_90 SASS, NOT measured) speedup over cuBLAS bf16 of the best config per shape, bf16 x; ternary and
-symmetric 2-bit run the same code (only z differs).  The model counts the whole kernel (loop x trips + the rest
-once per thread) and scales bandwidth and issue rate by min(1, CTAs / 132):
+Predicted (sm_90 SASS, NOT measured) speedups over cuBLAS bf16, best config per shape: the README's benchmark
+table, printed from ``benchmarks/results/static-sm90-*.json`` by ``pyquant bench static`` (kept there only, so no
+copy here goes stale).  The model counts the whole kernel (loop x trips + the rest once per thread) and scales
+bandwidth and issue rate by min(1, CTAs / 132).
 
-  ===  ==============  ==========  ==========  ===========  ====W2A8 (``packed_matmul_a8``): ``_packed_matmul_a8_quant_kernel`` quantizes x per token to int8 (symmetric dynamic
+W2A8 (``packed_matmul_a8``): ``_packed_matmul_a8_quant_kernel`` quantizes x per token to int8 (symmetric dynamic
 min-max, s = max|x| / 127, q = floor(x / s + 0.5) with IEEE division), then the kernels run on the quantized x and
 multiply each row by its scale at the end: for M <= 8 the quantizer writes q as fp16 integers (exact) and the fp16
 GEMV runs on them; the GEMM uses int8 MMA.
 
-Limits (known, not hidden): the GEMV's 16-bit partial sums round more often than an fp32 accumulation (bounded at
+Limits (known, not hidden): the GEMM's ``OFFSET_SUM`` path (bf16 x, per channel) accumulates the magic offsets
+with the signal (up to 128x it) before subtracting them, so its fp32 accumulation error is ~2^-17 of sum |x|
+instead of ~2^-24 (bounded on the host by ``test_gemm_offset_sum_accuracy_at_large_k``; the tensor cores' own
+accumulation order needs the GPU test); the GEMV's 16-bit partial sums round more often than an fp32 accumulation (bounded at
 the kernel) and, for fp16 x, overflow if |x| > 2047 (a pinned LANE_RUN = 8 raises that to 4094); W2A8 at M = 4..8 stays on
 the fp16 GEMV (its CUDA-core products cost ~M/2 instructions per weight; the int8 GEMM is not yet scored there);
 at N = 1024 the GEMM is capped near 2.4x (M = 16) by ~500 instructions per thread outside the K loop (prologue,
@@ -480,7 +486,7 @@ _FP16_MAGIC = 0x64006400  # fp16x2 (1024, 1024): ulp 1, 10 mantissa bits; code b
 
 @triton.jit
 def _gemm_magic_pair(S, mask: tl.constexpr, mul: tl.constexpr, add, magic, DT: tl.constexpr,
-                     F32_MATH: tl.constexpr):
+                     F32_MATH: tl.constexpr, RAW: tl.constexpr = False):
     """One code per 16-bit half of ``S`` (selected by ``mask``, a 2-bit field at bits 2..9) -> [..., 2] values
     ``c - z``.  Why this shape: ``(S & mask) | magic`` is ONE LOP3 per two weights (mask immediate, magic in a
     register: it is a kernel argument, so the compiler cannot rematerialize it), and it yields two 16-bit floats
@@ -488,17 +494,25 @@ def _gemm_magic_pair(S, mask: tl.constexpr, mul: tl.constexpr, add, magic, DT: t
     (HFMA2) then computes ``v * 4**-p + add`` with ``add = -(M * 4**-p + z)``: both terms are exact, so the result
     ``c - z`` is exact (z in {0, 1, 1.5, 2}; ``M * 4**-p + z`` is representable because p >= 1).  No per-weight
     int->float convert and no byte permutes.  ``F32_MATH`` (interpreter, bf16 only: its bf16 arithmetic is broken)
-    does the same FMA in fp32 on the same bit patterns."""
-    u = (S & mask) | magic
+    does the same FMA in fp32 on the same bit patterns.
+
+    ``RAW`` (``OFFSET_SUM`` in the GEMM): ``add`` is this position's OWN magic, ``M * 4**-p`` (the exponent
+    lowered by 2p), and the pair ``M * 4**-p + c`` is returned as is -- the LOP3 alone; the caller subtracts
+    ``sum_k x_k (M * 4**-p(k) + z)`` once per output instead of the FMA per two weights."""
+    u = (S & mask) | (add if RAW else magic)
     v = tl.join(u.to(tl.int16), (u >> 16).to(tl.int16)).to(DT, bitcast=True)
-    if F32_MATH:
-        return tl.fma(v.to(tl.float32), mul, add)
-    return tl.fma(v, tl.full(v.shape, mul, DT), add)
+    if RAW:
+        r = v.to(tl.float32) if F32_MATH else v
+    elif F32_MATH:
+        r = tl.fma(v.to(tl.float32), mul, add)
+    else:
+        r = tl.fma(v, tl.full(v.shape, mul, DT), add)
+    return r
 
 
 @triton.jit
 def _gemm_dequant(w, magic, a_4, a_16, a_64, a_256, DT: tl.constexpr, F32_MATH: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, KPERM: tl.constexpr = False):
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, KPERM: tl.constexpr = False, RAW: tl.constexpr = False):
     """int32 words [BLOCK_N, BLOCK_K // 16] -> ``c - z`` [BLOCK_N, BLOCK_K] (DT, exact), natural K order.
 
     Each code is first moved to bits 2..9 of its half by one shift per word shared by several codes (bf16 has room
@@ -508,25 +522,25 @@ def _gemm_dequant(w, magic, a_4, a_16, a_64, a_256, DT: tl.constexpr, F32_MATH: 
         s1 = w >> 2
         s2 = w >> 6
         s3 = w >> 10
-        v0 = _gemm_magic_pair(s0, 0x000C000C, 0.25, a_4, magic, DT, F32_MATH)
-        v1 = _gemm_magic_pair(s0, 0x00300030, 0.0625, a_16, magic, DT, F32_MATH)
-        v2 = _gemm_magic_pair(s1, 0x000C000C, 0.25, a_4, magic, DT, F32_MATH)
-        v3 = _gemm_magic_pair(s1, 0x00300030, 0.0625, a_16, magic, DT, F32_MATH)
-        v4 = _gemm_magic_pair(s2, 0x000C000C, 0.25, a_4, magic, DT, F32_MATH)
-        v5 = _gemm_magic_pair(s2, 0x00300030, 0.0625, a_16, magic, DT, F32_MATH)
-        v6 = _gemm_magic_pair(s3, 0x000C000C, 0.25, a_4, magic, DT, F32_MATH)
-        v7 = _gemm_magic_pair(s3, 0x00300030, 0.0625, a_16, magic, DT, F32_MATH)
+        v0 = _gemm_magic_pair(s0, 0x000C000C, 0.25, a_4, magic, DT, F32_MATH, RAW)
+        v1 = _gemm_magic_pair(s0, 0x00300030, 0.0625, a_16, magic, DT, F32_MATH, RAW)
+        v2 = _gemm_magic_pair(s1, 0x000C000C, 0.25, a_4, magic, DT, F32_MATH, RAW)
+        v3 = _gemm_magic_pair(s1, 0x00300030, 0.0625, a_16, magic, DT, F32_MATH, RAW)
+        v4 = _gemm_magic_pair(s2, 0x000C000C, 0.25, a_4, magic, DT, F32_MATH, RAW)
+        v5 = _gemm_magic_pair(s2, 0x00300030, 0.0625, a_16, magic, DT, F32_MATH, RAW)
+        v6 = _gemm_magic_pair(s3, 0x000C000C, 0.25, a_4, magic, DT, F32_MATH, RAW)
+        v7 = _gemm_magic_pair(s3, 0x00300030, 0.0625, a_16, magic, DT, F32_MATH, RAW)
     else:
         s0 = w << 2
         s1 = w >> 6
-        v0 = _gemm_magic_pair(s0, 0x000C000C, 0.25, a_4, magic, DT, F32_MATH)
-        v1 = _gemm_magic_pair(s0, 0x00300030, 0.0625, a_16, magic, DT, F32_MATH)
-        v2 = _gemm_magic_pair(s0, 0x00C000C0, 0.015625, a_64, magic, DT, F32_MATH)
-        v3 = _gemm_magic_pair(s0, 0x03000300, 0.00390625, a_256, magic, DT, F32_MATH)
-        v4 = _gemm_magic_pair(s1, 0x000C000C, 0.25, a_4, magic, DT, F32_MATH)
-        v5 = _gemm_magic_pair(s1, 0x00300030, 0.0625, a_16, magic, DT, F32_MATH)
-        v6 = _gemm_magic_pair(s1, 0x00C000C0, 0.015625, a_64, magic, DT, F32_MATH)
-        v7 = _gemm_magic_pair(s1, 0x03000300, 0.00390625, a_256, magic, DT, F32_MATH)
+        v0 = _gemm_magic_pair(s0, 0x000C000C, 0.25, a_4, magic, DT, F32_MATH, RAW)
+        v1 = _gemm_magic_pair(s0, 0x00300030, 0.0625, a_16, magic, DT, F32_MATH, RAW)
+        v2 = _gemm_magic_pair(s0, 0x00C000C0, 0.015625, a_64, magic, DT, F32_MATH, RAW)
+        v3 = _gemm_magic_pair(s0, 0x03000300, 0.00390625, a_256, magic, DT, F32_MATH, RAW)
+        v4 = _gemm_magic_pair(s1, 0x000C000C, 0.25, a_4, magic, DT, F32_MATH, RAW)
+        v5 = _gemm_magic_pair(s1, 0x00300030, 0.0625, a_16, magic, DT, F32_MATH, RAW)
+        v6 = _gemm_magic_pair(s1, 0x00C000C0, 0.015625, a_64, magic, DT, F32_MATH, RAW)
+        v7 = _gemm_magic_pair(s1, 0x03000300, 0.00390625, a_256, magic, DT, F32_MATH, RAW)
     # v_e: [BN, W, 2 (half)]; each join appends a last axis, so this tree's axes are (half, e & 4, e & 2, e & 1)
     # after the word axis and the reshape reads k = 16 word + 8 half + e: the layout's order, no permutation of x
     c = tl.join(tl.join(tl.join(v0, v4), tl.join(v2, v6)), tl.join(tl.join(v1, v5), tl.join(v3, v7)))
@@ -540,7 +554,7 @@ def _gemm_dequant(w, magic, a_4, a_16, a_64, a_256, DT: tl.constexpr, F32_MATH: 
 
 @triton.jit
 def _gemm_dequant_pairs(w, magic, hmask, a_1, a_16, DT: tl.constexpr, F32_MATH: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr):
+                        BLOCK_K: tl.constexpr, RAW: tl.constexpr = False):
     """int32 words [BLOCK_N, BLOCK_K // 16] -> ``c - z`` [BLOCK_N, BLOCK_K] (DT, exact), natural K order, with the
     two halves of every 32-bit register holding NEIGHBOURING weights (k, k + 1) -- the pairing the MMA operand
     fragments and the 16-byte shared-memory stores want, so x needs no permutation and no PRMT re-pairs weights.
@@ -562,14 +576,14 @@ def _gemm_dequant_pairs(w, magic, hmask, a_1, a_16, DT: tl.constexpr, F32_MATH: 
     d1 = s_lo >> 8
     d2 = s_hi
     d3 = s_hi >> 8
-    v00 = _gemm_magic_pair(d0, 0x00030003, 1.0, a_1, magic, DT, F32_MATH)
-    v01 = _gemm_magic_pair(d0, 0x00300030, 0.0625, a_16, magic, DT, F32_MATH)
-    v10 = _gemm_magic_pair(d1, 0x00030003, 1.0, a_1, magic, DT, F32_MATH)
-    v11 = _gemm_magic_pair(d1, 0x00300030, 0.0625, a_16, magic, DT, F32_MATH)
-    v20 = _gemm_magic_pair(d2, 0x00030003, 1.0, a_1, magic, DT, F32_MATH)
-    v21 = _gemm_magic_pair(d2, 0x00300030, 0.0625, a_16, magic, DT, F32_MATH)
-    v30 = _gemm_magic_pair(d3, 0x00030003, 1.0, a_1, magic, DT, F32_MATH)
-    v31 = _gemm_magic_pair(d3, 0x00300030, 0.0625, a_16, magic, DT, F32_MATH)
+    v00 = _gemm_magic_pair(d0, 0x00030003, 1.0, a_1, magic, DT, F32_MATH, RAW)
+    v01 = _gemm_magic_pair(d0, 0x00300030, 0.0625, a_16, magic, DT, F32_MATH, RAW)
+    v10 = _gemm_magic_pair(d1, 0x00030003, 1.0, a_1, magic, DT, F32_MATH, RAW)
+    v11 = _gemm_magic_pair(d1, 0x00300030, 0.0625, a_16, magic, DT, F32_MATH, RAW)
+    v20 = _gemm_magic_pair(d2, 0x00030003, 1.0, a_1, magic, DT, F32_MATH, RAW)
+    v21 = _gemm_magic_pair(d2, 0x00300030, 0.0625, a_16, magic, DT, F32_MATH, RAW)
+    v30 = _gemm_magic_pair(d3, 0x00030003, 1.0, a_1, magic, DT, F32_MATH, RAW)
+    v31 = _gemm_magic_pair(d3, 0x00300030, 0.0625, a_16, magic, DT, F32_MATH, RAW)
     # v_jh: [BN, W, 2 (half l)] = weights k = 4j + 2h + l.  The joins append axes (h, j & 1, j >> 1) after l; the
     # permute puts them in k order (j >> 1, j & 1, h, l) -- register renaming only, every axis is inside a thread
     c = tl.join(tl.join(tl.join(v00, v01), tl.join(v10, v11)), tl.join(tl.join(v20, v21), tl.join(v30, v31)))
@@ -662,7 +676,28 @@ def _packed_matmul_kernel(
     # FMA addends -(M 4**-p + z): symmetric formats fold z = code_offset in; asymmetric ones dequantize the raw
     # code c (z = 0 here) and subtract z * sum_k(x) per group (exact: codes are exact, z is one float per group)
     zc = 0.0 if HAS_ZERO else code_offset
-    if DOT_F32:
+    # OFFSET_SUM (bf16 x, per-channel scales): the dequantization is the LOP3 alone.  Each code position p gets its
+    # own magic 128 * 4**-p (the bf16 exponent lowered by 2p: -p * 0x0100 in each half), so a weight enters the MMA
+    # as 128 * 4**-p + c, exactly (8 significant bits, exact bf16 x bf16 products in the fp32 accumulator), and the
+    # offsets leave as ONE term per output row, sum_k x_k (128 * 4**-p(k) + z), from the row sums of x that the
+    # zero-point formats already take (two classes of columns in x @ B[BLOCK_K, 16] with 64+ rows, an elementwise
+    # [16, BLOCK_K] accumulator weighted once after the loop with 16).  Saves the HFMA2 per two weights (1/2 per
+    # weight); costs the cancellation of the offsets in fp32: |offset| / |c - z| <= 128, so the accumulation error
+    # is ~2^-17 of sum |x| -- far below bf16's rounding of the output.  Where: 16 rows (issue-bound; predicted
+    # M = 16 twn 4096 x 14336 5.99x -> 6.29x, int2-asym 14336 x 4096 4.71x -> 5.62x), and 64+ rows with zero points,
+    # which pay the x @ B MMAs anyway.  Not: 64+ rows of a symmetric format -- there the extra MMAs (1/8-1/4 of
+    # the tile's) would make the tile tensor-bound (predicted M = 64 twn 14336 x 4096 2.84x -> 2.39x); fp16 x -- its
+    # magic 1024 makes the error 8x larger, next to fp16's 8x finer output; per-group scales -- the offset term
+    # would be one more subtraction per output and tile.
+    OFFSET_SUM: tl.constexpr = PER_CHANNEL and x_ptr.dtype.element_ty == tl.bfloat16 and (BLOCK_M == 16 or
+                                                                                         HAS_ZERO)
+    if OFFSET_SUM:
+        a_1 = magic
+        a_4 = magic - 0x01000100
+        a_16 = magic - 0x02000200
+        a_64 = a_16  # fp16 positions: unused with bf16
+        a_256 = a_16
+    elif DOT_F32:
         a_1 = -(MB + zc)
         a_4 = -(MB * 0.25 + zc)
         a_16 = -(MB * 0.0625 + zc)
@@ -686,7 +721,8 @@ def _packed_matmul_kernel(
     # as many MMAs as the tile's own (int8 MMAs run at twice the bf16 rate: the tensor cores have the room at
     # M = 16), and the sums arrive already broadcast in the accumulator's layout, where tl.sum + a layout
     # conversion through shared memory cost ~86 instructions per thread and tile (predicted W2A8 g128 M = 16:
-    # 4.2-4.5x -> 5.0-5.3x); per group with 16-bit x, tl.sum per tile (the doubled bf16 MMAs would be the bound)
+    # 4.2-4.5x -> 5.0-5.3x); per group with 16-bit x, x @ ones[BLOCK_K, 32] per tile at BLOCK_N >= 64 (see the
+    # loop; the doubled bf16 MMAs would be the bound), else tl.sum per tile
     # (16-bit x with per-group scales sums elementwise at every BLOCK_M: with 64 rows the x @ ones MMAs, 1/8 more
     # tensor work, made the mma.sync tiles tensor-bound -- predicted M = 64 int2-asym g128 14336 x 4096 2.33x
     # with them, 2.58x without; 4096 x 4096 goes the other way, 2.51x -> 2.31x)
@@ -702,7 +738,7 @@ def _packed_matmul_kernel(
         xs_acc = tl.zeros((BLOCK_M, 16), dtype=tl.float32)
     if X_INT8 and PER_CHANNEL and not XSUM_MMA:  # exact int32 row sums of int8 x (z = code offset too)
         xacc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.int32)
-    elif HAS_ZERO and PER_CHANNEL and not XSUM_MMA:
+    elif (HAS_ZERO or OFFSET_SUM) and PER_CHANNEL and not XSUM_MMA:
         xacc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     else:
         xacc = tl.zeros((BLOCK_M, 16), dtype=tl.float32)  # unused
@@ -714,6 +750,19 @@ def _packed_matmul_kernel(
         rkx = (rk // 16) * 16 + (rk % 2) * 8 + (rk % 16) // 2
     else:
         rkx = rk
+    if OFFSET_SUM:
+        # the magic offset 128 * 4**-p of each dot position: _gemm_dequant_pairs puts weights 4j + l at p = 0 and
+        # 4j + 2 + l at p = 2; _gemm_dequant code e of a half at p = 1 + e % 2 (dot order e = k % 8, or with
+        # KPERM e = (k' % 16) // 2)
+        if PAIRS:
+            pos = tl.where((rk % 4) < 2, 0, 2)
+        elif KPERM:
+            pos = 1 + ((rk % 16) // 2) % 2
+        else:
+            pos = 1 + (rk % 8) % 2
+        wmag = tl.where(pos == 0, 128.0, tl.where(pos == 1, 32.0, 8.0))
+        if XSUM_MMA:  # columns 0-7: sum x; 8-15: sum x * offset
+            ones = tl.where(tl.arange(0, 16)[None, :] < 8, 1.0, wmag[:, None]).to(ones.dtype)
     # int8 x comes from the quantizer in _gemm_codes_i8's K order, rows padded with zeros to a multiple of 16
     k_lim = tl.cdiv(K, 16) * 16 if X_INT8 else K
     for t in range(t_begin, t_end):
@@ -747,16 +796,17 @@ def _packed_matmul_kernel(
                 acc += part * s[None, :]
         else:
             if PAIRS:
-                c = _gemm_dequant_pairs(w, magic, hmask, a_1, a_16, DT, DOT_F32, BLOCK_N, BLOCK_K)
+                c = _gemm_dequant_pairs(w, magic, hmask, a_1, a_16, DT, DOT_F32, BLOCK_N, BLOCK_K, OFFSET_SUM)
             else:
-                c = _gemm_dequant(w, magic, a_4, a_16, a_64, a_256, DT, DOT_F32, BLOCK_N, BLOCK_K, KPERM)
+                c = _gemm_dequant(w, magic, a_4, a_16, a_64, a_256, DT, DOT_F32, BLOCK_N, BLOCK_K, KPERM,
+                                  OFFSET_SUM)
             if DOT_F32 or x.dtype == tl.float32:  # interpreter bf16 (triton-lang/triton#11584) or fp32 x
                 x = x.to(tl.float32)
                 c = c.to(tl.float32)
             c = tl.trans(c)  # W^T tile [BLOCK_K, BLOCK_N]
             if PER_CHANNEL:
                 acc = _gemm_dot(x, c, acc)
-                if HAS_ZERO:
+                if HAS_ZERO or OFFSET_SUM:
                     if XSUM_MMA:
                         xs_acc = _gemm_dot(x, ones, xs_acc)
                     else:
@@ -771,10 +821,24 @@ def _packed_matmul_kernel(
                         xs_t = tl.max(_gemm_dot(x, ones, tl.zeros((BLOCK_M, 16), dtype=tl.float32)), axis=1)
                         part = part - xs_t[:, None] * z[None, :]
                     else:
-                        # 16 rows: summed elementwise (x @ ones[BLOCK_K, BLOCK_N], as for int8 x, would double the
-                        # bf16 MMAs and make the tile tensor-bound: predicted 3.9x -> 3.3x at 14336 x 4096)
-                        xs_t = tl.sum(x.to(tl.float32), axis=1)
-                        part = part - xs_t[:, None] * z[None, :]
+                        # 16 rows, 64+ columns: x @ ones[BLOCK_K, 32], 1/4 more MMAs at BLOCK_N = 128 (the full
+                        # x @ ones[BLOCK_K, BLOCK_N] of int8 x would double them: tensor-bound), one sum per block of
+                        # BLOCK_N / 4 columns -- the 4 warps' column blocks of the tile, so max over the 8 columns
+                        # of a block stays inside a warp and the [16, 4] sums broadcast onto the tile's
+                        # [16, 4, BLOCK_N / 4] view.  Was tl.sum + a layout conversion through shared memory per
+                        # tile: predicted M = 16 int2-asym g128 3.47 -> 3.20 SASS per weight at 14336 x 4096,
+                        # 3.91x -> 4.21x.  Fewer columns: summed elementwise
+                        if BLOCK_M == 16 and BLOCK_N >= 64:
+                            NWB: tl.constexpr = 4
+                            r = _gemm_dot(x, tl.full((BLOCK_K, NWB * 8), 1.0, dtype=c.dtype),
+                                          tl.zeros((BLOCK_M, NWB * 8), dtype=tl.float32))
+                            xw = tl.max(tl.reshape(r, (BLOCK_M, NWB, 8)), axis=2)  # [16, NWB]
+                            p3 = tl.reshape(part, (BLOCK_M, NWB, BLOCK_N // NWB))
+                            z3 = tl.reshape(z, (NWB, BLOCK_N // NWB))
+                            part = tl.reshape(p3 - xw[:, :, None] * z3[None, :, :], (BLOCK_M, BLOCK_N))
+                        else:
+                            xs_t = tl.sum(x.to(tl.float32), axis=1)
+                            part = part - xs_t[:, None] * z[None, :]
                 acc += part * s[None, :]
     if PER_CHANNEL:  # the per-channel scale (and zero point) applied ONCE, here, not per K step
         s, z = _tile_group_params(scale_ptr, zero_ptr, offs_n, n_mask, 0, G, HAS_ZERO)
@@ -787,6 +851,18 @@ def _packed_matmul_kernel(
                 out = acc.to(tl.float32) - xsum[:, None] * z[None, :]
             else:
                 out = acc.to(tl.float32) - xsum[:, None] * code_offset
+        elif OFFSET_SUM:
+            if XSUM_MMA:  # all columns of a class are equal: max reads one
+                cls = tl.arange(0, 16)[None, :] < 8
+                xsum = tl.max(tl.where(cls, xs_acc, -3.0e38), axis=1)
+                xmag = tl.max(tl.where(cls, -3.0e38, xs_acc), axis=1)
+            else:
+                xsum = tl.sum(xacc, axis=1)
+                xmag = tl.sum(xacc * wmag[None, :], axis=1)
+            if HAS_ZERO:
+                out = acc - xmag[:, None] - xsum[:, None] * z[None, :]
+            else:
+                out = acc - (xmag + xsum * code_offset)[:, None]
         elif HAS_ZERO:
             if XSUM_MMA:
                 out = acc - tl.max(xs_acc, axis=1)[:, None] * z[None, :]
@@ -1457,7 +1533,8 @@ def _static_gemm_mma_flops(M, N, K, G, has_zero, x_int8, bm, bn) -> int:
     """Tensor-core flops of one GEMM launch: the product on padded row tiles, plus the row sums of x that the
     zero-point / int8 code-offset terms need (``_packed_matmul_kernel``): x @ ones[BLOCK_K, 16] per tile with
     more than 16 rows (int8 x, or per channel), x @ ones[BLOCK_K, BLOCK_N] (as many as the product's own) with 16
-    rows, int8 x and per-group scales; otherwise the sums are elementwise adds (no MMA)."""
+    rows, int8 x and per-group scales, x @ ones[BLOCK_K, 32] with 16 rows, 16-bit x, per-group zero points and
+    BLOCK_N >= 64; otherwise the sums are elementwise adds (no MMA)."""
     rows = _cdiv(M, bm) * bm
     main = 2 * rows * N * K
     if not (has_zero or x_int8):
@@ -1466,6 +1543,8 @@ def _static_gemm_mma_flops(M, N, K, G, has_zero, x_int8, bm, bn) -> int:
         return main + 2 * rows * 16 * _cdiv(N, bn) * K
     if bm > 16:
         return main
+    if G > 1 and not x_int8 and bn >= 64:  # 16 rows, 16-bit x, zero points: x @ ones[BLOCK_K, 32] per tile
+        return main + 2 * rows * 32 * _cdiv(N, bn) * K
     return 2 * main if x_int8 and G > 1 else main
 
 

@@ -126,7 +126,8 @@ def test_small_m_runs_the_tensor_core_gemm(M, N, K, group, fmt, dtype, poison, m
 
 
 # pinned meta-parameters: both kernels; the GEMV's K split over 32 lanes (most lanes without a chunk at K = 192),
-# over lanes and warps of a row group, and with lanes on rows; the GEMM's split-K on and off
+# over lanes and warps of a row group, and with lanes on rows; the GEMM's split-K on and off (N = 37 < 128: the
+# 128-wide tile's last column blocks hold no row)
 CONFIGS = [
     (2, dict(BLOCK_N=8, KSPLIT=32, WORDS=4)),
     (5, dict(BLOCK_N=4, KSPLIT=32, WORDS=8, LANE_RUN=8)),
@@ -134,6 +135,8 @@ CONFIGS = [
     (3, dict(BLOCK_N=8, KSPLIT=64, WORDS=4, num_warps=2)),
     (12, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=8, SPLIT_K=1)),
     (16, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, GROUP_M=8, SPLIT_K=4)),
+    # 4 column blocks: per group with zero points, the row sums arrive per block from x @ ones[BLOCK_K, 32]
+    (9, dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, SPLIT_K=2)),
     (70, dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, GROUP_M=2, SPLIT_K=1)),
 ]
 
@@ -187,6 +190,41 @@ def test_magic_number_dequant_is_exact_for_every_code(dtype):
             got_torch = v * torch.tensor(mul, dtype=dtype) + torch.tensor(add, dtype=dtype)
             assert torch.equal(got_torch.float(), want), (dtype, e, z)
             assert torch.equal((v.double() * mul + add).float(), want)  # the fused (one rounding) result
+
+
+def test_offset_sum_magics_give_offset_plus_code_exactly():
+    """bf16 per channel (the GEMM's OFFSET_SUM): the magic of code position p is 0x43004300 lowered by p * 0x0100 in
+    each half, and (word & (3 << 2p, both halves)) | magic_p is the bf16 pair (128 * 4**-p + c_lo, + c_hi) exactly:
+    the offset the kernel subtracts once per output, through the row sums of x."""
+    k = _kern()
+    codes = torch.arange(16)
+    lo, hi = codes % 4, codes // 4
+    for p in range(3):
+        mask = (3 << (2 * p)) * 0x10001
+        w = (lo << (2 * p)) | (hi << (16 + 2 * p)) | (torch.randint(0, 2**31, (16,)) & ~mask)
+        u = (w & mask) | (k._BF16_MAGIC - p * 0x01000100)
+        v = torch.stack([u & 0xFFFF, (u >> 16) & 0xFFFF], 1).to(torch.int32).to(torch.int16).view(torch.bfloat16)
+        want = torch.stack([lo, hi], 1).float() + 128.0 * 4.0 ** -p
+        assert torch.equal(v.float(), want), p
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt", ["twn", "int2-asym", "seq4"])
+@pytest.mark.parametrize("block_m", [16, 64])
+def test_gemm_offset_sum_accuracy_at_large_k(fmt, block_m, poison):
+    """bf16 x, per channel: the MMA accumulates x * (128 * 4**-p + c) and the offsets leave afterwards, so the fp32
+    accumulator carries up to 128x the signal.  At K = 4096 with x of mean 0.5 (the offsets then add up instead of
+    cancelling) the result must still be the exact product rounded to bf16, up to 2**-12 of sum |x * w|."""
+    N, K = 24, 4096
+    qw, s, z, co, _ = make_weight(N, K, fmt, None)
+    x = (torch.randn(block_m, K) * 0.5 + 0.5).to(torch.bfloat16).to(DEV)
+    cfg = dict(BLOCK_M=block_m, BLOCK_N=16, BLOCK_K=128, GROUP_M=8, SPLIT_K=1)
+    y = _kern().packed_matmul(x, qw, s, z, None, K, co, config=cfg)
+    w = reference.dequantize_packed(qw, s, z, K, co).double()
+    exact = x.double() @ w.t()
+    bound = (x.double().abs() @ w.abs().t()) * 2.0**-12 + exact.abs() * 2.0**-8  # + bf16's rounding of y
+    assert torch.isfinite(y).all()
+    assert ((y.double() - exact).abs() <= bound).all()
 
 
 @needs_kernels
