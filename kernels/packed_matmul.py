@@ -636,7 +636,7 @@ def _packed_matmul_kernel(
     M, N, K, G, group_size: tl.constexpr, code_offset, magic, hmask, M_BUCKET,
     stride_xm, stride_qn, stride_ym,
     HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, X_INT8: tl.constexpr, DOT_F32: tl.constexpr,
-    PER_CHANNEL: tl.constexpr, PAIRS: tl.constexpr,
+    PER_CHANNEL: tl.constexpr, PAIRS: tl.constexpr, OFFSET_SUM_OK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SPLIT_K: tl.constexpr,
 ):
@@ -686,11 +686,13 @@ def _packed_matmul_kernel(
     # is ~2^-17 of sum |x| -- far below bf16's rounding of the output.  Where: 16 rows (issue-bound; predicted
     # M = 16 twn 4096 x 14336 5.99x -> 6.29x, int2-asym 14336 x 4096 4.71x -> 5.62x), and 64+ rows with zero points,
     # which pay the x @ B MMAs anyway.  Not: 64+ rows of a symmetric format -- there the extra MMAs (1/8-1/4 of
-    # the tile's) would make the tile tensor-bound (predicted M = 64 twn 14336 x 4096 2.84x -> 2.39x); fp16 x -- its
-    # magic 1024 makes the error 8x larger, next to fp16's 8x finer output; per-group scales -- the offset term
+    # the tile's) would make the tile tensor-bound (predicted M = 64 twn 14336 x 4096 2.84x -> 2.39x); symmetric
+    # formats on small weights (OFFSET_SUM_OK, ``_gemm_offset_sum``: the once-per-program reduction of the
+    # [16, BLOCK_K] sums outweighs the few tiles a split-K program runs, 2.40x -> 2.17x at 1024 x 4096); fp16 x --
+    # its magic 1024 makes the error 8x larger, next to fp16's 8x finer output; per-group scales -- the offset term
     # would be one more subtraction per output and tile.
-    OFFSET_SUM: tl.constexpr = PER_CHANNEL and x_ptr.dtype.element_ty == tl.bfloat16 and (BLOCK_M == 16 or
-                                                                                         HAS_ZERO)
+    OFFSET_SUM: tl.constexpr = OFFSET_SUM_OK and PER_CHANNEL and x_ptr.dtype.element_ty == tl.bfloat16 and (
+        BLOCK_M == 16 or HAS_ZERO)
     if OFFSET_SUM:
         a_1 = magic
         a_4 = magic - 0x01000100
@@ -1274,17 +1276,25 @@ def _gemm_pairs(has_zero: bool, code_offset: float, x_int8: bool) -> bool:
     return not x_int8 and (has_zero or float(code_offset) in (0.0, 1.0, 2.0))
 
 
+def _gemm_offset_sum(has_zero: bool, N: int, K: int) -> bool:
+    """Whether bf16 per-channel GEMM tiles may drop the dequantization FMA (``OFFSET_SUM`` in the kernel): always
+    with zero points (their row sums are computed anyway), for symmetric formats only on weights of 2^24+ elements
+    (on smaller ones a split-K program runs too few tiles to repay the row-sum reduction; predicted, sm_90)."""
+    return has_zero or N * K >= 1 << 24
+
+
 def _gemm_magic(x_dtype: torch.dtype) -> int:
     return _BF16_MAGIC if x_dtype == torch.bfloat16 else _FP16_MAGIC
 
 
-def _gemm_constexprs(x_dtype, has_zero: bool, has_bias: bool, x_int8: bool, G: int, co: float) -> Dict:
+def _gemm_constexprs(x_dtype, has_zero: bool, has_bias: bool, x_int8: bool, G: int, co: float, N: int,
+                     K: int) -> Dict:
     """The constexprs of a GEMM launch (the checked launcher and ``BoundPackedMatmul``).  The interpreter's
     tl.dot is wrong for bf16 (triton-lang/triton#11584), and so is its bf16 arithmetic: there, bf16 tiles are
     dequantized and multiplied in fp32 (same bits, exact products); compiled code stays bf16."""
     return dict(HAS_ZERO=has_zero, HAS_BIAS=has_bias, X_INT8=x_int8,
                 DOT_F32=not x_int8 and x_dtype == torch.bfloat16 and _interpret(), PER_CHANNEL=G == 1,
-                PAIRS=_gemm_pairs(has_zero, co, x_int8))
+                PAIRS=_gemm_pairs(has_zero, co, x_int8), OFFSET_SUM_OK=_gemm_offset_sum(has_zero, N, K))
 
 
 def _gemm_grid(M: int, N: int):
@@ -1320,7 +1330,7 @@ def _launch_gemm(x, x_scale, qweight, scale, zero_point, bias, code_offset, M, N
     y = _alloc((M, N), out_dtype, x.device)
     if N == 0:
         return y
-    common = _gemm_constexprs(x.dtype, zero_point is not None, bias is not None, x_scale is not None, G, co)
+    common = _gemm_constexprs(x.dtype, zero_point is not None, bias is not None, x_scale is not None, G, co, N, K)
     m_bucket = min(_next_pow2(M), _M_BUCKET_CAP)
     if config is not None:
         max_split = config.get("SPLIT_K", 1)
@@ -1466,7 +1476,7 @@ class BoundPackedMatmul:
             self._kern, self._grid = _gemv, (lambda meta: (_cdiv(N, meta["BLOCK_N"]),))
         else:
             co = 0.0 if code_offset is None else float(code_offset)
-            self._common = _gemm_constexprs(xd, zero_point is not None, bias is not None, x_scaled, G, co)
+            self._common = _gemm_constexprs(xd, zero_point is not None, bias is not None, x_scaled, G, co, N, K)
             m_bucket = min(_next_pow2(M), _M_BUCKET_CAP)
             max_split = _gemm_max_split(m_bucket)
             if max_split > 1:
@@ -1555,7 +1565,8 @@ def _static_gemm_call(M, N, K, G, gs, has_zero, co, x_dtype, c) -> Dict:
     kw = dict(c.kwargs)
     bm, bn, bk, sk = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], kw["SPLIT_K"]
     consts = dict(HAS_ZERO=has_zero, HAS_BIAS=False, X_INT8=x_int8, DOT_F32=False, PER_CHANNEL=G == 1,
-                  PAIRS=_gemm_pairs(has_zero, 0.0 if co is None else co, x_int8), **kw, bias_ptr=None,
+                  PAIRS=_gemm_pairs(has_zero, 0.0 if co is None else co, x_int8),
+                  OFFSET_SUM_OK=_gemm_offset_sum(has_zero, N, K), **kw, bias_ptr=None,
                   group_size=gs if G > 1 else 0)
     if not has_zero:
         consts["zero_ptr"] = None

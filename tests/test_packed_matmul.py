@@ -211,15 +211,17 @@ def test_offset_sum_magics_give_offset_plus_code_exactly():
 @needs_kernels
 @pytest.mark.parametrize("fmt", ["twn", "int2-asym", "seq4"])
 @pytest.mark.parametrize("block_m", [16, 64])
-def test_gemm_offset_sum_accuracy_at_large_k(fmt, block_m, poison):
+def test_gemm_offset_sum_accuracy_at_large_k(fmt, block_m, poison, monkeypatch):
     """bf16 x, per channel: the MMA accumulates x * (128 * 4**-p + c) and the offsets leave afterwards, so the fp32
     accumulator carries up to 128x the signal.  At K = 4096 with x of mean 0.5 (the offsets then add up instead of
     cancelling) the result must still be the exact product rounded to bf16, up to 2**-12 of sum |x * w|."""
+    k = _kern()
+    monkeypatch.setattr(k, "_gemm_offset_sum", lambda *a: True)  # symmetric formats take it on large weights only
     N, K = 24, 4096
     qw, s, z, co, _ = make_weight(N, K, fmt, None)
     x = (torch.randn(block_m, K) * 0.5 + 0.5).to(torch.bfloat16).to(DEV)
     cfg = dict(BLOCK_M=block_m, BLOCK_N=16, BLOCK_K=128, GROUP_M=8, SPLIT_K=1)
-    y = _kern().packed_matmul(x, qw, s, z, None, K, co, config=cfg)
+    y = k.packed_matmul(x, qw, s, z, None, K, co, config=cfg)
     w = reference.dequantize_packed(qw, s, z, K, co).double()
     exact = x.double() @ w.t()
     bound = (x.double().abs() @ w.abs().t()) * 2.0**-12 + exact.abs() * 2.0**-8  # + bf16's rounding of y
@@ -231,9 +233,14 @@ def test_gemm_offset_sum_accuracy_at_large_k(fmt, block_m, poison):
 @pytest.mark.parametrize("fmt", ["twn", "seq4", "int2-sym", "int2-asym"])
 @pytest.mark.parametrize("dtype,block_m", [(torch.float16, 64), (torch.bfloat16, 64), (torch.int8, 64),
                                            (torch.float16, 16), (torch.bfloat16, 16), (torch.int8, 16)])
-def test_gemm_dequantizes_every_weight_exactly(fmt, dtype, block_m, poison):
+@pytest.mark.parametrize("offset_sum", [False, True])
+def test_gemm_dequantizes_every_weight_exactly(fmt, dtype, block_m, offset_sum, poison, monkeypatch):
     """x = identity rows: the GEMM returns the dequantized weight itself, bit for bit (each output is ONE product),
-    which pins the word layout of the magic-number path (16-bit x) and of the int8 code path (W2A8)."""
+    which pins the word layout of the magic-number path (16-bit x; ``offset_sum``: bf16 per channel with the
+    per-position magics, forced on for every format) and of the int8 code path (W2A8)."""
+    if offset_sum and dtype != torch.bfloat16:
+        pytest.skip("OFFSET_SUM is a bf16 path")
+    monkeypatch.setattr(_kern(), "_gemm_offset_sum", lambda *a: offset_sum)
     N, K = 24, 64
     qw, s, z, co, _ = make_weight(N, K, fmt, None)
     s = torch.ones_like(s)
