@@ -636,7 +636,7 @@ def _packed_matmul_kernel(
     M, N, K, G, group_size: tl.constexpr, code_offset, magic, hmask, M_BUCKET,
     stride_xm, stride_qn, stride_ym,
     HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, X_INT8: tl.constexpr, DOT_F32: tl.constexpr,
-    PER_CHANNEL: tl.constexpr, PAIRS: tl.constexpr, OFFSET_SUM_OK: tl.constexpr,
+    PER_CHANNEL: tl.constexpr, PAIRS: tl.constexpr, OFFSET_SUM_OK: tl.constexpr, GROUP_SUM_MMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SPLIT_K: tl.constexpr,
 ):
@@ -725,10 +725,11 @@ def _packed_matmul_kernel(
     # conversion through shared memory cost ~86 instructions per thread and tile (predicted W2A8 g128 M = 16:
     # 4.2-4.5x -> 5.0-5.3x); per group with 16-bit x, x @ ones[BLOCK_K, 32] per tile at BLOCK_N >= 64 (see the
     # loop; the doubled bf16 MMAs would be the bound), else tl.sum per tile
-    # (16-bit x with per-group scales sums elementwise at every BLOCK_M: with 64 rows the x @ ones MMAs, 1/8 more
-    # tensor work, made the mma.sync tiles tensor-bound -- predicted M = 64 int2-asym g128 14336 x 4096 2.33x
-    # with them, 2.58x without; 4096 x 4096 goes the other way, 2.51x -> 2.31x)
-    XSUM_MMA: tl.constexpr = BLOCK_M > 16 and (X_INT8 or PER_CHANNEL)
+    # (16-bit x with per-group scales and 64+ rows: x @ ones[BLOCK_K, 16] only where the launcher says the weight
+    # is small (GROUP_SUM_MMA, ``_gemm_group_sum_mma``): the MMAs, 1/8 more tensor work, make the mma.sync tiles of
+    # the large weights tensor-bound -- predicted M = 64 int2-asym g128 14336 x 4096 2.33x with them, 2.58x
+    # elementwise -- while 4096 x 4096 goes the other way, 2.31x elementwise, 2.51x with them)
+    XSUM_MMA: tl.constexpr = BLOCK_M > 16 and (X_INT8 or PER_CHANNEL or GROUP_SUM_MMA)
     if X_INT8:
         ones = tl.full((BLOCK_K, 16), 1, dtype=tl.int8)
         xs_acc = tl.zeros((BLOCK_M, 16), dtype=tl.int32)
@@ -1283,6 +1284,13 @@ def _gemm_offset_sum(has_zero: bool, N: int, K: int) -> bool:
     return has_zero or N * K >= 1 << 24
 
 
+def _gemm_group_sum_mma(N: int, K: int) -> bool:
+    """Whether 16-bit x with per-group zero points and 64+ rows takes each tile's row sums of x from the tensor
+    cores (x @ ones[BLOCK_K, 16]) rather than elementwise: on weights of at most 2^24 elements, where the tiles are
+    issue-bound; on larger ones the extra MMAs would be the bound (predicted, sm_90; see the kernel)."""
+    return N * K <= 1 << 24
+
+
 def _gemm_magic(x_dtype: torch.dtype) -> int:
     return _BF16_MAGIC if x_dtype == torch.bfloat16 else _FP16_MAGIC
 
@@ -1294,7 +1302,8 @@ def _gemm_constexprs(x_dtype, has_zero: bool, has_bias: bool, x_int8: bool, G: i
     dequantized and multiplied in fp32 (same bits, exact products); compiled code stays bf16."""
     return dict(HAS_ZERO=has_zero, HAS_BIAS=has_bias, X_INT8=x_int8,
                 DOT_F32=not x_int8 and x_dtype == torch.bfloat16 and _interpret(), PER_CHANNEL=G == 1,
-                PAIRS=_gemm_pairs(has_zero, co, x_int8), OFFSET_SUM_OK=_gemm_offset_sum(has_zero, N, K))
+                PAIRS=_gemm_pairs(has_zero, co, x_int8), OFFSET_SUM_OK=_gemm_offset_sum(has_zero, N, K),
+                GROUP_SUM_MMA=_gemm_group_sum_mma(N, K))
 
 
 def _gemm_grid(M: int, N: int):
@@ -1542,14 +1551,14 @@ def _static_quant_launch(M: int, K: int, kperm: bool) -> Dict:
 def _static_gemm_mma_flops(M, N, K, G, has_zero, x_int8, bm, bn) -> int:
     """Tensor-core flops of one GEMM launch: the product on padded row tiles, plus the row sums of x that the
     zero-point / int8 code-offset terms need (``_packed_matmul_kernel``): x @ ones[BLOCK_K, 16] per tile with
-    more than 16 rows (int8 x, or per channel), x @ ones[BLOCK_K, BLOCK_N] (as many as the product's own) with 16
+    more than 16 rows (int8 x, per channel, or per group on a small weight), x @ ones[BLOCK_K, BLOCK_N] (as many as the product's own) with 16
     rows, int8 x and per-group scales, x @ ones[BLOCK_K, 32] with 16 rows, 16-bit x, per-group zero points and
     BLOCK_N >= 64; otherwise the sums are elementwise adds (no MMA)."""
     rows = _cdiv(M, bm) * bm
     main = 2 * rows * N * K
     if not (has_zero or x_int8):
         return main
-    if bm > 16 and (x_int8 or G == 1):
+    if bm > 16 and (x_int8 or G == 1 or _gemm_group_sum_mma(N, K)):
         return main + 2 * rows * 16 * _cdiv(N, bn) * K
     if bm > 16:
         return main
@@ -1566,7 +1575,8 @@ def _static_gemm_call(M, N, K, G, gs, has_zero, co, x_dtype, c) -> Dict:
     bm, bn, bk, sk = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], kw["SPLIT_K"]
     consts = dict(HAS_ZERO=has_zero, HAS_BIAS=False, X_INT8=x_int8, DOT_F32=False, PER_CHANNEL=G == 1,
                   PAIRS=_gemm_pairs(has_zero, 0.0 if co is None else co, x_int8),
-                  OFFSET_SUM_OK=_gemm_offset_sum(has_zero, N, K), **kw, bias_ptr=None,
+                  OFFSET_SUM_OK=_gemm_offset_sum(has_zero, N, K), GROUP_SUM_MMA=_gemm_group_sum_mma(N, K), **kw,
+                  bias_ptr=None,
                   group_size=gs if G > 1 else 0)
     if not has_zero:
         consts["zero_ptr"] = None

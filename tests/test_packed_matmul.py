@@ -153,6 +153,22 @@ def test_kernel_configs(M, config, fmt, dtype, poison):
     assert_close_to(y, reference.packed_matmul(x, qw, s, z, b, K, co), dtype)
 
 
+@needs_kernels
+@pytest.mark.parametrize("mma", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gemm_group_row_sums_both_ways(mma, dtype, poison, monkeypatch):
+    """64+ rows, per-group zero points: the row sums of x per tile from the tensor cores (small weights) or
+    elementwise (large ones, ``_gemm_group_sum_mma``) -- both forced here on one small weight."""
+    k = _kern()
+    monkeypatch.setattr(k, "_gemm_group_sum_mma", lambda *a: mma)
+    N, K = 37, 192
+    qw, s, z, co, _ = make_weight(N, K, "int2-asym", 64)
+    x = torch.randn(70, K, device=DEV).to(dtype)
+    cfg = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, GROUP_M=2, SPLIT_K=2)
+    y = k.packed_matmul(x, qw, s, z, None, K, co, config=cfg)
+    assert_close_to(y, reference.packed_matmul(x, qw, s, z, None, K, co), dtype)
+
+
 # (shift of the int32 word, mask, multiplier) per code e = 0..7 of each 16-bit half, as in kernels' _gemm_dequant
 _MAGIC_TABLE = {
     torch.bfloat16: [(-2, 0x000C000C, 0.25), (-2, 0x00300030, 0.0625), (2, 0x000C000C, 0.25), (2, 0x00300030, 0.0625),
