@@ -726,8 +726,8 @@ def _packed_matmul_kernel(
     # 4.2-4.5x -> 5.0-5.3x); per group with 16-bit x, x @ ones[BLOCK_K, 32] per tile at BLOCK_N >= 64 (see the
     # loop; the doubled bf16 MMAs would be the bound), else tl.sum per tile
     # (16-bit x with per-group scales and 64+ rows: x @ ones[BLOCK_K, 16] only where the launcher says the weight
-    # is small (GROUP_SUM_MMA, ``_gemm_group_sum_mma``): the MMAs, 1/8 more tensor work, make the mma.sync tiles of
-    # the large weights tensor-bound -- predicted M = 64 int2-asym g128 14336 x 4096 2.33x with them, 2.58x
+    # is small and M below 1024 (GROUP_SUM_MMA, ``_gemm_group_sum_mma``): the MMAs, 1/8 more tensor work, make the
+    # mma.sync tiles of the large weights (and the MMA-bound tiles of large M) tensor-bound -- predicted M = 64 int2-asym g128 14336 x 4096 2.33x with them, 2.58x
     # elementwise -- while 4096 x 4096 goes the other way, 2.31x elementwise, 2.51x with them)
     XSUM_MMA: tl.constexpr = BLOCK_M > 16 and (X_INT8 or PER_CHANNEL or GROUP_SUM_MMA)
     if X_INT8:
@@ -1284,18 +1284,19 @@ def _gemm_offset_sum(has_zero: bool, N: int, K: int) -> bool:
     return has_zero or N * K >= 1 << 24
 
 
-def _gemm_group_sum_mma(N: int, K: int) -> bool:
+def _gemm_group_sum_mma(M: int, N: int, K: int) -> bool:
     """Whether 16-bit x with per-group zero points and 64+ rows takes each tile's row sums of x from the tensor
-    cores (x @ ones[BLOCK_K, 16]) rather than elementwise: on weights of at most 2^24 elements, where the tiles are
-    issue-bound; on larger ones the extra MMAs would be the bound (predicted, sm_90; see the kernel)."""
-    return N * K <= 1 << 24
+    cores (x @ ones[BLOCK_K, 16]) rather than elementwise: below 1024 rows on weights of at most 2^24 elements,
+    where the tiles are issue-bound; on larger weights, and at large M (MMA-bound tiles: int2-asym g128 M = 4096
+    4096 x 4096 0.96x -> 0.86x with them), the extra MMAs would be the bound (predicted, sm_90; see the kernel)."""
+    return M < 1024 and N * K <= 1 << 24
 
 
 def _gemm_magic(x_dtype: torch.dtype) -> int:
     return _BF16_MAGIC if x_dtype == torch.bfloat16 else _FP16_MAGIC
 
 
-def _gemm_constexprs(x_dtype, has_zero: bool, has_bias: bool, x_int8: bool, G: int, co: float, N: int,
+def _gemm_constexprs(x_dtype, has_zero: bool, has_bias: bool, x_int8: bool, G: int, co: float, M: int, N: int,
                      K: int) -> Dict:
     """The constexprs of a GEMM launch (the checked launcher and ``BoundPackedMatmul``).  The interpreter's
     tl.dot is wrong for bf16 (triton-lang/triton#11584), and so is its bf16 arithmetic: there, bf16 tiles are
@@ -1303,7 +1304,7 @@ def _gemm_constexprs(x_dtype, has_zero: bool, has_bias: bool, x_int8: bool, G: i
     return dict(HAS_ZERO=has_zero, HAS_BIAS=has_bias, X_INT8=x_int8,
                 DOT_F32=not x_int8 and x_dtype == torch.bfloat16 and _interpret(), PER_CHANNEL=G == 1,
                 PAIRS=_gemm_pairs(has_zero, co, x_int8), OFFSET_SUM_OK=_gemm_offset_sum(has_zero, N, K),
-                GROUP_SUM_MMA=_gemm_group_sum_mma(N, K))
+                GROUP_SUM_MMA=_gemm_group_sum_mma(M, N, K))
 
 
 def _gemm_grid(M: int, N: int):
@@ -1339,7 +1340,7 @@ def _launch_gemm(x, x_scale, qweight, scale, zero_point, bias, code_offset, M, N
     y = _alloc((M, N), out_dtype, x.device)
     if N == 0:
         return y
-    common = _gemm_constexprs(x.dtype, zero_point is not None, bias is not None, x_scale is not None, G, co, N, K)
+    common = _gemm_constexprs(x.dtype, zero_point is not None, bias is not None, x_scale is not None, G, co, M, N, K)
     m_bucket = min(_next_pow2(M), _M_BUCKET_CAP)
     if config is not None:
         max_split = config.get("SPLIT_K", 1)
@@ -1485,7 +1486,7 @@ class BoundPackedMatmul:
             self._kern, self._grid = _gemv, (lambda meta: (_cdiv(N, meta["BLOCK_N"]),))
         else:
             co = 0.0 if code_offset is None else float(code_offset)
-            self._common = _gemm_constexprs(xd, zero_point is not None, bias is not None, x_scaled, G, co, N, K)
+            self._common = _gemm_constexprs(xd, zero_point is not None, bias is not None, x_scaled, G, co, M, N, K)
             m_bucket = min(_next_pow2(M), _M_BUCKET_CAP)
             max_split = _gemm_max_split(m_bucket)
             if max_split > 1:
@@ -1551,14 +1552,14 @@ def _static_quant_launch(M: int, K: int, kperm: bool) -> Dict:
 def _static_gemm_mma_flops(M, N, K, G, has_zero, x_int8, bm, bn) -> int:
     """Tensor-core flops of one GEMM launch: the product on padded row tiles, plus the row sums of x that the
     zero-point / int8 code-offset terms need (``_packed_matmul_kernel``): x @ ones[BLOCK_K, 16] per tile with
-    more than 16 rows (int8 x, per channel, or per group on a small weight), x @ ones[BLOCK_K, BLOCK_N] (as many as the product's own) with 16
-    rows, int8 x and per-group scales, x @ ones[BLOCK_K, 32] with 16 rows, 16-bit x, per-group zero points and
-    BLOCK_N >= 64; otherwise the sums are elementwise adds (no MMA)."""
+    more than 16 rows (int8 x, per channel, or per group on a small weight below 1024 rows), x @ ones[BLOCK_K,
+    BLOCK_N] (as many as the product's own) with 16 rows, int8 x and per-group scales, x @ ones[BLOCK_K, 32] with
+    16 rows, 16-bit x, per-group zero points and BLOCK_N >= 64; otherwise the sums are elementwise (no MMA)."""
     rows = _cdiv(M, bm) * bm
     main = 2 * rows * N * K
     if not (has_zero or x_int8):
         return main
-    if bm > 16 and (x_int8 or G == 1 or _gemm_group_sum_mma(N, K)):
+    if bm > 16 and (x_int8 or G == 1 or _gemm_group_sum_mma(M, N, K)):
         return main + 2 * rows * 16 * _cdiv(N, bn) * K
     if bm > 16:
         return main
@@ -1575,7 +1576,7 @@ def _static_gemm_call(M, N, K, G, gs, has_zero, co, x_dtype, c) -> Dict:
     bm, bn, bk, sk = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], kw["SPLIT_K"]
     consts = dict(HAS_ZERO=has_zero, HAS_BIAS=False, X_INT8=x_int8, DOT_F32=False, PER_CHANNEL=G == 1,
                   PAIRS=_gemm_pairs(has_zero, 0.0 if co is None else co, x_int8),
-                  OFFSET_SUM_OK=_gemm_offset_sum(has_zero, N, K), GROUP_SUM_MMA=_gemm_group_sum_mma(N, K), **kw,
+                  OFFSET_SUM_OK=_gemm_offset_sum(has_zero, N, K), GROUP_SUM_MMA=_gemm_group_sum_mma(M, N, K), **kw,
                   bias_ptr=None,
                   group_size=gs if G > 1 else 0)
     if not has_zero:
