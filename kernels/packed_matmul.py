@@ -46,9 +46,10 @@ and the static model predicted time = max(bytes / 4.0e12 B/s, thread-instruction
   magic-number trick (``_gemm_magic_pair``): ``(word >> shift) & mask | magic`` puts one code into the mantissa of
   each half of a bf16x2 / fp16x2 pair (ONE LOP3 for two weights, the magic a kernel argument so it stays in a
   register), one HFMA2 subtracts the bias (and z for symmetric formats): ``c - z`` exact, 2 values per 32-bit op,
-  no per-weight int->float converts.  bf16 x with per-channel scales (16 rows, or zero points) skips the HFMA2
-  (``OFFSET_SUM``): each code position gets its own magic so a weight enters the MMA as ``offset + c`` exactly,
-  and ``sum_k x_k (offset_k + z)`` is subtracted once per output from row sums of x.
+  no per-weight int->float converts.  bf16 x skips the HFMA2 (``OFFSET_SUM``) per channel (16 rows, or zero
+  points) and per group at 16 rows x 64+ columns: each code position gets its own magic so a weight enters the MMA
+  as ``offset + c`` exactly, and ``sum_k x_k (offset_k + z)`` is subtracted once per output (per group: per output
+  and tile) from row sums of x.
 * the two halves of each dequantized register must be NEIGHBOURING weights (k, k + 1): that is the pairing of the
   MMA operand fragments and of the 16-byte shared-memory stores that stage the operand.  ``_gemm_dequant_pairs``
   builds, per word, two selects (``w`` low half | ``w << 14`` high half, and the same for the upper bytes: ONE
@@ -95,7 +96,7 @@ min-max, s = max|x| / 127, q = floor(x / s + 0.5) with IEEE division), then the 
 multiply each row by its scale at the end: for M <= 8 the quantizer writes q as fp16 integers (exact) and the fp16
 GEMV runs on them; the GEMM uses int8 MMA.
 
-Limits (known, not hidden): the GEMM's ``OFFSET_SUM`` path (bf16 x, per channel) accumulates the magic offsets
+Limits (known, not hidden): the GEMM's ``OFFSET_SUM`` path (bf16 x) accumulates the magic offsets
 with the signal (up to 128x it) before subtracting them, so its fp32 accumulation error is ~2^-17 of sum |x|
 instead of ~2^-24 (bounded on the host by ``test_gemm_offset_sum_accuracy_at_large_k``; the tensor cores' own
 accumulation order needs the GPU test); the GEMV's 16-bit partial sums round more often than an fp32 accumulation (bounded at
@@ -637,7 +638,7 @@ def _packed_matmul_kernel(
     stride_xm, stride_qn, stride_ym,
     HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, X_INT8: tl.constexpr, DOT_F32: tl.constexpr,
     PER_CHANNEL: tl.constexpr, PAIRS: tl.constexpr, OFFSET_SUM_OK: tl.constexpr, GROUP_SUM_MMA: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    K256: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SPLIT_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -664,8 +665,14 @@ def _packed_matmul_kernel(
     t_begin = pid_k * per_split
     t_end = tl.minimum(t_begin + per_split, n_tiles)
     row_words = stride_qn // 4
-    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
-    w_rows = qw_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + offs_n.to(tl.int64)[:, None] * row_words
+    # rows past M / N load row M - 1 / N - 1 instead of being masked (their results are never stored), and K a
+    # multiple of 256 (K256, the launcher's; every config's BLOCK_K divides 256) needs no K mask either: the tile
+    # loads are then unpredicated cp.async copies, no per-tile address-range selects (predicted M = 4 int2-asym g128
+    # 4096 x 4096: see the README's table)
+    NO_K_MASK: tl.constexpr = K256 and 256 % BLOCK_K == 0
+    x_rows = x_ptr + tl.minimum(offs_m, M - 1).to(tl.int64)[:, None] * stride_xm
+    w_rows = qw_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + tl.minimum(offs_n, N - 1).to(tl.int64)[:, None] \
+        * row_words
     # dequantized operand dtype: x's 16-bit type (fp16 for fp32 x: c - z is exact in fp16, then widened)
     if x_ptr.dtype.element_ty == tl.bfloat16:
         DT: tl.constexpr = tl.bfloat16
@@ -691,8 +698,14 @@ def _packed_matmul_kernel(
     # [16, BLOCK_K] sums outweighs the few tiles a split-K program runs, 2.40x -> 2.17x at 1024 x 4096); fp16 x --
     # its magic 1024 makes the error 8x larger, next to fp16's 8x finer output; per-group scales -- the offset term
     # would be one more subtraction per output and tile.
-    OFFSET_SUM: tl.constexpr = OFFSET_SUM_OK and PER_CHANNEL and x_ptr.dtype.element_ty == tl.bfloat16 and (
-        BLOCK_M == 16 or HAS_ZERO)
+    # Per group (OFFSET_SUM_G): 16 rows and 64+ columns, where the tile's row sums come from one narrow MMA (see the
+    # loop): x @ B[BLOCK_K, 32] yields per row both sum x and sum x * offset, so the offsets and z leave as one
+    # subtraction per output and tile, against the HFMA2 per two weights (predicted M = 16 int2-asym g128
+    # 4096 x 4096: see the README's table)
+    OFFSET_SUM_G: tl.constexpr = OFFSET_SUM_OK and not PER_CHANNEL and x_ptr.dtype.element_ty == tl.bfloat16 and (
+        BLOCK_M == 16 and BLOCK_N >= 64)
+    OFFSET_SUM: tl.constexpr = OFFSET_SUM_G or (OFFSET_SUM_OK and PER_CHANNEL and
+                                                x_ptr.dtype.element_ty == tl.bfloat16 and (BLOCK_M == 16 or HAS_ZERO))
     if OFFSET_SUM:
         a_1 = magic
         a_4 = magic - 0x01000100
@@ -766,13 +779,20 @@ def _packed_matmul_kernel(
         wmag = tl.where(pos == 0, 128.0, tl.where(pos == 1, 32.0, 8.0))
         if XSUM_MMA:  # columns 0-7: sum x; 8-15: sum x * offset
             ones = tl.where(tl.arange(0, 16)[None, :] < 8, 1.0, wmag[:, None]).to(ones.dtype)
+        if OFFSET_SUM_G:  # per block of 8 columns (one warp's): columns 0-3 sum x, 4-7 sum x * offset
+            gsum = tl.where((tl.arange(0, 32) % 8)[None, :] < 4, 1.0, wmag[:, None]).to(
+                tl.float32 if DOT_F32 else DT)
     # int8 x comes from the quantizer in _gemm_codes_i8's K order, rows padded with zeros to a multiple of 16
     k_lim = tl.cdiv(K, 16) * 16 if X_INT8 else K
     for t in range(t_begin, t_end):
         offs_k = t * BLOCK_K + rkx
-        x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & (offs_k < k_lim)[None, :], other=0)
         offs_w = t * WORDS + rw
-        w = tl.load(w_rows + offs_w[None, :], mask=n_mask[:, None] & (offs_w < row_words)[None, :], other=0)
+        if NO_K_MASK:
+            x = tl.load(x_rows + offs_k[None, :])
+            w = tl.load(w_rows + offs_w[None, :])
+        else:
+            x = tl.load(x_rows + offs_k[None, :], mask=(offs_k < k_lim)[None, :], other=0)
+            w = tl.load(w_rows + offs_w[None, :], mask=(offs_w < row_words)[None, :], other=0)
         if X_INT8:
             # int8 x int8 -> int32 tensor-core MMA on the unsigned codes (0..3 fit int8 exactly)
             c = tl.trans(_gemm_codes_i8(w, BLOCK_N, BLOCK_K))
@@ -819,7 +839,20 @@ def _packed_matmul_kernel(
                 part = _gemm_dot(x, c, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32))
                 s, z = _tile_group_params(scale_ptr, zero_ptr, offs_n, n_mask, (t * BLOCK_K) // group_size, G,
                                           HAS_ZERO)
-                if HAS_ZERO:
+                if OFFSET_SUM_G:
+                    # the two column classes of x @ gsum, max over each class's 4 equal columns (inside a warp),
+                    # broadcast onto the [16, 4, BLOCK_N / 4] view as in the zero-point branch below
+                    NWB: tl.constexpr = 4
+                    r = _gemm_dot(x, gsum, tl.zeros((BLOCK_M, NWB * 8), dtype=tl.float32))
+                    xw, xo = tl.split(tl.max(tl.reshape(r, (BLOCK_M, NWB, 2, 4)), axis=3))  # [16, NWB] each
+                    p3 = tl.reshape(part, (BLOCK_M, NWB, BLOCK_N // NWB))
+                    if HAS_ZERO:
+                        z3 = tl.reshape(z, (NWB, BLOCK_N // NWB))
+                        off = xo[:, :, None] + xw[:, :, None] * z3[None, :, :]
+                    else:
+                        off = (xo + xw * code_offset)[:, :, None]
+                    part = tl.reshape(p3 - off, (BLOCK_M, BLOCK_N))
+                elif HAS_ZERO:
                     if XSUM_MMA:
                         xs_t = tl.max(_gemm_dot(x, ones, tl.zeros((BLOCK_M, 16), dtype=tl.float32)), axis=1)
                         part = part - xs_t[:, None] * z[None, :]
@@ -1304,7 +1337,7 @@ def _gemm_constexprs(x_dtype, has_zero: bool, has_bias: bool, x_int8: bool, G: i
     return dict(HAS_ZERO=has_zero, HAS_BIAS=has_bias, X_INT8=x_int8,
                 DOT_F32=not x_int8 and x_dtype == torch.bfloat16 and _interpret(), PER_CHANNEL=G == 1,
                 PAIRS=_gemm_pairs(has_zero, co, x_int8), OFFSET_SUM_OK=_gemm_offset_sum(has_zero, N, K),
-                GROUP_SUM_MMA=_gemm_group_sum_mma(M, N, K))
+                GROUP_SUM_MMA=_gemm_group_sum_mma(M, N, K), K256=K % 256 == 0)
 
 
 def _gemm_grid(M: int, N: int):
@@ -1576,7 +1609,8 @@ def _static_gemm_call(M, N, K, G, gs, has_zero, co, x_dtype, c) -> Dict:
     bm, bn, bk, sk = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], kw["SPLIT_K"]
     consts = dict(HAS_ZERO=has_zero, HAS_BIAS=False, X_INT8=x_int8, DOT_F32=False, PER_CHANNEL=G == 1,
                   PAIRS=_gemm_pairs(has_zero, 0.0 if co is None else co, x_int8),
-                  OFFSET_SUM_OK=_gemm_offset_sum(has_zero, N, K), GROUP_SUM_MMA=_gemm_group_sum_mma(M, N, K), **kw,
+                  OFFSET_SUM_OK=_gemm_offset_sum(has_zero, N, K), GROUP_SUM_MMA=_gemm_group_sum_mma(M, N, K),
+                  K256=K % 256 == 0, **kw,
                   bias_ptr=None,
                   group_size=gs if G > 1 else 0)
     if not has_zero:

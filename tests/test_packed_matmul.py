@@ -144,8 +144,9 @@ CONFIGS = [
 @needs_kernels
 @pytest.mark.parametrize("M,config", CONFIGS)
 @pytest.mark.parametrize("fmt,dtype", [("int2-asym", torch.float16), ("twn", torch.bfloat16)])
-def test_kernel_configs(M, config, fmt, dtype, poison):
-    N, K = 37, 192
+@pytest.mark.parametrize("K", [192, 512])  # 512: the GEMM's unmasked tile loads (K a multiple of 256)
+def test_kernel_configs(M, config, fmt, dtype, K, poison):
+    N = 37
     qw, s, z, co, _ = make_weight(N, K, fmt, 64)
     x = torch.randn(M, K, device=DEV).to(dtype)
     b = torch.randn(N, device=DEV).to(dtype)
@@ -226,17 +227,18 @@ def test_offset_sum_magics_give_offset_plus_code_exactly():
 
 @needs_kernels
 @pytest.mark.parametrize("fmt", ["twn", "int2-asym", "seq4"])
-@pytest.mark.parametrize("block_m", [16, 64])
-def test_gemm_offset_sum_accuracy_at_large_k(fmt, block_m, poison, monkeypatch):
-    """bf16 x, per channel: the MMA accumulates x * (128 * 4**-p + c) and the offsets leave afterwards, so the fp32
-    accumulator carries up to 128x the signal.  At K = 4096 with x of mean 0.5 (the offsets then add up instead of
-    cancelling) the result must still be the exact product rounded to bf16, up to 2**-12 of sum |x * w|."""
+@pytest.mark.parametrize("block_m,group", [(16, None), (64, None), (16, 128)])
+def test_gemm_offset_sum_accuracy_at_large_k(fmt, block_m, group, poison, monkeypatch):
+    """bf16 x, per channel (16 or 64 rows) and per group (16 rows, 64+ columns): the MMA accumulates
+    x * (128 * 4**-p + c) and the offsets leave afterwards, so the fp32 accumulator carries up to 128x the signal.
+    At K = 4096 with x of mean 0.5 (the offsets then add up instead of cancelling) the result must still be the
+    exact product rounded to bf16, up to 2**-12 of sum |x * w|."""
     k = _kern()
     monkeypatch.setattr(k, "_gemm_offset_sum", lambda *a: True)  # symmetric formats take it on large weights only
     N, K = 24, 4096
-    qw, s, z, co, _ = make_weight(N, K, fmt, None)
+    qw, s, z, co, _ = make_weight(N, K, fmt, group)
     x = (torch.randn(block_m, K) * 0.5 + 0.5).to(torch.bfloat16).to(DEV)
-    cfg = dict(BLOCK_M=block_m, BLOCK_N=16, BLOCK_K=128, GROUP_M=8, SPLIT_K=1)
+    cfg = dict(BLOCK_M=block_m, BLOCK_N=16 if group is None else 64, BLOCK_K=128, GROUP_M=8, SPLIT_K=1)
     y = k.packed_matmul(x, qw, s, z, None, K, co, config=cfg)
     w = reference.dequantize_packed(qw, s, z, K, co).double()
     exact = x.double() @ w.t()
@@ -250,26 +252,29 @@ def test_gemm_offset_sum_accuracy_at_large_k(fmt, block_m, poison, monkeypatch):
 @pytest.mark.parametrize("dtype,block_m", [(torch.float16, 64), (torch.bfloat16, 64), (torch.int8, 64),
                                            (torch.float16, 16), (torch.bfloat16, 16), (torch.int8, 16)])
 @pytest.mark.parametrize("offset_sum", [False, True])
-def test_gemm_dequantizes_every_weight_exactly(fmt, dtype, block_m, offset_sum, poison, monkeypatch):
+@pytest.mark.parametrize("group", [None, 64])
+def test_gemm_dequantizes_every_weight_exactly(fmt, dtype, block_m, offset_sum, group, poison, monkeypatch):
     """x = identity rows: the GEMM returns the dequantized weight itself, bit for bit (each output is ONE product),
-    which pins the word layout of the magic-number path (16-bit x; ``offset_sum``: bf16 per channel with the
-    per-position magics, forced on for every format) and of the int8 code path (W2A8)."""
+    which pins the word layout of the magic-number path (16-bit x; ``offset_sum``: bf16 with the per-position
+    magics, forced on for every format -- per channel, and per group at 16 rows x 64 columns) and of the int8 code
+    path (W2A8)."""
     if offset_sum and dtype != torch.bfloat16:
         pytest.skip("OFFSET_SUM is a bf16 path")
     monkeypatch.setattr(_kern(), "_gemm_offset_sum", lambda *a: offset_sum)
-    N, K = 24, 64
-    qw, s, z, co, _ = make_weight(N, K, fmt, None)
+    N, K = 24, 64 if group is None else 128
+    qw, s, z, co, _ = make_weight(N, K, fmt, group)
     s = torch.ones_like(s)
     if z is not None:  # zero points on a 1/8 grid: every c - z is exact in the output dtype (no final rounding)
         z = (z.float() * 8).round().div(8).to(z.dtype)
     w = reference.dequantize_packed(qw, s, z, K, co)  # fp32 (c - z)
     eye = torch.eye(K, device=DEV)
     k = _kern()
-    cfg = dict(BLOCK_M=block_m, BLOCK_N=16, BLOCK_K=64, GROUP_M=8, SPLIT_K=1)
+    cfg = dict(BLOCK_M=block_m, BLOCK_N=16 if group is None else 64, BLOCK_K=64, GROUP_M=8, SPLIT_K=1)
     if dtype == torch.int8:  # the W2A8 kernel on int8 x with unit row scales, x in the int8 GEMM's K order
         d = torch.arange(K)
         xp = eye[:, (d // 16) * 16 + (d % 4) * 4 + (d // 4) % 4].to(torch.int8)  # position 16c+4p+b: x[16c+4b+p]
-        y = k._launch(xp, torch.ones(K, device=DEV), qw, s, z, None, co, K, N, K, 1, K, torch.float16, cfg)
+        G, gs = (1, K) if group is None else (K // group, group)
+        y = k._launch(xp, torch.ones(K, device=DEV), qw, s, z, None, co, K, N, K, G, gs, torch.float16, cfg)
         assert torch.equal(y, w.t().to(torch.float16))
     else:
         y = k.packed_matmul(eye.to(dtype), qw, s, z, None, K, co, config=cfg)
