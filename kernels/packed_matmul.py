@@ -1582,14 +1582,17 @@ def _static_quant_launch(M: int, K: int, kperm: bool) -> Dict:
             "bytes": M * K * 2 + M * kq * q_bytes + M * 4, "mma_flops": 0}
 
 
-def _static_gemm_mma_flops(M, N, K, G, has_zero, x_int8, bm, bn) -> int:
+def _static_gemm_mma_flops(M, N, K, G, has_zero, x_int8, bm, bn, x_bf16: bool = False) -> int:
     """Tensor-core flops of one GEMM launch: the product on padded row tiles, plus the row sums of x that the
     zero-point / int8 code-offset terms need (``_packed_matmul_kernel``): x @ ones[BLOCK_K, 16] per tile with
     more than 16 rows (int8 x, per channel, or per group on a small weight below 1024 rows), x @ ones[BLOCK_K,
     BLOCK_N] (as many as the product's own) with 16 rows, int8 x and per-group scales, x @ ones[BLOCK_K, 32] with
-    16 rows, 16-bit x, per-group zero points and BLOCK_N >= 64; otherwise the sums are elementwise (no MMA)."""
+    16 rows, 16-bit x, per-group zero points and BLOCK_N >= 64 (bf16 x: x @ B[BLOCK_K, 32] of OFFSET_SUM per group,
+    symmetric formats too, where ``_gemm_offset_sum`` allows it); otherwise the sums are elementwise (no MMA)."""
     rows = _cdiv(M, bm) * bm
     main = 2 * rows * N * K
+    if G > 1 and bm == 16 and bn >= 64 and x_bf16 and _gemm_offset_sum(has_zero, N, K):  # OFFSET_SUM per group
+        return main + 2 * rows * 32 * _cdiv(N, bn) * K
     if not (has_zero or x_int8):
         return main
     if bm > 16 and (x_int8 or G == 1 or _gemm_group_sum_mma(M, N, K)):
@@ -1645,7 +1648,8 @@ def _static_gemm_call(M, N, K, G, gs, has_zero, co, x_dtype, c) -> Dict:
                   triton=dict(fn=fn, signature=sig, constexprs={k: v for k, v in consts.items()},
                               num_warps=c.num_warps, num_stages=c.num_stages, divisibility=div16),
                   grid=grid, threads_per_cta=32 * c.num_warps, loop_trips=n_tiles / sk, weights=N * K,
-                  bytes=nbytes, mma_flops=_static_gemm_mma_flops(M, N, K, G, has_zero, x_int8, bm, bn),
+                  bytes=nbytes,
+                  mma_flops=_static_gemm_mma_flops(M, N, K, G, has_zero, x_int8, bm, bn, x_dtype == "bf16"),
                   mma_dtype="int8" if x_int8 else "bf16")
     cfg = f"BLOCK_M={bm} BLOCK_N={bn} BLOCK_K={bk} SPLIT_K={sk} warps={c.num_warps} stages={c.num_stages}"
     pre = [_static_quant_launch(M, K, kperm=True)] if x_int8 else []  # W2A8: the op quantizes x first

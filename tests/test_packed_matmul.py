@@ -362,6 +362,13 @@ def test_static_launch_descriptors_gemm(M, fmt, group, x_dtype):
         assert ln["loop_trips"] == pytest.approx(-(-K // c["BLOCK_K"]) / c["SPLIT_K"])
         assert ln["weights"] == N * K and ln["bytes"] > N * K // 4 and ln["mma_flops"] >= 2 * M * N * K
         assert ("ws_ptr" in c) == (c["SPLIT_K"] == 1)  # the workspace exists only for split-K
+    # per group, 16 rows, 64+ columns, bf16: the offset sums' x @ B[BLOCK_K, 32] MMAs, symmetric formats too
+    for fmt2 in ("twn", "int2-asym"):
+        for call in k._static_launches_gemm(16, N, K, fmt2, 128, "bf16"):
+            ln = call["launches"][-1]
+            c = ln["triton"]["constexprs"]
+            extra = 2 * 16 * 32 * -(-N // c["BLOCK_N"]) * K if c["BLOCK_N"] >= 64 else 0
+            assert ln["mma_flops"] == 2 * 16 * N * K + extra, call["config"]
     with pytest.raises(ValueError, match="fmt="):
         k._static_launches_gemm(M, N, K, "int4", None)
     with pytest.raises(ValueError, match="M=3"):
