@@ -633,12 +633,12 @@ def _gemm_dot(a, b, acc):
 
 @triton.jit
 def _packed_matmul_kernel(
-    x_ptr, xs_ptr, qw_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr, ws_ptr, lock_ptr,
+    x_ptr, xs_ptr, qw_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr, ws_ptr, lock_ptr, rs_ptr,
     M, N, K, G, group_size: tl.constexpr, code_offset, magic, hmask, M_BUCKET,
     stride_xm, stride_qn, stride_ym,
     HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, X_INT8: tl.constexpr, DOT_F32: tl.constexpr,
     PER_CHANNEL: tl.constexpr, PAIRS: tl.constexpr, OFFSET_SUM_OK: tl.constexpr, GROUP_SUM_MMA: tl.constexpr,
-    K256: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    K256: tl.constexpr, ROW_SUMS: tl.constexpr, RS_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SPLIT_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -704,7 +704,14 @@ def _packed_matmul_kernel(
     # 4096 x 4096: see the README's table)
     OFFSET_SUM_G: tl.constexpr = OFFSET_SUM_OK and not PER_CHANNEL and x_ptr.dtype.element_ty == tl.bfloat16 and (
         BLOCK_M == 16 and BLOCK_N >= 64)
-    OFFSET_SUM: tl.constexpr = OFFSET_SUM_G or (OFFSET_SUM_OK and PER_CHANNEL and
+    # PRE_SUMS (ROW_SUMS, the launcher's ``_gemm_row_sums``: 16-bit x, per channel, zero points, 17+ rows, large
+    # weights): sum_k x per row comes precomputed (``_gemm_row_sums_kernel``, RS_SPLIT partials per
+    # row) instead of from x @ ones[BLOCK_K, 16] in every tile of every column block -- 1/8-1/4 more MMAs where the
+    # MMAs are the bound.  Without OFFSET_SUM: its 128x offsets need the in-tile sums, whose fp32 rounding cancels
+    # against the accumulator's (a whole-row sum does not: K = 4096 with biased x broke the accuracy bound), so
+    # these tiles dequantize with the HFMA2 again (cheap where the tiles are MMA-bound)
+    PRE_SUMS: tl.constexpr = ROW_SUMS and PER_CHANNEL and not X_INT8 and BLOCK_M > 16 and HAS_ZERO
+    OFFSET_SUM: tl.constexpr = OFFSET_SUM_G or (OFFSET_SUM_OK and PER_CHANNEL and not PRE_SUMS and
                                                 x_ptr.dtype.element_ty == tl.bfloat16 and (BLOCK_M == 16 or HAS_ZERO))
     if OFFSET_SUM:
         a_1 = magic
@@ -742,7 +749,7 @@ def _packed_matmul_kernel(
     # is small and M below 1024 (GROUP_SUM_MMA, ``_gemm_group_sum_mma``): the MMAs, 1/8 more tensor work, make the
     # mma.sync tiles of the large weights (and the MMA-bound tiles of large M) tensor-bound -- predicted M = 64 int2-asym g128 14336 x 4096 2.33x with them, 2.58x
     # elementwise -- while 4096 x 4096 goes the other way, 2.31x elementwise, 2.51x with them)
-    XSUM_MMA: tl.constexpr = BLOCK_M > 16 and (X_INT8 or PER_CHANNEL or GROUP_SUM_MMA)
+    XSUM_MMA: tl.constexpr = BLOCK_M > 16 and (X_INT8 or (PER_CHANNEL and not PRE_SUMS) or GROUP_SUM_MMA)
     if X_INT8:
         ones = tl.full((BLOCK_K, 16), 1, dtype=tl.int8)
         xs_acc = tl.zeros((BLOCK_M, 16), dtype=tl.int32)
@@ -754,7 +761,7 @@ def _packed_matmul_kernel(
         xs_acc = tl.zeros((BLOCK_M, 16), dtype=tl.float32)
     if X_INT8 and PER_CHANNEL and not XSUM_MMA:  # exact int32 row sums of int8 x (z = code offset too)
         xacc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.int32)
-    elif (HAS_ZERO or OFFSET_SUM) and PER_CHANNEL and not XSUM_MMA:
+    elif (HAS_ZERO or OFFSET_SUM) and PER_CHANNEL and not XSUM_MMA and not PRE_SUMS:
         xacc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     else:
         xacc = tl.zeros((BLOCK_M, 16), dtype=tl.float32)  # unused
@@ -829,7 +836,7 @@ def _packed_matmul_kernel(
             c = tl.trans(c)  # W^T tile [BLOCK_K, BLOCK_N]
             if PER_CHANNEL:
                 acc = _gemm_dot(x, c, acc)
-                if HAS_ZERO or OFFSET_SUM:
+                if (HAS_ZERO or OFFSET_SUM) and not PRE_SUMS:
                     if XSUM_MMA:
                         xs_acc = _gemm_dot(x, ones, xs_acc)
                     else:
@@ -887,6 +894,13 @@ def _packed_matmul_kernel(
                 out = acc.to(tl.float32) - xsum[:, None] * z[None, :]
             else:
                 out = acc.to(tl.float32) - xsum[:, None] * code_offset
+        elif PRE_SUMS:
+            # whole-row sums: subtracted by the first split only (the splits' partial tiles add up)
+            xsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            if pid_k == 0:
+                for i in tl.static_range(RS_SPLIT):
+                    xsum += tl.load(rs_ptr + offs_m * RS_SPLIT + i, mask=m_mask, other=0.0)
+            out = acc - xsum[:, None] * z[None, :]
         elif OFFSET_SUM:
             if XSUM_MMA:  # all columns of a class are equal: max reads one
                 cls = tl.arange(0, 16)[None, :] < 8
@@ -937,6 +951,22 @@ def _packed_matmul_kernel(
             out += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         y = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
         tl.store(y, out.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _gemm_row_sums_kernel(x_ptr, rs_ptr, K, stride_xm, BLOCK_K: tl.constexpr):
+    """Program (m, i) of (M, S): the fp32 sum of row m of x over its i-th share of the K blocks -> rs[m, i]
+    (the GEMM's epilogue adds the S partials)."""
+    m = tl.program_id(0)
+    i = tl.program_id(1)
+    S = tl.num_programs(1)
+    rk = tl.arange(0, BLOCK_K)
+    a = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    row = x_ptr + m.to(tl.int64) * stride_xm
+    for b in range(i, tl.cdiv(K, BLOCK_K), S):
+        offs = b * BLOCK_K + rk
+        a += tl.load(row + offs, mask=offs < K, other=0.0).to(tl.float32)
+    tl.store(rs_ptr + m * S + i, tl.sum(a, axis=0))
 
 
 # ---- large M: dequantize once to x's dtype, then cuBLAS (torch.matmul) -----------------------------------------
@@ -1325,6 +1355,29 @@ def _gemm_group_sum_mma(M: int, N: int, K: int) -> bool:
     return M < 1024 and N * K <= 1 << 24
 
 
+def _gemm_row_sums(x_int8: bool, has_zero: bool, G: int, M: int, N: int, K: int) -> bool:
+    """Whether a GEMM call precomputes the row sums of x (``_gemm_row_sums_kernel``, one small launch) instead of
+    taking them from extra MMAs in every tile: 16-bit x, per-channel zero points, 17+ rows (where every config
+    has BLOCK_M > 16; 16 rows sum elementwise at no MMA cost), on weights of more than 2^24 elements, where the
+    tiles are MMA-bound.  On smaller weights the launch and its second read of x cost more than the MMAs it saves
+    (predicted, sm_90: M = 64 int2-asym 14336 x 4096 2.39x -> 2.79x, M = 4096 0.91x -> 0.98x; 4096 x 4096 at
+    M = 64 would lose the launch's 0.6 us of 3.7, 1024 x 4096 at M = 4096 0.91x -> 0.81x from x read twice)."""
+    return not x_int8 and has_zero and G == 1 and M > 16 and N * K > 1 << 24
+
+
+def _gemm_row_sums_split(M: int) -> int:
+    """Programs per row of the row-sum pre-pass (partials the GEMM's epilogue adds): enough rows x splits to
+    occupy the SMs at M = 17..64, one per row beyond (a power of two, so that few variants compile)."""
+    return 4 if M <= 32 else (2 if M <= 64 else 1)
+
+
+def _gemm_row_sums_launch(x: torch.Tensor, M: int, K: int) -> torch.Tensor:
+    S = _gemm_row_sums_split(M)
+    rs = _alloc((M, S), torch.float32, x.device)
+    _gemm_row_sums_kernel[(M, S)](x, rs, K, x.stride(0), BLOCK_K=_quant_block_k(K))
+    return rs
+
+
 def _gemm_magic(x_dtype: torch.dtype) -> int:
     return _BF16_MAGIC if x_dtype == torch.bfloat16 else _FP16_MAGIC
 
@@ -1337,7 +1390,8 @@ def _gemm_constexprs(x_dtype, has_zero: bool, has_bias: bool, x_int8: bool, G: i
     return dict(HAS_ZERO=has_zero, HAS_BIAS=has_bias, X_INT8=x_int8,
                 DOT_F32=not x_int8 and x_dtype == torch.bfloat16 and _interpret(), PER_CHANNEL=G == 1,
                 PAIRS=_gemm_pairs(has_zero, co, x_int8), OFFSET_SUM_OK=_gemm_offset_sum(has_zero, N, K),
-                GROUP_SUM_MMA=_gemm_group_sum_mma(M, N, K), K256=K % 256 == 0)
+                GROUP_SUM_MMA=_gemm_group_sum_mma(M, N, K), K256=K % 256 == 0,
+                ROW_SUMS=_gemm_row_sums(x_int8, has_zero, G, M, N, K), RS_SPLIT=_gemm_row_sums_split(M))
 
 
 def _gemm_grid(M: int, N: int):
@@ -1384,7 +1438,8 @@ def _launch_gemm(x, x_scale, qweight, scale, zero_point, bias, code_offset, M, N
     locks = _split_locks(x.device, _cdiv(M, 16) * _cdiv(N, 16)) if max_split > 1 else None
     # group_size is a constexpr (the tile's group index is a shift, not a runtime division, in the K loop); per
     # channel it is unused and passed as 0, so per-channel layers of different K share one compiled kernel
-    args = (x, x_scale, qweight, scale, zero_point, bias, y, ws, locks, M, N, K, G, gs if G > 1 else 0, co,
+    rs = _gemm_row_sums_launch(x, M, K) if common["ROW_SUMS"] else None
+    args = (x, x_scale, qweight, scale, zero_point, bias, y, ws, locks, rs, M, N, K, G, gs if G > 1 else 0, co,
             _gemm_magic(x.dtype), _HMASK,
             m_bucket,
             x.stride(0), qweight.stride(0), y.stride(0))
@@ -1525,7 +1580,7 @@ class BoundPackedMatmul:
             if max_split > 1:
                 self._ws = (max_split, M, N)
                 self._locks = _split_locks(x.device, _cdiv(M, 16) * _cdiv(N, 16))  # zeroed once, re-armed by use
-            self._args = [None, None, qweight, scale, zero_point, bias, None, None, self._locks, M, N, K, G,
+            self._args = [None, None, qweight, scale, zero_point, bias, None, None, self._locks, None, M, N, K, G,
                           gs if G > 1 else 0, co, _gemm_magic(xd), _HMASK, m_bucket, kq, qweight.stride(0), N]
             self._kern, self._grid = _gemm, _gemm_grid(M, N)
         self.run = self._launch
@@ -1544,6 +1599,8 @@ class BoundPackedMatmul:
         args[6] = y = _alloc((self.M, self.N), self.out_dtype, self.device)
         if self._ws is not None:  # one fp32 slice per split, every element written before it is read
             args[7] = _alloc(self._ws, torch.float32, self.device)
+        if self._common.get("ROW_SUMS"):
+            args[9] = _gemm_row_sums_launch(x, self.M, self._args[12])
         self._kern[self._grid](*args, **self._common)
         return y
 
@@ -1582,18 +1639,35 @@ def _static_quant_launch(M: int, K: int, kperm: bool) -> Dict:
             "bytes": M * K * 2 + M * kq * q_bytes + M * 4, "mma_flops": 0}
 
 
+def _static_row_sums_launch(M: int, K: int, x_ty: str, x_bytes: int) -> Dict:
+    """The GEMM's row-sum pre-pass (``_gemm_row_sums_kernel``) as a launch descriptor."""
+    bk = _quant_block_k(K)
+    S = _gemm_row_sums_split(M)
+    return {"name": "gemm_row_sums",
+            "triton": {"fn": _gemm_row_sums_kernel,
+                       "signature": {"x_ptr": x_ty, "rs_ptr": "*fp32", "K": "i32", "stride_xm": "i32",
+                                     "BLOCK_K": "constexpr"},
+                       "constexprs": {"BLOCK_K": bk}, "num_warps": 4, "num_stages": 2,
+                       "divisible_by_16": ["x_ptr", "rs_ptr"] + (["K", "stride_xm"] if K % 16 == 0 else [])},
+            "grid": [M, S, 1], "threads_per_cta": 128, "loop_trips": float(_cdiv(_cdiv(K, bk), S)), "weights": 0,
+            "trip_load_bytes": bk * x_bytes / 128, "bytes": M * K * x_bytes + M * S * 4, "mma_flops": 0}
+
+
 def _static_gemm_mma_flops(M, N, K, G, has_zero, x_int8, bm, bn, x_bf16: bool = False) -> int:
     """Tensor-core flops of one GEMM launch: the product on padded row tiles, plus the row sums of x that the
     zero-point / int8 code-offset terms need (``_packed_matmul_kernel``): x @ ones[BLOCK_K, 16] per tile with
     more than 16 rows (int8 x, per channel, or per group on a small weight below 1024 rows), x @ ones[BLOCK_K,
     BLOCK_N] (as many as the product's own) with 16 rows, int8 x and per-group scales, x @ ones[BLOCK_K, 32] with
     16 rows, 16-bit x, per-group zero points and BLOCK_N >= 64 (bf16 x: x @ B[BLOCK_K, 32] of OFFSET_SUM per group,
-    symmetric formats too, where ``_gemm_offset_sum`` allows it); otherwise the sums are elementwise (no MMA)."""
+    symmetric formats too, where ``_gemm_offset_sum`` allows it); 16-bit x, per-channel zero points and 17+ rows on
+    large weights: precomputed (``_gemm_row_sums``, no MMA); otherwise the sums are elementwise (no MMA)."""
     rows = _cdiv(M, bm) * bm
     main = 2 * rows * N * K
     if G > 1 and bm == 16 and bn >= 64 and x_bf16 and _gemm_offset_sum(has_zero, N, K):  # OFFSET_SUM per group
         return main + 2 * rows * 32 * _cdiv(N, bn) * K
     if not (has_zero or x_int8):
+        return main
+    if _gemm_row_sums(x_int8, has_zero, G, M, N, K):
         return main
     if bm > 16 and (x_int8 or G == 1 or _gemm_group_sum_mma(M, N, K)):
         return main + 2 * rows * 16 * _cdiv(N, bn) * K
@@ -1613,7 +1687,8 @@ def _static_gemm_call(M, N, K, G, gs, has_zero, co, x_dtype, c) -> Dict:
     consts = dict(HAS_ZERO=has_zero, HAS_BIAS=False, X_INT8=x_int8, DOT_F32=False, PER_CHANNEL=G == 1,
                   PAIRS=_gemm_pairs(has_zero, 0.0 if co is None else co, x_int8),
                   OFFSET_SUM_OK=_gemm_offset_sum(has_zero, N, K), GROUP_SUM_MMA=_gemm_group_sum_mma(M, N, K),
-                  K256=K % 256 == 0, **kw,
+                  K256=K % 256 == 0, ROW_SUMS=_gemm_row_sums(x_int8, has_zero, G, M, N, K),
+                  RS_SPLIT=_gemm_row_sums_split(M), **kw,
                   bias_ptr=None,
                   group_size=gs if G > 1 else 0)
     if not has_zero:
@@ -1623,8 +1698,10 @@ def _static_gemm_call(M, N, K, G, gs, has_zero, co, x_dtype, c) -> Dict:
     if sk == 1:
         consts["ws_ptr"] = None
         consts["lock_ptr"] = None
+    if not consts["ROW_SUMS"]:
+        consts["rs_ptr"] = None
     types = dict(x_ptr=x_ty, xs_ptr="*fp32", qw_ptr="*u8", scale_ptr="*fp16", zero_ptr="*fp16", bias_ptr=y_ty,
-                 y_ptr=y_ty, ws_ptr="*fp32", lock_ptr="*i32", M="i32", N="i32", K="i32", G="i32", group_size="i32",
+                 y_ptr=y_ty, ws_ptr="*fp32", lock_ptr="*i32", rs_ptr="*fp32", M="i32", N="i32", K="i32", G="i32", group_size="i32",
                  code_offset="fp32", magic="i32", hmask="i32",
                  M_BUCKET="i32", stride_xm="i32", stride_qn="i32", stride_ym="i32")
     fn = _packed_matmul_kernel
@@ -1653,6 +1730,8 @@ def _static_gemm_call(M, N, K, G, gs, has_zero, co, x_dtype, c) -> Dict:
                   mma_dtype="int8" if x_int8 else "bf16")
     cfg = f"BLOCK_M={bm} BLOCK_N={bn} BLOCK_K={bk} SPLIT_K={sk} warps={c.num_warps} stages={c.num_stages}"
     pre = [_static_quant_launch(M, K, kperm=True)] if x_int8 else []  # W2A8: the op quantizes x first
+    if consts["ROW_SUMS"]:
+        pre.append(_static_row_sums_launch(M, K, x_ty, x_bytes))
     return dict(kernel="packed_matmul_gemm", backend="triton", config=cfg, launches=pre + [launch])
 
 

@@ -170,6 +170,32 @@ def test_gemm_group_row_sums_both_ways(mma, dtype, poison, monkeypatch):
     assert_close_to(y, reference.packed_matmul(x, qw, s, z, None, K, co), dtype)
 
 
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_gemm_precomputed_row_sums(dtype, split_k, poison, monkeypatch):
+    """17+ rows, per-channel zero points on a large weight (``_gemm_row_sums``, forced here on a small one): the
+    row sums of x come from the pre-pass (S partials per row) and only the first split subtracts z * sum x; the
+    checked op and the bound launch both run it, with the launch counted."""
+    k = _kern()
+    monkeypatch.setattr(k, "_gemm_row_sums", lambda *a: True)
+    launches = []
+    real = k._gemm_row_sums_launch
+    monkeypatch.setattr(k, "_gemm_row_sums_launch", lambda *a: launches.append(a[1]) or real(*a))
+    N, K = 37, 448
+    qw, s, z, co, _ = make_weight(N, K, "int2-asym", None)
+    for M in (20, 70):  # 4 and 2 partials per row
+        x = (torch.randn(M, K, device=DEV) * 0.5 + 0.5).to(dtype)  # biased x: z * sum x is large
+        cfg = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, GROUP_M=2, SPLIT_K=split_k)
+        y = k.packed_matmul(x, qw, s, z, None, K, co, config=cfg)
+        assert_close_to(y, reference.packed_matmul(x, qw, s, z, None, K, co), dtype)
+    assert launches == [20, 70]
+    x = torch.randn(40, K, device=DEV).to(dtype)
+    y = k.BoundPackedMatmul(x, qw, s, z, None, K, co)(x)
+    assert launches == [20, 70, 40]
+    assert_close_to(y, reference.packed_matmul(x, qw, s, z, None, K, co), dtype)
+
+
 # (shift of the int32 word, mask, multiplier) per code e = 0..7 of each 16-bit half, as in kernels' _gemm_dequant
 _MAGIC_TABLE = {
     torch.bfloat16: [(-2, 0x000C000C, 0.25), (-2, 0x00300030, 0.0625), (2, 0x000C000C, 0.25), (2, 0x00300030, 0.0625),
