@@ -63,7 +63,8 @@ and the static model predicted time = max(bytes / 4.0e12 B/s, thread-instruction
 * per-channel: scale (and zero point) applied ONCE in the epilogue, the MMA accumulating straight into ``acc``;
   per group: one FFMA per output per group (``BLOCK_K`` divides the group size; configs use BLOCK_K = group size
   where they can).  Asymmetric formats dequantize the raw code and subtract ``z * sum_k(x)``; the row sums come
-  from the tensor cores (``x @ ones[BLOCK_K, 16]``) for 64+ rows per channel; 16 rows, and 16-bit x with per-group
+  from the tensor cores (``x @ ones[BLOCK_K, 16]``) for 64+ rows per channel, or, on weights of more than 2^24
+  elements, from a pre-pass once per call (``_gemm_row_sums_kernel``; those tiles are MMA-bound); 16 rows, and 16-bit x with per-group
   scales at any BLOCK_M, sum x elementwise (the extra bf16 MMAs would make those tiles tensor-bound).
 * split-K (M <= 64, so that N / BLOCK_N tiles fill 132 SMs at N = 1024..4096): each split writes its fp32 partial
   tile to its own workspace slice, the last split to arrive (per-tile arrival counter, ``atomic_add`` acq_rel)
