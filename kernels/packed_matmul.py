@@ -317,19 +317,30 @@ def _gemv_vsum8(v):
 
 
 @triton.jit
-def _gemv_group_params(scale_ptr, zero_ptr, ra, rb, ma, mb, g, G, HAS_ZERO: tl.constexpr, zc):
+def _gemv_group_params(scale_ptr, zero_ptr, ra, rb, ma, mb, g, G, HAS_ZERO: tl.constexpr, zc,
+                       MASKED: tl.constexpr = True):
     """fp32 (scale s, offset factor s * (OFF - z)) of scale group(s) ``g`` for the row pairs, joined (row A, row B)
-    on a new last axis.  ``ra``/``rb``/``ma``/``mb``/``g``: broadcast-compatible row indices, row masks, groups."""
-    # a K chunk may reach past the last group (K not a multiple of the chunk): those groups hold no weight and x is 0
-    # there, but their scale must not be read from past the row (the last row's would be past the tensor)
-    ma = ma & (g < G)
-    mb = mb & (g < G)
-    sa = tl.load(scale_ptr + ra * G + g, mask=ma, other=0.0).to(tl.float32)
-    sb = tl.load(scale_ptr + rb * G + g, mask=mb, other=0.0).to(tl.float32)
+    on a new last axis.  ``ra``/``rb``/``ma``/``mb``/``g``: broadcast-compatible row indices, row masks, groups.
+    MASKED=False (EVEN_K, rows clamped to N - 1 by the caller): every group is < G and every row real, so the loads
+    take no mask (no compare and no predicate per row and group in the K loop)."""
+    if MASKED:
+        # a K chunk may reach past the last group (K not a multiple of the chunk): those groups hold no weight and x
+        # is 0 there, but their scale must not be read from past the row (the last row's would be past the tensor)
+        ma = ma & (g < G)
+        mb = mb & (g < G)
+        sa = tl.load(scale_ptr + ra * G + g, mask=ma, other=0.0).to(tl.float32)
+        sb = tl.load(scale_ptr + rb * G + g, mask=mb, other=0.0).to(tl.float32)
+    else:
+        sa = tl.load(scale_ptr + ra * G + g).to(tl.float32)
+        sb = tl.load(scale_ptr + rb * G + g).to(tl.float32)
     s = tl.join(sa, sb)
     if HAS_ZERO:
-        za = tl.load(zero_ptr + ra * G + g, mask=ma, other=0.0).to(tl.float32)
-        zb = tl.load(zero_ptr + rb * G + g, mask=mb, other=0.0).to(tl.float32)
+        if MASKED:
+            za = tl.load(zero_ptr + ra * G + g, mask=ma, other=0.0).to(tl.float32)
+            zb = tl.load(zero_ptr + rb * G + g, mask=mb, other=0.0).to(tl.float32)
+        else:
+            za = tl.load(zero_ptr + ra * G + g).to(tl.float32)
+            zb = tl.load(zero_ptr + rb * G + g).to(tl.float32)
         t = s * (zc - tl.join(za, zb))  # zc = OFF here
     else:
         t = s * zc  # zc = OFF - z (0 unless seq 2-bit)
@@ -381,8 +392,10 @@ def _packed_gemv_kernel(
     rw = tl.arange(0, 4)
     # rows past N read row N - 1 instead of being masked (no zero-fill per load); their results are never stored
     # 32-bit row offsets (one IMAD each; the launcher checks the packed weight has < 2^31 words)
-    wa_ptrs = qw + (tl.minimum(ra, N - 1) * stride_w)[:, None, None]
-    wb_ptrs = qw + (tl.minimum(rb, N - 1) * stride_w)[:, None, None]
+    rac = tl.minimum(ra, N - 1)
+    rbc = tl.minimum(rb, N - 1)
+    wa_ptrs = qw + (rac * stride_w)[:, None, None]
+    wb_ptrs = qw + (rbc * stride_w)[:, None, None]
     lane_w = (ks * WORDS)[None, :, None] + rw[None, None, :]  # [1, KS, 4]: a lane's first word in its chunk
     n_chunks = tl.cdiv(K, 16 * WORDS)
     n_trips = tl.cdiv(n_chunks, KS)
@@ -406,8 +419,12 @@ def _packed_gemv_kernel(
         for gi in tl.static_range(WORDS // GROUP_WORDS):
             if not PER_CHANNEL:
                 g = ((w0 + ks * WORDS + gi * GROUP_WORDS) // GS16)[None, :]  # [1, KS]: each lane's group
-                s, tz = _gemv_group_params(scale_ptr, zero_ptr, ra[:, None], rb[:, None], ma[:, None],
-                                           mb[:, None], g, G, HAS_ZERO, zc)
+                if EVEN_K:  # rows past N read row N - 1's scales, like its weights (never stored)
+                    s, tz = _gemv_group_params(scale_ptr, zero_ptr, rac[:, None], rbc[:, None], ma[:, None],
+                                               mb[:, None], g, G, HAS_ZERO, zc, False)
+                else:
+                    s, tz = _gemv_group_params(scale_ptr, zero_ptr, ra[:, None], rb[:, None], ma[:, None],
+                                               mb[:, None], g, G, HAS_ZERO, zc)
                 s = s[:, :, None, :]
                 # added to each of the QS stacked word slots of acc, which the epilogue sums: 1 / QS of it each
                 # (exact: a power of two)

@@ -797,6 +797,7 @@ def test_gemv_half2_accumulation_error(dtype):
     ("int2-asym", 32, torch.float16, 2, 384, dict(BLOCK_N=8, KSPLIT=4, WORDS=4)),  # 6 chunks over 4 lanes
     ("seq4", None, torch.bfloat16, 1, 320, dict(BLOCK_N=4, KSPLIT=2, WORDS=8)),  # a partial chunk, one past K
     ("twn", 128, torch.bfloat16, 1, 1536, dict(BLOCK_N=8, KSPLIT=8, WORDS=4)),  # 16 * 4 * 8 * 3: EVEN_K, no masks
+    ("int2-asym", 64, torch.float16, 2, 1024, dict(BLOCK_N=8, KSPLIT=4, WORDS=4)),  # EVEN_K: unmasked scale + zero
 ])
 def test_gemv_lane_split_of_k(fmt, group, dtype, M, K, cfg, poison):
     """K split over the lanes of a row group, reduced once at the end: chunks of 64 / 128 weights dealt round-robin
@@ -807,7 +808,7 @@ def test_gemv_lane_split_of_k(fmt, group, dtype, M, K, cfg, poison):
     qw, s, z, co, _ = make_weight(N, K, fmt, group)
     b = torch.randn(N, device=DEV).to(dtype)
     x = torch.randn(M, K, device=DEV).to(dtype)
-    assert k._gemv_even_k(K, cfg) == (K == 1536)
+    assert k._gemv_even_k(K, cfg) == (K in (1536, 1024))
     y = k.packed_matmul(x, qw, s, z, b, K, co, config=cfg)
     assert_close_to(y, reference.packed_matmul(x, qw, s, z, b, K, co), dtype)
 
