@@ -1035,15 +1035,47 @@ def _packed_dequant_kernel(qw_ptr, scale_ptr, zero_ptr, w_ptr, N, K, G, group_si
 
 # ---- W2A8: per-token int8 quantization of x ---------------------------------------------------------------------
 @triton.jit
+def _a8_quant_block(x_ptr, q_ptr, row, stride_xm, k0, K, Kq, s, c, sc, r, BLOCK_K: tl.constexpr,
+                    KPERM: tl.constexpr, FAST: tl.constexpr):
+    """One BLOCK_K block of a row of x -> its codes (``_packed_matmul_a8_quant_kernel``; FAST: x c / (s c) through
+    the hoisted reciprocal ``r`` of ``sc = s c``)."""
+    rk = tl.arange(0, BLOCK_K)
+    v = tl.load(x_ptr + row * stride_xm + k0 + rk, mask=k0 + rk < K, other=0.0).to(tl.float32)
+    if FAST:
+        vc = v * c  # exact: c is a power of two (a result below the normal range means |x / s| < 2^-125: q = 0)
+        q0 = vc * r
+        q = tl.floor(tl.fma(r, tl.fma(-sc, q0, vc), q0) + 0.5)
+    else:
+        q = tl.floor(tl.math.div_rn(v, s) + 0.5)
+    q = tl.minimum(tl.maximum(q, -127.0), 127.0).to(q_ptr.dtype.element_ty)  # int8 / fp16
+    if KPERM:
+        # x loaded in order (16-byte loads), the codes permuted as the 4 x 4 transpose of each 16-group
+        # ([c, b, p] -> [c, p, b]) on the way out: was 2-byte gathers of x in the permuted order
+        q = tl.reshape(tl.permute(tl.reshape(q, (BLOCK_K // 16, 4, 4)), (0, 2, 1)), (BLOCK_K,))
+    tl.store(q_ptr + row * Kq + k0 + rk, q, mask=k0 + rk < Kq)
+
+
+@triton.jit
 def _packed_matmul_a8_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, TINY, BLOCK_K: tl.constexpr,
-                                   KPERM: tl.constexpr = False):
+                                   KPERM: tl.constexpr = False, FAST_DIV: tl.constexpr = False):
     """One row of x -> int8 (or fp16-integer) codes and its fp32 scale.  KPERM (the int8 GEMM's operand): the row
     is written padded to ``Kp = 16 * ceil(K / 16)`` (zeros past K) in the GEMM's K order, position
     ``16 c + 4 p + b`` holding x[16 c + 4 b + p] (``_gemm_codes_i8``); the permutation is its own inverse.
 
     Grid (M, S): the S programs of a row each find the row's max (the whole row: cheap next to the divisions) and
     quantize 1/S of its BLOCK_K blocks, so a few rows still spread over the SMs (``_quant_grid``); program 0 writes
-    the scale.  Every program computes the same scale, so S does not change the result."""
+    the scale.  Every program computes the same scale, so S does not change the result.
+
+    FAST_DIV (compiled kernels): ``x / s`` through ptxas's own ``div.rn.f32`` fast path with the reciprocal hoisted
+    out of the loop.  Once per row: c = 2^-e for s = m 2^e (m in [1, 2)), sc = s c = m, ``r = r0 + r0 (1 - sc r0)``
+    (r0 = ``rcp.approx``); per element: ``xc = x c`` (exact), ``q0 = xc r``, ``q = q0 + r (xc - sc q0)`` (two
+    FMAs): the operations ptxas emits per element minus the per-element reciprocal, its refinement and the range
+    check (FCHK) with its slow-path branch, which the scaling makes unnecessary (sc in [1, 2), |xc| < 256: every
+    operand and intermediate a normal float far from overflow, the fast path's condition for the correctly
+    rounded quotient of xc / sc, which is x / s).  Checked on the host against exact rational arithmetic (1.08M
+    quotients next to rounding midpoints, r0 off by -1 / 0 / +1 ulp: no mismatch).  A row holding inf (s = inf)
+    gives codes of -127 where ``div_rn`` gives 0 (its outputs are inf / NaN either way, times s).  The interpreter,
+    which cannot run inline PTX, divides with ``div_rn``."""
     row = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1)
     n_parts = tl.num_programs(1)
@@ -1054,18 +1086,22 @@ def _packed_matmul_a8_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, TINY, BLOC
         v = tl.load(x_ptr + row * stride_xm + k0 + rk, mask=k0 + rk < K, other=0.0)
         amax = tl.maximum(amax, tl.abs(v))
     s = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0).to(tl.float32), 127.0), TINY)
+    if FAST_DIV:
+        # c = 2^-e for s = m 2^e (m in [1, 2); s is normal: >= TINY, and <= 2^121 as |x| <= 2^128): x c / (s c) is
+        # x / s exactly, and sc = s c = m puts every operand of the fast path in a tame range
+        c = ((254 - (s.to(tl.uint32, bitcast=True) >> 23)) << 23).to(tl.float32, bitcast=True)
+        sc = s * c
+        r0 = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [sc], dtype=tl.float32, is_pure=True,
+                                       pack=1)
+        r = tl.fma(r0, tl.fma(-sc, r0, 1.0), r0)
+    else:
+        c = s
+        sc = s
+        r = s
     Kq = tl.cdiv(K, 16) * 16 if KPERM else K
     per = tl.cdiv(tl.cdiv(Kq, BLOCK_K), n_parts)  # blocks per program
     for b in range(part * per, tl.minimum((part + 1) * per, tl.cdiv(Kq, BLOCK_K))):
-        k0 = b * BLOCK_K
-        v = tl.load(x_ptr + row * stride_xm + k0 + rk, mask=k0 + rk < K, other=0.0).to(tl.float32)
-        q = tl.floor(tl.math.div_rn(v, s) + 0.5)
-        q = tl.minimum(tl.maximum(q, -127.0), 127.0).to(q_ptr.dtype.element_ty)  # int8 / fp16
-        if KPERM:
-            # x loaded in order (16-byte loads), the codes permuted as the 4 x 4 transpose of each 16-group
-            # ([c, b, p] -> [c, p, b]) on the way out: was 2-byte gathers of x in the permuted order
-            q = tl.reshape(tl.permute(tl.reshape(q, (BLOCK_K // 16, 4, 4)), (0, 2, 1)), (BLOCK_K,))
-        tl.store(q_ptr + row * Kq + k0 + rk, q, mask=k0 + rk < Kq)
+        _a8_quant_block(x_ptr, q_ptr, row, stride_xm, b * BLOCK_K, K, Kq, s, c, sc, r, BLOCK_K, KPERM, FAST_DIV)
     if part == 0:
         tl.store(s_ptr + row, s)
 
@@ -1547,7 +1583,7 @@ def quantize_rows_int8(x: torch.Tensor, out_dtype: torch.dtype = torch.int8, k_p
     s = _alloc((M,), torch.float32, x.device)
     bk = _quant_block_k(K)
     _packed_matmul_a8_quant_kernel[_quant_grid(M, K, bk)](x, q, s, K, x.stride(0), _FP32_TINY, BLOCK_K=bk,
-                                                          KPERM=k_permuted)
+                                                          KPERM=k_permuted, FAST_DIV=not _interpret())
     return q, s
 
 
@@ -1630,7 +1666,7 @@ class BoundPackedMatmul:
             q = _alloc((self.M, kq), self._q_dtype, self.device)
             s = _alloc((self.M,), torch.float32, self.device)
             _packed_matmul_a8_quant_kernel[_quant_grid(self.M, K, bk)](x, q, s, K, K, _FP32_TINY, BLOCK_K=bk,
-                                                                        KPERM=kperm)
+                                                                        KPERM=kperm, FAST_DIV=not _interpret())
             args[0], args[1] = q, s
         else:
             args[0] = x
@@ -1663,8 +1699,10 @@ def _static_quant_launch(M: int, K: int, kperm: bool) -> Dict:
     return {"name": f"quantize_rows_int8({'int8 K-permuted' if kperm else 'fp16'} q)",
             "triton": {"fn": _packed_matmul_a8_quant_kernel,
                        "signature": {"x_ptr": "*bf16", "q_ptr": q_ty, "s_ptr": "*fp32", "K": "i32", "stride_xm": "i32",
-                                     "TINY": "fp32", "BLOCK_K": "constexpr", "KPERM": "constexpr"},
-                       "constexprs": {"BLOCK_K": bk, "KPERM": kperm}, "num_warps": 4, "num_stages": 2,
+                                     "TINY": "fp32", "BLOCK_K": "constexpr", "KPERM": "constexpr",
+                                     "FAST_DIV": "constexpr"},
+                       "constexprs": {"BLOCK_K": bk, "KPERM": kperm, "FAST_DIV": True}, "num_warps": 4,
+                       "num_stages": 2,
                        "divisible_by_16": ["x_ptr", "q_ptr", "s_ptr"] + (["K", "stride_xm"] if K % 16 == 0 else [])},
             # pass 1 (the row's max) walks the whole row in each of the S programs of a row, pass 2 its 1/S share
             "grid": [M, S, 1], "threads_per_cta": 128,

@@ -759,17 +759,28 @@ for fmt in ("twn", "int2-asym"):
     ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=spec["num_warps"], num_stages=1))
     ptx = ck.asm["ptx"]
     out[fmt] = {"prmt": spec["constexprs"]["PRMT"], "lo": ptx.count("0x5410;"), "hi": ptx.count("0x7632;")}
+spec = k._static_quant_launch(16, 4096, True)["triton"]
+fn = spec["fn"]
+idx = {a: i for i, a in enumerate(fn.arg_names)}
+src = ASTSource(fn=fn, signature=spec["signature"], constexprs={(idx[a],): v for a, v in spec["constexprs"].items()},
+                attrs={(idx[a],): [["tt.divisibility", 16]] for a in spec["divisible_by_16"]})
+ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=2)).asm["ptx"]
+out["quant"] = {"fast": spec["constexprs"]["FAST_DIV"], "rcp": ptx.count("rcp.approx.ftz.f32"),
+                "div_rn": ptx.count("div.rn.f32")}
 print("JSON" + json.dumps(out))
 """
 
 
-def test_gemv_row_pair_merge_is_one_byte_permute_in_the_compiled_kernel(tmp_path):
+def test_compiled_kernels_select_their_inline_ptx(tmp_path):
     # the compiled GEMV merges the two rows' halves with inline PTX prmt.b32 (the interpreter runs the bit-identical
-    # shift-and-select form, which every interpreted GEMV test covers); this checks the asm compiles for sm_90 and
-    # is what the static launches and the run-time launcher select
+    # shift-and-select form, which every interpreted GEMV test covers) and the W2A8 quantizer divides through a
+    # hoisted rcp.approx (the interpreter: div_rn); this checks the asm compiles for sm_90 and is what the static
+    # launches and the run-time launchers select
     script = tmp_path / "gemv_prmt.py"
     script.write_text(textwrap.dedent(_GEMV_PRMT))
     res = json.loads(_run_py([str(script)], timeout=600).split("JSON", 1)[1])
+    q = res.pop("quant")  # W2A8's quantizer: one reciprocal per row, one IEEE division (the row's max / 127)
+    assert q["fast"] is True and q["rcp"] == 1 and q["div_rn"] == 1, q
     for fmt, r in res.items():
         assert r["prmt"] is True and r["lo"] >= 1 and r["hi"] >= 1, (fmt, r)
     from pyquant.kernels import packed_matmul as k

@@ -585,6 +585,54 @@ def test_w2a8_small_m_on_a_weight_too_large_for_the_gemv(monkeypatch, poison):
     assert_close_to(k.BoundPackedMatmul(x, qw, s, z, None, 128, co, a8=True)(x), ref, torch.float16)
 
 
+def test_w2a8_fast_division_is_the_correctly_rounded_quotient():
+    """The compiled quantizer's FAST_DIV sequence (kernels/packed_matmul.py ``_packed_matmul_a8_quant_kernel``),
+    emulated in exact rational arithmetic with one rounding per fp32 op: c = 2^-e (s = m 2^e), sc = s c,
+    r = r0 + r0 (1 - sc r0) for an r0 anywhere within 1 ulp of 1 / sc (what rcp.approx guarantees), xc = x c,
+    q0 = RN(xc r), q = RN(q0 + r RN(xc - sc q0)): equal to RN(x / s) for quotients next to rounding midpoints (the
+    hard cases of division) at scales from 2^-126 to 2^121.  (The GPU test of the kernel itself is
+    test_gpu_w2a8_and_wrong_device / test_w2a8_matches_reference on CUDA.)"""
+    import math
+    import random
+    from fractions import Fraction as Fr
+    import numpy as np
+
+    def rn(f):  # the fp32 nearest (ties to even) of a rational; 0 and normal range only (enough here)
+        if f == 0:
+            return np.float32(0.0)
+        a = abs(f)
+        e = a.numerator.bit_length() - a.denominator.bit_length()
+        e = e - 1 if Fr(2) ** e > a else (e + 1 if Fr(2) ** (e + 1) <= a else e)
+        m = a * Fr(2) ** (23 - e)
+        n, rem = divmod(m.numerator, m.denominator)
+        if 2 * rem > m.denominator or (2 * rem == m.denominator and n % 2):
+            n += 1
+        return np.float32(math.copysign(math.ldexp(n, e - 23), f))
+
+    F = lambda v: Fr(float(v))  # noqa: E731
+    rng = random.Random(1234)
+    checked = 0
+    for _ in range(700):
+        s = np.float32(2.0 ** rng.uniform(-126, 121) * rng.uniform(1, 2))
+        qf = np.float32(rng.uniform(-127.5, 127.5))
+        mid = F(qf) + F(np.spacing(qf)) / 2
+        c = np.float32(2.0 ** -math.frexp(float(s))[1] * 2)  # 2^-e, s = m 2^e, m in [1, 2)
+        sc = rn(F(s) * F(c))
+        assert 1 <= sc < 2
+        exact_r = rn(1 / F(sc))
+        for x in (rn(mid * F(s)), np.nextafter(rn(mid * F(s)), np.float32(np.inf))):
+            xc = rn(F(x) * F(c))
+            assert F(xc) == F(x) * F(c)  # the scaling is exact
+            want = rn(F(x) / F(s))
+            for r0 in (np.nextafter(exact_r, np.float32(-np.inf)), exact_r, np.nextafter(exact_r, np.float32(np.inf))):
+                r = rn(F(r0) + F(r0) * F(rn(1 - F(sc) * F(r0))))
+                q0 = rn(F(xc) * F(r))
+                q = rn(F(q0) + F(r) * F(rn(F(xc) - F(sc) * F(q0))))
+                assert q == want, (float(x), float(s), float(r0))
+                checked += 1
+    assert checked == 700 * 2 * 3
+
+
 @needs_kernels
 @pytest.mark.parametrize("K", [200, 37, 64])
 def test_int8_row_quantization_k_permuted(K, poison):
