@@ -957,7 +957,8 @@ build_call(pick_gemm(S(64, 4096, 4096, "seq4", None), BLOCK_M=64, BLOCK_K=256, S
 build_call(pick_gemm(S(64, 1024, 4096, "int2-asym", 128, "int8"), BLOCK_M=64, SPLIT_K=2))
 build_call(pick_gemm(S(300, 1024, 4096, "int2-asym", 64, "fp16"), BLOCK_M=128, BLOCK_N=128, BLOCK_K=64))
 build_call(S(4096, 1024, 4096, "int2-asym", 128)[0])
-build(K._packed_matmul_a8_quant_kernel, dict(BLOCK_K=1024, KPERM=True))
+build(K._packed_matmul_a8_quant_kernel, dict(BLOCK_K=1024, KPERM=True, FAST_DIV=True))
+build(K._packed_matmul_a8_quant_kernel, dict(BLOCK_K=1024, KPERM=False, FAST_DIV=False))
 print("ok")
 """
 
