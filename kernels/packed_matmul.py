@@ -419,12 +419,10 @@ def _packed_gemv_kernel(
         for gi in tl.static_range(WORDS // GROUP_WORDS):
             if not PER_CHANNEL:
                 g = ((w0 + ks * WORDS + gi * GROUP_WORDS) // GS16)[None, :]  # [1, KS]: each lane's group
-                if EVEN_K:  # rows past N read row N - 1's scales, like its weights (never stored)
-                    s, tz = _gemv_group_params(scale_ptr, zero_ptr, rac[:, None], rbc[:, None], ma[:, None],
-                                               mb[:, None], g, G, HAS_ZERO, zc, False)
-                else:
-                    s, tz = _gemv_group_params(scale_ptr, zero_ptr, ra[:, None], rb[:, None], ma[:, None],
-                                               mb[:, None], g, G, HAS_ZERO, zc)
+                # EVEN_K: rows past N read row N - 1's scales, like its weights (never stored), unmasked
+                s, tz = _gemv_group_params(scale_ptr, zero_ptr, (rac if EVEN_K else ra)[:, None],
+                                           (rbc if EVEN_K else rb)[:, None], ma[:, None], mb[:, None], g, G,
+                                           HAS_ZERO, zc, not EVEN_K)
                 s = s[:, :, None, :]
                 # added to each of the QS stacked word slots of acc, which the epilogue sums: 1 / QS of it each
                 # (exact: a power of two)
@@ -1035,27 +1033,6 @@ def _packed_dequant_kernel(qw_ptr, scale_ptr, zero_ptr, w_ptr, N, K, G, group_si
 
 # ---- W2A8: per-token int8 quantization of x ---------------------------------------------------------------------
 @triton.jit
-def _a8_quant_block(x_ptr, q_ptr, row, stride_xm, k0, K, Kq, s, c, sc, r, BLOCK_K: tl.constexpr,
-                    KPERM: tl.constexpr, FAST: tl.constexpr):
-    """One BLOCK_K block of a row of x -> its codes (``_packed_matmul_a8_quant_kernel``; FAST: x c / (s c) through
-    the hoisted reciprocal ``r`` of ``sc = s c``)."""
-    rk = tl.arange(0, BLOCK_K)
-    v = tl.load(x_ptr + row * stride_xm + k0 + rk, mask=k0 + rk < K, other=0.0).to(tl.float32)
-    if FAST:
-        vc = v * c  # exact: c is a power of two (a result below the normal range means |x / s| < 2^-125: q = 0)
-        q0 = vc * r
-        q = tl.floor(tl.fma(r, tl.fma(-sc, q0, vc), q0) + 0.5)
-    else:
-        q = tl.floor(tl.math.div_rn(v, s) + 0.5)
-    q = tl.minimum(tl.maximum(q, -127.0), 127.0).to(q_ptr.dtype.element_ty)  # int8 / fp16
-    if KPERM:
-        # x loaded in order (16-byte loads), the codes permuted as the 4 x 4 transpose of each 16-group
-        # ([c, b, p] -> [c, p, b]) on the way out: was 2-byte gathers of x in the permuted order
-        q = tl.reshape(tl.permute(tl.reshape(q, (BLOCK_K // 16, 4, 4)), (0, 2, 1)), (BLOCK_K,))
-    tl.store(q_ptr + row * Kq + k0 + rk, q, mask=k0 + rk < Kq)
-
-
-@triton.jit
 def _packed_matmul_a8_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, TINY, BLOCK_K: tl.constexpr,
                                    KPERM: tl.constexpr = False, FAST_DIV: tl.constexpr = False):
     """One row of x -> int8 (or fp16-integer) codes and its fp32 scale.  KPERM (the int8 GEMM's operand): the row
@@ -1094,14 +1071,23 @@ def _packed_matmul_a8_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, TINY, BLOC
         r0 = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [sc], dtype=tl.float32, is_pure=True,
                                        pack=1)
         r = tl.fma(r0, tl.fma(-sc, r0, 1.0), r0)
-    else:
-        c = s
-        sc = s
-        r = s
     Kq = tl.cdiv(K, 16) * 16 if KPERM else K
     per = tl.cdiv(tl.cdiv(Kq, BLOCK_K), n_parts)  # blocks per program
     for b in range(part * per, tl.minimum((part + 1) * per, tl.cdiv(Kq, BLOCK_K))):
-        _a8_quant_block(x_ptr, q_ptr, row, stride_xm, b * BLOCK_K, K, Kq, s, c, sc, r, BLOCK_K, KPERM, FAST_DIV)
+        k0 = b * BLOCK_K
+        v = tl.load(x_ptr + row * stride_xm + k0 + rk, mask=k0 + rk < K, other=0.0).to(tl.float32)
+        if FAST_DIV:
+            vc = v * c  # exact: c is a power of two (a result below the normal range means |x / s| < 2^-125: q = 0)
+            q0 = vc * r
+            q = tl.floor(tl.fma(r, tl.fma(-sc, q0, vc), q0) + 0.5)
+        else:
+            q = tl.floor(tl.math.div_rn(v, s) + 0.5)
+        q = tl.minimum(tl.maximum(q, -127.0), 127.0).to(q_ptr.dtype.element_ty)  # int8 / fp16
+        if KPERM:
+            # x loaded in order (16-byte loads), the codes permuted as the 4 x 4 transpose of each 16-group
+            # ([c, b, p] -> [c, p, b]) on the way out: was 2-byte gathers of x in the permuted order
+            q = tl.reshape(tl.permute(tl.reshape(q, (BLOCK_K // 16, 4, 4)), (0, 2, 1)), (BLOCK_K,))
+        tl.store(q_ptr + row * Kq + k0 + rk, q, mask=k0 + rk < Kq)
     if part == 0:
         tl.store(s_ptr + row, s)
 
