@@ -22,6 +22,7 @@ from torch import nn
 
 from ..formats import WeightQuantConfig, pack_codes, packed_cols, unpack_codes
 from ..ops import fake_quant_weight, quantize_weight
+from .packed_linear import apply_keeping_dtypes
 
 __all__ = ["QATEmbedding", "PackedEmbedding", "check_embedding_spec"]
 
@@ -93,6 +94,14 @@ class PackedEmbedding(nn.Module):
     def from_qat(cls, q: QATEmbedding) -> "PackedEmbedding":
         codes, s = q.quantized_weight()
         return cls(pack_codes(codes), s, q.embedding_dim, q.spec, q.padding_idx, dtype=q.weight.dtype)
+
+    def _apply(self, fn, recurse=True):
+        # model.to(dtype) / .half(): the output dtype follows (probed on an empty tensor of the current output
+        # dtype), the per-row scales keep the format's dtype and only change device
+        probe = fn(torch.empty(0, dtype=self.dtype, device=self.scale.device))
+        if probe.dtype.is_floating_point:
+            self.dtype = probe.dtype
+        return apply_keeping_dtypes(self, fn, recurse, ("scale",), super()._apply)
 
     def nbytes(self) -> int:
         return self.qweight.numel() + self.scale.numel() * self.scale.element_size()

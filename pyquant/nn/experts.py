@@ -34,6 +34,7 @@ from torch import nn
 
 from ..formats import WeightQuantConfig, pack_codes, packed_cols, unpack_codes
 from ..ops import fake_quant_weight, grouped_packed_matmul, quantize_weight
+from .packed_linear import apply_keeping_dtypes
 
 __all__ = ["is_experts", "expert_weight_names", "QATExpertsMixin", "PackedExpertsMixin", "is_qat_experts",
            "is_packed_experts", "validate_experts", "prepare_qat_experts", "convert_experts", "quantize_experts",
@@ -240,6 +241,11 @@ class PackedExpertsMixin:
         final = torch.zeros(num_tokens, out.shape[-1], dtype=torch.float32, device=out.device)
         final.index_add_(0, token_idx, out)
         return final.to(hidden_states.dtype)
+
+    def _apply(self, fn, recurse=True):
+        # .to(dtype) / .half() convert the FP biases; the packed scales and zero points keep the format's dtype
+        names = [f"{n}_{suffix}" for n in self.pq_weight_names for suffix in ("scale", "zero_point")]
+        return apply_keeping_dtypes(self, fn, recurse, names, super()._apply)
 
     def pq_dequantize(self, name: str) -> torch.Tensor:
         """The effective fp32 weight ``name`` in the module's stored layout (tests and export only)."""

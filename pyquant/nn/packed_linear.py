@@ -23,7 +23,29 @@ from ..formats import ActivationQuantConfig, WeightQuantConfig, pack_codes, pack
 from ..ops import packed_matmul, packed_matmul_a8
 from ..ops.packed_matmul import PackedMatmulPlan
 
-__all__ = ["PackedLinear"]
+__all__ = ["PackedLinear", "apply_keeping_dtypes"]
+
+
+def apply_keeping_dtypes(module: nn.Module, fn, recurse: bool, names, base_apply) -> nn.Module:
+    """``nn.Module._apply`` for a module whose buffers ``names`` hold quantized data (scales, zero points) whose
+    dtype is part of the format: ``model.to(torch.bfloat16)`` / ``.half()`` / ``.float()`` move them to the new
+    device but keep their dtype, so a dtype change never re-rounds a scale (bitsandbytes and torchao keep their
+    quantized state the same way).  Every other tensor of the module (the FP bias, non-quantized submodules) is
+    converted as usual by ``base_apply`` (the caller's ``super()._apply``).  Returns ``module``."""
+    kept = {n: module._buffers[n] for n in names if module._buffers.get(n) is not None}
+    for n in kept:
+        module._buffers[n] = None  # nn.Module._apply skips None buffers
+    try:
+        base_apply(fn, recurse)
+    finally:
+        for n, t in kept.items():
+            module._buffers[n] = t
+    for n, t in kept.items():
+        new = fn(t)
+        if new.dtype != t.dtype:
+            new = t.to(device=new.device)  # the device move only: the values stay bit-exact
+        module._buffers[n] = new
+    return module
 
 
 class PackedLinear(nn.Module):
@@ -148,6 +170,11 @@ class PackedLinear(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
         if not any(t.is_meta for t in self._buffers.values() if t is not None):
             self._validated_plan()  # bad tensors loaded with assign=True fail here, not at the first forward
+
+    def _apply(self, fn, recurse=True):
+        # .to(dtype) / .half() / .bfloat16() convert the bias; scale and zero_point keep the format's dtype
+        self.__dict__.pop("_fast_plan", None)
+        return apply_keeping_dtypes(self, fn, recurse, ("scale", "zero_point"), super()._apply)
 
     def dequantize(self) -> torch.Tensor:
         """The effective fp32 weight [N, K] (for tests and export; the forward never builds it)."""
