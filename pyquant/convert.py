@@ -270,15 +270,34 @@ def _select(model: nn.Module, cfg: QATConfig) -> Tuple[List[Tuple[str, nn.Module
     return _pick(model, cfg, _is_candidate)
 
 
+def _tied_names(model: nn.Module) -> List[str]:
+    """Linear/Conv1D layers whose weight *is* an input embedding's Parameter (``tie_word_embeddings``: the LM head of
+    GPT-2, tied Llama/Qwen/Gemma, T5...).  Such a layer stays full precision whatever the patterns say: packing it
+    would leave the embedding without its weight, and the tie ``save_pretrained``/``from_pretrained`` restore would
+    break the reload.  ``include`` naming one is refused (untie the head first to quantize it)."""
+    emb = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    return [n for n, m in model.named_modules()
+            if n and _is_candidate(m) and id(getattr(m, "weight", None)) in emb]
+
+
 def _pick(model: nn.Module, cfg: QATConfig, candidate) -> Tuple[List[Tuple[str, nn.Module]], List[str]]:
     """(targets, kept) among the modules ``candidate`` accepts, by the config's include / exclude patterns."""
     targets, kept, seen = [], [], set()
+    tied = set(_tied_names(model))
     for n, m in model.named_modules():
         if not n or not candidate(m):
             continue
         if cfg.include and not any(matches(n, p) for p in cfg.include):
             continue
         if any(matches(n, p) for p in cfg.resolved_exclude):
+            kept.append(n)
+            continue
+        if n in tied:
+            if cfg.include:
+                raise ValueError(f"QATConfig.include selects {n!r}, whose weight is tied to the input embedding "
+                                 "(tie_word_embeddings); a tied layer stays full precision. Exclude it, or untie "
+                                 "it first to quantize it (model.config.tie_word_embeddings = False and give it its "
+                                 "own nn.Parameter copy of the weight)")
             kept.append(n)
             continue
         if id(m) in seen:
