@@ -425,6 +425,8 @@ Q = "model.layers.1.self_attn.v_proj"
     ("qweight_dtype", rf"{Q}\.qweight is I8"),
     ("qweight_shape", rf"{Q}\.qweight is U8\[32, 32\]"),
     ("missing", rf"{Q}\.qweight is missing"),
+    ("nan_scale", rf"{Q}\.scale holds NaN or Inf"),
+    ("inf_scale", rf"{Q}\.scale holds NaN or Inf"),
     ("unlisted", rf"{Q}\.qweight is in the checkpoint but its module is not listed"),
     ("unknown_field", r"unknown field\(s\) \['sparsity'\]"),
     ("newer_version", r"format_version=99, newer than this pyquant"),
@@ -437,6 +439,8 @@ def test_bad_checkpoints_are_refused_naming_the_tensor_or_field(saved, tmp_path,
         "qweight_dtype": lambda sd: sd.__setitem__(f"{Q}.qweight", sd[f"{Q}.qweight"].to(torch.int8)),
         "qweight_shape": lambda sd: sd.__setitem__(f"{Q}.qweight", sd[f"{Q}.qweight"].repeat(1, 2)),
         "missing": lambda sd: sd.pop(f"{Q}.qweight"),
+        "nan_scale": lambda sd: sd[f"{Q}.scale"].view(-1)[3].fill_(float("nan")),
+        "inf_scale": lambda sd: sd[f"{Q}.scale"].view(-1)[0].fill_(float("inf")),
     }.get(case)
     c = {
         "unlisted": lambda qc: qc["modules"].remove(Q),

@@ -423,6 +423,8 @@ def _validate_loaded(model: nn.Module) -> None:
         for t, v in tensors.items():
             if v is not None and v.is_meta:
                 problems.append(f"{name}.{t} was not loaded (still on the meta device)")
+            elif v is not None and v.dtype.is_floating_point and not bool(torch.isfinite(v).all()):
+                problems.append(f"{name}.{t} holds NaN or Inf (a corrupt or diverged checkpoint)")
         if isinstance(m, PackedLinear) and not any(v.is_meta for v in tensors.values() if v is not None):
             try:
                 validate_packed(m.qweight, m.scale, m.zero_point, m.in_features, m.group_size)
@@ -490,8 +492,20 @@ class PyquantHfQuantizer(HfQuantizer):
             quantization_config = PyquantConfig(**quantization_config)
         if not isinstance(quantization_config, PyquantConfig):
             raise TypeError(f"quantization_config must be a PyquantConfig, got {type(quantization_config).__name__}")
-        super().__init__(quantization_config, **kwargs)
+        # our own copy: the load records what it swapped in the config (PTQ at load), and the user's object must
+        # stay reusable for the next from_pretrained
+        super().__init__(copy.deepcopy(quantization_config), **kwargs)
         self._ptq_errors: Dict[str, Exception] = {}
+        if not self.pre_quantized:
+            cfg = self.quantization_config
+            given = [f for f in ("modules", "module_overrides", "experts", "embeddings") if getattr(cfg, f)]
+            if given:
+                raise ValueError(
+                    f"PyquantConfig.{given[0]} describes a saved pyquant checkpoint; quantization at load time (this "
+                    f"checkpoint is full precision) selects layers by `include` / `modules_to_not_convert` patterns "
+                    f"with one weight/activation spec, and does not apply {', '.join(given)}. Use include=[...] / "
+                    "modules_to_not_convert=[...], or quantize in Python with pyquant.prepare_qat / quantize "
+                    "(per-module specs, embeddings) and save_pretrained")
 
     def validate_environment(self, *args, **kwargs):
         device_map = kwargs.get("device_map")
