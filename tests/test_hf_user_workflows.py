@@ -1,0 +1,207 @@
+"""What HF users do with a pyquant model beyond save -> reload, each a bug found by trying it:
+
+* ``model.to(torch.bfloat16)`` / ``.half()`` / ``.float()`` on a packed model must not re-round the packed scales
+  and zero points (their dtype is part of the format): PackedLinear, PackedEmbedding and packed MoE experts keep
+  them bit-exact, the FP tensors convert, and the model still saves and reloads;
+* a tied LM head (``tie_word_embeddings``) stays full precision even when the user's ``exclude`` replaces the
+  default one (else the reload breaks), and ``include`` naming it is refused;
+* quantization at load time refuses the checkpoint-only fields of ``PyquantConfig`` it would silently ignore, and
+  leaves the user's config object reusable;
+* ``python -m pyquant`` runs the CLI.
+(NaN/Inf in a packed checkpoint's scales: ``tests/test_hf_checkpoint.py``.)
+"""
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import pyquant  # noqa: E402
+from pyquant import QATConfig, WeightQuantConfig as W  # noqa: E402
+from pyquant.convert import quantize  # noqa: E402
+from pyquant.integrations.hf import PyquantConfig  # noqa: E402
+from pyquant.nn import PackedLinear  # noqa: E402
+from pyquant.nn.embedding import PackedEmbedding  # noqa: E402
+from pyquant.nn.experts import is_packed_experts  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_experts import _model as _moe  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+V = 96
+ASYM = W(method="uniform", symmetric=False, granularity="group", group_size=32)
+
+
+def _llama(tie=False, bias=False):
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        vocab_size=V, max_position_embeddings=32, tie_word_embeddings=tie, attention_bias=bias, mlp_bias=bias)).eval()
+
+
+def _quant_state(model):
+    """{name: tensor clone} of every packed scale / zero point in the model."""
+    return {n: t.clone() for n, t in model.named_buffers() if n.endswith(("scale", "zero_point"))}
+
+
+def _assert_state_kept(model, before):
+    after = _quant_state(model)
+    assert after.keys() == before.keys() and before
+    for n, t in before.items():
+        assert after[n].dtype == t.dtype, n
+        assert torch.equal(after[n], t), n
+
+
+@pytest.mark.parametrize("cast", ["bfloat16", "half", "to_bf16_then_float"])
+def test_dtype_casts_keep_packed_linear_scales_bit_exact(cast):
+    model = _llama(bias=True)
+    quantize(model, ASYM)
+    before = _quant_state(model)
+    assert any(n.endswith("zero_point") for n in before)
+    if cast == "bfloat16":
+        model.to(torch.bfloat16)
+        want = torch.bfloat16
+    elif cast == "half":
+        model.half()
+        want = torch.float16
+    else:
+        model.to(torch.bfloat16).float()
+        want = torch.float32
+    _assert_state_kept(model, before)
+    q = model.model.layers[0].self_attn.q_proj
+    assert isinstance(q, PackedLinear) and q.bias.dtype == want and q.qweight.dtype == torch.uint8
+    assert model.model.norm.weight.dtype == want
+    ids = torch.randint(0, V, (2, 6))
+    with torch.no_grad():
+        assert model(ids).logits.dtype == want
+
+
+def test_bf16_cast_model_saves_and_reloads_identically(tmp_path):
+    model = _llama(bias=True)
+    quantize(model, ASYM)
+    model.to(torch.bfloat16)
+    ids = torch.randint(0, V, (2, 6))
+    with torch.no_grad():
+        want = model(ids).logits
+    model.save_pretrained(tmp_path / "m")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.bfloat16).eval()
+    _assert_state_kept(again, _quant_state(model))
+    # .to(bf16) also cast the rotary inv_freq buffer, which a load recomputes in fp32 (transformers' behaviour for
+    # any model): cast the reloaded one the same way to compare logits
+    again.to(torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, want)
+
+
+def test_dtype_casts_keep_packed_embedding_scales_and_follow_the_output_dtype():
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(transformers.BertConfig(
+        vocab_size=120, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        num_labels=3)).eval()
+    pyquant.prepare_qat(model, QATConfig(preset="kdqat-emnlp22"))
+    pyquant.convert(model)
+    emb = model.bert.embeddings.word_embeddings
+    assert isinstance(emb, PackedEmbedding)
+    s0 = emb.scale.clone()
+    ids = torch.randint(0, 120, (2, 9))
+    ref = emb(ids)
+    model.to(torch.bfloat16)
+    assert emb.scale.dtype == s0.dtype and torch.equal(emb.scale, s0)
+    out = emb(ids)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, ref.to(torch.bfloat16))
+    with torch.no_grad():
+        assert model(ids).logits.dtype == torch.bfloat16
+    model.float()
+    assert emb(ids).dtype == torch.float32 and torch.equal(emb(ids), ref)
+
+
+def test_dtype_casts_keep_packed_expert_scales_bit_exact():
+    model = _moe("mixtral")
+    pyquant.prepare_qat(model, QATConfig(weight=ASYM))
+    pyquant.convert(model)
+    experts = [m for m in model.modules() if is_packed_experts(m)]
+    assert experts
+    before = _quant_state(model)
+    assert any("experts." in n for n in before)
+    model.to(torch.bfloat16)  # the scales are fp16: a cast would re-round them
+    _assert_state_kept(model, before)
+    ids = torch.randint(0, 96, (2, 5))
+    with torch.no_grad():
+        assert model(ids).logits.dtype == torch.bfloat16
+
+
+# ---- tied LM heads -----------------------------------------------------------------------------------------------
+def test_a_tied_lm_head_stays_fp_when_exclude_replaces_the_default(tmp_path):
+    model = _llama(tie=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    report = pyquant.prepare_qat(model, QATConfig(exclude=("mlp.down_proj",)))
+    assert type(model.lm_head) is torch.nn.Linear and "lm_head" in report.kept
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    pyquant.convert(model)
+    ids = torch.randint(0, V, (2, 6))
+    with torch.no_grad():
+        want = model(ids).logits
+    model.save_pretrained(tmp_path / "m")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    assert isinstance(again.model.layers[0].self_attn.q_proj, PackedLinear)
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, want)
+
+
+@pytest.mark.parametrize("action", ["prepare_qat", "quantize"])
+def test_include_naming_a_tied_head_is_refused(action):
+    model = _llama(tie=True)
+    fn = pyquant.prepare_qat if action == "prepare_qat" else quantize
+    with pytest.raises(ValueError, match=r"'lm_head'.*tied to the input embedding"):
+        fn(model, QATConfig(include=("lm_head", "q_proj"), exclude=()))
+    assert type(model.lm_head) is torch.nn.Linear  # nothing was swapped
+    assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+
+
+def test_an_untied_head_can_still_be_quantized_on_request():
+    model = _llama(tie=False)
+    pyquant.prepare_qat(model, QATConfig(include=("lm_head",), exclude=()))
+    assert type(model.lm_head).__name__ == "QATLinear"
+
+
+# ---- quantization at load time -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("field,value", [
+    ("modules", ["model.layers.0.self_attn.q_proj"]),
+    ("module_overrides", {"model.layers.0.self_attn.q_proj": {"weight": {"method": "absmean"}}}),
+])
+def test_ptq_at_load_refuses_checkpoint_only_fields(tmp_path, field, value):
+    _llama().save_pretrained(tmp_path / "fp")
+    kw = {field: value}
+    if field == "module_overrides":
+        kw["modules"] = list(value)
+    with pytest.raises(ValueError, match=r"PyquantConfig\.modules describes a saved pyquant checkpoint"):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "fp", quantization_config=PyquantConfig(**kw))
+
+
+def test_ptq_at_load_leaves_the_users_config_reusable(tmp_path):
+    _llama().save_pretrained(tmp_path / "fp")
+    cfg = PyquantConfig(weight=ASYM)
+    snapshot = copy.deepcopy(cfg.to_dict())
+    a = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "fp", quantization_config=cfg)
+    assert cfg.to_dict() == snapshot and cfg.modules is None
+    b = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "fp", quantization_config=cfg)
+    ids = torch.randint(0, V, (2, 6))
+    with torch.no_grad():
+        assert torch.equal(a(ids).logits, b(ids).logits)
+    assert a.config.quantization_config.modules  # the loaded model's own config records what was swapped
+
+
+def test_python_dash_m_pyquant_runs_the_cli():
+    r = subprocess.run([sys.executable, "-m", "pyquant", "--help"], capture_output=True, text=True, cwd=ROOT,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "usage: pyquant" in r.stdout and "finetune" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "pyquant", "no-such-command"], capture_output=True, text=True,
+                       cwd=ROOT, timeout=120)
+    assert r.returncode != 0 and "no-such-command" in (r.stderr + r.stdout)
