@@ -274,10 +274,16 @@ def _tied_names(model: nn.Module) -> List[str]:
     """Linear/Conv1D layers whose weight *is* an input embedding's Parameter (``tie_word_embeddings``: the LM head of
     GPT-2, tied Llama/Qwen/Gemma, T5...).  Such a layer stays full precision whatever the patterns say: packing it
     would leave the embedding without its weight, and the tie ``save_pretrained``/``from_pretrained`` restore would
-    break the reload.  ``include`` naming one is refused (untie the head first to quantize it)."""
+    break the reload.  ``include`` naming one is refused (untie the head first to quantize it).
+
+    While transformers loads a checkpoint (quantization at load time) the model is built on the meta device without
+    its ties, which are made after the weights are read: there a layer counts as tied when transformers' own map of
+    the ties to make (``all_tied_weights_keys``, ``{tied weight: source}``) lists its still-meta weight."""
     emb = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    pending = getattr(model, "all_tied_weights_keys", None) or {}
     return [n for n, m in model.named_modules()
-            if n and _is_candidate(m) and id(getattr(m, "weight", None)) in emb]
+            if n and _is_candidate(m) and (id(getattr(m, "weight", None)) in emb or (
+                f"{n}.weight" in pending and getattr(getattr(m, "weight", None), "is_meta", False)))]
 
 
 def _pick(model: nn.Module, cfg: QATConfig, candidate) -> Tuple[List[Tuple[str, nn.Module]], List[str]]:
@@ -294,7 +300,8 @@ def _pick(model: nn.Module, cfg: QATConfig, candidate) -> Tuple[List[Tuple[str, 
             continue
         if n in tied:
             if cfg.include:
-                raise ValueError(f"QATConfig.include selects {n!r}, whose weight is tied to the input embedding "
+                raise ValueError(f"include (QATConfig.include / PyquantConfig.include) selects {n!r}, whose weight "
+                                 "is tied to the input embedding "
                                  "(tie_word_embeddings); a tied layer stays full precision. Exclude it, or untie "
                                  "it first to quantize it (model.config.tie_word_embeddings = False and give it its "
                                  "own nn.Parameter copy of the weight)")
