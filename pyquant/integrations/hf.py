@@ -27,8 +27,8 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
+import functools
 import json
-import types
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -809,9 +809,25 @@ def _save_method(self, save_directory, **kwargs):
     return save_pretrained(self, save_directory, **kwargs)
 
 
+def _half(self, *args):
+    return nn.Module.half(self, *args)
+
+
+def _float(self, *args):
+    return nn.Module.float(self, *args)
+
+
 def install_atomic_save(model: nn.Module) -> None:
-    """Make ``model.save_pretrained`` atomic (an instance attribute over the class method)."""
-    model.__dict__["save_pretrained"] = types.MethodType(_save_method, model)
+    """Make ``model.save_pretrained`` atomic (an instance attribute over the class method).  Also lets a model
+    loaded from a pyquant checkpoint take ``.half()`` / ``.float()`` like an in-process one: transformers refuses
+    both for any model with an ``hf_quantizer`` (right for bitsandbytes / GPTQ, whose quantized tensors a cast
+    would break), while pyquant's casts keep the packed scales bit-exact (``apply_keeping_dtypes``), exactly what
+    ``model.to(torch.float16)`` -- which transformers allows -- already does."""
+    # functools.partial, not types.MethodType: a bound method pickles as getattr(model, "_save_method"), which does
+    # not exist, so torch.save(model) / pickle of the whole model would not load back; a partial of a module-level
+    # function pickles (and deep-copies) with the model
+    for name, fn in (("save_pretrained", _save_method), ("half", _half), ("float", _float)):
+        model.__dict__[name] = functools.update_wrapper(functools.partial(fn, model), fn)
 
 
 def _after_swap(model, report) -> None:

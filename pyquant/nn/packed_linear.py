@@ -165,6 +165,13 @@ class PackedLinear(nn.Module):
         self.__dict__["_fast_plan"] = plan  # not a submodule / buffer: bypass nn.Module.__setattr__
         return plan
 
+    def __getstate__(self):
+        # the cached plan holds bound kernel launchers (local functions, device workspaces): not picklable, and
+        # rebuilt from the tensors at the first forward anyway -- torch.save(model) / pickle leave it out
+        state = super().__getstate__()
+        state.pop("_fast_plan", None)
+        return state
+
     def _load_from_state_dict(self, *args, **kwargs):
         self.__dict__.pop("_fast_plan", None)
         super()._load_from_state_dict(*args, **kwargs)
