@@ -7,12 +7,20 @@
   default one (else the reload breaks), and ``include`` naming it is refused;
 * quantization at load time refuses the checkpoint-only fields of ``PyquantConfig`` it would silently ignore, and
   leaves the user's config object reusable;
+* quantization at load time of a checkpoint with a tied head: transformers builds the model on the meta device
+  *without* its ties (it ties after the load), so the head looked like any other Linear and a user
+  ``modules_to_not_convert`` replacing the default one quantized it (the load then failed);
+* ``.half()`` / ``.float()`` of a model *loaded* from a pyquant checkpoint: transformers refuses both for every
+  quantized model although pyquant's casts keep the packed scales exact (and ``.to(dtype)`` was allowed);
+* ``torch.save(model)`` (whole-model pickle) of a packed model after a forward failed ("Can't pickle local
+  object"), and any pyquant model's pickle did not load back (its atomic ``save_pretrained`` was a bound method);
 * ``python -m pyquant`` runs the CLI.
 (NaN/Inf in a packed checkpoint's scales: ``tests/test_hf_checkpoint.py``.)
 """
 from __future__ import annotations
 
 import copy
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +34,7 @@ import pyquant  # noqa: E402
 from pyquant import QATConfig, WeightQuantConfig as W  # noqa: E402
 from pyquant.convert import quantize  # noqa: E402
 from pyquant.integrations.hf import PyquantConfig  # noqa: E402
-from pyquant.nn import PackedLinear  # noqa: E402
+from pyquant.nn import PackedLinear, QATLinear  # noqa: E402
 from pyquant.nn.embedding import PackedEmbedding  # noqa: E402
 from pyquant.nn.experts import is_packed_experts  # noqa: E402
 
@@ -38,8 +46,8 @@ V = 96
 ASYM = W(method="uniform", symmetric=False, granularity="group", group_size=32)
 
 
-def _llama(tie=False, bias=False):
-    torch.manual_seed(0)
+def _llama(tie=False, bias=False, seed=0):
+    torch.manual_seed(seed)
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
         vocab_size=V, max_position_embeddings=32, tie_word_embeddings=tie, attention_bias=bias, mlp_bias=bias)).eval()
@@ -195,6 +203,122 @@ def test_ptq_at_load_leaves_the_users_config_reusable(tmp_path):
     with torch.no_grad():
         assert torch.equal(a(ids).logits, b(ids).logits)
     assert a.config.quantization_config.modules  # the loaded model's own config records what was swapped
+
+
+def _ids(seed):
+    return torch.randint(0, V, (2, 7), generator=torch.Generator().manual_seed(seed))
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+# ---- PTQ at load time with a tied head ---------------------------------------------------------------------------
+def test_ptq_at_load_keeps_a_tied_head_fp_when_modules_to_not_convert_replaces_the_default(tmp_path):
+    fp = _llama(tie=True, seed=3)
+    fp.save_pretrained(tmp_path / "fp")
+    ref = copy.deepcopy(fp)
+    quantize(ref, QATConfig(weight=ASYM, exclude=("mlp.down_proj",)))  # in process: the tied head stays FP
+    assert type(ref.lm_head) is torch.nn.Linear
+    cfg = PyquantConfig(weight=ASYM, modules_to_not_convert=["mlp.down_proj"])
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "fp", quantization_config=cfg).eval()
+    assert type(model.lm_head) is torch.nn.Linear
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # the tie transformers makes after the load
+    assert isinstance(model.model.layers[1].self_attn.q_proj, PackedLinear)
+    assert type(model.model.layers[1].mlp.down_proj) is torch.nn.Linear
+    ids = _ids(11)
+    got = _logits(model, ids)
+    assert torch.equal(got, _logits(ref, ids))
+    model.save_pretrained(tmp_path / "q")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q").eval()
+    assert again.lm_head.weight is again.model.embed_tokens.weight
+    assert torch.equal(_logits(again, ids), got)
+
+
+def test_ptq_at_load_refuses_include_naming_a_tied_head(tmp_path):
+    _llama(tie=True).save_pretrained(tmp_path / "fp")
+    cfg = PyquantConfig(include=["lm_head", "q_proj"], modules_to_not_convert=[])
+    with pytest.raises(ValueError, match=r"'lm_head'.*tied to the input embedding"):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "fp", quantization_config=cfg)
+
+
+def test_ptq_at_load_of_an_untied_head_still_quantizes_it_on_request(tmp_path):
+    _llama(tie=False).save_pretrained(tmp_path / "fp")
+    cfg = PyquantConfig(include=["lm_head"], modules_to_not_convert=[])
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "fp", quantization_config=cfg)
+    assert isinstance(model.lm_head, PackedLinear)
+
+
+# ---- casts of a reloaded model -----------------------------------------------------------------------------------
+def test_a_reloaded_packed_model_takes_half_and_float(tmp_path):
+    model = _llama(seed=4)
+    quantize(model, ASYM)
+    model.save_pretrained(tmp_path / "m")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    assert again.is_quantized
+    before = _quant_state(again)
+    assert again.half() is again
+    assert again.model.norm.weight.dtype == torch.float16
+    assert {n: (t.dtype, t) for n, t in _quant_state(again).items()}.keys() == before.keys()
+    for n, t in _quant_state(again).items():
+        assert t.dtype == before[n].dtype and torch.equal(t, before[n]), n  # never re-rounded
+    model.half()  # the in-process model cast the same way gives the same logits
+    ids = _ids(5)
+    got = _logits(again, ids)
+    assert got.dtype == torch.float16 and torch.equal(got, _logits(model, ids))
+    again.float()
+    model.float()
+    assert again.model.norm.weight.dtype == torch.float32
+    assert torch.equal(_logits(again, ids), _logits(model, ids))
+
+
+def test_a_reloaded_qat_model_takes_float(tmp_path):
+    model = _llama(seed=6).to(torch.bfloat16)
+    pyquant.prepare_qat(model, QATConfig(weight=W(method="twn", learnable_scale=True)))
+    model.save_pretrained(tmp_path / "m")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.bfloat16)
+    again.float()
+    q = again.model.layers[0].self_attn.q_proj
+    assert isinstance(q, QATLinear) and q.weight.dtype == torch.float32 and q.weight_scale.dtype == torch.float32
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)  # loaded in fp32
+    assert ref.model.layers[0].self_attn.q_proj.weight_scale.dtype == torch.float32
+    ids = _ids(8)
+    assert torch.equal(_logits(again.eval(), ids), _logits(ref.eval(), ids))
+
+
+# ---- whole-model pickle ------------------------------------------------------------------------------------------
+def _pickled(model, path):
+    torch.save(model, path)
+    return torch.load(path, weights_only=False)
+
+
+@pytest.mark.parametrize("state", ["packed", "qat", "reloaded"])
+def test_torch_save_of_the_whole_model_round_trips(tmp_path, state):
+    model = _llama(seed=9)
+    if state == "qat":
+        pyquant.prepare_qat(model, QATConfig(weight=ASYM))
+    else:
+        quantize(model, ASYM)
+    if state == "reloaded":
+        model.save_pretrained(tmp_path / "ckpt")
+        model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").eval()
+    ids = _ids(10)
+    want = _logits(model, ids)  # the forward caches a launch plan in every PackedLinear
+    loaded = _pickled(model, tmp_path / "whole.pt")
+    assert torch.equal(_logits(loaded, ids), want)
+    # the loaded model's save_pretrained is its own (atomic, pyquant's) and writes a checkpoint that reloads
+    loaded.save_pretrained(tmp_path / "again")
+    assert not [f for f in os.listdir(tmp_path) if "pyquant-tmp" in f]
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "again").eval()
+    assert torch.equal(_logits(again, ids), want)
+    # a deep copy binds its save_pretrained to the copy, not to the original
+    dup = copy.deepcopy(loaded)
+    with torch.no_grad():
+        dup.model.embed_tokens.weight.mul_(2)
+    dup.save_pretrained(tmp_path / "dup")
+    from_dup = _logits(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dup").eval(), ids)
+    assert torch.equal(from_dup, _logits(dup, ids)) and not torch.equal(from_dup, want)
 
 
 def test_python_dash_m_pyquant_runs_the_cli():
