@@ -26,6 +26,7 @@ _LAZY = {
     "prepare_qat": "pyquant.convert",
     "convert": "pyquant.convert",
     "quantize": "pyquant.convert",
+    "dequantize": "pyquant.convert",
     "Distiller": "pyquant.distill",
     "PyquantConfig": "pyquant.integrations.hf",
     "from_bitnet": "pyquant.integrations.bitnet",

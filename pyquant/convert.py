@@ -45,12 +45,15 @@ from .nn.packed_linear import PackedLinear
 from .nn.qat_linear import QATLinear, is_conv1d
 from .ops import fake_quant_activation, quantize_weight
 
-__all__ = ["QATConfig", "SwapReport", "prepare_qat", "convert", "quantize", "DEFAULT_EXCLUDE", "PRESETS", "matches"]
+__all__ = ["QATConfig", "SwapReport", "prepare_qat", "convert", "quantize", "dequantize", "DEFAULT_EXCLUDE", "PRESETS",
+           "matches"]
 
 # Called as hook(model, report) after every successful swap.  pyquant.integrations.hf appends one that records the
 # model's PyquantConfig in a transformers model's config (so save_pretrained writes it); this layer stays unaware of
 # transformers' API (dependency inversion: integrations sit above convert).
 AFTER_SWAP: List = []
+# Called as hook(model) after ``dequantize``: pyquant.integrations.hf drops the model's quantization_config.
+AFTER_DEQUANTIZE: List = []
 
 HEADS: Tuple[str, ...] = (
     "lm_head", "classifier", "score", "qa_outputs", "cls", "pooler", "project_in", "project_out", "embed_out",
@@ -545,6 +548,7 @@ def convert(model: nn.Module) -> SwapReport:
         for n, q in targets:
             act = q.act_spec if q.fake_quant_activation_enabled else None
             p = PackedLinear.from_qat(q, dtype=q.weight.dtype, act_spec=_native_act(act))
+            p.transposed = q.transposed
             _attach_act_quant(p, act)
             _packed_exceptions(p)
             new.append((n, p, q.weight.numel()))
@@ -594,6 +598,7 @@ def quantize(model: nn.Module, spec: Union[WeightQuantConfig, QATConfig, None] =
             b = getattr(m, "bias", None)
             p = PackedLinear.from_quantized(codes, s, z, None if b is None else b.detach(), spec.weight,
                                             dtype=w.dtype, act_spec=_native_act(spec.activation))
+            p.transposed = is_conv1d(m)
             _attach_act_quant(p, spec.activation)
             _packed_exceptions(p)
             new.append((n, p, w.numel()))
@@ -613,6 +618,68 @@ def quantize(model: nn.Module, spec: Union[WeightQuantConfig, QATConfig, None] =
     swapped = [n for n, _, _ in new] + [n for n, _ in etargets]
     return _notify(model, SwapReport("quantize", swapped, kept + [n for n in fp if n not in kept], count, total,
                                      b_total, b_done, unc))
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating Parameter (embeddings, norms: what stays FP), else the default."""
+    return next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), torch.get_default_dtype())
+
+
+def _dense(m: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """The dense FP module holding ``m``'s effective weight (the one its quantized forward computes with)."""
+    if isinstance(m, (QATEmbedding, PackedEmbedding)):
+        w = m.fake_quant_weight() if isinstance(m, QATEmbedding) else m(torch.arange(m.num_embeddings,
+                                                                                         device=m.qweight.device))
+        e = nn.Embedding(m.num_embeddings, m.embedding_dim, m.padding_idx, device=w.device, dtype=dtype)
+        e.weight.data.copy_(w)
+        return e
+    w = m.fake_quant_weight() if isinstance(m, QATLinear) else m.dequantize()  # [N, K]
+    b = m.bias
+    n, k = w.shape
+    if getattr(m, "transposed", False):  # built from a GPT-2 Conv1D: give one back (its state-dict layout)
+        from transformers.pytorch_utils import Conv1D
+        d = Conv1D(n, k).to(device=w.device, dtype=dtype)
+        d.weight.data.copy_(w.t())
+        if b is None:
+            d.bias = None
+    else:
+        d = nn.Linear(k, n, bias=b is not None, device=w.device, dtype=dtype)
+        d.weight.data.copy_(w)
+    if b is not None:
+        d.bias.data.copy_(b)
+    return d
+
+
+def dequantize(model: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """Replace every pyquant layer (QATLinear / PackedLinear / QATEmbedding / PackedEmbedding) by a dense
+    ``nn.Linear`` (``Conv1D`` where the layer came from one) / ``nn.Embedding`` holding its *effective* weight, in
+    place, and drop the model's pyquant ``quantization_config``; returns ``model`` (``model.dequantize()`` of a model
+    loaded from a pyquant checkpoint does the same).  The dense model computes what the quantized one computed except
+    for activation fake-quant (W2A8 input quantization), which a dense layer does not do.  ``dtype``: the dense
+    weights' dtype (default: the dtype of the model's FP parameters).  MoE experts and attention Q/K/V fake-quant are
+    refused (ValueError): not supported yet."""
+    _check_model(model)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
+    bad = [n for n, m in model.named_modules() if _experts.is_qat_experts(m) or _experts.is_packed_experts(m)]
+    if bad:
+        raise ValueError(f"dequantize: MoE experts modules ({bad[:3]}) cannot be dequantized yet")
+    from .nn.qat_attention import ATTR
+    if any(getattr(m, ATTR, None) is not None for m in model.modules()):
+        raise ValueError("dequantize: the model's attention runs Q/K/V/probability fake-quant "
+                         "(QATConfig.attention_activation), which dequantize cannot undo yet")
+    layers = [(n, m) for n, m in model.named_modules()
+              if isinstance(m, (QATLinear, PackedLinear, QATEmbedding, PackedEmbedding))]
+    if not layers:
+        raise ValueError(f"dequantize: {type(model).__name__} holds no pyquant layer")
+    dtype = dtype or _float_dtype(model)
+    with torch.no_grad():
+        new = [(n, _dense(m, dtype)) for n, m in layers]
+    for n, d in new:
+        _set(model, n, d)
+    for hook in list(AFTER_DEQUANTIZE):
+        hook(model)
+    return model
 
 
 class _CallableModule(types.ModuleType):

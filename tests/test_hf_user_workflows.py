@@ -321,6 +321,88 @@ def test_torch_save_of_the_whole_model_round_trips(tmp_path, state):
     assert torch.equal(from_dup, _logits(dup, ids)) and not torch.equal(from_dup, want)
 
 
+# ---- dequantize -----------------------------------------------------------------------------------------------------
+def _gpt2(seed=0):
+    torch.manual_seed(seed)
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_embd=64, n_layer=2, n_head=2, vocab_size=V, n_positions=32, resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0)).eval()
+
+
+def _no_pyquant_layers(model):
+    names = {type(m).__name__ for m in model.modules()}
+    return not names & {"QATLinear", "PackedLinear", "QATEmbedding", "PackedEmbedding"}
+
+
+@pytest.mark.parametrize("case", ["llama-packed", "llama-qat", "gpt2-packed", "gpt2-qat"])
+def test_dequantize_in_process_gives_a_plain_model_with_the_effective_weights(tmp_path, case):
+    arch, state = case.split("-")
+    model = _llama(seed=12, bias=True) if arch == "llama" else _gpt2(seed=12)
+    pyquant.prepare_qat(model, QATConfig(weight=ASYM))
+    if state == "packed":
+        pyquant.convert(model)
+    ids = _ids(13)
+    want = _logits(model, ids)
+    assert pyquant.dequantize(model) is model
+    assert _no_pyquant_layers(model)
+    assert getattr(model.config, "quantization_config", None) is None
+    if arch == "gpt2":  # Conv1D layers come back as Conv1D (their [in, out] state-dict layout)
+        assert type(model.transformer.h[0].attn.c_attn).__name__ == "Conv1D"
+        assert tuple(model.transformer.h[0].attn.c_attn.weight.shape) == (64, 192)
+    else:
+        assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    got = _logits(model, ids)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    model.save_pretrained(tmp_path / "dense")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dense").eval()
+    assert _no_pyquant_layers(again) and not getattr(again, "is_quantized", False)
+    assert torch.equal(_logits(again, ids), got)
+
+
+def test_model_dequantize_of_a_reloaded_checkpoint(tmp_path):
+    model = _llama(seed=14, bias=True)
+    quantize(model, ASYM)
+    model.save_pretrained(tmp_path / "m")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    ids = _ids(15)
+    want = _logits(again, ids)
+    dense = again.dequantize()
+    assert _no_pyquant_layers(dense) and not dense.is_quantized
+    assert getattr(dense.config, "quantization_config", None) is None
+    got = _logits(dense, ids)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    dense.save_pretrained(tmp_path / "dense")
+    assert "quantization_config" not in (tmp_path / "dense" / "config.json").read_text()
+
+
+def test_dequantize_packed_embeddings():
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(transformers.BertConfig(
+        vocab_size=120, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        num_labels=3)).eval()
+    pyquant.prepare_qat(model, QATConfig(embeddings=W(method="twn", granularity="channel", clip=2.5)))
+    pyquant.convert(model)
+    emb = model.bert.embeddings.word_embeddings
+    ids = torch.randint(0, 120, (2, 9))
+    rows = emb(ids)
+    want = _logits(model, ids)
+    pyquant.dequantize(model, dtype=torch.float32)
+    assert type(model.bert.embeddings.word_embeddings) is torch.nn.Embedding
+    assert torch.equal(model.bert.embeddings.word_embeddings(ids), rows)
+    torch.testing.assert_close(_logits(model, ids), want, rtol=1e-4, atol=1e-5)
+
+
+def test_dequantize_refuses_what_it_cannot_do():
+    with pytest.raises(ValueError, match="holds no pyquant layer"):
+        pyquant.dequantize(_llama())
+    with pytest.raises(TypeError, match="dtype must be a floating torch.dtype"):
+        pyquant.dequantize(_llama(), dtype=torch.int8)
+    moe = _moe("mixtral")
+    pyquant.prepare_qat(moe, QATConfig(weight=ASYM))
+    with pytest.raises(ValueError, match="MoE experts"):
+        pyquant.dequantize(moe)
+
+
 def test_python_dash_m_pyquant_runs_the_cli():
     r = subprocess.run([sys.executable, "-m", "pyquant", "--help"], capture_output=True, text=True, cwd=ROOT,
                        timeout=120)

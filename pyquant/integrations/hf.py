@@ -228,6 +228,7 @@ def _new_packed(mod: nn.Module, spec: WeightQuantConfig, act: Optional[Activatio
     bias = getattr(mod, "bias", None)
     dtype = mod.weight.dtype if mod.weight.dtype.is_floating_point else torch.float16
     p = PackedLinear(k, n, bias is not None, spec, device=device, dtype=dtype, act_spec=_native_act(act))
+    p.transposed = is_conv1d(mod)
     _attach_act_quant(p, act)
     return p
 
@@ -695,6 +696,9 @@ class PyquantHfQuantizer(HfQuantizer):
         install_atomic_save(model)
         return model
 
+    def _dequantize(self, model, dtype=None):
+        return _convert.dequantize(model, dtype)
+
     def is_serializable(self, safe_serialization=None):
         return True
 
@@ -834,6 +838,15 @@ def _after_swap(model, report) -> None:
     attach(model, report)
 
 
+def _after_dequantize(model) -> None:
+    """``pyquant.dequantize`` of an in-process model: the dense model is no pyquant checkpoint any more (a model
+    loaded with a quantizer is handled by transformers' own ``model.dequantize``, which calls ``_dequantize``)."""
+    cfg = getattr(model, "config", None)
+    if isinstance(getattr(cfg, "quantization_config", None), PyquantConfig) \
+            and getattr(model, "hf_quantizer", None) is None:
+        del cfg.quantization_config
+
+
 def _register() -> None:
     from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING,
                                               register_quantization_config, register_quantizer)
@@ -845,6 +858,8 @@ def _register() -> None:
         register_quantizer(QUANT_METHOD)(PyquantHfQuantizer)
     if _after_swap not in _convert.AFTER_SWAP:
         _convert.AFTER_SWAP.append(_after_swap)
+    if _after_dequantize not in _convert.AFTER_DEQUANTIZE:
+        _convert.AFTER_DEQUANTIZE.append(_after_dequantize)
 
 
 # Importing this module directly (``from pyquant.integrations.hf import PyquantConfig``) imports transformers, whose

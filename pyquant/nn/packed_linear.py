@@ -49,6 +49,9 @@ def apply_keeping_dtypes(module: nn.Module, fn, recurse: bool, names, base_apply
 
 
 class PackedLinear(nn.Module):
+    # True when built from a GPT-2 Conv1D (weight stored [in, out]): pyquant.dequantize gives a Conv1D back
+    transposed = False
+
     def __init__(
         self,
         in_features: int,
